@@ -1,0 +1,163 @@
+"""The ``lowbit`` command line.
+
+``lowbit train``  train a model from :data:`lowbit.zoo.MODELS` on MNIST (checkpoints, ``--resume``).
+``lowbit eval``   test accuracy of one or more saved models (several files: each, and their ensemble).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _float_images(x_uint8):
+    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+
+
+def _model_options(pairs):
+    """Parse ``key=value`` pairs (values as JSON where possible) for a model builder."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"lowbit: --model-option expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _schedule(args, epochs):
+    from .optimizers import get_schedule
+
+    if args.schedule == "constant":
+        return get_schedule("constant", lr=args.lr)
+    if args.schedule == "step":
+        return get_schedule("step", lr=args.lr, step_size=args.step_size, gamma=args.gamma)
+    if args.schedule == "exponential":
+        return get_schedule("exponential", lr=args.lr, lr_end=args.lr_end, epochs=epochs)
+    return get_schedule("cosine", lr=args.lr, epochs=epochs, lr_min=args.lr_end if args.lr_end else 0.0)
+
+
+def cmd_train(args):
+    from .data import load_mnist
+    from .optimizers import get_optimizer
+    from .trainer import Trainer, write_json_atomic
+    from .zoo import build_model
+
+    augment = None
+    if args.augment:
+        from .augment import Augment
+
+        augment = Augment.from_string(args.augment)
+    model = build_model(args.model, seed=args.seed, **_model_options(args.model_option))
+    optimizer = get_optimizer(args.optimizer, lr=args.lr)
+    mnist = load_mnist(progress=not args.quiet)
+    x_train, y_train = _float_images(mnist.x_train), mnist.y_train
+    x_test, y_test = _float_images(mnist.x_test), mnist.y_test
+    x_val = y_val = None
+    if args.val:
+        from .data import train_val_split
+
+        x_train, y_train, x_val, y_val = train_val_split(x_train, y_train, args.val, args.seed)
+    if args.limit:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    trainer = Trainer(model, args.loss, optimizer, _schedule(args, args.epochs), epochs=args.epochs,
+                      batch_size=args.batch_size, augment=augment, seed=args.seed, out_dir=args.out,
+                      device=args.device, progress=not args.quiet)
+    t0 = time.perf_counter()
+    history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=args.resume)
+    acc = model.evaluate(x_test, y_test)
+    summary = {"model": args.model, "epochs": args.epochs, "seed": args.seed, "test_acc": acc,
+               "seconds": time.perf_counter() - t0, "history": history}
+    write_json_atomic(os.path.join(args.out, "result.json"), summary)
+    print(f"test accuracy {acc:.4%}; model saved to {os.path.join(args.out, 'model.npz')}")
+    return 0
+
+
+def cmd_eval(args):
+    from .data import load_mnist
+    from .io import load_model
+
+    mnist = load_mnist(progress=not args.quiet)
+    x_test, y_test = _float_images(mnist.x_test), mnist.y_test
+    if args.limit:
+        x_test, y_test = x_test[:args.limit], y_test[:args.limit]
+    probs = None
+    for path in args.models:
+        model = load_model(path)
+        scores = model.predict_scores(x_test)
+        acc = float((scores.argmax(axis=1) == y_test).mean())
+        print(f"{path}: test accuracy {acc:.4%} on {len(y_test)} images")
+        e = np.exp(scores - scores.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        probs = p if probs is None else probs + p
+    if len(args.models) > 1:
+        acc = float((probs.argmax(axis=1) == y_test).mean())
+        print(f"ensemble of {len(args.models)} (mean softmax): test accuracy {acc:.4%}")
+    return 0
+
+
+def build_parser():
+    from .optimizers import OPTIMIZERS, SCHEDULES
+    from .zoo import MODELS
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="Binarized and low-precision networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on MNIST")
+    p.add_argument("--model", default="deep_convnet", choices=sorted(MODELS))
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="builder option, e.g. hidden=[1024,1024] (repeatable)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "squared_hinge"])
+    p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
+    p.add_argument("--lr", type=float, default=0.001)
+    p.add_argument("--schedule", default="constant", choices=sorted(SCHEDULES))
+    p.add_argument("--lr-end", type=float, default=0.0, help="final lr (exponential, cosine)")
+    p.add_argument("--step-size", type=int, default=10, help="epochs per step (step schedule)")
+    p.add_argument("--gamma", type=float, default=0.1, help="decay factor (step schedule)")
+    p.add_argument("--augment", default="", help='e.g. "shift=2,rotate=10,scale=0.1" (off by default)')
+    p.add_argument("--val", type=int, default=0, help="hold out this many training images for validation")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--out", default="runs/train", help="folder for checkpoints, history and model.npz")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of saved models (and of their ensemble)")
+    p.add_argument("models", nargs="+", metavar="MODEL.npz")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "schedule", None) == "exponential" and not args.lr_end:
+        parser.error("--schedule exponential needs --lr-end")
+    from .io import ModelFileError
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ModelFileError, ValueError) as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

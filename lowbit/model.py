@@ -1,0 +1,121 @@
+"""The model container: a :class:`~lowbit.layers.Sequential` with batched inference and bookkeeping.
+
+A ``Model`` takes float32 images (N, 1, 28, 28) in [0, 1] (or whatever ``input_shape`` says) and returns
+class scores; any normalisation the model was trained with is one of its layers (``Rescale``), so a
+saved model is self-contained.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_array_module, is_cupy_array, to_numpy
+from .layers import Dropout, Sequential, register_layer
+
+__all__ = ["Model"]
+
+
+@register_layer
+class Model(Sequential):
+    """Sequential model with ``predict``, ``evaluate`` and parameter access.
+
+    Parameters
+    ----------
+    layers : list of Layer
+    input_shape : tuple of int
+        Shape of one example, without the batch axis; ``(1, 28, 28)`` for MNIST images.
+    name : str
+        Free-form name stored in the model file.
+    """
+
+    def __init__(self, layers=(), input_shape=(1, 28, 28), name="model"):
+        super().__init__(layers)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.name = str(name)
+
+    def config(self):
+        return {"input_shape": list(self.input_shape), "name": self.name}
+
+    @classmethod
+    def from_spec(cls, spec):
+        base = Sequential.from_spec(spec)
+        return cls(base.layers, **spec.get("config", {}))
+
+    # -- parameters ---------------------------------------------------------------------------
+    def parameters(self):
+        """List of ``(path, layer, attribute)`` for every trainable array."""
+        return list(self.named_arrays(buffers=False))
+
+    def num_parameters(self) -> int:
+        return int(sum(getattr(layer, attr).size for _, layer, attr in self.parameters()))
+
+    def seed(self, seed):
+        """Re-seed every stochastic layer (Dropout, stochastic quantizers) from one integer."""
+        rngs = [layer for _, layer in self.named_layers() if hasattr(layer, "rng")]
+        children = np.random.SeedSequence(seed).spawn(len(rngs))
+        for layer, ss in zip(rngs, children):
+            layer.rng = np.random.default_rng(ss)
+        return self
+
+    def rng_states(self) -> dict:
+        """JSON-serialisable bit-generator states of every stochastic layer, keyed by path."""
+        return {path: layer.rng.bit_generator.state
+                for path, layer in self.named_layers() if hasattr(layer, "rng")}
+
+    def set_rng_states(self, states: dict):
+        for path, layer in self.named_layers():
+            if hasattr(layer, "rng"):
+                if path not in states:
+                    raise ValueError(f"checkpoint has no random state for layer {path!r}")
+                layer.rng.bit_generator.state = states[path]
+
+    # -- inference ----------------------------------------------------------------------------
+    def _check_images(self, x):
+        if is_cupy_array(x):
+            arr = x
+        else:
+            arr = np.asarray(x)
+        if arr.ndim == len(self.input_shape) + 1 and tuple(arr.shape[1:]) == self.input_shape:
+            pass
+        else:
+            raise ValueError(
+                f"x must have shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(arr.shape)}"
+            )
+        if arr.dtype.kind != "f":
+            raise TypeError(
+                f"x must be float images in [0, 1] (float32), got dtype {arr.dtype}; "
+                "divide uint8 images by 255 first"
+            )
+        return arr.astype(np.float32, copy=False)
+
+    def predict_scores(self, x, batch_size=100):
+        """Class scores (N, classes) float32 for images ``x``, computed in batches (evaluation mode)."""
+        x = self._check_images(x)
+        xp_model = self._array_module()
+        outs = []
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start:start + batch_size]
+            if xp_model is not np and not is_cupy_array(batch):
+                batch = xp_model.asarray(batch)
+            outs.append(to_numpy(self.forward(batch, train=False)))
+        if not outs:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(outs, axis=0)
+
+    def predict(self, x, batch_size=100):
+        """Predicted class labels (N,) int64."""
+        return self.predict_scores(x, batch_size).argmax(axis=1)
+
+    def evaluate(self, x, y, batch_size=100) -> float:
+        """Accuracy in [0, 1] on images ``x`` and int labels ``y``."""
+        y = np.asarray(to_numpy(y))
+        if y.shape != (len(x),):
+            raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
+        return float((self.predict(x, batch_size) == y).mean())
+
+    def _array_module(self):
+        for _, layer, attr in self.named_arrays():
+            return get_array_module(getattr(layer, attr))
+        return np
+
+    def has_dropout(self):
+        return any(isinstance(layer, Dropout) for _, layer in self.named_layers())

@@ -1,0 +1,265 @@
+"""Optimizers and learning-rate schedules.
+
+An optimizer updates the parameters of a model in place from the gradients its layers stored in
+``backward`` (``layer.d<name>``).  Its state (moments, step count) is a dict of arrays keyed by the
+parameter's path, so checkpoints can save and restore it exactly.
+
+A layer may carry ``lr_multipliers = {"W": 2.5}`` to scale the step for one of its parameters (the
+BinaryNet recipe scales each binary layer's learning rate by its Glorot factor).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import get_array_module, to_device, to_numpy
+
+__all__ = [
+    "Optimizer", "SGD", "Momentum", "AdaGrad", "Adam", "OPTIMIZERS", "get_optimizer",
+    "Schedule", "ConstantLR", "StepLR", "ExponentialLR", "CosineLR", "SCHEDULES", "get_schedule",
+]
+
+
+class Optimizer:
+    """Base class.  Subclasses implement ``_update(key, param, grad, lr)`` in place."""
+
+    name = "optimizer"
+    state_names: tuple = ()
+
+    def __init__(self, lr=0.01):
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        self.lr = float(lr)
+        self.state = {name: {} for name in self.state_names}
+        self.steps = 0
+
+    def config(self):
+        return {"lr": self.lr}
+
+    def step(self, model, lr=None):
+        """Apply one update to every parameter of ``model`` that has a gradient."""
+        lr = self.lr if lr is None else float(lr)
+        self.steps += 1
+        for key, layer, attr in model.named_arrays(buffers=False):
+            grad = getattr(layer, "d" + attr, None)
+            if grad is None:
+                continue
+            scale = getattr(layer, "lr_multipliers", {}).get(attr, 1.0)
+            self._update(key, getattr(layer, attr), grad, lr * scale)
+        model.constrain()
+
+    def _slot(self, name, key, like):
+        slots = self.state[name]
+        if key not in slots:
+            xp = get_array_module(like)
+            slots[key] = xp.zeros_like(like)
+        return slots[key]
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_arrays(self) -> dict:
+        out = {}
+        for name, slots in self.state.items():
+            for key, arr in slots.items():
+                out[f"{name}/{key}"] = to_numpy(arr)
+        return out
+
+    def load_state_arrays(self, arrays: dict, steps: int, device="cpu"):
+        self.state = {name: {} for name in self.state_names}
+        for full, arr in arrays.items():
+            name, _, key = full.partition("/")
+            if name not in self.state:
+                raise ValueError(f"optimizer {self.name} has no state {name!r} (from {full!r})")
+            self.state[name][key] = to_device(np.array(arr, copy=True), device)
+        self.steps = int(steps)
+
+    def to_device(self, device):
+        for slots in self.state.values():
+            for key in list(slots):
+                slots[key] = to_device(slots[key], device)
+        return self
+
+
+class SGD(Optimizer):
+    """``p -= lr * g``."""
+
+    name = "sgd"
+
+    def _update(self, key, p, g, lr):
+        p -= np.float32(lr) * g
+
+
+class Momentum(Optimizer):
+    """``v = momentum * v - lr * g; p += v``."""
+
+    name = "momentum"
+    state_names = ("velocity",)
+
+    def __init__(self, lr=0.01, momentum=0.9):
+        super().__init__(lr)
+        self.momentum = float(momentum)
+
+    def config(self):
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def _update(self, key, p, g, lr):
+        v = self._slot("velocity", key, p)
+        v *= np.float32(self.momentum)
+        v -= np.float32(lr) * g
+        p += v
+
+
+class AdaGrad(Optimizer):
+    """``h += g*g; p -= lr * g / (sqrt(h) + eps)``."""
+
+    name = "adagrad"
+    state_names = ("h",)
+
+    def __init__(self, lr=0.01, eps=1e-7):
+        super().__init__(lr)
+        self.eps = float(eps)
+
+    def config(self):
+        return {"lr": self.lr, "eps": self.eps}
+
+    def _update(self, key, p, g, lr):
+        xp = get_array_module(p)
+        h = self._slot("h", key, p)
+        h += g * g
+        p -= np.float32(lr) * g / (xp.sqrt(h) + np.float32(self.eps))
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015) with bias correction folded into the step size:
+    ``m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    p -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)``."""
+
+    name = "adam"
+    state_names = ("m", "v")
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
+        super().__init__(lr)
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.eps = float(eps)
+
+    def config(self):
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+    def _update(self, key, p, g, lr):
+        xp = get_array_module(p)
+        m = self._slot("m", key, p)
+        v = self._slot("v", key, p)
+        t = self.steps
+        b1, b2 = self.beta1, self.beta2
+        m += np.float32(1 - b1) * (g - m)
+        v += np.float32(1 - b2) * (g * g - v)
+        step = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        p -= np.float32(step) * m / (xp.sqrt(v) + np.float32(self.eps))
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}
+
+
+def get_optimizer(name, **kwargs):
+    try:
+        cls = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}") from None
+    return cls(**kwargs)
+
+
+class Schedule:
+    """Learning rate as a function of the epoch index (0-based): ``schedule(epoch) -> lr``."""
+
+    name = "schedule"
+
+    def __init__(self, lr):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        self.lr = float(lr)
+
+    def config(self):
+        return {"name": self.name, "lr": self.lr}
+
+
+class ConstantLR(Schedule):
+    name = "constant"
+
+    def __call__(self, epoch):
+        return self.lr
+
+
+class StepLR(Schedule):
+    """``lr * gamma ** (epoch // step_size)``."""
+
+    name = "step"
+
+    def __init__(self, lr, step_size=10, gamma=0.1):
+        super().__init__(lr)
+        if step_size < 1:
+            raise ValueError(f"step_size must be >= 1, got {step_size!r}")
+        self.step_size = int(step_size)
+        self.gamma = float(gamma)
+
+    def config(self):
+        return {**super().config(), "step_size": self.step_size, "gamma": self.gamma}
+
+    def __call__(self, epoch):
+        return self.lr * self.gamma ** (epoch // self.step_size)
+
+
+class ExponentialLR(Schedule):
+    """Geometric decay from ``lr`` at epoch 0 to ``lr_end`` at the last epoch (``epochs - 1``).
+
+    This is the BinaryNet paper's schedule (3e-3 -> 3e-7 over 1000 epochs)."""
+
+    name = "exponential"
+
+    def __init__(self, lr, lr_end, epochs):
+        super().__init__(lr)
+        if not lr_end > 0:
+            raise ValueError(f"lr_end must be > 0, got {lr_end!r}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+        self.lr_end = float(lr_end)
+        self.epochs = int(epochs)
+
+    def config(self):
+        return {**super().config(), "lr_end": self.lr_end, "epochs": self.epochs}
+
+    def __call__(self, epoch):
+        if self.epochs == 1:
+            return self.lr
+        frac = min(epoch, self.epochs - 1) / (self.epochs - 1)
+        return self.lr * (self.lr_end / self.lr) ** frac
+
+
+class CosineLR(Schedule):
+    """``lr_min + (lr - lr_min) * (1 + cos(pi * epoch / epochs)) / 2``."""
+
+    name = "cosine"
+
+    def __init__(self, lr, epochs, lr_min=0.0):
+        super().__init__(lr)
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+        self.epochs = int(epochs)
+        self.lr_min = float(lr_min)
+
+    def config(self):
+        return {**super().config(), "epochs": self.epochs, "lr_min": self.lr_min}
+
+    def __call__(self, epoch):
+        return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+
+
+SCHEDULES = {"constant": ConstantLR, "step": StepLR, "exponential": ExponentialLR, "cosine": CosineLR}
+
+
+def get_schedule(name, **kwargs):
+    try:
+        cls = SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}") from None
+    return cls(**kwargs)

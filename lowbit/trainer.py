@@ -1,0 +1,272 @@
+"""Minibatch training with progress bars, per-epoch evaluation, atomic checkpoints and exact resume.
+
+Files written to ``out_dir`` (each atomically: temporary file, then rename):
+
+``checkpoint.npz``
+    After every epoch: parameters, buffers, optimizer state, every random generator's state (data
+    shuffling, augmentation, dropout and stochastic quantizers) and the history.  ``resume=True``
+    continues from it and produces the same weights, bit for bit, as a run that was never interrupted.
+``history.json``
+    One record per epoch: loss, train/validation/test accuracy, learning rate, seconds.
+``model.npz``
+    The final model (:func:`lowbit.save_model` format); ``best.npz`` too when a validation set is given
+    (the model of the epoch with the best validation accuracy, as the BinaryNet paper reports).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backend import cupy, to_numpy
+from .io import assign_model_arrays, model_arrays, read_archive, save_model, write_archive
+from .losses import get_loss
+from .optimizers import Adam, ConstantLR, Optimizer
+
+__all__ = ["Trainer", "write_json_atomic"]
+
+
+def write_json_atomic(path, obj):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_data(name, x, y, input_shape):
+    if x is None:
+        return
+    if not hasattr(x, "shape") or x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape:
+        raise ValueError(f"{name} images must have shape (N, {', '.join(map(str, input_shape))}), "
+                         f"got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} images must be float32 in [0, 1], got dtype {x.dtype}")
+    if y is None or np.asarray(y).shape != (x.shape[0],):
+        raise ValueError(f"{name} labels must have shape ({x.shape[0]},), got "
+                         f"{None if y is None else np.asarray(y).shape}")
+
+
+class Trainer:
+    """Train a :class:`~lowbit.model.Model`.
+
+    Parameters
+    ----------
+    model : Model
+    loss : str
+        'cross_entropy' or 'squared_hinge'.
+    optimizer : Optimizer
+        Default ``Adam(lr=0.001)``.
+    schedule : callable or None
+        ``schedule(epoch) -> lr``; default: the optimizer's constant ``lr``.
+    epochs, batch_size : int
+    augment : callable or None
+        ``augment(x_batch, rng) -> x_batch`` (see :mod:`lowbit.augment`); off by default.
+    seed : int
+        Seeds data order, augmentation and every stochastic layer; equal seeds give equal runs.
+    out_dir : str or None
+        Where checkpoints, history and the final model go; nothing is written when None.
+    device : 'cpu' or 'gpu'
+    progress : bool
+        Show tqdm bars.
+    """
+
+    def __init__(self, model, loss="cross_entropy", optimizer=None, schedule=None, epochs=10,
+                 batch_size=100, augment=None, seed=0, out_dir=None, device="cpu", progress=True,
+                 eval_batch_size=100):
+        if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and cupy is None:
+            raise RuntimeError("device='gpu' needs CuPy and a CUDA device; neither was found")
+        self.model = model
+        self.loss_name = loss
+        self.loss = get_loss(loss)
+        self.optimizer = optimizer if optimizer is not None else Adam(0.001)
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a lowbit Optimizer, got {type(self.optimizer).__name__}")
+        self.schedule = schedule if schedule is not None else ConstantLR(self.optimizer.lr)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.augment = augment
+        self.seed = int(seed)
+        self.out_dir = out_dir
+        self.device = device
+        self.progress = progress
+        self.eval_batch_size = int(eval_batch_size)
+        self.history: list[dict] = []
+        self.epoch = 0  # epochs completed
+        self.rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1]))
+        self.aug_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2]))
+        self.model.seed(np.random.SeedSequence([self.seed, 3]).generate_state(1)[0])
+        self.best_val = -1.0
+        if device == "gpu":
+            self.model.to_device("gpu")
+            self.optimizer.to_device("gpu")
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def run_config(self) -> dict:
+        """What must not change between an interrupted run and its resumption."""
+        return {
+            "loss": self.loss_name,
+            "optimizer": {"name": self.optimizer.name, **self.optimizer.config()},
+            "schedule": getattr(self.schedule, "config", lambda: repr(self.schedule))(),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "augment": getattr(self.augment, "config", lambda: self.augment is not None)(),
+            "model": self.model.spec(),
+        }
+
+    def save_checkpoint(self):
+        arrays = {f"model/{k}": v for k, v in model_arrays(self.model).items()}
+        arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.state_arrays().items()})
+        manifest = {
+            "run": self.run_config(),
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "optimizer_steps": self.optimizer.steps,
+            "history": self.history,
+            "best_val": self.best_val,
+            "rng": {
+                "data": self.rng.bit_generator.state,
+                "augment": self.aug_rng.bit_generator.state,
+                "layers": self.model.rng_states(),
+            },
+        }
+        write_archive(self._path("checkpoint.npz"), "lowbit.checkpoint", arrays, manifest)
+
+    def load_checkpoint(self, path=None):
+        path = path or self._path("checkpoint.npz")
+        manifest, arrays = read_archive(path, "lowbit.checkpoint")
+        saved = json.loads(json.dumps(manifest["run"]))
+        current = json.loads(json.dumps(self.run_config()))
+        for key in current:
+            if saved.get(key) != current[key]:
+                raise ValueError(
+                    f"cannot resume from {path}: its {key!r} setting differs from this run's "
+                    f"({saved.get(key)!r} in the checkpoint, {current[key]!r} now)"
+                )
+        assign_model_arrays(self.model, {k[len("model/"):]: v for k, v in arrays.items()
+                                         if k.startswith("model/")}, source=path)
+        self.optimizer.load_state_arrays(
+            {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")},
+            manifest["optimizer_steps"], device=self.device)
+        if self.device == "gpu":
+            self.model.to_device("gpu")
+        self.epoch = int(manifest["epoch"])
+        self.history = list(manifest["history"])
+        self.best_val = float(manifest.get("best_val", -1.0))
+        self.rng.bit_generator.state = manifest["rng"]["data"]
+        self.aug_rng.bit_generator.state = manifest["rng"]["augment"]
+        self.model.set_rng_states(manifest["rng"]["layers"])
+        return self.epoch
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _to_device(self, x):
+        return cupy.asarray(x) if self.device == "gpu" else x
+
+    def train_epoch(self, x, y, lr):
+        n = x.shape[0]
+        order = self.rng.permutation(n)
+        batches = range(0, n, self.batch_size)
+        total_loss = 0.0
+        correct = 0
+        seen = 0
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                   disable=not self.progress, unit="batch")
+        for start in bar:
+            idx = order[start:start + self.batch_size]
+            xb = x[idx]
+            if self.augment is not None:
+                xb = self.augment(xb, self.aug_rng)
+            yb = y[idx]
+            xb_d = self._to_device(xb)
+            yb_d = self._to_device(yb)
+            scores = self.model.forward(xb_d, train=True)
+            loss = self.loss.forward(scores, yb_d)
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at epoch {self.epoch + 1}, batch {start // self.batch_size}; "
+                    "lower the learning rate"
+                )
+            self.model.backward(self.loss.backward())
+            self.optimizer.step(self.model, lr)
+            total_loss += loss * len(idx)
+            correct += int((to_numpy(scores.argmax(axis=1)) == yb).sum())
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar.close()
+        return total_loss / seen, correct / seen
+
+    def fit(self, x_train, y_train, x_val=None, y_val=None, x_test=None, y_test=None, resume=False):
+        """Train for the remaining epochs; returns the history (list of per-epoch dicts)."""
+        shape = self.model.input_shape
+        _check_data("x_train", x_train, y_train, shape)
+        _check_data("x_val", x_val, y_val, shape)
+        _check_data("x_test", x_test, y_test, shape)
+        y_train = np.asarray(y_train)
+        if resume:
+            if self.out_dir is None:
+                raise ValueError("resume=True needs out_dir, where the checkpoint lives")
+            if os.path.exists(self._path("checkpoint.npz")):
+                self.load_checkpoint()
+                if self.progress:
+                    print(f"resuming from {self._path('checkpoint.npz')} after epoch {self.epoch}")
+        epoch_bar = tqdm(total=self.epochs, initial=self.epoch, desc="training", unit="epoch",
+                         disable=not self.progress)
+        try:
+            while self.epoch < self.epochs:
+                lr = float(self.schedule(self.epoch))
+                t0 = time.perf_counter()
+                loss, train_acc = self.train_epoch(x_train, y_train, lr)
+                seconds = time.perf_counter() - t0
+                record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc,
+                          "seconds": seconds}
+                if x_val is not None:
+                    record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
+                if x_test is not None:
+                    record["test_acc"] = self.model.evaluate(x_test, y_test, self.eval_batch_size)
+                self.epoch += 1
+                self.history.append(record)
+                if self.out_dir is not None:
+                    if x_val is not None and record["val_acc"] > self.best_val:
+                        self.best_val = record["val_acc"]
+                        save_model(self.model, self._path("best.npz"),
+                                   {"epoch": self.epoch, "val_acc": record["val_acc"],
+                                    "test_acc": record.get("test_acc")})
+                    self.save_checkpoint()
+                    write_json_atomic(self._path("history.json"), self.history)
+                epoch_bar.update(1)
+                epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
+                                       if k.endswith("acc")})
+                if self.progress:
+                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in record.items()))
+        except KeyboardInterrupt:
+            epoch_bar.close()
+            if self.out_dir is not None:
+                print(f"\ninterrupted during epoch {self.epoch + 1}; the checkpoint after epoch "
+                      f"{self.epoch} is in {self.out_dir}: rerun with resume to continue")
+            raise
+        epoch_bar.close()
+        if self.out_dir is not None:
+            save_model(self.model, self._path("model.npz"),
+                       {"epochs": self.epoch, "history": self.history})
+        return self.history

@@ -1,0 +1,151 @@
+"""Training: a synthetic task that must be learned, exact resume, schedules and optimizers."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.layers import Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU
+from lowbit.model import Model
+from lowbit.optimizers import (AdaGrad, Adam, CosineLR, ExponentialLR, Momentum, SGD, StepLR,
+                               get_optimizer, get_schedule)
+from lowbit.trainer import Trainer
+
+
+def blobs(n=600, seed=0):
+    """Three classes of 4x4 images, each a noisy copy of a class template."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((3, 1, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    x = np.clip(templates[y] + 0.25 * rng.standard_normal((n, 1, 4, 4)), 0, 1).astype(np.float32)
+    return x, y
+
+
+def small_cnn(seed=0):
+    return Model([
+        Conv2D(1, 4, 3, padding=1, seed=seed), BatchNorm(4), ReLU(), MaxPool2D(2),
+        Flatten(), Affine(16, 8, seed=seed + 1), ReLU(), Dropout(0.2), Affine(8, 3, seed=seed + 2),
+    ], input_shape=(1, 4, 4))
+
+
+@pytest.mark.parametrize("opt", [SGD(0.1), Momentum(0.05), AdaGrad(0.05), Adam(0.01)])
+def test_learns_synthetic_task(opt):
+    x, y = blobs()
+    model = small_cnn()
+    Trainer(model, optimizer=opt, epochs=8, batch_size=20, progress=False).fit(x, y)
+    xt, yt = blobs(300, seed=0)
+    assert model.evaluate(xt, yt) > 0.9
+
+
+def test_squared_hinge_training():
+    x, y = blobs()
+    model = small_cnn(3)
+    Trainer(model, loss="squared_hinge", optimizer=Adam(0.01), epochs=6, batch_size=20,
+            progress=False).fit(x, y)
+    assert model.evaluate(x, y) > 0.9
+
+
+def _weights(model):
+    return {k: getattr(l, a).copy() for k, l, a in model.named_arrays()}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x, y = blobs(200)
+    full = small_cnn()
+    Trainer(full, optimizer=Adam(0.01), epochs=3, batch_size=32, seed=7, progress=False,
+            out_dir=tmp_path / "full").fit(x, y)
+
+    # a run stopped after its first epoch ...
+    first = small_cnn()
+    Trainer(first, optimizer=Adam(0.01), epochs=1, batch_size=32, seed=7, progress=False,
+            out_dir=tmp_path / "part").fit(x, y)
+    # ... and continued by a fresh process (fresh objects) with resume
+    again = small_cnn()
+    trainer = Trainer(again, optimizer=Adam(0.01), epochs=3, batch_size=32, seed=7, progress=False,
+                      out_dir=tmp_path / "part")
+    history = trainer.fit(x, y, resume=True)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    a, b = _weights(full), _weights(again)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    saved = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert [h["loss"] for h in saved] == [h["loss"] for h in history]
+    assert lowbit.load_model(tmp_path / "part" / "model.npz").spec() == again.spec()
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    x, y = blobs(100)
+    Trainer(small_cnn(), epochs=1, batch_size=32, progress=False, out_dir=tmp_path).fit(x, y)
+    t = Trainer(small_cnn(), epochs=2, batch_size=16, progress=False, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="'batch_size' setting differs"):
+        t.fit(x, y, resume=True)
+
+
+def test_interrupt_keeps_last_checkpoint(tmp_path):
+    x, y = blobs(100)
+    calls = {"n": 0}
+
+    def boom(xb, rng):
+        calls["n"] += 1
+        if calls["n"] > 5:  # during the second epoch (4 batches per epoch)
+            raise KeyboardInterrupt
+        return xb
+
+    t = Trainer(small_cnn(), epochs=3, batch_size=25, augment=boom, progress=False, out_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(x, y)
+    assert (tmp_path / "checkpoint.npz").exists()
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    t2 = Trainer(small_cnn(), epochs=3, batch_size=25, augment=boom, progress=False, out_dir=tmp_path)
+    assert t2.load_checkpoint() == 1
+
+
+def test_best_model_by_validation(tmp_path):
+    x, y = blobs(300)
+    t = Trainer(small_cnn(), optimizer=Adam(0.01), epochs=3, batch_size=30, progress=False,
+                out_dir=tmp_path)
+    hist = t.fit(x[:200], y[:200], x[200:], y[200:], x[200:], y[200:])
+    best = max(hist, key=lambda h: h["val_acc"])
+    meta = lowbit.load_model(tmp_path / "best.npz").metadata
+    assert meta["val_acc"] == best["val_acc"] and meta["epoch"] == best["epoch"]
+
+
+def test_same_seed_same_run():
+    x, y = blobs(120)
+    runs = []
+    for _ in range(2):
+        m = small_cnn()
+        Trainer(m, epochs=2, batch_size=30, seed=3, progress=False).fit(x, y)
+        runs.append(_weights(m))
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[0][key], runs[1][key])
+
+
+def test_bad_data_is_clear():
+    t = Trainer(small_cnn(), epochs=1, progress=False)
+    with pytest.raises(TypeError, match="must be float32"):
+        t.fit(np.zeros((4, 1, 4, 4), np.uint8), np.zeros(4, int))
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        t.fit(np.zeros((4, 1, 4, 4), np.float32), np.zeros(5, int))
+
+
+def test_schedules():
+    assert StepLR(1.0, step_size=2, gamma=0.5)(5) == 0.25
+    e = ExponentialLR(3e-3, 3e-7, 1000)
+    assert e(0) == pytest.approx(3e-3) and e(999) == pytest.approx(3e-7)
+    c = CosineLR(1.0, 10)
+    assert c(0) == 1.0 and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        get_schedule("linear", lr=1)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        get_optimizer("rmsprop")
+
+
+def test_adam_first_step_moves_by_lr():
+    model = Model([Affine(2, 1, bias=False, seed=0)], input_shape=(2,))
+    w0 = model.layers[0].W.copy()
+    model.layers[0].dW = np.array([[3.0], [-0.5]], np.float32)
+    Adam(0.1).step(model)
+    np.testing.assert_allclose(model.layers[0].W - w0, [[-0.1], [0.1]], rtol=1e-5)
+    assert math.isfinite(float(model.layers[0].W.sum()))
