@@ -68,3 +68,195 @@ def build_model(name, seed=0, **options):
     except KeyError:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}") from None
     return builder(seed=seed, **options)
+
+
+# -- binarized and low-precision networks (issue 3) ----------------------------------------------------
+from .layers import BatchNorm, Rescale  # noqa: E402
+from .quant_layers import QuantActivation, QuantAffine, QuantConv2D  # noqa: E402
+from .quantize import stochastic_kinds  # noqa: E402
+from .quantizers import DoReFaActivation, quantizer_for_bits  # noqa: E402
+
+__all__ += ["bnn_mlp", "binary_cnn", "brevitas_fc", "tfc", "sfc", "lfc"]
+
+
+def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2, dropout_hidden=0.5,
+            bn_eps=1e-4, bn_momentum=0.9, init="uniform", glorot_lr_scale=True):
+    """The MNIST multilayer perceptron of Binarized Neural Networks (Courbariaux, Hubara et al. 2016).
+
+    ``Rescale(2, -1)`` (pixels to [-1, 1]) - Flatten - Dropout(dropout_in) - then per hidden width h:
+    ``QuantAffine(binary weights, bias-free) - BatchNorm(eps) - QuantActivation(sign) - Dropout``,
+    and last ``QuantAffine(h, 10, binary weights, bias-free) - BatchNorm(10)`` (the scores; train with
+    ``loss="squared_hinge"`` as the paper).
+
+    * The first layer takes the real-valued (dropped-out) pixels; hidden activations are binarized right
+      after BatchNorm, so dropout acts on +-1 values as in the paper's code (a dropped unit is 0, not
+      ``sign(0) = +1``), and the next layer takes them as they are (no input quantizer).
+    * Bias-free layers (as Brevitas/BNN-PYNQ): the BatchNorm that follows has its own shift.
+    * Latent weights initialised by ``init`` ("uniform": U(-1, 1) as the paper's MNIST run; "glorot"
+      for short runs), clipped to [-1, 1] after every update; ``glorot_lr_scale`` multiplies each
+      layer's learning rate by ``1 / sqrt(1.5 / (fan_in + fan_out))`` as in ``binary_net.py``.
+    * ``stochastic``: False, True, "weights" or "activations" -- which binarizations are
+      :class:`~lowbit.quantizers.StochasticBinary` in training (deterministic at evaluation).  The
+      paper's code makes only the weights stochastic ("weights").
+    * BatchNorm momentum 0.9 is Lasagne's ``alpha = 0.1``.
+    """
+    kinds = stochastic_kinds(stochastic)
+    hidden = [int(h) for h in hidden]
+    s = _seeds(seed, len(hidden) + 1)
+
+    def kernel_q():
+        return quantizer_for_bits(1, "weight", "weight" in kinds)
+
+    def dense(n_in, n_out, i):
+        return QuantAffine(n_in, n_out, bias=False, init=init, seed=s[i], kernel_quantizer=kernel_q(),
+                           kernel_constraint="clip", glorot_lr_scale=glorot_lr_scale)
+
+    layers = [Rescale(2.0, -1.0), Flatten()]
+    if dropout_in:
+        layers.append(Dropout(dropout_in))
+    width = 28 * 28
+    for i, h in enumerate(hidden):
+        layers += [dense(width, h, i), BatchNorm(h, momentum=bn_momentum, eps=bn_eps),
+                   QuantActivation(quantizer_for_bits(1, "activation", "activation" in kinds))]
+        if dropout_hidden:
+            layers.append(Dropout(dropout_hidden))
+        width = h
+    layers += [dense(width, 10, len(hidden)), BatchNorm(10, momentum=bn_momentum, eps=bn_eps)]
+    return Model(layers, input_shape=(1, 28, 28), name="bnn_mlp").seed(seed)
+
+
+def binary_cnn(seed=0, channels=(32, 32, 64, 64), hidden=256, keep_last=True, stochastic=False,
+               input_bits=8, dropout=0.0, bn_eps=1e-4, bn_momentum=0.9, init="glorot",
+               glorot_lr_scale=False):
+    """A small VGG-like binary CNN for MNIST, in XNOR-Net block order (BN -> sign -> binary conv -> pool).
+
+    ::
+
+        conv3x3(1 -> c0, float weights, 8-bit input) - BN
+        [sign - binconv3x3(c0 -> c1)] - maxpool2 - BN             28 -> 14
+        [sign - binconv3x3(c1 -> c2)] - BN
+        [sign - binconv3x3(c2 -> c3)] - maxpool2 - BN             14 -> 7
+        Flatten - [sign - binary affine(c3*49 -> hidden)] - BN
+        [Dropout] - [sign - affine(hidden -> 10)]                  float weights + bias if keep_last,
+                                                                   else binary, bias-free, then BN(10)
+
+    Brackets are one QuantConv2D/QuantAffine: the sign is its input quantizer and the binary weights its
+    kernel quantizer.  All convolutions 3x3, stride 1, padding 1 (padded positions are 0), bias-free
+    (BatchNorm follows).  ``input_bits`` (8 by default: exact for 8-bit images in [0, 1]) quantizes the
+    image with :func:`~lowbit.quantizers.quantizer_for_bits`.  Binary latent weights use ``init``
+    ("glorot": small, so signs move early in short Adam runs) and are clipped to [-1, 1]; the first
+    conv uses He init.  With ``dropout`` the last hidden activation is binarized by a QuantActivation
+    before the Dropout, so dropped units are 0.  ``stochastic`` as in :func:`bnn_mlp`.
+
+    Cost: about 38 MFLOP per image forward with the default channels (three times deep_convnet).
+    """
+    kinds = stochastic_kinds(stochastic)
+    c0, c1, c2, c3 = (int(c) for c in channels)
+    hidden = int(hidden)
+    s = _seeds(seed, 6)
+
+    def sign():
+        return quantizer_for_bits(1, "activation", "activation" in kinds)
+
+    def binary():
+        return dict(bias=False, init=init, input_quantizer=sign(),
+                    kernel_quantizer=quantizer_for_bits(1, "weight", "weight" in kinds),
+                    kernel_constraint="clip", glorot_lr_scale=glorot_lr_scale)
+
+    def bn(n):
+        return BatchNorm(n, momentum=bn_momentum, eps=bn_eps)
+
+    layers = [
+        QuantConv2D(1, c0, 3, padding=1, bias=False, init="he", seed=s[0],
+                    input_quantizer=quantizer_for_bits(input_bits, "activation")),
+        bn(c0),
+        QuantConv2D(c0, c1, 3, padding=1, seed=s[1], **binary()), MaxPool2D(2, 2), bn(c1),
+        QuantConv2D(c1, c2, 3, padding=1, seed=s[2], **binary()), bn(c2),
+        QuantConv2D(c2, c3, 3, padding=1, seed=s[3], **binary()), MaxPool2D(2, 2), bn(c3),
+        Flatten(),
+        QuantAffine(c3 * 7 * 7, hidden, seed=s[4], **binary()), bn(hidden),
+    ]
+    last_input = sign()
+    if dropout:
+        layers += [QuantActivation(last_input), Dropout(dropout)]
+        last_input = None
+    if keep_last:
+        layers.append(QuantAffine(hidden, 10, bias=True, init="he", seed=s[5],
+                                  input_quantizer=last_input))
+    else:
+        options = binary()
+        options["input_quantizer"] = last_input
+        layers += [QuantAffine(hidden, 10, seed=s[5], **options), bn(10)]
+    return Model(layers, input_shape=(1, 28, 28), name="binary_cnn").seed(seed)
+
+
+def _fc_activation(bits):
+    """Brevitas-style activation quantizer: sign for 1 bit, signed k-bit in [-1, 1] otherwise."""
+    if bits == 1:
+        return quantizer_for_bits(1, "activation")
+    if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and 2 <= bits <= 8:
+        return DoReFaActivation(int(bits), signed=True)
+    return quantizer_for_bits(bits, "activation")
+
+
+def brevitas_fc(seed=0, width=64, weight_bits=1, act_bits=1, in_bits=None, hidden_layers=3,
+                dropout=0.2, bn_eps=1e-4, bn_momentum=0.9, init="uniform", name=None):
+    """The BNN-PYNQ / Brevitas MNIST MLPs: TFC (width 64), SFC (256), LFC (1024).
+
+    ``Rescale(2, -1)`` (pixels to [-1, 1]) - Flatten - QuantActivation(in_bits) - Dropout, then
+    ``hidden_layers`` times ``QuantAffine(bias-free, weight_bits) - BatchNorm - QuantActivation(act_bits)
+    - Dropout``, then a bias-free ``QuantAffine(width, 10, weight_bits) - BatchNorm(10)``.
+
+    Differences from Brevitas, by design: activations of 2..8 bits are
+    ``DoReFaActivation(bits, signed=True)`` (levels ``2j/(2^k-1) - 1`` in [-1, 1]) rather than
+    Brevitas' narrow-range integer quantizer; 2..8-bit weights are DoReFa's tanh quantizer; the final
+    scalar TensorNorm is a BatchNorm over the 10 scores.  ``in_bits`` defaults to ``act_bits`` (1 bit:
+    the pixel's sign, i.e. ``pixel >= 0.5``).  Latent weights U(-1, 1), clipped to [-1, 1].
+    """
+    in_bits = act_bits if in_bits is None else in_bits
+    quantizer_for_bits(weight_bits, "weight")  # validates before building
+    _fc_activation(act_bits)
+    width = int(width)
+    s = _seeds(seed, hidden_layers + 1)
+
+    def dense(n_in, n_out, i):
+        return QuantAffine(n_in, n_out, bias=False, init=init, seed=s[i],
+                           kernel_quantizer=quantizer_for_bits(weight_bits, "weight"),
+                           kernel_constraint="clip")
+
+    def bn(n):
+        return BatchNorm(n, momentum=bn_momentum, eps=bn_eps)
+
+    layers = [Rescale(2.0, -1.0), Flatten(), QuantActivation(_fc_activation(in_bits))]
+    if dropout:
+        layers.append(Dropout(dropout))
+    n_in = 28 * 28
+    for i in range(int(hidden_layers)):
+        layers += [dense(n_in, width, i), bn(width), QuantActivation(_fc_activation(act_bits))]
+        if dropout:
+            layers.append(Dropout(dropout))
+        n_in = width
+    layers += [dense(n_in, 10, int(hidden_layers)), bn(10)]
+    name = name or f"fc{width}_w{weight_bits}a{act_bits}"
+    return Model(layers, input_shape=(1, 28, 28), name=name).seed(seed)
+
+
+def tfc(seed=0, weight_bits=1, act_bits=1, **options):
+    """Brevitas TFC: :func:`brevitas_fc` with three hidden layers of 64."""
+    return brevitas_fc(seed, width=64, weight_bits=weight_bits, act_bits=act_bits,
+                       name=f"tfc_w{weight_bits}a{act_bits}", **options)
+
+
+def sfc(seed=0, weight_bits=1, act_bits=1, **options):
+    """Brevitas SFC: :func:`brevitas_fc` with three hidden layers of 256."""
+    return brevitas_fc(seed, width=256, weight_bits=weight_bits, act_bits=act_bits,
+                       name=f"sfc_w{weight_bits}a{act_bits}", **options)
+
+
+def lfc(seed=0, weight_bits=1, act_bits=1, **options):
+    """Brevitas LFC: :func:`brevitas_fc` with three hidden layers of 1024."""
+    return brevitas_fc(seed, width=1024, weight_bits=weight_bits, act_bits=act_bits,
+                       name=f"lfc_w{weight_bits}a{act_bits}", **options)
+
+
+MODELS.update({"bnn_mlp": bnn_mlp, "binary_cnn": binary_cnn, "tfc": tfc, "sfc": sfc, "lfc": lfc})

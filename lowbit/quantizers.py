@@ -1,0 +1,439 @@
+"""Quantizers: the forward rounding and the pseudo-gradient of low-precision weights and activations.
+
+A quantizer is a small callable object that acts on one array and owns no parameters (a stateless op in
+the sense of :mod:`lowbit.functions`; the one exception, :class:`StochasticBinary`, owns a random
+generator).  Quantized layers (:mod:`lowbit.quant_layers`) call them on their latent float weights and
+on their inputs.
+
+The quantizer protocol
+----------------------
+``precision``
+    Bits per value after quantization (1 for signs, k for k-bit DoReFa, 16 for half, 32 for none).
+``forward(x, train=False, channel_axis=None)`` (also ``quantizer(x, ...)``)
+    The quantized array, same shape, module (numpy/CuPy) and float dtype as ``x``.
+``backward(x, dout, channel_axis=None)``
+    The pseudo-gradient: ``dL/dx`` at the input ``x`` given ``dout = dL/dq``.  It recomputes what it
+    needs from ``x`` (the layers cache ``x``), so one quantizer may serve several layers.
+``channel_axis``
+    Layout hint from the layer: the axis of the output units of a weight tensor (``1`` for
+    :class:`~lowbit.layers.Affine` weights ``(in, out)``, ``0`` for :class:`~lowbit.layers.Conv2D`
+    weights ``(O, C, KH, KW)``).  Only per-channel scaling (``SteSign(scale="channel")``) uses it;
+    the layers pass it, everything else ignores it.  Layers pass ``None`` for their inputs.
+``config()``
+    JSON-serialisable ``{"name": ..., **constructor arguments}``; :func:`get_quantizer` rebuilds it.
+
+Conventions
+-----------
+* ``sign(x) = +1`` where ``x >= 0`` and ``-1`` elsewhere, so ``sign(0) = sign(-0.0) = +1``: the bit
+  convention of :mod:`lowbit.kernels` (bit 1 means +1).
+* Straight-through estimator (STE, Hinton's lecture 15b, Bengio et al. 2013, used by BNN and DoReFa):
+  the backward pass treats rounding as the identity, and a clip (hard tanh) passes the gradient only
+  inside its range, endpoints included.
+* Input checks: ``x`` must have a float dtype (``TypeError`` otherwise), and NaN raises ``ValueError``
+  (it has no sign and no level).  The NaN check is one ``xp.isnan(x).any()`` reduction per call: cheap
+  next to the matrix product that follows, though on CuPy it waits for the device.  Infinities are
+  allowed (``sign(inf) = +1``, clipped by the k-bit quantizers, kept by :class:`Fp16`).
+* Random draws (:class:`StochasticBinary`) come from a host ``numpy.random.Generator`` and are moved
+  to the device with ``xp.asarray``, so numpy and CuPy runs draw the same values.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from .backend import get_array_module
+
+__all__ = [
+    "QUANTIZERS",
+    "Quantizer",
+    "Identity",
+    "Fp16",
+    "SteSign",
+    "StochasticBinary",
+    "DoReFaActivation",
+    "DoReFaWeight",
+    "get_quantizer",
+    "quantizer_for_bits",
+    "hard_sigmoid",
+    "quantize_k",
+]
+
+
+def _check_array(quantizer, x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or dtype.kind != "f":
+        raise TypeError(
+            f"{type(quantizer).__name__} expects a float array, got "
+            f"{'dtype ' + str(dtype) if dtype is not None else type(x).__name__}"
+        )
+    xp = get_array_module(x)
+    if bool(xp.isnan(x).any()):
+        raise ValueError(f"{type(quantizer).__name__} got NaN input (NaN has no quantized value)")
+    return xp
+
+
+def _check_bits(name, bits, low, high):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not low <= bits <= high:
+        raise ValueError(f"{name} bits must be an int in {low}..{high}, got {bits!r}")
+    return int(bits)
+
+
+def _sign(x):
+    """+1 where ``x >= 0`` (``-0.0`` included), else -1, in the dtype of ``x``; one temporary."""
+    q = (x >= 0).astype(x.dtype)
+    q *= 2
+    q -= 1
+    return q
+
+
+def hard_sigmoid(x):
+    """``clip((x + 1) / 2, 0, 1)`` in the dtype of ``x`` (BNN paper, eq. 3)."""
+    xp = get_array_module(x)
+    one = x.dtype.type(1)
+    return xp.clip((x + one) * x.dtype.type(0.5), 0, one)
+
+
+def quantize_k(x, bits):
+    """DoReFa's ``quantize_k(x) = round((2^k - 1) x) / (2^k - 1)`` for ``x`` in [0, 1].
+
+    Rounds half to even (``rint``, as ``tf.round``); the result has the dtype of ``x`` and takes at most
+    ``2^k`` values ``j / (2^k - 1)``.
+    """
+    xp = get_array_module(x)
+    n = x.dtype.type(2 ** bits - 1)
+    return xp.rint(x * n) / n
+
+
+class Quantizer:
+    """Base class; see the module docstring for the protocol."""
+
+    name = "quantizer"
+    precision = 32
+
+    def __call__(self, x, train=False, channel_axis=None):
+        return self.forward(x, train, channel_axis)
+
+    def forward(self, x, train=False, channel_axis=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, x, dout, channel_axis=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        """Equal type and config (a stochastic quantizer's generator state is not compared)."""
+        return type(other) is type(self) and other.config() == self.config()
+
+    def __hash__(self):
+        return hash((type(self).__name__, json.dumps(self.config(), sort_keys=True)))
+
+
+class Identity(Quantizer):
+    """No quantization (float32 stays float32).
+
+    Forward ``q = x``; gradient ``dx = dout``.  ``precision = 32``.
+    """
+
+    name = "identity"
+    precision = 32
+
+    def forward(self, x, train=False, channel_axis=None):
+        _check_array(self, x)
+        return x
+
+    def backward(self, x, dout, channel_axis=None):
+        return dout
+
+
+class Fp16(Quantizer):
+    """Round to IEEE 754 half precision and back (mixed precision, Micikevicius et al. 2018).
+
+    Forward ``q = x.astype(float16).astype(x.dtype)``: exactly numpy's cast, round to nearest with ties
+    to even, subnormals kept, values beyond 65519.99... overflow to ``+-inf`` (without numpy's overflow
+    warning).  Gradient: identity, ``dx = dout``.  ``precision = 16``.
+    """
+
+    name = "fp16"
+    precision = 16
+
+    def forward(self, x, train=False, channel_axis=None):
+        _check_array(self, x)
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(x.dtype)
+
+    def backward(self, x, dout, channel_axis=None):
+        return dout
+
+
+class SteSign(Quantizer):
+    """Deterministic binarization with the straight-through estimator (BNN: Courbariaux, Hubara et al.
+    2016, arXiv 1602.02830; the scaled form is XNOR-Net, Rastegari et al. 2016, arXiv 1603.05279).
+
+    Forward ``q = alpha * sign(x)``, ``sign(x) = +1 if x >= 0 else -1`` (so ``sign(0) = +1``), with
+    ``alpha = 1`` (``scale=None``), ``alpha = mean(|x|)`` over the whole tensor (``scale="tensor"``) or
+    ``alpha = mean(|x|)`` per output unit (``scale="channel"``: over every axis but ``channel_axis``,
+    which the layer passes; per column of an Affine weight, per filter of a Conv2D weight).
+
+    Gradient ``dx = dout * alpha * 1{|x| <= clip}`` (the STE of hard tanh); ``alpha`` is treated as a
+    constant, as in Larq's ``MagnitudeAwareSign``.  ``precision = 1``.
+
+    Parameters
+    ----------
+    clip : float > 0
+        Gradient window; BNN uses 1, matching latent weights clipped to [-1, 1].
+    scale : None, "tensor" or "channel"
+    """
+
+    name = "ste_sign"
+    precision = 1
+    _scales = (None, "tensor", "channel")
+
+    def __init__(self, clip=1.0, scale=None):
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0 \
+                or not math.isfinite(clip):
+            raise ValueError(f"clip must be a positive finite number, got {clip!r}")
+        if scale not in self._scales:
+            raise ValueError(f"scale must be one of {list(self._scales)}, got {scale!r}")
+        self.clip = float(clip)
+        self.scale = scale
+
+    def config(self):
+        return {"name": self.name, "clip": self.clip, "scale": self.scale}
+
+    def _alpha(self, x, channel_axis):
+        """Scale factor broadcastable to ``x`` (None when unscaled)."""
+        if self.scale is None:
+            return None
+        if self.scale == "tensor":
+            return abs(x).mean(dtype=x.dtype)
+        if channel_axis is None:
+            raise ValueError(
+                "SteSign(scale='channel') needs the channel_axis of a weight tensor; use it as a "
+                "kernel_quantizer of QuantAffine/QuantConv2D (or scale='tensor' for activations)"
+            )
+        axis = channel_axis % x.ndim
+        others = tuple(a for a in range(x.ndim) if a != axis)
+        return abs(x).mean(axis=others, keepdims=True, dtype=x.dtype)
+
+    def forward(self, x, train=False, channel_axis=None):
+        _check_array(self, x)
+        q = _sign(x)
+        alpha = self._alpha(x, channel_axis)
+        return q if alpha is None else q * alpha
+
+    def backward(self, x, dout, channel_axis=None):
+        grad = dout * (abs(x) <= self.clip)
+        alpha = self._alpha(x, channel_axis)
+        return grad if alpha is None else grad * alpha
+
+
+class StochasticBinary(Quantizer):
+    """Stochastic binarization (BNN, arXiv 1602.02830, eq. 2; BinaryConnect, arXiv 1511.00363).
+
+    Forward (training): ``q = +1`` with probability ``hard_sigmoid(x) = clip((x + 1) / 2, 0, 1)``,
+    else ``-1``: ``q = +1 where u < hard_sigmoid(x)`` with ``u ~ U[0, 1)`` float32 drawn from
+    ``self.rng`` on the host.  At evaluation (``train=False``) with ``deterministic_eval=True`` (the
+    papers' test-time practice) it is the deterministic ``sign`` of :class:`SteSign`.
+
+    Gradient ``dx = dout * 1{|x| <= clip}`` (straight-through, as :class:`SteSign`).
+    ``precision = 1``.
+
+    ``rng`` is a ``numpy.random.Generator`` the quantizer owns.  The layer that holds the quantizer
+    exposes it as its own ``rng`` attribute, so :meth:`lowbit.Model.seed` reseeds it and
+    ``Model.rng_states`` (training checkpoints) saves it.  ``seed`` is not part of ``config()``.
+    """
+
+    name = "stochastic_binary"
+    precision = 1
+
+    def __init__(self, clip=1.0, deterministic_eval=True, seed=None):
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0 \
+                or not math.isfinite(clip):
+            raise ValueError(f"clip must be a positive finite number, got {clip!r}")
+        self.clip = float(clip)
+        self.deterministic_eval = bool(deterministic_eval)
+        self.rng = np.random.default_rng(seed)
+
+    def config(self):
+        return {"name": self.name, "clip": self.clip, "deterministic_eval": self.deterministic_eval}
+
+    def forward(self, x, train=False, channel_axis=None):
+        xp = _check_array(self, x)
+        if not train and self.deterministic_eval:
+            return _sign(x)
+        u = xp.asarray(self.rng.random(x.shape, dtype=np.float32))
+        q = (u < hard_sigmoid(x)).astype(x.dtype)
+        q *= 2
+        q -= 1
+        return q
+
+    def backward(self, x, dout, channel_axis=None):
+        return dout * (abs(x) <= self.clip)
+
+
+class DoReFaActivation(Quantizer):
+    """k-bit activation quantizer of DoReFa-Net (Zhou et al. 2016, arXiv 1606.06160, eq. 9).
+
+    Forward, ``signed=False`` (the paper): ``q = quantize_k(clip(x, 0, 1))``, levels ``j / (2^k - 1)``.
+    Forward, ``signed=True`` (range [-1, 1], for inputs already in [-1, 1] such as the Brevitas MLPs'
+    pixels and BatchNorm outputs): ``q = 2 * quantize_k((clip(x, -1, 1) + 1) / 2) - 1``.
+    ``quantize_k(v) = round((2^k - 1) v) / (2^k - 1)``, half to even.
+
+    Gradient: STE through the rounding, zero outside the clip range: ``dx = dout * 1{0 <= x <= 1}``
+    (``1{-1 <= x <= 1}`` when signed).  ``precision = bits``; at most ``2^k`` levels; idempotent.
+    """
+
+    name = "dorefa_activation"
+
+    def __init__(self, bits=2, signed=False):
+        self.bits = _check_bits("DoReFaActivation", bits, 1, 8)
+        self.signed = bool(signed)
+
+    @property
+    def precision(self):
+        return self.bits
+
+    def config(self):
+        return {"name": self.name, "bits": self.bits, "signed": self.signed}
+
+    def forward(self, x, train=False, channel_axis=None):
+        xp = _check_array(self, x)
+        one = x.dtype.type(1)
+        if not self.signed:
+            return quantize_k(xp.clip(x, 0, one), self.bits)
+        half = x.dtype.type(0.5)
+        v = (xp.clip(x, -one, one) + one) * half
+        return quantize_k(v, self.bits) * x.dtype.type(2) - one
+
+    def backward(self, x, dout, channel_axis=None):
+        low = -1 if self.signed else 0
+        return dout * ((x >= low) & (x <= 1))
+
+
+class DoReFaWeight(Quantizer):
+    """k-bit weight quantizer of DoReFa-Net (Zhou et al. 2016, arXiv 1606.06160, eq. 8), k = 2..8.
+
+    Forward ``q = 2 * quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``: levels ``2 j / (2^k - 1) - 1``
+    in [-1, 1] (no zero level), the largest ``|w|`` maps to ``+-1``; the max is over the whole tensor,
+    as in the paper.  An all-zero tensor is treated as ``max = 1`` (every weight maps to the level
+    next above zero, and the gradient is ``dout``).
+
+    Gradient: straight-through on the rounding only, so ``dq = d(tanh(w) / max|tanh(w)|)`` exactly
+    (the factor 2 and the 1/2 cancel) -- the normalisation is differentiated through, max included, as
+    the paper's TensorFlow code does by autodiff.  With ``t = tanh(w)``, ``s = 1 - t^2``,
+    ``m = max|t|``::
+
+        dw = dout * s / m  -  [|t| == m] * sign(t) * s / m^2 * sum(dout * t) / count(|t| == m)
+
+    (ties for the max share the second term equally).  Not idempotent: ``tanh`` moves the levels.
+    ``precision = bits``; at most ``2^k`` levels.  For 1-bit weights use :class:`SteSign`
+    (``scale="channel"`` or ``"tensor"`` gives DoReFa's ``sign(w) * mean|w|``).
+    """
+
+    name = "dorefa_weight"
+
+    def __init__(self, bits=2):
+        self.bits = _check_bits("DoReFaWeight", bits, 2, 8)
+
+    @property
+    def precision(self):
+        return self.bits
+
+    def config(self):
+        return {"name": self.name, "bits": self.bits}
+
+    @staticmethod
+    def _normalise(w):
+        t = get_array_module(w).tanh(w)
+        m = abs(t).max()
+        m = m + (m == 0).astype(w.dtype)  # all zeros: 0 / 1 rather than 0 / 0
+        return t, m
+
+    def forward(self, x, train=False, channel_axis=None):
+        _check_array(self, x)
+        t, m = self._normalise(x)
+        half = x.dtype.type(0.5)
+        u = t / m * half + half
+        return quantize_k(u, self.bits) * x.dtype.type(2) - x.dtype.type(1)
+
+    def backward(self, x, dout, channel_axis=None):
+        xp = get_array_module(x)
+        t, m = self._normalise(x)
+        s = 1 - t * t
+        at_max = abs(t) == m
+        total = (dout * t).sum()
+        count = xp.maximum(at_max.sum(), 1).astype(t.dtype)  # 0 only for an all-zero tensor
+        sign_t = (t >= 0).astype(t.dtype) * 2 - 1
+        return dout * s / m - at_max * (sign_t * s) * (total / (m * m * count))
+
+
+QUANTIZERS = {
+    "identity": Identity,
+    "fp16": Fp16,
+    "ste_sign": SteSign,
+    "stochastic_binary": StochasticBinary,
+    "dorefa_activation": DoReFaActivation,
+    "dorefa_weight": DoReFaWeight,
+}
+
+
+def get_quantizer(spec):
+    """Resolve ``spec`` to a quantizer instance.
+
+    ``spec`` may be None (:class:`Identity`), a name in :data:`QUANTIZERS`, a dict
+    ``{"name": name, **constructor_arguments}`` (the output of ``config()``) or a :class:`Quantizer`
+    instance (returned as is, not copied).
+    """
+    if spec is None:
+        return Identity()
+    if isinstance(spec, Quantizer):
+        return spec
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    elif isinstance(spec, dict):
+        if "name" not in spec:
+            raise ValueError(f"quantizer dict needs a 'name' key, got {spec!r}")
+        kwargs = dict(spec)
+        name = kwargs.pop("name")
+    else:
+        raise TypeError(
+            f"quantizer must be None, a name, a dict or a Quantizer, got {type(spec).__name__}"
+        )
+    try:
+        cls = QUANTIZERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown quantizer {name!r}; known quantizers: {sorted(QUANTIZERS)}") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise TypeError(f"bad arguments for quantizer {name!r}: {exc}") from None
+
+
+def quantizer_for_bits(bits, kind="weight", stochastic=False):
+    """The default quantizer for a bit width.
+
+    ``1`` -> :class:`SteSign` (:class:`StochasticBinary` when ``stochastic``), ``2..8`` ->
+    :class:`DoReFaWeight` or :class:`DoReFaActivation` (by ``kind``), ``16`` -> :class:`Fp16`,
+    ``32`` -> :class:`Identity`.  ``kind`` is ``"weight"`` or ``"activation"``.
+    """
+    if kind not in ("weight", "activation"):
+        raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+    valid = isinstance(bits, (int, np.integer)) and not isinstance(bits, bool)
+    if not valid or not (1 <= bits <= 8 or bits in (16, 32)):
+        raise ValueError(f"bits must be one of 1..8, 16, 32, got {bits!r}")
+    bits = int(bits)
+    if bits == 1:
+        return StochasticBinary() if stochastic else SteSign()
+    if bits == 16:
+        return Fp16()
+    if bits == 32:
+        return Identity()
+    return DoReFaWeight(bits) if kind == "weight" else DoReFaActivation(bits)
