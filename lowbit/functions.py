@@ -12,9 +12,12 @@ packed binary convolution in :mod:`lowbit.kernels` reproduces exactly).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .backend import get_array_module
 
 __all__ = [
+    "matmul",
     "conv_output_size",
     "pad2d",
     "im2col",
@@ -22,6 +25,19 @@ __all__ = [
     "pool_forward",
     "pool_backward",
 ]
+
+
+def matmul(a, b):
+    """``a @ b``; float16 operands on numpy are multiplied in float32 and the product rounded to float16.
+
+    That is what a GPU's tensor cores do for half precision (fp16 inputs, fp32 accumulation, fp16
+    output; Micikevicius et al. 2017), and it keeps numpy's slow non-BLAS float16 matmul out of the way.
+    CuPy multiplies float16 natively (cuBLAS, fp32 compute).
+    """
+    if a.dtype == np.float16 and get_array_module(a) is np:
+        with np.errstate(over="ignore"):  # overflow to inf is float16's behaviour; loss scaling reacts
+            return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float16)
+    return a @ b
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_array_module, to_device
-from .functions import col2im, conv_output_size, im2col, pool_backward, pool_forward
+from .functions import col2im, conv_output_size, im2col, matmul, pool_backward, pool_forward
 from .initializers import initialize
 
 __all__ = [
@@ -225,16 +225,16 @@ class Affine(Layer):
             )
         xq = self.effective_input(x, train)
         self._cache_x = xq
-        out = xq @ self.effective_weight()
+        out = matmul(xq, self.effective_weight())
         if self.bias:
             out = out + self.b
         return out
 
     def backward(self, dout):
-        self.dW = self.weight_grad(self._cache_x.T @ dout)
+        self.dW = self.weight_grad(matmul(self._cache_x.T, dout))
         if self.bias:
             self.db = dout.sum(axis=0)
-        dx = self.input_grad(dout @ self.effective_weight().T)
+        dx = self.input_grad(matmul(dout, self.effective_weight().T))
         return dx.reshape(self._cache_shape)
 
     def output_shape(self, input_shape):
@@ -295,7 +295,7 @@ class Conv2D(Layer):
         n, oh, ow = col.shape[3:]
         col2d = col.reshape(-1, n * oh * ow)
         w2d = self.effective_weight().reshape(self.out_channels, -1)
-        out = w2d @ col2d  # (O, N*OH*OW)
+        out = matmul(w2d, col2d)  # (O, N*OH*OW)
         if self.bias:
             out += self.b[:, None]
         self._cache_col = col2d
@@ -308,11 +308,13 @@ class Conv2D(Layer):
         d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
         k = self.kernel_size
         c = self.in_channels
-        self.dW = self.weight_grad((d2d @ self._cache_col.T).reshape(o, c, k, k))
+        # (col @ d2d.T).T, not d2d @ col.T: OpenBLAS runs the former several times faster for these
+        # short-and-wide shapes (O x N*OH*OW times N*OH*OW x C*K*K).
+        self.dW = self.weight_grad(matmul(self._cache_col, d2d.T).T.reshape(o, c, k, k))
         if self.bias:
             self.db = d2d.sum(axis=1)
         w2d = self.effective_weight().reshape(o, -1)
-        dcol = (w2d.T @ d2d).reshape(c, k, k, n, oh, ow)
+        dcol = matmul(w2d.T, d2d).reshape(c, k, k, n, oh, ow)
         dx = col2im(dcol, self._cache_shape, self.stride, self.padding)
         return self.input_grad(dx)
 
@@ -429,10 +431,10 @@ class Rescale(Layer):
         return {"scale": self.scale, "offset": self.offset}
 
     def forward(self, x, train=False):
-        return x * np.float32(self.scale) + np.float32(self.offset)
+        return x * x.dtype.type(self.scale) + x.dtype.type(self.offset)
 
     def backward(self, dout):
-        return dout * np.float32(self.scale)
+        return dout * dout.dtype.type(self.scale)
 
 
 @register_layer
@@ -474,6 +476,9 @@ class BatchNorm(Layer):
 
     def forward(self, x, train=False):
         axes, bshape = self._axes(x)
+        out_dtype = x.dtype
+        if x.dtype == np.float16:  # statistics and normalisation in float32 (mixed precision)
+            x = x.astype(np.float32)
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"BatchNorm expects {self.num_features} features on axis 1, got shape {x.shape}"
@@ -492,19 +497,22 @@ class BatchNorm(Layer):
         inv_std = (1.0 / xp.sqrt(var + np.float32(self.eps))).astype(x.dtype, copy=False)
         xn = xc * inv_std.reshape(bshape)
         self._cache = (xn, inv_std, axes, bshape, train)
-        return self.gamma.reshape(bshape) * xn + self.beta.reshape(bshape)
+        out = self.gamma.reshape(bshape) * xn + self.beta.reshape(bshape)
+        return out.astype(out_dtype, copy=False)
 
     def backward(self, dout):
         xn, inv_std, axes, bshape, train = self._cache
+        out_dtype = dout.dtype
+        dout = dout.astype(xn.dtype, copy=False)
         self.dbeta = dout.sum(axis=axes)
         self.dgamma = (dout * xn).sum(axis=axes)
         dxn = dout * self.gamma.reshape(bshape)
         if not train:  # running statistics are constants
-            return dxn * inv_std.reshape(bshape)
+            return (dxn * inv_std.reshape(bshape)).astype(out_dtype, copy=False)
         # d/dx of (x - mean) * inv_std with batch statistics, in the compact form.
         dx = (dxn - dxn.mean(axis=axes).reshape(bshape)
               - xn * (dxn * xn).mean(axis=axes).reshape(bshape)) * inv_std.reshape(bshape)
-        return dx
+        return dx.astype(out_dtype, copy=False)
 
     def _clear_cache(self):
         self._cache = None
@@ -536,7 +544,7 @@ class Dropout(Layer):
             return x
         xp = get_array_module(x)
         keep = self.rng.random(x.shape, dtype=np.float32) >= self.ratio
-        mask = xp.asarray(keep.astype(x.dtype) * np.float32(1.0 / (1.0 - self.ratio)))
+        mask = xp.asarray((keep * np.float32(1.0 / (1.0 - self.ratio))).astype(x.dtype, copy=False))
         self._cache_mask = mask
         return x * mask
 

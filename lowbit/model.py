@@ -68,6 +68,25 @@ class Model(Sequential):
                     raise ValueError(f"checkpoint has no random state for layer {path!r}")
                 layer.rng.bit_generator.state = states[path]
 
+    compute_dtype = np.float32
+
+    def astype(self, dtype):
+        """Cast every parameter to ``dtype`` (float16 or float32) and run inference in it, in place.
+
+        ``model.astype(np.float16)`` gives half-precision inference: float16 weights and activations,
+        products accumulated in float32 (:func:`lowbit.functions.matmul`), BatchNorm statistics kept in
+        float32.  Returns the model.
+        """
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float16, np.float32):
+            raise ValueError(f"dtype must be float16 or float32, got {dtype}")
+        for _, layer, attr in self.named_arrays(buffers=False):
+            setattr(layer, attr, getattr(layer, attr).astype(dtype))
+        for _, layer in self.named_layers():
+            layer._clear_cache()
+        self.compute_dtype = dtype.type
+        return self
+
     # -- inference ----------------------------------------------------------------------------
     def _check_images(self, x):
         if is_cupy_array(x):
@@ -85,7 +104,7 @@ class Model(Sequential):
                 f"x must be float images in [0, 1] (float32), got dtype {arr.dtype}; "
                 "divide uint8 images by 255 first"
             )
-        return arr.astype(np.float32, copy=False)
+        return arr.astype(self.compute_dtype, copy=False)
 
     def predict_scores(self, x, batch_size=100):
         """Class scores (N, classes) float32 for images ``x``, computed in batches (evaluation mode)."""
@@ -96,7 +115,7 @@ class Model(Sequential):
             batch = x[start:start + batch_size]
             if xp_model is not np and not is_cupy_array(batch):
                 batch = xp_model.asarray(batch)
-            outs.append(to_numpy(self.forward(batch, train=False)))
+            outs.append(to_numpy(self.forward(batch, train=False)).astype(np.float32, copy=False))
         if not outs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outs, axis=0)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .backend import cupy, to_numpy
 from .io import assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
+from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
 
 __all__ = ["Trainer", "write_json_atomic"]
@@ -80,11 +81,14 @@ class Trainer:
     device : 'cpu' or 'gpu'
     progress : bool
         Show tqdm bars.
+    precision : 'fp32' or 'mixed16'
+        'mixed16': float16 forward/backward with float32 master weights and dynamic loss scaling
+        (:mod:`lowbit.mixed_precision`).
     """
 
     def __init__(self, model, loss="cross_entropy", optimizer=None, schedule=None, epochs=10,
                  batch_size=100, augment=None, seed=0, out_dir=None, device="cpu", progress=True,
-                 eval_batch_size=100):
+                 eval_batch_size=100, precision="fp32", loss_scaler=None):
         if not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -93,6 +97,10 @@ class Trainer:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and cupy is None:
             raise RuntimeError("device='gpu' needs CuPy and a CUDA device; neither was found")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.scaler = (loss_scaler or LossScaler()) if precision == "mixed16" else None
         self.model = model
         self.loss_name = loss
         self.loss = get_loss(loss)
@@ -130,6 +138,7 @@ class Trainer:
             "schedule": getattr(self.schedule, "config", lambda: repr(self.schedule))(),
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "precision": self.precision,
             "augment": getattr(self.augment, "config", lambda: self.augment is not None)(),
             "model": self.model.spec(),
         }
@@ -144,6 +153,7 @@ class Trainer:
             "optimizer_steps": self.optimizer.steps,
             "history": self.history,
             "best_val": self.best_val,
+            "loss_scaler": self.scaler.state() if self.scaler else None,
             "rng": {
                 "data": self.rng.bit_generator.state,
                 "augment": self.aug_rng.bit_generator.state,
@@ -173,6 +183,8 @@ class Trainer:
         self.epoch = int(manifest["epoch"])
         self.history = list(manifest["history"])
         self.best_val = float(manifest.get("best_val", -1.0))
+        if self.scaler is not None:
+            self.scaler.load_state(manifest["loss_scaler"])
         self.rng.bit_generator.state = manifest["rng"]["data"]
         self.aug_rng.bit_generator.state = manifest["rng"]["augment"]
         self.model.set_rng_states(manifest["rng"]["layers"])
@@ -199,20 +211,33 @@ class Trainer:
             yb = y[idx]
             xb_d = self._to_device(xb)
             yb_d = self._to_device(yb)
-            scores = self.model.forward(xb_d, train=True)
-            loss = self.loss.forward(scores, yb_d)
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss} at epoch {self.epoch + 1}, batch {start // self.batch_size}; "
-                    "lower the learning rate"
-                )
-            self.model.backward(self.loss.backward())
-            self.optimizer.step(self.model, lr)
+            if self.precision == "mixed16":
+                loss, scores, _ = mixed_precision_step(self.model, self.loss, self.optimizer,
+                                                       self.scaler, xb_d, yb_d, lr)
+                if self.scaler.skipped_in_a_row >= 50:
+                    raise FloatingPointError(
+                        f"50 mixed-precision steps in a row overflowed (loss scale now "
+                        f"{self.scaler.scale:g}); the float16 forward pass itself overflows"
+                    )
+                if not np.isfinite(loss):
+                    continue
+            else:
+                scores = self.model.forward(xb_d, train=True)
+                loss = self.loss.forward(scores, yb_d)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss} at epoch {self.epoch + 1}, batch "
+                        f"{start // self.batch_size}; lower the learning rate"
+                    )
+                self.model.backward(self.loss.backward())
+                self.optimizer.step(self.model, lr)
             total_loss += loss * len(idx)
             correct += int((to_numpy(scores.argmax(axis=1)) == yb).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
+        if seen == 0:
+            raise FloatingPointError("every step of the epoch overflowed in float16")
         return total_loss / seen, correct / seen
 
     def fit(self, x_train, y_train, x_val=None, y_val=None, x_test=None, y_test=None, resume=False):
@@ -239,6 +264,9 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc,
                           "seconds": seconds}
+                if self.scaler is not None:
+                    record["loss_scale"] = self.scaler.scale
+                    record["skipped_steps"] = self.scaler.skipped_steps
                 if x_val is not None:
                     record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
                 if x_test is not None:
