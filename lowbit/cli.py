@@ -71,7 +71,7 @@ def cmd_train(args):
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     trainer = Trainer(model, args.loss, optimizer, _schedule(args, args.epochs), epochs=args.epochs,
                       batch_size=args.batch_size, augment=augment, seed=args.seed, out_dir=args.out,
-                      device=args.device, progress=not args.quiet)
+                      device=args.device, progress=not args.quiet, precision=args.precision)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=args.resume)
     acc = model.evaluate(x_test, y_test)
@@ -84,24 +84,22 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from .data import load_mnist
+    from .ensemble import Ensemble
     from .io import load_model
 
     mnist = load_mnist(progress=not args.quiet)
     x_test, y_test = _float_images(mnist.x_test), mnist.y_test
     if args.limit:
         x_test, y_test = x_test[:args.limit], y_test[:args.limit]
-    probs = None
+    models = []
     for path in args.models:
         model = load_model(path)
-        scores = model.predict_scores(x_test)
-        acc = float((scores.argmax(axis=1) == y_test).mean())
+        acc = model.evaluate(x_test, y_test)
         print(f"{path}: test accuracy {acc:.4%} on {len(y_test)} images")
-        e = np.exp(scores - scores.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
-        probs = p if probs is None else probs + p
-    if len(args.models) > 1:
-        acc = float((probs.argmax(axis=1) == y_test).mean())
-        print(f"ensemble of {len(args.models)} (mean softmax): test accuracy {acc:.4%}")
+        models.append(model)
+    if len(models) > 1:
+        acc = Ensemble(models).evaluate(x_test, y_test)
+        print(f"ensemble of {len(models)} (mean softmax): test accuracy {acc:.4%}")
     return 0
 
 
@@ -130,6 +128,8 @@ def build_parser():
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "mixed16"],
+                   help="mixed16: float16 passes, float32 master weights, dynamic loss scaling")
     p.add_argument("--out", default="runs/train", help="folder for checkpoints, history and model.npz")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import Affine, Conv2D, Dropout, Flatten, MaxPool2D, ReLU
+from .layers import Affine, Conv2D, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU
 from .model import Model
 
 __all__ = ["MODELS", "build_model", "deep_convnet", "mlp"]
@@ -260,3 +260,86 @@ def lfc(seed=0, weight_bits=1, act_bits=1, **options):
 
 
 MODELS.update({"bnn_mlp": bnn_mlp, "binary_cnn": binary_cnn, "tfc": tfc, "sfc": sfc, "lfc": lfc})
+
+
+# -- chapter 8's deeper networks (lowbit/blocks.py) ------------------------------------------------
+
+def vgg_mnist(seed=0, widths=(32, 64), convs_per_stage=2, hidden=128, dropout=0.5, weight_bits=32,
+              activation_bits=32):
+    """VGG-style MNIST network: ``vgg_stack(widths)`` (28 -> 14 -> 7), then affine ``hidden`` - ReLU -
+    dropout - affine 10."""
+    from .blocks import vgg_stack
+
+    s = _seeds(seed, 3)
+    layers = vgg_stack(1, widths, convs_per_stage, seed=s[0], weight_bits=weight_bits,
+                       activation_bits=activation_bits)
+    side = 28 // 2 ** len(widths)
+    layers += [Flatten(), Affine(widths[-1] * side * side, hidden, seed=s[1]), ReLU(),
+               Dropout(dropout), Affine(hidden, 10, seed=s[2])]
+    return Model(layers, input_shape=(1, 28, 28), name="vgg_mnist").seed(seed)
+
+
+def resnet_mnist(seed=0, widths=(16, 32, 64), blocks_per_stage=2, weight_bits=32, activation_bits=32):
+    """A small ResNet for MNIST: stem conv3x3 - BN - ReLU, then per width ``blocks_per_stage`` basic
+    blocks (the first of each later stage has stride 2 and a projection shortcut), global average
+    pooling, affine 10.  Spatial 28 -> 14 -> 7."""
+    from .blocks import resnet_block
+
+    s = _seeds(seed, 2 + len(widths) * blocks_per_stage)
+    layers = [Conv2D(1, widths[0], 3, padding=1, bias=False, seed=s[0]), BatchNorm(widths[0]), ReLU()]
+    c = widths[0]
+    i = 1
+    for stage, width in enumerate(widths):
+        for b in range(blocks_per_stage):
+            stride = 2 if stage > 0 and b == 0 else 1
+            layers += resnet_block(c, width, stride, seed=s[i], weight_bits=weight_bits,
+                                   activation_bits=activation_bits)
+            c = width
+            i += 1
+    layers += [GlobalAvgPool2D(), Affine(c, 10, seed=s[-1])]
+    return Model(layers, input_shape=(1, 28, 28), name="resnet_mnist").seed(seed)
+
+
+def inception_mnist(seed=0, weight_bits=32, activation_bits=32):
+    """A small GoogLeNet-style network: stem conv3x3(32) - BN - ReLU - pool (28 -> 14), inception
+    (-> 64 channels) - pool (-> 7), inception (-> 128), global average pooling, affine 10."""
+    from .blocks import inception_block
+
+    s = _seeds(seed, 4)
+    bits = {"weight_bits": weight_bits, "activation_bits": activation_bits}
+    layers = [Conv2D(1, 32, 3, padding=1, bias=False, seed=s[0]), BatchNorm(32), ReLU(), MaxPool2D(2),
+              inception_block(32, 16, 16, 24, 8, 8, 16, seed=s[1], **bits), MaxPool2D(2),
+              inception_block(64, 32, 32, 48, 8, 16, 32, seed=s[2], **bits),
+              GlobalAvgPool2D(), Affine(128, 10, seed=s[3])]
+    return Model(layers, input_shape=(1, 28, 28), name="inception_mnist").seed(seed)
+
+
+def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=True):
+    """A binary ResNet in the Bi-Real Net style for MNIST.
+
+    Stem: float conv3x3(1 -> widths[0]) - BN (the first layer stays real, as in BNN papers); then per
+    width ``blocks_per_stage`` Bi-Real blocks ``BN(binconv3x3(sign(x))) + x`` with binary weights and
+    activations in every inner convolution (stride 2 at the start of each later stage: 28 -> 14 -> 7,
+    with a real AvgPool - conv1x1 - BN shortcut); global average pooling and a float affine 10 (the last
+    layer stays real).  ``shortcut=False`` removes every skip connection (the ablation of chapter 8's
+    argument).
+    """
+    from .blocks import bireal_block
+
+    s = _seeds(seed, 2 + len(widths) * blocks_per_stage)
+    layers = [Conv2D(1, widths[0], 3, padding=1, bias=False, seed=s[0]), BatchNorm(widths[0])]
+    c = widths[0]
+    i = 1
+    for stage, width in enumerate(widths):
+        for b in range(blocks_per_stage):
+            stride = 2 if stage > 0 and b == 0 else 1
+            layers += bireal_block(c, width, stride, seed=s[i], shortcut=shortcut)
+            c = width
+            i += 1
+    layers += [GlobalAvgPool2D(), Affine(c, 10, seed=s[-1])]
+    name = "bireal_resnet" if shortcut else "bireal_resnet_noshortcut"
+    return Model(layers, input_shape=(1, 28, 28), name=name).seed(seed)
+
+
+MODELS.update({"vgg_mnist": vgg_mnist, "resnet_mnist": resnet_mnist,
+               "inception_mnist": inception_mnist, "bireal_resnet": bireal_resnet})
