@@ -2,10 +2,16 @@
 
 See ``docs/architecture.md`` for the data flow from training to packed inference.
 """
+from .convert import convert, post_training_quantize
 from .ensemble import Ensemble, ensemble
 from .io import ModelFileError, load_model, save_model
 from .model import Model
+from .packed import PackedModel, load_any, load_packed
+from .summary import summarize
 
 __version__ = "0.1.0"
 
-__all__ = ["Ensemble", "Model", "ModelFileError", "ensemble", "load_model", "save_model", "__version__"]
+__all__ = [
+    "Ensemble", "Model", "ModelFileError", "PackedModel", "convert", "ensemble", "load_any",
+    "load_model", "load_packed", "post_training_quantize", "save_model", "summarize", "__version__",
+]

@@ -1,7 +1,10 @@
 """The ``lowbit`` command line.
 
-``lowbit train``  train a model from :data:`lowbit.zoo.MODELS` on MNIST (checkpoints, ``--resume``).
-``lowbit eval``   test accuracy of one or more saved models (several files: each, and their ensemble).
+``lowbit train``     train a model from :data:`lowbit.zoo.MODELS` on MNIST (checkpoints, ``--resume``).
+``lowbit eval``      test accuracy of saved models (several files: each, and their ensemble).
+``lowbit quantize``  post-training quantization of a float model (fp16, k-bit, binary) to a packed file.
+``lowbit convert``   a trained quantized model to a packed model, checked against the simulation.
+``lowbit summary``   per-layer table of a trained or packed model (``--profile`` times each layer).
 """
 from __future__ import annotations
 
@@ -103,6 +106,30 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_quantize(args):
+    from .convert import quantize_command
+
+    quantize_command(args.model, args.weights, args.activations, args.output,
+                     calibrate=args.calibrate, per_channel=not args.per_tensor,
+                     percentile=args.percentile, limit=args.limit, seed=args.seed)
+    return 0
+
+
+def cmd_convert(args):
+    from .convert import convert_command
+
+    convert_command(args.model, args.output, limit=args.limit, allow_inexact=args.allow_inexact)
+    return 0
+
+
+def cmd_summary(args):
+    from .summary import summary_command
+
+    summary_command(args.model, profile=args.profile, batch_size=args.batch_size,
+                    repeats=args.repeats)
+    return 0
+
+
 def build_parser():
     from .optimizers import OPTIMIZERS, SCHEDULES
     from .zoo import MODELS
@@ -140,6 +167,35 @@ def build_parser():
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="post-training quantization of a float model to a packed file")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.add_argument("--weights", type=int, required=True, help="weight bits: 1..8, 16 or 32")
+    p.add_argument("--activations", type=int, required=True, help="activation bits: 1..8, 16 or 32")
+    p.add_argument("--calibrate", type=int, default=1000,
+                   help="training images used to calibrate activation ranges")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer, not per channel")
+    p.add_argument("--percentile", type=float, default=100.0,
+                   help="calibrated range: this percentile of |activation| (100 = max)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("convert", help="trained quantized model -> packed model (checked exact)")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.add_argument("--limit", type=int, default=0, help="check on the first N test images only")
+    p.add_argument("--allow-inexact", action="store_true",
+                   help="fuse scaled binary layers whose float rounding may differ in rare cases")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("summary", help="per-layer table of a trained or packed model")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("--profile", action="store_true", help="also measure the time of every layer")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=cmd_summary)
     return parser
 
 

@@ -50,6 +50,12 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_archive(path, kind: str, arrays: dict, manifest: dict | None = None):
     """Write ``arrays`` and a manifest of ``kind`` to ``path`` atomically.  Returns the path."""
     path = os.fspath(path)
@@ -70,6 +76,7 @@ def write_archive(path, kind: str, arrays: dict, manifest: dict | None = None):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **{MANIFEST_KEY: blob}, **host)
             fh.flush()

@@ -54,6 +54,7 @@ __all__ = [
     "StochasticBinary",
     "DoReFaActivation",
     "DoReFaWeight",
+    "UniformWeight",
     "get_quantizer",
     "quantizer_for_bits",
     "hard_sigmoid",
@@ -287,35 +288,57 @@ class DoReFaActivation(Quantizer):
     pixels and BatchNorm outputs): ``q = 2 * quantize_k((clip(x, -1, 1) + 1) / 2) - 1``.
     ``quantize_k(v) = round((2^k - 1) v) / (2^k - 1)``, half to even.
 
-    Gradient: STE through the rounding, zero outside the clip range: ``dx = dout * 1{0 <= x <= 1}``
-    (``1{-1 <= x <= 1}`` when signed).  ``precision = bits``; at most ``2^k`` levels; idempotent.
+    ``max_value`` (default 1) widens the clip range to ``[0, max_value]`` (``[-max_value, max_value]``
+    when signed): ``q = max_value * Q(x / max_value)`` with ``Q`` the formula above.  Post-training
+    quantization (:func:`lowbit.convert.post_training_quantize`) sets it to a range calibrated on
+    training images.  With ``max_value == 1`` nothing is divided or multiplied, so the result is the
+    paper's formula bit for bit.
+
+    Gradient: STE through the rounding, zero outside the clip range: ``dx = dout * 1{0 <= x <= m}``
+    (``1{-m <= x <= m}`` when signed), ``m = max_value``.  ``precision = bits``; at most ``2^k``
+    levels; idempotent.
     """
 
     name = "dorefa_activation"
 
-    def __init__(self, bits=2, signed=False):
+    def __init__(self, bits=2, signed=False, max_value=1.0):
         self.bits = _check_bits("DoReFaActivation", bits, 1, 8)
         self.signed = bool(signed)
+        if isinstance(max_value, bool) or not isinstance(max_value, (int, float, np.integer, np.floating)) \
+                or not max_value > 0 or not math.isfinite(max_value):
+            raise ValueError(f"max_value must be a positive finite number, got {max_value!r}")
+        self.max_value = float(max_value)
 
     @property
     def precision(self):
         return self.bits
 
     def config(self):
-        return {"name": self.name, "bits": self.bits, "signed": self.signed}
+        cfg = {"name": self.name, "bits": self.bits, "signed": self.signed}
+        if self.max_value != 1.0:  # files written before max_value existed stay byte-identical
+            cfg["max_value"] = self.max_value
+        return cfg
 
     def forward(self, x, train=False, channel_axis=None):
         xp = _check_array(self, x)
         one = x.dtype.type(1)
+        scaled = self.max_value != 1.0
+        if scaled:
+            x = x / x.dtype.type(self.max_value)
         if not self.signed:
-            return quantize_k(xp.clip(x, 0, one), self.bits)
-        half = x.dtype.type(0.5)
-        v = (xp.clip(x, -one, one) + one) * half
-        return quantize_k(v, self.bits) * x.dtype.type(2) - one
+            q = quantize_k(xp.clip(x, 0, one), self.bits)
+        else:
+            half = x.dtype.type(0.5)
+            v = (xp.clip(x, -one, one) + one) * half
+            q = quantize_k(v, self.bits) * x.dtype.type(2) - one
+        if scaled:
+            q = q * x.dtype.type(self.max_value)
+        return q
 
     def backward(self, x, dout, channel_axis=None):
-        low = -1 if self.signed else 0
-        return dout * ((x >= low) & (x <= 1))
+        high = self.max_value if self.max_value != 1.0 else 1
+        low = -high if self.signed else 0
+        return dout * ((x >= low) & (x <= high))
 
 
 class DoReFaWeight(Quantizer):
@@ -364,6 +387,25 @@ class DoReFaWeight(Quantizer):
         u = t / m * half + half
         return quantize_k(u, self.bits) * x.dtype.type(2) - x.dtype.type(1)
 
+    def codes(self, x, channel_axis=None):
+        """Integer codes of ``forward(x)``: ``(codes, params)``, ``codes`` uint8 in [0, 2^k - 1].
+
+        ``from_codes(codes, **params)`` equals ``forward(x)`` bit for bit (``params`` is empty: the
+        levels do not depend on ``x``), so a k-bit layer can be stored as its codes.
+        """
+        _check_array(self, x)
+        xp = get_array_module(x)
+        t, m = self._normalise(x)
+        half = x.dtype.type(0.5)
+        u = t / m * half + half
+        return xp.rint(u * x.dtype.type(2 ** self.bits - 1)).astype(np.uint8), {}
+
+    def from_codes(self, codes, dtype=np.float32):
+        """The quantized weights ``2 * codes / (2^k - 1) - 1`` in ``dtype``, the ops of ``forward``."""
+        dtype = np.dtype(dtype)
+        n = dtype.type(2 ** self.bits - 1)
+        return codes.astype(dtype) / n * dtype.type(2) - dtype.type(1)
+
     def backward(self, x, dout, channel_axis=None):
         xp = get_array_module(x)
         t, m = self._normalise(x)
@@ -375,6 +417,80 @@ class DoReFaWeight(Quantizer):
         return dout * s / m - at_max * (sign_t * s) * (total / (m * m * count))
 
 
+class UniformWeight(Quantizer):
+    """Symmetric uniform k-bit weight quantizer with a max-abs scale, for post-training quantization.
+
+    Forward ``q = round(m * clip(w / alpha, -1, 1)) / m * alpha`` with ``m = 2^(k-1) - 1`` (so the
+    integer codes lie in ``[-m, m]``: ternary for k = 2, int8's ``[-127, 127]`` for k = 8) and
+    ``alpha = max|w|`` over the whole tensor (``scale="tensor"``) or per output unit
+    (``scale="channel"``: over every axis but ``channel_axis``, which the layer passes); an all-zero
+    tensor or unit gets ``alpha = 1``.  Rounds half to even; a zero level is always +0.0.  This is
+    the per-channel symmetric scheme of Krishnamoorthi 2018 (arXiv 1806.08342, section 2.2) and
+    Jacob et al. 2018
+    (arXiv 1712.05877); unlike :class:`DoReFaWeight` it keeps zero and the weights' own magnitude,
+    so a float layer keeps working with it without retraining.
+
+    Gradient: straight-through, ``dx = dout`` (``alpha`` treated as a constant; ``|w| <= alpha``
+    always).  ``precision = bits`` (``2^k - 1`` levels used).
+    """
+
+    name = "uniform_weight"
+    _scales = ("tensor", "channel")
+
+    def __init__(self, bits=8, scale="channel"):
+        self.bits = _check_bits("UniformWeight", bits, 2, 8)
+        if scale not in self._scales:
+            raise ValueError(f"scale must be one of {list(self._scales)}, got {scale!r}")
+        self.scale = scale
+
+    @property
+    def precision(self):
+        return self.bits
+
+    def config(self):
+        return {"name": self.name, "bits": self.bits, "scale": self.scale}
+
+    def _alpha(self, x, channel_axis):
+        if self.scale == "tensor":
+            alpha = abs(x).max(keepdims=True)
+        else:
+            if channel_axis is None:
+                raise ValueError(
+                    "UniformWeight(scale='channel') needs the channel_axis of a weight tensor; use it "
+                    "as a kernel_quantizer of QuantAffine/QuantConv2D (or scale='tensor')"
+                )
+            axis = channel_axis % x.ndim
+            others = tuple(a for a in range(x.ndim) if a != axis)
+            alpha = abs(x).max(axis=others, keepdims=True)
+        return alpha + (alpha == 0).astype(x.dtype)  # all zeros: 0 / 1 rather than 0 / 0
+
+    def codes(self, x, channel_axis=None):
+        """Integer codes of ``forward(x)``: ``(codes, {"alpha": alpha})``, ``codes`` uint8 in
+        ``[0, 2m]`` (the signed code plus ``m``); ``from_codes(codes, alpha)`` equals ``forward(x)``
+        bit for bit."""
+        xp = _check_array(self, x)
+        alpha = self._alpha(x, channel_axis)
+        one = x.dtype.type(1)
+        m = x.dtype.type(2 ** (self.bits - 1) - 1)
+        signed = xp.rint(xp.clip(x / alpha, -one, one) * m)
+        return (signed + m).astype(np.uint8), {"alpha": alpha}
+
+    def from_codes(self, codes, alpha, dtype=np.float32):
+        """``(codes - m) / m * alpha`` in ``dtype`` (what ``forward`` returns)."""
+        dtype = np.dtype(dtype)
+        m = dtype.type(2 ** (self.bits - 1) - 1)
+        return (codes.astype(dtype) - m) / m * alpha.astype(dtype, copy=False)
+
+    def forward(self, x, train=False, channel_axis=None):
+        # Through the codes, so that a layer stored as codes is this forward bit for bit (a
+        # rounded -0.0 comes back as +0.0 both ways).
+        codes, params = self.codes(x, channel_axis)
+        return self.from_codes(codes, params["alpha"], dtype=x.dtype)
+
+    def backward(self, x, dout, channel_axis=None):
+        return dout
+
+
 QUANTIZERS = {
     "identity": Identity,
     "fp16": Fp16,
@@ -382,6 +498,7 @@ QUANTIZERS = {
     "stochastic_binary": StochasticBinary,
     "dorefa_activation": DoReFaActivation,
     "dorefa_weight": DoReFaWeight,
+    "uniform_weight": UniformWeight,
 }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import cupy, to_numpy
-from .io import assign_model_arrays, model_arrays, read_archive, save_model, write_archive
+from .io import _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
@@ -36,6 +36,7 @@ def write_json_atomic(path, obj):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)
             fh.write("\n")

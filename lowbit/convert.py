@@ -1,0 +1,836 @@
+"""Conversion of trained models to packed inference models, and post-training quantization.
+
+:func:`convert` turns a trained (quantized) :class:`~lowbit.Model` into a
+:class:`~lowbit.packed.PackedModel` whose predictions equal the model's own evaluation-mode
+forward pass (the training-time simulation) exactly.
+
+How exactness is obtained
+-------------------------
+* A layer is run *binary* (``xnor_gemm`` / ``binary_conv2d`` on packed bits) only when its input
+  is +-1 (a sign input quantizer, or packed activations) and its effective kernel is
+  ``+-alpha_c`` per output unit.  Then the simulation's float32 product is an exact multiple
+  ``acc * alpha_c`` of the integer accumulator: with ``alpha_c = 1`` every partial sum is an integer
+  below 2^24, and with another ``alpha_c`` the converter checks that every ``j * alpha_c``,
+  ``|j| <= K`` (K the fan-in), is a float32, so no partial sum of any order rounds.  (Otherwise the
+  layer stays a float stage, exact, unless ``allow_inexact=True``.)
+* Everything the simulation does between that product and the next sign -- bias, BatchNorm, ReLU,
+  Rescale, Dropout (identity), a monotone quantizer, a max-pool, a Flatten, and the sign itself
+  (a ``QuantActivation`` or the next layer's input quantizer) -- is per channel, so the bit is a
+  function of the integer accumulator alone.  The converter *evaluates the model's own layer
+  objects* (evaluation mode, float32, shaped ``(2K+1, C)`` or ``(2K+1, C, 1, 1)``) on every integer
+  ``-K..K`` and reads the threshold and direction off the result; nothing is re-derived by formula.
+  It checks that the bits are monotone in the accumulator (else: no fusion, a float stage).
+* A max-pool in that chain pools the int32 accumulators when the layers before it are
+  non-decreasing per channel (max commutes with them; the simulation pools the same values), or
+  ORs the thresholded bits when everything after it is non-decreasing; otherwise no fusion.
+* Where no sign follows (the scores at the end), the accumulators become float32
+  (``acc * alpha + bias``, exactly the simulation's values) and the remaining layers run as a float
+  stage, so the logits are equal, not merely close.
+* Every other layer runs as a float stage: the same layer code on the same values.  Their kernels
+  are stored compactly (sign bits, k-bit codes, float16) and rebuilt bit for bit.
+
+Float stages call BLAS as the simulation does; BLAS may round a float product differently for a
+different batch shape, so compare with ``Model.predict`` at the same ``batch_size`` (default 100).
+
+Post-training quantization
+--------------------------
+:func:`post_training_quantize` makes a quantized twin of a float model (fp16, k-bit with
+per-channel or per-tensor scales and calibrated activation ranges, or binary with XNOR scales);
+:func:`quantize_command`, :func:`convert_command` do the whole job for the CLI.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .backend import to_numpy
+from .functions import conv_output_size
+from .io import assign_model_arrays, load_model, model_arrays
+from .layers import (
+    Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, Rescale, Sequential, layer_from_config,
+)
+from .model import Model
+from .packed import (
+    AccToFloatStage, BinaryConvStage, BinaryDenseStage, FlattenStage, FloatStage, IntMaxPoolStage,
+    PackedMaxPoolStage, PackedModel, PackStage, ThresholdStage, UnpackStage, kernel_channel_axis,
+    make_spec, sim_shape,
+)
+from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
+from .quantizers import (
+    DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight,
+)
+
+__all__ = [
+    "convert",
+    "post_training_quantize",
+    "quantize_command",
+    "convert_command",
+    "compare_predictions",
+]
+
+# Rows of the accumulator grid evaluated at once (times the channel count): bounds the memory.
+_GRID_ELEMENTS = 1 << 21
+
+
+def _sign_quantizer(q):
+    """True when ``q`` is, at evaluation, exactly ``sign`` (+1 for x >= 0) with no scale."""
+    if isinstance(q, SteSign):
+        return q.scale is None
+    if isinstance(q, StochasticBinary):
+        return q.deterministic_eval
+    return False
+
+
+def _flat_layers(container, prefix=""):
+    """``(path, layer)`` of the leaves of nested Sequentials (plain nesting is the same as inlining)."""
+    out = []
+    for i, layer in enumerate(container.layers):
+        if isinstance(layer, Sequential):
+            out.extend(_flat_layers(layer, f"{prefix}{i}."))
+        else:
+            out.append((f"{prefix}{i}", layer))
+    return out
+
+
+def _cpu_copy(model):
+    copy = layer_from_config(model.spec())
+    assign_model_arrays(copy, model_arrays(model), source="model")
+    return copy
+
+
+def _check_deterministic(model):
+    for path, layer in model.named_layers():
+        for attr in ("input_quantizer", "kernel_quantizer", "quantizer"):
+            q = getattr(layer, attr, None)
+            if isinstance(q, StochasticBinary) and not q.deterministic_eval:
+                raise ValueError(
+                    f"layer {path!r} has a {attr} that is stochastic at evaluation "
+                    "(StochasticBinary(deterministic_eval=False)); a packed model is deterministic")
+
+
+def _exact_multiples(alpha, fan_in):
+    """True when every ``j * alpha[c]`` with ``|j| <= fan_in`` is exactly a float32."""
+    if fan_in >= 2 ** 24:
+        return False
+    alpha = np.asarray(alpha, dtype=np.float32)
+    if np.all(alpha == 1):
+        return True
+    largest = alpha.astype(np.float64) * fan_in
+    if np.any(alpha < np.finfo(np.float32).tiny) or np.any(largest >= np.finfo(np.float32).max):
+        return False
+    mantissa, _ = np.frexp(alpha.astype(np.float64))
+    significand = (mantissa * 2.0 ** 24).astype(np.int64)  # 24-bit integer significand
+    lowest = significand & -significand
+    significant_bits = 24 - np.log2(lowest).astype(np.int64)
+    return bool(np.all(significant_bits + int(fan_in).bit_length() <= 24))
+
+
+def _round_significand(values, bits):
+    """Round positive values to ``bits`` significant bits (float32)."""
+    values = np.asarray(values, dtype=np.float64)
+    mantissa, exponent = np.frexp(values)
+    return np.ldexp(np.round(np.ldexp(mantissa, bits)), exponent - bits).astype(np.float32)
+
+
+class _BinaryKernel:
+    """The +-alpha form of a binary kernel: ``w_eff`` (layer layout), ``alpha`` (O,) or None, fan-in."""
+
+    def __init__(self, w_eff, alpha, fan_in, exact):
+        self.w_eff, self.alpha, self.fan_in, self.exact = w_eff, alpha, fan_in, exact
+
+
+def _binary_kernel(layer):
+    """A :class:`_BinaryKernel` when ``layer``'s effective kernel is +-alpha per output unit."""
+    if not isinstance(layer, (QuantAffine, QuantConv2D)) or layer.kernel_quantizer.precision != 1:
+        return None
+    w_eff = np.asarray(to_numpy(layer.quantized_kernel(train=False)))
+    if w_eff.dtype != np.float32:
+        return None
+    axis = kernel_channel_axis(layer)
+    moved = np.moveaxis(w_eff, axis, 0).reshape(w_eff.shape[axis], -1)
+    magnitude = np.abs(moved)
+    alpha = magnitude.max(axis=1)
+    rebuilt = np.where(moved >= 0, alpha[:, None], -alpha[:, None]).astype(np.float32)
+    if not np.array_equal(rebuilt.view(np.uint32), moved.view(np.uint32)):
+        return None  # not +-alpha_c (or a -0.0 from alpha_c = 0)
+    fan_in = moved.shape[1]
+    scaled = not np.all(alpha == 1)
+    return _BinaryKernel(w_eff, alpha.astype(np.float32) if scaled else None, fan_in,
+                         _exact_multiples(alpha, fan_in))
+
+
+class _NotFusable(Exception):
+    pass
+
+
+class _Converter:
+    """One left-to-right pass over the flattened layer list, emitting stages (see the module doc)."""
+
+    def __init__(self, named_layers, input_shape, allow_inexact):
+        self.paths = [path for path, _ in named_layers]
+        self.layers = [layer for _, layer in named_layers]
+        self.allow_inexact = allow_inexact
+        self.stages = []
+        self.notes = []
+        self.pending = []
+        self.pending_shape = tuple(input_shape)
+        self.spec = make_spec("float", None, input_shape)
+        self._kernels = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def note(self, index, text):
+        layer = self.layers[index]
+        self.notes.append(f"layer {self.paths[index]} ({type(layer).__name__}): {text}")
+
+    def binary(self, index):
+        """The binary kernel of layer ``index`` if it can run on packed bits, else None."""
+        if index not in self._kernels:
+            kernel = _binary_kernel(self.layers[index])
+            if kernel is not None and not kernel.exact:
+                if self.allow_inexact:
+                    self.note(index, "kernel scale is not exact in float32 sums; fused anyway "
+                                     "(allow_inexact=True): results may differ from the simulation by "
+                                     "rounding")
+                else:
+                    self.note(index, "binary kernel whose scale makes the simulation's float sums round; "
+                                     "kept as a float stage (weights stored as sign bits + scale)")
+                    kernel = None
+            self._kernels[index] = kernel
+        return self._kernels[index]
+
+    def push(self, stage):
+        self.stages.append(stage)
+        self.spec = stage.output_spec
+
+    def flush(self):
+        if self.pending:
+            layers = self.pending
+            encodings = FloatStage.prepare_layers(layers)
+            self.stages.append(FloatStage(layers, self.pending_shape, encodings))
+            self.pending = []
+
+    def add_float(self, layer):
+        if not self.pending:
+            self.pending_shape = sim_shape(self.spec)
+        self.pending.append(layer)
+        shape = layer.output_shape((1,) + sim_shape(self.spec))[1:]
+        self.spec = make_spec("float", None, shape)
+
+    def takes_packed(self, index):
+        """Layer ``index`` is a binary kernel whose input quantizer is the identity or a sign."""
+        layer = self.layers[index]
+        if self.binary(index) is None:
+            return False
+        q = layer.input_quantizer
+        return isinstance(q, Identity) or _sign_quantizer(q)
+
+    def next_consumer(self, index):
+        """Index of the first layer from ``index`` that is not a no-op on +-1 values, and whether a
+        max-pool was skipped on the way."""
+        pooled = False
+        while index < len(self.layers):
+            layer = self.layers[index]
+            if isinstance(layer, (Dropout, Flatten)):
+                pass
+            elif isinstance(layer, MaxPool2D):
+                pooled = True
+            elif isinstance(layer, QuantActivation) and (
+                    isinstance(layer.quantizer, Identity) or _sign_quantizer(layer.quantizer)):
+                pass
+            else:
+                return index, pooled
+            index += 1
+        return None, pooled
+
+    # -- the pass ------------------------------------------------------------------------------
+    def run(self):
+        index = 0
+        n = len(self.layers)
+        while index < n:
+            layer = self.layers[index]
+            if self.spec[0] == "float":
+                index = self.float_step(index, layer)
+            else:
+                index = self.packed_step(index, layer)
+        if self.spec[0] == "packed":
+            self.unpack()
+        self.flush()
+        if not self.stages:
+            self.stages.append(FloatStage([], sim_shape(self.spec)))
+        return self.stages
+
+    def float_step(self, index, layer):
+        if isinstance(layer, (QuantAffine, QuantConv2D)) and _sign_quantizer(layer.input_quantizer) \
+                and self.binary(index) is not None:
+            self.pack(nhwc=isinstance(layer, Conv2D))
+            return index
+        if isinstance(layer, QuantActivation) and _sign_quantizer(layer.quantizer):
+            consumer, pooled = self.next_consumer(index + 1)
+            if consumer is not None and self.takes_packed(consumer):
+                spatial = len(sim_shape(self.spec)) == 3
+                self.pack(nhwc=spatial and (isinstance(self.layers[consumer], Conv2D) or pooled))
+                return index + 1
+        if isinstance(layer, Dropout):
+            return index + 1  # the identity at evaluation
+        if isinstance(layer, (QuantAffine, QuantConv2D)) and layer.kernel_quantizer.precision == 1 \
+                and not _sign_quantizer(layer.input_quantizer):
+            self.note(index, "binary kernel on real-valued input: float stage (weights stored as sign bits)")
+        self.add_float(layer)
+        return index + 1
+
+    def packed_step(self, index, layer):
+        layout = self.spec[1]
+        if isinstance(layer, Dropout) or (isinstance(layer, QuantActivation) and (
+                isinstance(layer.quantizer, Identity) or _sign_quantizer(layer.quantizer))):
+            return index + 1  # identity on +-1 values
+        if isinstance(layer, Flatten):
+            if layout == "nhwc":
+                self.push(FlattenStage(self.spec, make_spec("packed", "nhwc_flat", self.spec[2])))
+            return index + 1
+        if isinstance(layer, MaxPool2D) and layout == "nhwc" and layer.padding < layer.kernel_size:
+            dims = _pool_dims(self.spec[2], layer)
+            self.push(PackedMaxPoolStage(self.spec, make_spec("packed", "nhwc", dims),
+                                         layer.kernel_size, layer.stride, layer.padding))
+            return index + 1
+        if self.takes_packed(index) and (isinstance(layer, Affine) or layout == "nhwc"):
+            return self.binary_layer(index)
+        self.unpack()
+        return index
+
+    def pack(self, nhwc):
+        self.flush()
+        shape = sim_shape(self.spec)
+        if nhwc:
+            out = make_spec("packed", "nhwc", shape)
+        else:
+            out = make_spec("packed", "dense", (int(np.prod(shape)),))
+        self.push(PackStage(self.spec, out))
+
+    def unpack(self):
+        self.push(UnpackStage(self.spec, make_spec("float", None, sim_shape(self.spec))))
+
+    def binary_layer(self, index):
+        from . import kernels
+
+        layer = self.layers[index]
+        kernel = self.binary(index)
+        layout, dims = self.spec[1], self.spec[2]
+        w_eff = kernel.w_eff
+        if isinstance(layer, Conv2D):
+            if dims[0] != layer.in_channels:
+                raise ValueError(f"layer {self.paths[index]}: {layer.in_channels} input channels, "
+                                 f"the input has {dims[0]}")
+            packed = kernels.pack_signs(np.ascontiguousarray(w_eff.transpose(0, 2, 3, 1)))
+            k, s, p = layer.kernel_size, layer.stride, layer.padding
+            out_dims = (layer.out_channels, conv_output_size(dims[1], k, s, p),
+                        conv_output_size(dims[2], k, s, p))
+            acc_spec = make_spec("acc", "nhwc", out_dims)
+            self.push(BinaryConvStage(self.spec, acc_spec, packed, s, p))
+        else:
+            out = layer.out_features
+            if layout == "dense":
+                packed = kernels.pack_signs(np.ascontiguousarray(w_eff.T))
+            else:
+                # The simulation flattens NCHW (row c*H*W + h*W + w); the activations are NHWC words
+                # per pixel: permute the rows to (h, w, c) and pack them per pixel the same way.
+                channels, height, width = dims
+                rows = w_eff.reshape(channels, height, width, out).transpose(3, 1, 2, 0)
+                packed = kernels.pack_signs(np.ascontiguousarray(rows)).reshape(out, -1)
+            if int(np.prod(dims)) != layer.in_features:
+                raise ValueError(f"layer {self.paths[index]}: {layer.in_features} input features, "
+                                 f"the input has {dims}")
+            acc_spec = make_spec("acc", "dense", (out,))
+            self.push(BinaryDenseStage(self.spec, acc_spec, np.ascontiguousarray(packed), layer.in_features))
+        try:
+            return self.fuse(index, layer, kernel)
+        except _NotFusable as reason:
+            if str(reason) != "no sign follows" or any(
+                    isinstance(later, (Affine, Conv2D)) for later in self.layers[index + 1:]):
+                self.note(index, f"{reason}; accumulators go to float32")
+            bias = layer.b if layer.bias else None
+            self.push(AccToFloatStage(self.spec, make_spec("float", None, self.spec[2]), kernel.alpha, bias))
+            return index + 1
+
+    def chain(self, index, spatial):
+        """The per-channel layers after a binary layer up to the next sign (see the module doc)."""
+        ops, pool, pool_at, flat = [], None, None, False
+        n = len(self.layers)
+        while index < n:
+            layer = self.layers[index]
+            if isinstance(layer, Dropout):
+                index += 1
+                continue
+            if isinstance(layer, QuantActivation):
+                q = layer.quantizer
+                if _sign_quantizer(q):
+                    return ops, pool, pool_at, flat, q, index + 1
+                if isinstance(q, Identity):
+                    index += 1
+                    continue
+                if flat:
+                    break
+                ops.append(layer)
+                index += 1
+                continue
+            if isinstance(layer, (BatchNorm, ReLU, Rescale)) and not flat:
+                ops.append(layer)
+                index += 1
+                continue
+            if isinstance(layer, MaxPool2D) and spatial and pool is None and not flat \
+                    and layer.padding < layer.kernel_size:
+                pool, pool_at = layer, len(ops)
+                index += 1
+                continue
+            if isinstance(layer, Flatten):
+                flat = flat or spatial
+                index += 1
+                continue
+            if isinstance(layer, (QuantAffine, QuantConv2D)) and _sign_quantizer(layer.input_quantizer):
+                return ops, pool, pool_at, flat, layer.input_quantizer, index
+            break
+        raise _NotFusable("no sign follows")
+
+    def fuse(self, index, layer, kernel):
+        spatial = isinstance(layer, Conv2D)
+        ops, pool, pool_at, flat, terminal, next_index = self.chain(index + 1, spatial)
+        before = ops if pool is None else ops[:pool_at]
+        after = [] if pool is None else ops[pool_at:]
+        bits, pre = _evaluate_chain(layer, kernel, before, after, terminal, spatial,
+                                    keep_pre=pool is not None)
+        threshold, direction = _thresholds(bits, kernel.fan_in)
+        acc_spec = self.spec
+        if pool is None:
+            packed = make_spec("packed", acc_spec[1], acc_spec[2])
+            self.push(ThresholdStage(acc_spec, packed, threshold, direction))
+        else:
+            dims = _pool_dims(acc_spec[2], pool)
+            if np.all(pre[1:] >= pre[:-1]):
+                # max commutes with the non-decreasing layers before the pool: pool the integers
+                self.push(IntMaxPoolStage(acc_spec, make_spec("acc", "nhwc", dims),
+                                          pool.kernel_size, pool.stride, pool.padding))
+                self.push(ThresholdStage(self.spec, make_spec("packed", "nhwc", dims), threshold, direction))
+            elif _non_decreasing_after(pre, bits):
+                # sign(after(max v)) = max sign(after(v)) when sign o after is non-decreasing: OR the bits
+                packed = make_spec("packed", "nhwc", acc_spec[2])
+                self.push(ThresholdStage(acc_spec, packed, threshold, direction))
+                self.push(PackedMaxPoolStage(self.spec, make_spec("packed", "nhwc", dims),
+                                             pool.kernel_size, pool.stride, pool.padding))
+            else:
+                raise _NotFusable("the max-pool sits between layers that are not monotone the same way")
+        if flat:
+            self.push(FlattenStage(self.spec, make_spec("packed", "nhwc_flat", self.spec[2])))
+        return next_index
+
+
+def _pool_dims(dims, pool):
+    channels, height, width = dims
+    k, s, p = pool.kernel_size, pool.stride, pool.padding
+    return (channels, conv_output_size(height, k, s, p), conv_output_size(width, k, s, p))
+
+
+def _evaluate_chain(layer, kernel, before, after, terminal, spatial, keep_pre):
+    """Bits (2K+1, O) of the simulation's sign for every accumulator -K..K, by running its layers.
+
+    Also returns the values just before the pool (``keep_pre``) for the pool's monotonicity test.
+    """
+    fan_in = kernel.fan_in
+    out_channels = layer.out_channels if spatial else layer.out_features
+    rows_total = 2 * fan_in + 1
+    bits = np.empty((rows_total, out_channels), dtype=bool)
+    pre = np.empty((rows_total, out_channels), dtype=np.float32) if keep_pre else None
+    step = max(1, _GRID_ELEMENTS // out_channels)
+    scale = kernel.alpha if kernel.alpha is not None else np.ones(out_channels, np.float32)
+    for start in range(0, rows_total, step):
+        stop = min(rows_total, start + step)
+        acc = np.arange(start - fan_in, stop - fan_in, dtype=np.float32)
+        # The simulation's product value for accumulator j: exactly j * alpha (checked), then + bias.
+        v = acc[:, None] * scale[None, :]
+        if layer.bias:
+            v = v + layer.b
+        if spatial:
+            v = v.reshape(stop - start, out_channels, 1, 1)
+        for op in before:
+            v = op.forward(v, train=False)
+        if keep_pre:
+            pre[start:stop] = v.reshape(stop - start, out_channels)
+        for op in after:
+            v = op.forward(v, train=False)
+        q = np.asarray(terminal(v, train=False)).reshape(stop - start, out_channels)
+        if not np.all((q == 1) | (q == -1)):
+            raise _NotFusable("the sign quantizer returned values other than +-1")
+        bits[start:stop] = q == 1
+    return bits, pre
+
+
+def _thresholds(bits, fan_in):
+    """Threshold (int64) and direction (int8) per channel reproducing monotone ``bits`` (2K+1, C)."""
+    up = np.all(bits[1:] >= bits[:-1], axis=0)
+    down = np.all(bits[1:] <= bits[:-1], axis=0)
+    if not np.all(up | down):
+        bad = np.flatnonzero(~(up | down))
+        raise _NotFusable(f"the sign is not monotone in the accumulator for channels {bad[:5].tolist()}")
+    count = bits.sum(axis=0).astype(np.int64)
+    # up: bits are 0..0 1..1, the first 1 at accumulator K + 1 - count (K + 1: never; -K: always).
+    # down: bits are 1..1 0..0, the last 1 at accumulator count - 1 - K.
+    threshold = np.where(up, fan_in + 1 - count, count - 1 - fan_in).astype(np.int64)
+    direction = np.where(up, 1, -1).astype(np.int8)
+    acc = np.arange(-fan_in, fan_in + 1, dtype=np.int64)[:, None]
+    if not np.array_equal((acc - threshold) * direction >= 0, bits):  # belt and braces
+        raise _NotFusable("internal error: thresholds do not reproduce the evaluated bits")
+    return threshold, direction
+
+
+def _non_decreasing_after(pre, bits):
+    order = np.argsort(pre, axis=0, kind="stable")
+    ordered = np.take_along_axis(bits, order, axis=0)
+    return bool(np.all(ordered[1:] >= ordered[:-1]))
+
+
+def _source_info(model):
+    count = int(sum(getattr(layer, attr).size for _, layer, attr in model.named_arrays()))
+    return {"name": model.name, "parameters": count, "float32_bytes": 4 * count}
+
+
+def convert(model, allow_inexact=False, name=None):
+    """Convert a trained model into a :class:`~lowbit.packed.PackedModel` for inference.
+
+    Parameters
+    ----------
+    model : Model
+        Any lowbit model (on the CPU or the GPU; it is copied, not modified).  Binary layers whose
+        input is +-1 run on packed bits, each BatchNorm (and whatever else is per channel) up to the
+        next sign becomes an integer threshold, k-bit kernels are stored as codes, fp16 ones as
+        float16, the rest as float32 (see the module docstring).
+    allow_inexact : bool
+        Fuse binary layers whose kernel scale makes the simulation's float sums round (not done by
+        lowbit's zoo models nor by :func:`post_training_quantize`); their bits then match the
+        simulation up to that rounding only.
+    name : str, optional
+        Name of the packed model (default: the model's name).
+
+    Returns
+    -------
+    PackedModel
+        On the CPU; ``notes`` says which layers could not be fused and why.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a lowbit Model.
+    ValueError
+        The model is stochastic at evaluation (``StochasticBinary(deterministic_eval=False)``).
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
+    _check_deterministic(model)
+    cpu = _cpu_copy(model)
+    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact))
+    stages = converter.run()
+    return PackedModel(stages, cpu.input_shape, name=name or model.name, notes=converter.notes,
+                       source=_source_info(model))
+
+
+def compare_predictions(model, packed, x, batch_size=100):
+    """How far ``packed`` is from ``model``'s simulation on images ``x``.
+
+    Returns a dict: ``labels_equal`` (count), ``count``, ``max_abs_score_difference``,
+    ``scores_identical`` (bit for bit).
+    """
+    sim = model.predict_scores(x, batch_size)
+    got = packed.predict_scores(x, batch_size)
+    return {
+        "count": int(len(x)),
+        "labels_equal": int((sim.argmax(axis=1) == got.argmax(axis=1)).sum()),
+        "max_abs_score_difference": float(np.max(np.abs(sim - got))) if len(x) else 0.0,
+        "scores_identical": bool(np.array_equal(sim, got)),
+    }
+
+
+# -- post-training quantization ---------------------------------------------------------------------
+class _RangeRecorder(Quantizer):
+    """Identity that records the range of what passes through it (calibration only; never saved)."""
+
+    name = "range_recorder"
+
+    def __init__(self, percentile, rng):
+        self.low = np.inf
+        self.high = 0.0
+        self.percentile = percentile
+        self.rng = rng
+        self.samples = []
+
+    def forward(self, x, train=False, channel_axis=None):
+        values = np.asarray(to_numpy(x))
+        if values.size:
+            self.low = min(self.low, float(values.min()))
+            magnitude = np.abs(values).reshape(-1)
+            self.high = max(self.high, float(magnitude.max()))
+            if self.percentile < 100:
+                take = min(magnitude.size, 1 << 16)
+                self.samples.append(self.rng.choice(magnitude, take, replace=False))
+        return x
+
+    def value(self):
+        if self.percentile < 100 and self.samples:
+            high = float(np.percentile(np.concatenate(self.samples), self.percentile))
+        else:
+            high = self.high
+        return high if high > 0 else 1.0
+
+
+_ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
+
+
+def _check_bits(name, bits):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in _ALLOWED_BITS:
+        raise ValueError(f"{name} must be one of 1..8, 16, 32, got {bits!r}")
+    return int(bits)
+
+
+def post_training_quantize(model, weight_bits, activation_bits, calibration_images=None, per_channel=True,
+                           keep_first=True, keep_last=True, percentile=100.0, batch_size=100, seed=0):
+    """Quantize a trained float model without retraining; returns the quantized twin (a Model).
+
+    Built on :func:`lowbit.quantize.quantized_twin` (every Affine/Conv2D becomes its quantized twin;
+    the first and last keep float kernels by default), then:
+
+    * ``weight_bits`` 2..8: :class:`~lowbit.quantizers.UniformWeight` (symmetric integer grid,
+      ``alpha = max|W|`` per output unit with ``per_channel``, else per tensor); 16: float16;
+      1: ``sign(W) * mean|W|`` per output unit (XNOR-Net; per tensor without ``per_channel``) with
+      the scale rounded to ``24 - bit_length(fan-in)`` significant bits so that the binary products
+      are exact in float32 and the layer runs packed after :func:`convert`.
+    * ``activation_bits`` 2..8: every quantized layer's input quantizer is a
+      :class:`~lowbit.quantizers.DoReFaActivation` whose range ``max_value`` is the calibrated
+      ``percentile`` of ``|input|`` of that layer in the float model over ``calibration_images``
+      (signed when the input took negative values); the image goes through an 8-bit quantizer,
+      calibrated the same way.  1: sign (ReLUs are removed, as ``quantized_twin`` does); 16: float16.
+
+    Parameters
+    ----------
+    model : Model
+        A float model trained by lowbit (Affine/Conv2D layers).
+    weight_bits, activation_bits : int
+        1..8, 16 or 32.
+    calibration_images : numpy.ndarray, float32 (N,) + input_shape, optional
+        Needed for 2..8-bit activations; used for every DoReFa input quantizer when given.
+    per_channel : bool
+        Per-output-unit weight scales (else one per tensor).
+    keep_first, keep_last : bool
+        Keep the first / last layer's kernel in float32.
+    percentile : float in (0, 100]
+        Calibration statistic of ``|x|`` (100: the maximum).
+    batch_size, seed : int
+        Calibration batches; ``seed`` for the percentile's subsample and the twin's generators.
+    """
+    from .quantize import quantized_twin
+
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
+    weight_bits = _check_bits("weight_bits", weight_bits)
+    activation_bits = _check_bits("activation_bits", activation_bits)
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    kinds = [type(layer) for _, layer in model.named_layers()]
+    quantized = any(kind in (QuantAffine, QuantConv2D) for kind in kinds)
+    if quantized or not any(kind in (Affine, Conv2D) for kind in kinds):
+        raise ValueError("post-training quantization needs a float model (Affine/Conv2D layers, no quantized "
+                         "ones); this model is already quantized or has no kernels")
+    if 2 <= activation_bits <= 8 and calibration_images is None:
+        raise ValueError(f"{activation_bits}-bit activations need calibration_images to set their ranges")
+    scale = "channel" if per_channel else "tensor"
+    twin = quantized_twin(
+        model, 32 if 2 <= weight_bits <= 8 else weight_bits, activation_bits,
+        keep_first=keep_first, keep_last=keep_last,
+        first_input_bits=8 if activation_bits <= 8 else None,
+        kernel_constraint=None, weight_scale=scale if weight_bits == 1 else None, seed=seed)
+    targets = [layer for _, layer in twin.named_layers() if isinstance(layer, (QuantAffine, QuantConv2D))]
+    for position, layer in enumerate(targets):
+        kept = (position == 0 and keep_first) or (position == len(targets) - 1 and keep_last)
+        if kept:
+            continue
+        if 2 <= weight_bits <= 8:
+            layer.kernel_quantizer = UniformWeight(weight_bits, scale)
+        elif weight_bits == 1:
+            _exact_binary_scale(layer, scale)
+        layer.constrain()  # drop any cached kernel
+    if calibration_images is not None:
+        _calibrate(twin, targets, calibration_images, percentile, batch_size, seed)
+    twin.name = f"{model.name}_ptq_w{weight_bits}a{activation_bits}"
+    return twin
+
+
+def _exact_binary_scale(layer, scale):
+    """Set the latent W to sign(W) * alpha with alpha = mean|W| rounded so that SteSign's mean is
+    exact and every product sum of the layer is exact in float32."""
+    axis = kernel_channel_axis(layer)
+    w = np.asarray(to_numpy(layer.W), dtype=np.float32)
+    fan_in = w.size // w.shape[axis]
+    if scale == "channel":
+        others = tuple(a for a in range(w.ndim) if a != axis)
+        alpha = np.abs(w.astype(np.float64)).mean(axis=others, keepdims=True)
+        count = fan_in
+    else:
+        alpha = np.abs(w.astype(np.float64)).mean(keepdims=True)
+        count = w.size
+    alpha = np.where(alpha > 0, alpha, 1.0)
+    significant = max(1, 24 - max(int(count).bit_length(), int(fan_in).bit_length()))
+    alpha = _round_significand(alpha, significant)
+    layer.W = np.where(w >= 0, alpha, -alpha).astype(np.float32)
+
+
+def _calibrate(twin, targets, images, percentile, batch_size, seed):
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != len(twin.input_shape) + 1 or tuple(images.shape[1:]) != twin.input_shape:
+        raise ValueError(f"calibration_images must have shape (N, {', '.join(map(str, twin.input_shape))}), "
+                         f"got {images.shape}")
+    rng = np.random.default_rng(seed)
+    saved = [(layer.input_quantizer, layer.kernel_quantizer) for layer in targets]
+    recorders = []
+    try:
+        for layer in targets:
+            recorder = _RangeRecorder(percentile, rng)
+            recorders.append(recorder)
+            layer.input_quantizer = recorder
+            layer.kernel_quantizer = Identity()  # the float model's activations
+            layer.constrain()
+        for start in range(0, len(images), batch_size):
+            twin.forward(images[start:start + batch_size], train=False)
+    finally:
+        for layer, (input_q, kernel_q) in zip(targets, saved):
+            layer.input_quantizer, layer.kernel_quantizer = input_q, kernel_q
+            layer.constrain()
+    for layer, recorder in zip(targets, recorders):
+        q = layer.input_quantizer
+        if isinstance(q, DoReFaActivation):
+            layer.input_quantizer = DoReFaActivation(q.bits, signed=recorder.low < 0,
+                                                     max_value=recorder.value())
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def _mnist_images(x_uint8):
+    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+
+
+def _size(path):
+    return os.path.getsize(path)
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+
+
+def quantize_command(model_path, weight_bits, activation_bits, out_path, calibrate=1000, per_channel=True,
+                     keep_first=True, keep_last=True, percentile=100.0, limit=0, seed=0, verify=True,
+                     data=None, out=print):
+    """``lowbit quantize``: post-training quantization of a saved float model to a packed file.
+
+    Loads ``model_path``, quantizes it (:func:`post_training_quantize`, activation ranges on
+    ``calibrate`` random training images), converts it (:func:`convert`), saves the packed model to
+    ``out_path``, and prints the MNIST test accuracy before and after and both file sizes.  With
+    ``verify`` it also runs the quantized simulation and reports how many labels agree with the
+    packed model (all of them, by construction).
+
+    Parameters
+    ----------
+    model_path, out_path : path
+    weight_bits, activation_bits : int
+        1..8, 16 or 32.
+    calibrate : int
+        Number of training images for the activation ranges (0: none; k-bit activations need some).
+    limit : int
+        Evaluate on the first ``limit`` test images only (0: all 10,000).
+    data : MNIST, optional
+        Preloaded data set (default :func:`lowbit.data.load_mnist`).
+    out : callable
+        Where the report lines go (default ``print``).
+
+    Returns
+    -------
+    dict
+        ``accuracy_before``, ``accuracy_after``, ``size_before``, ``size_after``, ``ratio``,
+        ``labels_equal`` (with ``verify``), ``count``, ``notes``.
+    """
+    from .data import load_mnist
+
+    model = load_model(model_path)
+    mnist = data if data is not None else load_mnist(progress=False)
+    x_test, y_test = _mnist_images(mnist.x_test), np.asarray(mnist.y_test)
+    if limit:
+        x_test, y_test = x_test[:limit], y_test[:limit]
+    calibration = None
+    if calibrate:
+        rng = np.random.default_rng(seed)
+        count = min(int(calibrate), len(mnist.x_train))
+        picks = np.sort(rng.choice(len(mnist.x_train), count, replace=False))
+        calibration = _mnist_images(mnist.x_train[picks])
+    twin = post_training_quantize(model, weight_bits, activation_bits, calibration, per_channel=per_channel,
+                                  keep_first=keep_first, keep_last=keep_last, percentile=percentile,
+                                  seed=seed)
+    packed = convert(twin)
+    settings = {"weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
+                "per_channel": bool(per_channel), "calibration_images": int(calibrate),
+                "percentile": float(percentile), "seed": int(seed)}
+    packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path)),
+                                    "post_training_quantization": settings})
+    before = model.evaluate(x_test, y_test)
+    scores = packed.predict_scores(x_test)
+    after = float((scores.argmax(axis=1) == y_test).mean())
+    size_before, size_after = _size(model_path), _size(out_path)
+    result = {"accuracy_before": before, "accuracy_after": after, "size_before": size_before,
+              "size_after": size_after, "ratio": size_before / size_after, "count": int(len(y_test)),
+              "notes": list(packed.notes)}
+    out(f"float model      {os.fspath(model_path)}: test accuracy {before:.2%} on {len(y_test)} images, "
+        f"{_human(size_before)}")
+    out(f"w{weight_bits}a{activation_bits} packed     {os.fspath(out_path)}: test accuracy {after:.2%}, "
+        f"{_human(size_after)} ({size_before / size_after:.1f}x smaller)")
+    if verify:
+        sim = twin.predict(x_test)
+        result["labels_equal"] = int((sim == scores.argmax(axis=1)).sum())
+        out(f"packed vs quantized simulation: {result['labels_equal']}/{len(y_test)} labels equal")
+    for line in packed.notes:
+        out(f"note: {line}")
+    return result
+
+
+def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print):
+    """``lowbit convert``: convert a trained quantized model file to a packed file and check it.
+
+    Prints both files' sizes and, with ``verify``, the MNIST test accuracy of both and how many of
+    the labels agree (all of them) and the largest score difference.  Returns a dict of those.
+    """
+    model = load_model(model_path)
+    packed = convert(model, allow_inexact=allow_inexact)
+    packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path))})
+    size_before, size_after = _size(model_path), _size(out_path)
+    result = {"size_before": size_before, "size_after": size_after, "ratio": size_before / size_after,
+              "notes": list(packed.notes)}
+    out(f"{os.fspath(model_path)}: {_human(size_before)} -> {os.fspath(out_path)}: {_human(size_after)} "
+        f"({size_before / size_after:.1f}x smaller)")
+    if verify:
+        from .data import load_mnist
+
+        mnist = data if data is not None else load_mnist(progress=False)
+        x_test, y_test = _mnist_images(mnist.x_test), np.asarray(mnist.y_test)
+        if limit:
+            x_test, y_test = x_test[:limit], y_test[:limit]
+        sim = model.predict_scores(x_test)
+        got = packed.predict_scores(x_test)
+        result.update({
+            "count": int(len(y_test)),
+            "accuracy_simulation": float((sim.argmax(axis=1) == y_test).mean()),
+            "accuracy_packed": float((got.argmax(axis=1) == y_test).mean()),
+            "labels_equal": int((sim.argmax(axis=1) == got.argmax(axis=1)).sum()),
+            "max_abs_score_difference": float(np.max(np.abs(sim - got))) if len(y_test) else 0.0,
+            "scores_identical": bool(np.array_equal(sim, got)),
+        })
+        out(f"test accuracy: simulation {result['accuracy_simulation']:.2%}, packed "
+            f"{result['accuracy_packed']:.2%}; labels equal {result['labels_equal']}/{len(y_test)}; "
+            f"max |score difference| {result['max_abs_score_difference']:.3g}"
+            f"{' (identical)' if result['scores_identical'] else ''}")
+    for line in packed.notes:
+        out(f"note: {line}")
+    return result
