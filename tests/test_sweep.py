@@ -1,0 +1,193 @@
+"""Bit-width sweeps: the quick sweep's files, resumption after a finished or interrupted run, errors.
+
+Everything runs on synthetic digits (no network, no MNIST cache) with the quick grid W {1, 32} x
+A {1, 32} and both methods: 8 points per seed.
+"""
+import csv
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+from lowbit import sweep
+from lowbit.cli import main as cli_main
+from lowbit.trainer import Trainer
+
+GRID_POINTS = 8  # 2 weight widths x 2 activation widths x 2 methods
+
+
+def synthetic_mnist(n_train=1100, n_test=200, seed=0):
+    """Ten 28x28 binary class templates, each image a copy with 10% of its pixels flipped."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((10, 28, 28)) < 0.3
+
+    def draw(n):
+        y = rng.integers(0, 10, n)
+        noisy = templates[y] ^ (rng.random((n, 28, 28)) < 0.1)
+        return (noisy * 255).astype(np.uint8), y.astype(np.int64)
+
+    x_train, y_train = draw(n_train)
+    x_test, y_test = draw(n_test)
+    return types.SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+DATA = synthetic_mnist()
+
+
+def quick(out_dir, **options):
+    options.setdefault("progress", False)
+    return sweep.run_sweep("tfc", out_dir=str(out_dir), quick=True, data=DATA, **options)
+
+
+def read_lines(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_quick_sweep_writes_every_report_and_resumes(tmp_path):
+    result = quick(tmp_path)
+    assert (result.new_points, result.skipped_points) == (GRID_POINTS, 0)
+    for name in ("results.csv", "results.json", "table.md", "accuracy_vs_bits.png",
+                 "accuracy_vs_size.png", "points.jsonl", "sweep.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == GRID_POINTS
+    assert {(r["method"], r["weight_bits"], r["act_bits"]) for r in rows} == {
+        (m, w, a) for m in ("ptq", "qat") for w in ("1", "32") for a in ("1", "32")}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert len(doc["points"]) == GRID_POINTS and doc["brevitas_reference"]["1W1A"] == 93.17
+    for point in doc["points"]:
+        assert 0 <= point["accuracy"] <= 1
+        assert point["accuracy"] == point["simulation_accuracy"]  # packed == simulation
+        assert point["size_bytes"] == os.path.getsize(tmp_path / point["packed_file"])
+        assert point["epochs"] == 1 and point["test_images"] == 200
+    sizes = {(p["method"], p["weight_bits"], p["act_bits"]): p["size_bytes"] for p in doc["points"]}
+    assert sizes["qat", 1, 1] * 5 < sizes["qat", 32, 32]  # the binary model is much smaller
+    # The float baseline is one model for both methods.
+    ptq_float = [p for p in doc["points"] if p["weight_bits"] == p["act_bits"] == 32]
+    assert ptq_float[0]["accuracy"] == ptq_float[1]["accuracy"]
+    table = (tmp_path / "table.md").read_text()
+    assert "## PTQ" in table and "## QAT" in table and "| 1W1A | 93.17 |" in table
+    assert (tmp_path / "accuracy_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = (tmp_path / "points.jsonl").read_bytes()
+    again = quick(tmp_path)
+    assert (again.new_points, again.skipped_points) == (0, GRID_POINTS)
+    assert (tmp_path / "points.jsonl").read_bytes() == before
+    assert len(again.records) == GRID_POINTS
+
+
+def test_interrupted_sweep_resumes_mid_training(tmp_path, monkeypatch):
+    """Interrupted in the second epoch of the first QAT run: the rerun skips the finished points and
+    continues that run from its checkpoint."""
+    real_epoch = Trainer.train_epoch
+    calls = []
+
+    def interrupting(self, x, y, lr):
+        calls.append(self.out_dir)
+        if len(calls) == 4:  # float model: epochs 1, 2; first QAT run: epoch 1, then here
+            raise KeyboardInterrupt
+        return real_epoch(self, x, y, lr)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        quick(tmp_path, epochs=2)
+    done = read_lines(tmp_path / "points.jsonl")
+    assert sorted((p["method"], p["weight_bits"], p["act_bits"]) for p in done) == [
+        ("ptq", w, a) for w in (1, 32) for a in (1, 32)]
+    assert os.path.exists(tmp_path / "runs" / "qat_w1a1_seed0" / "checkpoint.npz")
+    assert json.loads((tmp_path / "results.json").read_text())["points"]  # reports of what finished
+
+    calls.clear()
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, x, y, lr: (
+        calls.append(self.out_dir), real_epoch(self, x, y, lr))[1])
+    result = quick(tmp_path, epochs=2)
+    assert (result.new_points, result.skipped_points) == (4, 4)
+    # 1 epoch left of the interrupted run, 2 each for w1a32 and w32a1, none for w32a32 (the float model)
+    assert len(calls) == 5
+    assert sum(os.path.basename(c) == "qat_w1a1_seed0" for c in calls) == 1
+    history = json.loads((tmp_path / "runs" / "qat_w1a1_seed0" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert not os.path.exists(tmp_path / "runs" / "qat_w1a1_seed0" / "checkpoint.npz")  # cleaned up
+    assert len(read_lines(tmp_path / "points.jsonl")) == GRID_POINTS
+
+
+def test_torn_last_line_is_dropped_and_redone(tmp_path):
+    quick(tmp_path, methods=("ptq",))
+    path = tmp_path / "points.jsonl"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-20])  # the last record half-written
+    result = quick(tmp_path, methods=("ptq",))
+    assert (result.new_points, result.skipped_points) == (1, 3)
+    assert len(read_lines(path)) == 4
+
+
+def test_several_seeds_show_the_spread(tmp_path):
+    result = quick(tmp_path, seeds=(0, 1), methods=("ptq",), weight_bits=(1,), act_bits=(32,))
+    assert result.new_points == 2
+    accuracies = [r["accuracy"] * 100 for r in result.records]
+    table = (tmp_path / "table.md").read_text()
+    expected = f"{np.mean(accuracies):.2f} ± {np.std(accuracies, ddof=1):.2f}"
+    assert expected in table
+
+
+def test_changed_settings_are_refused(tmp_path):
+    quick(tmp_path, methods=("ptq",), weight_bits=(32,), act_bits=(32,))
+    with pytest.raises(ValueError, match="other settings.*epochs: 1 there, 2 now"):
+        quick(tmp_path, methods=("ptq",), weight_bits=(32,), act_bits=(32,), epochs=2)
+    # a larger grid is fine
+    result = quick(tmp_path, methods=("ptq",), weight_bits=(1, 32), act_bits=(32,))
+    assert (result.new_points, result.skipped_points) == (1, 1)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"arch": "resnet"}, r"arch must be one of \['tfc', 'sfc', 'lfc', 'deep_convnet'\], got 'resnet'"),
+    ({"weight_bits": (1, 12)}, r"weight_bits must each be one of 1..8, 16 \(fp16\), 32 \(float\), got 12"),
+    ({"act_bits": (0,)}, r"act_bits must each be one of 1..8, 16 \(fp16\), 32 \(float\), got 0"),
+    ({"methods": ("ptq", "finetune")}, r"methods must each be one of \['ptq', 'qat'\], got 'finetune'"),
+    ({"seeds": (-1,)}, r"seeds must be an int >= 0, got -1"),
+    ({"epochs": 0}, r"epochs must be an int >= 1, got 0"),
+    ({"schedule": "step"}, r"schedule must be one of"),
+    ({"val_size": 5000}, r"val_size must be in \[1, 1100\), got 5000"),
+])
+def test_bad_arguments_are_clear(tmp_path, options, message):
+    arch = options.pop("arch", "tfc")
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep(arch, out_dir=str(tmp_path), quick=True, data=DATA, progress=False, **options)
+    assert not os.path.exists(tmp_path / "points.jsonl")
+
+
+def test_three_bits_are_valid():
+    assert sweep._check_bits_list("weight_bits", (3, 1, 3), "weight") == (1, 3)
+
+
+@pytest.mark.parametrize("arch", ["tfc", "deep_convnet"])
+def test_models_per_point(arch):
+    from lowbit.layers import Affine, ReLU
+    from lowbit.quant_layers import QuantAffine, QuantConv2D
+
+    kinds = {type(layer) for _, layer in sweep.float_model(arch).named_layers()}
+    assert {Affine} <= kinds and not kinds & {QuantAffine, QuantConv2D}  # PTQ can take it
+    for act_bits in (1, 32):
+        model = sweep.qat_model(arch, 1, act_bits)
+        kinds = [type(layer) for _, layer in model.named_layers()]
+        assert QuantAffine in kinds
+        assert (ReLU in kinds) == (act_bits == 32)  # never a linear network at 32-bit activations
+
+
+def test_cli_sweep(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lowbit.data.load_mnist", lambda progress=True: DATA)
+    out = tmp_path / "cli"
+    code = cli_main(["sweep", "--arch", "tfc", "--quick", "--methods", "ptq", "--weight-bits", "32",
+                     "--act-bits", "1", "32", "--out", str(out), "--quiet"])
+    assert code == 0
+    assert "2 new points, 0 already done" in capsys.readouterr().out
+    assert cli_main(["sweep", "--arch", "tfc", "--quick", "--weight-bits", "12", "--out", str(out),
+                     "--quiet"]) == 2
+    assert "weight_bits must each be one of 1..8, 16 (fp16), 32 (float), got 12" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["sweep", "--arch", "vgg"])
+    assert "invalid choice: 'vgg'" in capsys.readouterr().err
