@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from .model import Classifier
+
 __all__ = ["Ensemble", "ensemble", "softmax_np"]
 
 
@@ -14,7 +16,7 @@ def softmax_np(scores):
     return e / e.sum(axis=1, keepdims=True)
 
 
-class Ensemble:
+class Ensemble(Classifier):
     """Mean of the members' class probabilities.
 
     Parameters
@@ -44,15 +46,6 @@ class Ensemble:
         return (total / len(self.members)).astype(np.float32)
 
     predict_scores = predict_proba
-
-    def predict(self, x, batch_size=100):
-        return self.predict_proba(x, batch_size).argmax(axis=1)
-
-    def evaluate(self, x, y, batch_size=100) -> float:
-        y = np.asarray(y)
-        if y.shape != (len(x),):
-            raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
-        return float((self.predict(x, batch_size) == y).mean())
 
 
 def ensemble(models):

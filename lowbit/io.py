@@ -35,6 +35,7 @@ __all__ = [
     "save_model",
     "load_model",
     "model_arrays",
+    "model_from_manifest",
     "assign_model_arrays",
 ]
 
@@ -184,9 +185,14 @@ def load_model(path):
     ModelFileError
         The file is not a lowbit model, is truncated, or its arrays do not match the manifest.
     """
+    manifest, arrays = read_archive(path, "lowbit.model")
+    return model_from_manifest(manifest, arrays, path)
+
+
+def model_from_manifest(manifest: dict, arrays: dict, path):
+    """Build the model a ``lowbit.model`` manifest describes and fill in its arrays."""
     from .layers import layer_from_config
 
-    manifest, arrays = read_archive(path, "lowbit.model")
     try:
         model = layer_from_config(manifest["model"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -11,11 +11,26 @@ import numpy as np
 from .backend import get_array_module, is_cupy_array, to_numpy
 from .layers import Dropout, Sequential, register_layer
 
-__all__ = ["Model"]
+__all__ = ["Classifier", "Model"]
+
+
+class Classifier:
+    """Mixin: ``predict`` and ``evaluate`` for anything with ``predict_scores(x, batch_size)``."""
+
+    def predict(self, x, batch_size=100):
+        """Predicted class labels (N,) int64."""
+        return self.predict_scores(x, batch_size).argmax(axis=1)
+
+    def evaluate(self, x, y, batch_size=100) -> float:
+        """Accuracy in [0, 1] on images ``x`` and int labels ``y``."""
+        y = np.asarray(to_numpy(y))
+        if y.shape != (len(x),):
+            raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
+        return float((self.predict(x, batch_size) == y).mean())
 
 
 @register_layer
-class Model(Sequential):
+class Model(Classifier, Sequential):
     """Sequential model with ``predict``, ``evaluate`` and parameter access.
 
     Parameters
@@ -119,17 +134,6 @@ class Model(Sequential):
         if not outs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outs, axis=0)
-
-    def predict(self, x, batch_size=100):
-        """Predicted class labels (N,) int64."""
-        return self.predict_scores(x, batch_size).argmax(axis=1)
-
-    def evaluate(self, x, y, batch_size=100) -> float:
-        """Accuracy in [0, 1] on images ``x`` and int labels ``y``."""
-        y = np.asarray(to_numpy(y))
-        if y.shape != (len(x),):
-            raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
-        return float((self.predict(x, batch_size) == y).mean())
 
     def _array_module(self):
         for _, layer, attr in self.named_arrays():

@@ -49,6 +49,7 @@ import numpy as np
 from .backend import get_array_module, is_cupy_array, to_device, to_numpy
 from .io import ModelFileError, read_archive, write_archive
 from .layers import Affine, Conv2D, Sequential, layer_from_config
+from .model import Classifier
 from .quantizers import get_quantizer
 
 __all__ = [
@@ -856,7 +857,7 @@ class UnpackStage(Stage):
 
 
 # -- the model ------------------------------------------------------------------------------------
-class PackedModel:
+class PackedModel(Classifier):
     """A converted model: a chain of :class:`Stage` objects that runs on numpy (Numba) or CuPy.
 
     Parameters
@@ -937,17 +938,6 @@ class PackedModel:
         if not outs:
             return np.zeros((0,) + tuple(self.output_shape), dtype=np.float32)
         return np.concatenate(outs, axis=0)
-
-    def predict(self, x, batch_size=100):
-        """Predicted labels (N,) int64."""
-        return self.predict_scores(x, batch_size).argmax(axis=1)
-
-    def evaluate(self, x, y, batch_size=100) -> float:
-        """Accuracy in [0, 1]."""
-        y = np.asarray(to_numpy(y))
-        if y.shape != (len(x),):
-            raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
-        return float((self.predict(x, batch_size) == y).mean())
 
     @property
     def device(self):
@@ -1093,16 +1083,11 @@ def load_packed(path):
 
 def load_any(path):
     """Load a trained model (``lowbit.model``) or a packed model (``lowbit.packed``) by its format."""
-    from .io import assign_model_arrays
+    from .io import model_from_manifest
 
     manifest, arrays = read_archive(path, ("lowbit.model", PACKED_FORMAT))
-    if manifest["format"] == PACKED_FORMAT:
-        model = packed_from_manifest(manifest.get("model"), arrays, source=os.fspath(path))
-    else:
-        try:
-            model = layer_from_config(manifest["model"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: the architecture in the manifest is invalid ({exc})") from None
-        assign_model_arrays(model, arrays, source=os.fspath(path))
+    if manifest["format"] != PACKED_FORMAT:
+        return model_from_manifest(manifest, arrays, path)
+    model = packed_from_manifest(manifest.get("model"), arrays, source=os.fspath(path))
     model.metadata = manifest.get("metadata", {})
     return model
