@@ -1,0 +1,130 @@
+"""Binarized Neural Networks on MNIST (Courbariaux, Hubara et al. 2016, arXiv 1602.02830).
+
+Configurations (``--config``):
+
+``mlp_det``    the paper's MLP (784-4096-4096-4096-10, binary weights and activations in every
+               hidden layer, BatchNorm eps 1e-4, dropout 0.2/0.5, squared hinge loss, Adam with the
+               learning rate decaying exponentially, latent weights U(-1, 1) clipped to [-1, 1], per-layer
+               Glorot learning-rate factor), deterministic binarization.  Target: >= 99.04% (the
+               paper's 0.96% error, Theano).
+``mlp_stoch``  the same with stochastic binarization of the weights in training (the paper's code);
+               deterministic sign at evaluation.
+``cnn``        ``lowbit.zoo.binary_cnn``: binary weights and activations in every inner convolution and
+               the hidden affine layer, 8-bit input layer, float last layer.  Target: >= 99.3%.
+
+The test accuracy reported is that of the epoch with the best validation accuracy (the paper's rule;
+validation = 10,000 training images held out by ``--seed``).  Each run checkpoints every epoch in
+``--runs`` and resumes when the same command is run again.  The best model is converted to a packed
+model (binary layers as bits, BatchNorm+sign as integer thresholds), checked to predict exactly what
+the float simulation predicts on all 10,000 test images, and committed as
+``experiments/models/bnn_<config>.npz``; results go to ``experiments/results/bnn_<config>.json``.
+
+Usage::
+
+    python experiments/bnn_mnist.py --config cnn --epochs 20
+    python experiments/bnn_mnist.py --config mlp_det --epochs 100 --lr 3e-3 --lr-end 3e-7
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+import lowbit
+from lowbit.data import load_mnist, train_val_split
+from lowbit.optimizers import Adam, ExponentialLR
+from lowbit.trainer import Trainer, write_json_atomic
+from lowbit.zoo import binary_cnn, bnn_mlp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CONFIGS = {
+    "mlp_det": {"build": lambda seed, width: bnn_mlp(seed, hidden=(width,) * 3), "loss": "squared_hinge",
+                "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096},
+    "mlp_stoch": {"build": lambda seed, width: bnn_mlp(seed, hidden=(width,) * 3, stochastic="weights"),
+                  "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096},
+    "cnn": {"build": lambda seed, width: binary_cnn(seed), "loss": "cross_entropy", "lr": 1e-3,
+            "lr_end": 1e-5, "target": 0.993, "width": None},
+}
+
+
+def float_images(x_uint8):
+    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=None, help="initial lr (default: the config's)")
+    parser.add_argument("--lr-end", type=float, default=None, help="final lr of the exponential decay")
+    parser.add_argument("--width", type=int, default=None, help="hidden width of the MLPs (default 4096)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
+    parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--models", default=os.path.join(HERE, "models"))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = CONFIGS[args.config]
+    lr = args.lr or cfg["lr"]
+    lr_end = args.lr_end or cfg["lr_end"]
+    width = args.width or cfg["width"]
+
+    mnist = load_mnist(progress=not args.quiet)
+    x_all, y_all = float_images(mnist.x_train), mnist.y_train
+    x_test, y_test = float_images(mnist.x_test), mnist.y_test
+    x_train, y_train, x_val, y_val = train_val_split(x_all, y_all, 10000, args.seed)
+    if args.limit:
+        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+
+    model = cfg["build"](args.seed, width)
+    name = f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
+    run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
+    trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
+                      epochs=args.epochs, batch_size=100, seed=args.seed, out_dir=run_dir,
+                      progress=not args.quiet)
+    t0 = time.perf_counter()
+    history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
+    wall = time.perf_counter() - t0
+
+    best = lowbit.load_model(os.path.join(run_dir, "best.npz"))
+    best_epoch = best.metadata["epoch"]
+    sim_labels = best.predict(x_test)
+    sim_acc = float((sim_labels == y_test).mean())
+    packed = lowbit.convert(best)
+    packed_labels = packed.predict(x_test)
+    packed_path = os.path.join(args.models, f"{name}.npz")
+    packed.save(packed_path)
+    float_path = os.path.join(run_dir, "best.npz")
+    result = {
+        "experiment": name, "config": args.config, "seed": args.seed, "epochs": args.epochs,
+        "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width,
+        "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
+        "test_acc": sim_acc, "target": cfg["target"],
+        "packed_test_acc": float((packed_labels == y_test).mean()),
+        "packed_labels_equal": int((packed_labels == sim_labels).sum()),
+        "packed_file_bytes": os.path.getsize(packed_path),
+        "float_file_bytes": os.path.getsize(float_path),
+        "wall_seconds_this_run": wall, "history": history,
+        "model": os.path.relpath(packed_path, os.path.dirname(HERE)),
+        "command": "python experiments/bnn_mnist.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "environment": {"python": platform.python_version(), "numpy": np.__version__,
+                        "cpus": os.cpu_count()},
+    }
+    write_json_atomic(os.path.join(args.results, f"{name}.json"), result)
+    print(f"{name}: test accuracy {sim_acc:.4%} at the best validation epoch {best_epoch} "
+          f"(target {cfg['target']:.2%}); packed model equal on {result['packed_labels_equal']}/"
+          f"{len(y_test)} labels, {result['packed_file_bytes'] / 1e6:.2f} MB "
+          f"({result['float_file_bytes'] / result['packed_file_bytes']:.1f}x smaller)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
