@@ -1,0 +1,86 @@
+"""Bit-packed XNOR-popcount kernels for binary inference: packed arrays in, arrays out.
+
+``lowbit.kernels`` knows nothing of layers or gradients.  Each public function validates its
+arguments (dtype, ndim, shapes, C-contiguity; a wrong one raises ``TypeError`` or ``ValueError``
+naming the argument, what was expected and what came) and then dispatches on the array kind: numpy
+arrays go to a private Numba kernel (``@njit(parallel=True, cache=True)``), CuPy arrays to a
+private CUDA kernel whose source is in ``kernels/cuda/*.cu``.  The result has the same kind as the
+input.
+
+Bit convention (the one place it is written; every kernel and test refers to it)
+--------------------------------------------------------------------------------
+* A packed array is ``uint64`` and packs the **last axis**: a real array of shape ``(..., K)``
+  becomes ``(..., ceil(K / 64))``.
+* **Bit = 1 means +1, bit = 0 means -1.**  The sign of a real value ``x`` is +1 when ``x >= 0``,
+  so ``sign(0) = sign(-0.0) = +1``.  NaN has no sign: ``pack_signs`` raises ``ValueError``.
+* Element ``k`` of the last axis goes to word ``k // 64``, bit ``k % 64``, least significant bit
+  first: element 0 is ``word & 1``, element 63 is ``word >> 63``.
+* **Padding bits** past ``K`` in the last word **are 0** in every packed array that any function
+  here writes, and the public functions that reduce over packed words check that their inputs obey
+  this (``ValueError`` otherwise).  Because the padding bits of both operands are equal, XOR never
+  counts them, and the dot product of two packed ``K``-vectors is exactly::
+
+      dot(a, b) = K - 2 * popcount(a XOR b)          (no padding correction)
+
+Convolution layout and padding rule
+-----------------------------------
+* Activations are packed **channels-last** (NHWC): ``(N, H, W, ceil(C / 64))`` uint64.
+* Weights are ``(O, KH, KW, ceil(C / 64))`` uint64.  A training-side NCHW weight tensor ``w`` of
+  shape ``(O, C, KH, KW)`` is packed by ``pack_signs(w.transpose(0, 2, 3, 1))``, and NCHW
+  activations ``x`` by ``pack_signs(x.transpose(0, 2, 3, 1))``.
+* The output of ``binary_conv2d`` is ``int32`` ``(N, OH, OW, O)`` with
+  ``OH = (H + 2 * pad_h - KH) // stride_h + 1`` (likewise ``OW``).
+* **Zero padding**: the training side pads the +-1 activations with zeros, so a padded position
+  contributes 0 (it is neither +1 nor -1).  ``binary_conv2d`` therefore counts only the taps that
+  fall inside the input: ``out = sum over valid taps of (C - 2 * popcount(x XOR w))``.  This is
+  exact, equal to the float convolution of the +-1 tensors with zero padding.
+* ``maxpool_packed`` takes the max of +-1 values, which is the bitwise OR of their bits; padded
+  positions are ignored (as if they held -inf).
+
+Fused BatchNorm-then-sign
+-------------------------
+``bn_sign_threshold(gamma, beta, mean, var, eps)`` turns per-channel BatchNorm parameters into an
+integer ``threshold`` and a ``direction`` in {+1, -1} per channel, such that
+``threshold_pack(acc, threshold, direction)`` writes the bit ``direction * acc >=
+direction * threshold``, exactly equal to ``pack_signs`` of
+``gamma * (acc - mean) / sqrt(var + eps) + beta`` evaluated in float64.  ``dtype=np.float32,
+order="inverse"`` reproduces instead, bit for bit, the float32 evaluation-mode forward of
+``lowbit.layers.BatchNorm`` (``gamma * ((acc - mean) * (1 / sqrt(var + eps))) + beta``).
+
+CPU path
+--------
+Popcounts go through LLVM's ``llvm.ctpop`` intrinsic (``kernels/_intrinsics.py``): on CPUs with
+AVX-512 VPOPCNTDQ it lowers to ``vpopcntq`` on 512-bit registers, elsewhere to ``popcnt`` or to
+the best vector sequence LLVM knows for the target.  The GEMM interleaves B into panels of
+``TILE_COLS`` rows and runs a register-blocked micro-kernel (``TILE_ROWS x TILE_COLS`` outputs,
+6 x 32 on AVX-512: 24 zmm accumulators) over blocks of A rows that stay in L2, blocks shared out
+to the cores by ``prange``.  ``binary_conv2d`` feeds the same micro-kernel from the packed input:
+for wide outputs straight from a zero-padded copy (implicit im2col: a segment per kernel row),
+otherwise through an explicit im2col; zero words stand for the padding and each block then
+subtracts what those taps added (prefix sums over the taps), so the result is exact.  Thread
+count: ``numba.set_num_threads``.
+
+GPU path
+--------
+``kernels/cuda/*.cu``, compiled by ``cupy.RawModule`` on first use: a 128 x 128-tile
+shared-memory GEMM with ``__popcll``; warp-ballot packing and thresholding; direct convolution and
+max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the NaN flag of
+``pack_signs`` and the padding-bit checks (one small reduction each, which synchronise).
+``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
+"""
+from .conv import binary_conv2d
+from .gemm import xnor_gemm
+from .pack import pack_signs, unpack_signs, words_for
+from .pool import maxpool_packed
+from .threshold import bn_sign_threshold, threshold_pack
+
+__all__ = [
+    "pack_signs",
+    "unpack_signs",
+    "words_for",
+    "xnor_gemm",
+    "binary_conv2d",
+    "bn_sign_threshold",
+    "threshold_pack",
+    "maxpool_packed",
+]

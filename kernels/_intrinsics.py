@@ -1,0 +1,228 @@
+"""Numba intrinsics that emit LLVM's ``llvm.ctpop`` directly.
+
+``popcount64(x)`` is the scalar popcount of a 64-bit integer.  ``xnor_microkernel`` is the inner
+kernel of the CPU GEMM, written in LLVM IR so that its accumulators stay in vector registers: it
+computes a ``TILE_ROWS x TILE_COLS`` block of ``k - 2 * popcount(a XOR b)``, broadcasting one word
+of each A row against ``TILE_VECTORS`` vectors of ``LANES`` words of a B panel (B rows interleaved
+word by word, see ``gemm._pack_panels``), so each loaded word is reused ``TILE_VECTORS`` (A) or
+``TILE_ROWS`` (B) times and no horizontal reduction is ever needed.  On AVX-512 VPOPCNTDQ hardware
+``llvm.ctpop.v8i64`` is a single ``vpopcntq zmm``; elsewhere LLVM legalises it for the target.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+
+def _host_features():
+    """CPU features Numba compiles for (honours NUMBA_CPU_FEATURES when set)."""
+    if config.CPU_FEATURES:
+        return {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
+    return {name for name, on in llvm_binding.get_host_cpu_features().items() if on}
+
+
+HOST_FEATURES = frozenset(_host_features())
+
+if "avx512f" in HOST_FEATURES:
+    # 32 zmm registers: 6 x 4 accumulators + 4 B vectors + 1 broadcast A word = 29.
+    LANES, TILE_ROWS, TILE_VECTORS = 8, 6, 4
+else:
+    # 16 ymm registers (AVX2): 4 x 3 accumulators + 3 B vectors + 1 broadcast = 16.
+    LANES, TILE_ROWS, TILE_VECTORS = 4, 4, 3
+TILE_COLS = LANES * TILE_VECTORS
+
+
+@intrinsic
+def popcount64(typingctx, x):
+    """Number of set bits of a 64-bit integer, as int64 (``llvm.ctpop.i64``)."""
+    if isinstance(x, types.Integer) and x.bitwidth == 64:
+        sig = types.int64(x)
+
+        def codegen(context, builder, signature, args):
+            return builder.ctpop(args[0])
+
+        return sig, codegen
+    return None
+
+
+def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, segments, run, panel_address,
+                      out_address, out_stride, k):
+    """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_segments``."""
+    i32 = ir.IntType(32)
+    i64 = ir.IntType(64)
+    vec = ir.VectorType(i64, LANES)
+    vec32 = ir.VectorType(i32, LANES)
+    ctpop_type = ir.FunctionType(vec, [vec])
+    ctpop = cgutils.get_or_insert_function(builder.module, ctpop_type, f"llvm.ctpop.v{LANES}i64")
+    undef = ir.Constant(vec, ir.Undefined)
+    splat_mask = ir.Constant(vec32, [0] * LANES)
+
+    def splat(scalar):
+        first_lane = builder.insert_element(undef, scalar, ir.Constant(i32, 0))
+        return builder.shuffle_vector(first_lane, undef, splat_mask)
+
+    a_base = builder.inttoptr(a_address, i64.as_pointer())
+    panel = builder.inttoptr(panel_address, vec.as_pointer())
+    a_rows = [builder.gep(a_base, [builder.mul(a_stride, ir.Constant(i64, r))]) for r in range(TILE_ROWS)]
+    # Allocas in the entry block; mem2reg turns them into vector registers.
+    accumulators = [
+        [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(TILE_VECTORS)]
+        for _ in range(TILE_ROWS)
+    ]
+    with cgutils.for_range(builder, segments) as segment_loop:
+        segment = segment_loop.index
+        a_offset = builder.mul(segment, segment_stride)
+        segment_rows = [builder.gep(row, [a_offset]) for row in a_rows]
+        panel_offset = builder.mul(builder.mul(segment, run), ir.Constant(i64, TILE_VECTORS))
+        segment_panel = builder.gep(panel, [panel_offset])
+        with cgutils.for_range(builder, run) as loop:
+            w = loop.index
+            first = builder.mul(w, ir.Constant(i64, TILE_VECTORS))
+            b_vectors = [
+                builder.load(builder.gep(segment_panel, [builder.add(first, ir.Constant(i64, v))]), align=8)
+                for v in range(TILE_VECTORS)
+            ]
+            for r in range(TILE_ROWS):
+                a_word = splat(builder.load(builder.gep(segment_rows[r], [w]), align=8))
+                for v in range(TILE_VECTORS):
+                    count = builder.call(ctpop, [builder.xor(a_word, b_vectors[v])])
+                    slot = accumulators[r][v]
+                    builder.store(builder.add(builder.load(slot), count), slot)
+    out_base = builder.inttoptr(out_address, i32.as_pointer())
+    k_vec = splat(k)
+    one = ir.Constant(vec, [1] * LANES)
+    for r in range(TILE_ROWS):
+        out_row = builder.gep(out_base, [builder.mul(out_stride, ir.Constant(i64, r))])
+        for v in range(TILE_VECTORS):
+            dot = builder.sub(k_vec, builder.shl(builder.load(accumulators[r][v]), one))
+            first_column = builder.gep(out_row, [ir.Constant(i64, v * LANES)])
+            target = builder.bitcast(first_column, vec32.as_pointer())
+            builder.store(builder.trunc(dot, vec32), target, align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def xnor_microkernel(typingctx, a_address, a_stride, panel_address, words, out_address, out_stride, k):
+    """One ``TILE_ROWS x TILE_COLS`` output block of the XNOR GEMM.
+
+    All arguments are ``intp``: ``a_address`` points at word 0 of the first of ``TILE_ROWS`` A rows
+    spaced ``a_stride`` words apart; ``panel_address`` at a B panel laid out ``(words, TILE_COLS)``;
+    ``out_address`` at the int32 output element of the first row and column, rows spaced
+    ``out_stride`` elements apart.  Writes ``k - 2 * popcount`` for every pair; reads ``words``
+    words of each row.
+    """
+    sig = types.void(*([types.intp] * 7))
+
+    def codegen(context, builder, signature, args):
+        a_address, a_stride, panel_address, words, out_address, out_stride, k = args
+        zero, one = ir.Constant(ir.IntType(64), 0), ir.Constant(ir.IntType(64), 1)
+        return _emit_microkernel(
+            context, builder, a_address, a_stride, zero, one, words, panel_address, out_address, out_stride, k
+        )
+
+    return sig, codegen
+
+
+@intrinsic
+def xnor_microkernel_segments(typingctx, a_address, a_stride, segment_stride, segments, run, panel_address,
+                              out_address, out_stride, k):
+    """``xnor_microkernel`` whose A rows are ``segments`` runs of ``run`` words.
+
+    Row ``r`` of A is the concatenation over ``s < segments`` of the ``run`` words at
+    ``a_address + (r * a_stride + s * segment_stride) * 8``; the panel is
+    ``(segments * run, TILE_COLS)``.  With NHWC activations this is an implicit im2col: one
+    segment per kernel row, ``run = KW * words`` and ``a_stride = stride_w * words``.
+    """
+    sig = types.void(*([types.intp] * 9))
+
+    def codegen(context, builder, signature, args):
+        return _emit_microkernel(context, builder, *args)
+
+    return sig, codegen
+
+
+def _word_intrinsic(kind):
+    """Intrinsic reading 64 consecutive elements of a C-contiguous array from a flat offset.
+
+    ``kind == "sign"``: the packed sign word (bit j = element j >= 0, so -0.0 gives 1);
+    ``kind == "nan"``: a word with bit j set where element j is NaN (always 0 for integers).
+    A 64-lane compare whose <64 x i1> result is bitcast to i64: on AVX-512 that is four vcmpps into
+    mask registers, on AVX2 vcmpps + vmovmskps.
+    """
+
+    def typer(typingctx, values, offset):
+        if not (isinstance(values, types.Array) and values.layout == "C"):
+            return None
+        if not isinstance(offset, types.Integer):
+            return None
+        element = values.dtype
+        if not isinstance(element, (types.Float, types.Integer)):
+            return None
+        sig = types.uint64(values, offset)
+
+        def codegen(context, builder, signature, args):
+            array = context.make_array(signature.args[0])(context, builder, args[0])
+            offset_value = context.cast(builder, args[1], signature.args[1], types.intp)
+            element_type = context.get_data_type(element)
+            vector_type = ir.VectorType(element_type, 64)
+            pointer = builder.bitcast(builder.gep(array.data, [offset_value]), vector_type.as_pointer())
+            vector = builder.load(pointer, align=element.bitwidth // 8)
+            if kind == "nan":
+                if not isinstance(element, types.Float):
+                    return ir.Constant(ir.IntType(64), 0)
+                mask = builder.fcmp_unordered("uno", vector, vector)
+            elif isinstance(element, types.Float):
+                mask = builder.fcmp_ordered(">=", vector, ir.Constant(vector.type, None))
+            elif element.signed:
+                mask = builder.icmp_signed(">=", vector, ir.Constant(vector.type, None))
+            else:
+                mask = ir.Constant(ir.VectorType(ir.IntType(1), 64), [1] * 64)
+            return builder.bitcast(mask, ir.IntType(64))
+
+        return sig, codegen
+
+    typer.__name__ = f"{kind}_word"
+    return intrinsic(typer)
+
+
+sign_word = _word_intrinsic("sign")
+nan_word = _word_intrinsic("nan")
+
+
+@intrinsic
+def threshold_word(typingctx, acc, acc_offset, threshold, direction, channel_offset):
+    """Packed word of 64 thresholded accumulators, as one 64-lane vector compare.
+
+    Bit j is ``acc.flat[acc_offset + j] >= threshold[channel_offset + j]`` where
+    ``direction[channel_offset + j] > 0``, else ``<=`` (see ``threshold.threshold_pack``).
+    ``acc`` is C-contiguous int32, ``threshold`` int64 and ``direction`` int8, both 1-D.
+    """
+    arrays_ok = all(isinstance(a, types.Array) and a.layout == "C" for a in (acc, threshold, direction))
+    if not arrays_ok:
+        return None
+    if (acc.dtype, threshold.dtype, direction.dtype) != (types.int32, types.int64, types.int8):
+        return None
+    sig = types.uint64(acc, types.intp, threshold, direction, types.intp)
+
+    def codegen(context, builder, signature, args):
+        acc_array, acc_offset, threshold_array, direction_array, channel_offset = args
+        i64x64 = ir.VectorType(ir.IntType(64), 64)
+
+        def load(array_value, array_type, offset, bits):
+            array = context.make_array(array_type)(context, builder, array_value)
+            vector_type = ir.VectorType(ir.IntType(bits), 64)
+            pointer = builder.bitcast(builder.gep(array.data, [offset]), vector_type.as_pointer())
+            return builder.load(pointer, align=bits // 8)
+
+        accumulators = builder.sext(load(acc_array, signature.args[0], acc_offset, 32), i64x64)
+        thresholds = load(threshold_array, signature.args[2], channel_offset, 64)
+        directions = load(direction_array, signature.args[3], channel_offset, 8)
+        upward = builder.icmp_signed(">", directions, ir.Constant(directions.type, None))
+        above = builder.icmp_signed(">=", accumulators, thresholds)
+        below = builder.icmp_signed("<=", accumulators, thresholds)
+        return builder.bitcast(builder.select(upward, above, below), ir.IntType(64))
+
+    return sig, codegen

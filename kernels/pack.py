@@ -1,0 +1,144 @@
+"""Packing real arrays into sign bits and back (bit convention: see ``lowbit.kernels``)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._checks import array_kind, check_contiguous, check_int, check_packed, check_padding_bits, words_for
+from ._intrinsics import nan_word, sign_word
+
+__all__ = ["pack_signs", "unpack_signs", "words_for"]
+
+# Real dtypes packed as they are; float16 is widened to float32 first (exact).
+_PACKABLE_KINDS = "fiu"
+
+
+@njit(parallel=True, cache=True)
+def _pack_signs_cpu(values, packed):
+    """Pack ``values`` (rows, k) into ``packed`` (rows, words); return the number of NaNs seen."""
+    rows, k = values.shape
+    words = packed.shape[1]
+    nan_count = 0
+    for index in prange(rows * words):
+        row = index // words
+        word_index = index - row * words
+        start = word_index * 64
+        if start + 64 <= k:
+            # A whole word: one 64-lane vector compare (see _intrinsics.sign_word).
+            offset = row * k + start
+            packed[row, word_index] = sign_word(values, offset)
+            nan_count += nan_word(values, offset) != 0
+            continue
+        word = np.uint64(0)
+        not_a_number = 0
+        for column in range(start, k):
+            value = values[row, column]
+            word |= np.uint64(value >= 0) << np.uint64(column - start)
+            not_a_number += value != value
+        packed[row, word_index] = word
+        nan_count += not_a_number
+    return nan_count
+
+
+@njit(parallel=True, cache=True)
+def _unpack_signs_cpu(packed, values):
+    """Write +1 / -1 into ``values`` (rows, k) from the bits of ``packed`` (rows, words)."""
+    rows, k = values.shape
+    words = packed.shape[1]
+    for index in prange(rows * words):
+        row = index // words
+        word_index = index - row * words
+        word = packed[row, word_index]
+        start = word_index * 64
+        for column in range(start, min(start + 64, k)):
+            values[row, column] = 1 if (word >> np.uint64(column - start)) & np.uint64(1) else -1
+
+
+def _leading_rows(shape):
+    rows = 1
+    for extent in shape[:-1]:
+        rows *= extent
+    return rows
+
+
+def pack_signs(x):
+    """Pack the signs of a real array into bits along its last axis.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or cupy.ndarray, shape (..., K)
+        Real values (float16/32/64 or integer), C-contiguous.  ``x >= 0`` (including 0 and -0.0)
+        packs as +1 (bit 1), ``x < 0`` as -1 (bit 0).
+
+    Returns
+    -------
+    packed : same kind as ``x``, uint64, shape (..., ceil(K / 64))
+        Element ``k`` in word ``k // 64``, bit ``k % 64``; padding bits past ``K`` are 0.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not an array of a real dtype (bool and complex are refused).
+    ValueError
+        ``x`` is 0-D, not C-contiguous, or holds NaN.
+    """
+    kind = array_kind(x=x)
+    if x.dtype.kind not in _PACKABLE_KINDS:
+        raise TypeError(f"x must have a real (float or integer) dtype, got {x.dtype.name}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension (..., K), got a 0-D array")
+    check_contiguous("x", x)
+    k = x.shape[-1]
+    rows = _leading_rows(x.shape)
+    out_shape = x.shape[:-1] + (words_for(k),)
+    if kind == "cupy":
+        from . import _cuda
+
+        return _cuda.pack_signs(x.reshape(rows, k), rows, k).reshape(out_shape)
+    values = x.reshape(rows, k)
+    if values.dtype == np.float16:
+        values = values.astype(np.float32)
+    packed = np.empty((rows, words_for(k)), dtype=np.uint64)
+    if _pack_signs_cpu(values, packed):
+        raise ValueError("x holds NaN, which has no sign; pack_signs needs finite or infinite values")
+    return packed.reshape(out_shape)
+
+
+def unpack_signs(packed, k, dtype=np.float32):
+    """Unpack sign bits into +1 / -1 values; the inverse of :func:`pack_signs`.
+
+    Parameters
+    ----------
+    packed : numpy.ndarray or cupy.ndarray, uint64, shape (..., ceil(k / 64))
+        C-contiguous, padding bits past ``k`` equal to 0.
+    k : int
+        Number of real columns (the length of the last axis before packing).
+    dtype : numpy dtype, default float32
+        Signed integer or float dtype of the result.
+
+    Returns
+    -------
+    values : same kind as ``packed``, ``dtype``, shape (..., k)
+        +1 where the bit is 1, -1 where it is 0.
+    """
+    kind = array_kind(packed=packed)
+    check_packed("packed", packed)
+    k = check_int("k", k, minimum=0)
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "fi":
+        raise TypeError(f"dtype must be a signed integer or float dtype, got {dtype.name}")
+    if packed.shape[-1] != words_for(k):
+        raise ValueError(
+            f"packed must have ceil(k / 64) = {words_for(k)} words on its last axis for k={k}, "
+            f"got shape {tuple(packed.shape)}"
+        )
+    check_padding_bits("packed", packed, k)
+    rows = _leading_rows(packed.shape)
+    out_shape = packed.shape[:-1] + (k,)
+    if kind == "cupy":
+        from . import _cuda
+
+        return _cuda.unpack_signs(packed.reshape(rows, words_for(k)), rows, k, dtype).reshape(out_shape)
+    values = np.empty((rows, k), dtype=dtype)
+    _unpack_signs_cpu(packed.reshape(rows, words_for(k)), values)
+    return values.reshape(out_shape)

@@ -1,0 +1,80 @@
+"""Max-pooling on packed sign bits (bit convention and layout: see ``lowbit.kernels``)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._checks import array_kind, check_packed, check_pair
+
+__all__ = ["maxpool_packed"]
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_packed_cpu(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out):
+    batch, height, width, words = x.shape
+    out_h, out_w = out.shape[1], out.shape[2]
+    for image_row in prange(batch * out_h):
+        image = image_row // out_h
+        oy = image_row - image * out_h
+        y_start = max(oy * stride_h - pad_h, 0)
+        y_stop = min(oy * stride_h - pad_h + kernel_h, height)
+        for ox in range(out_w):
+            x_start = max(ox * stride_w - pad_w, 0)
+            x_stop = min(ox * stride_w - pad_w + kernel_w, width)
+            for w in range(words):
+                word = np.uint64(0)
+                for iy in range(y_start, y_stop):
+                    for ix in range(x_start, x_stop):
+                        word |= x[image, iy, ix, w]
+                out[image, oy, ox, w] = word
+
+
+def maxpool_packed(x_packed, kernel, stride=None, padding=0):
+    """Max-pooling of packed +-1 activations: the max of +-1 values is the OR of their bits.
+
+    Parameters
+    ----------
+    x_packed : numpy.ndarray or cupy.ndarray, uint64, shape (N, H, W, words)
+        Packed NHWC activations, C-contiguous.
+    kernel : int or (int, int)
+        Window height and width.
+    stride : int or (int, int), optional
+        Defaults to ``kernel``.
+    padding : int or (int, int), default 0
+        Positions added on each side of H and W; they are ignored (as if -inf), so each window
+        takes the max over its positions inside the input.  Must be smaller than the kernel, so
+        that every window holds at least one input position.
+
+    Returns
+    -------
+    out : same kind, uint64, shape (N, OH, OW, words)
+        ``OH = (H + 2 * pad_h - KH) // stride_h + 1``, likewise ``OW``; padding bits stay 0.
+    """
+    kind = array_kind(x_packed=x_packed)
+    check_packed("x_packed", x_packed, ndim=4, layout="(N, H, W, words)")
+    kernel_h, kernel_w = check_pair("kernel", kernel, 1)
+    stride_h, stride_w = check_pair("stride", kernel if stride is None else stride, 1)
+    pad_h, pad_w = check_pair("padding", padding, 0)
+    if pad_h >= kernel_h or pad_w >= kernel_w:
+        raise ValueError(
+            f"padding must be smaller than the kernel {(kernel_h, kernel_w)} so that no window is all "
+            f"padding, got {(pad_h, pad_w)}"
+        )
+    batch, height, width, words = x_packed.shape
+    if height + 2 * pad_h < kernel_h or width + 2 * pad_w < kernel_w:
+        raise ValueError(
+            f"the padded input ({height + 2 * pad_h}, {width + 2 * pad_w}) is smaller than the kernel "
+            f"({kernel_h}, {kernel_w}); x_packed has shape {tuple(x_packed.shape)}"
+        )
+    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    if kind == "cupy":
+        from . import _cuda
+
+        return _cuda.maxpool_packed(
+            x_packed, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
+        )
+    out = np.empty((batch, out_h, out_w, words), dtype=np.uint64)
+    if out.size:
+        _maxpool_packed_cpu(x_packed, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out)
+    return out

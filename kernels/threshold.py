@@ -1,0 +1,213 @@
+"""BatchNorm followed by sign, fused into a per-channel integer threshold that writes packed bits.
+
+``bn_sign_threshold`` runs once per layer at conversion time; ``threshold_pack`` runs on every
+inference and reads the int32 accumulators of ``xnor_gemm`` / ``binary_conv2d``.  Bit convention:
+see ``lowbit.kernels``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from lowbit.backend import cupy
+
+from ._checks import array_kind, check_contiguous, check_dtype, check_ndim, words_for
+from ._intrinsics import threshold_word
+
+__all__ = ["bn_sign_threshold", "threshold_pack"]
+
+# Accumulators are int32, so a threshold only has to be exact on this range.
+_ACC_MIN = -(2**31)
+_ACC_MAX = 2**31 - 1
+# Neighbour steps before falling back to bisection (the float candidate is off by at most a few).
+_CORRECTION_STEPS = 8
+
+
+def _first_true(predicate, candidate):
+    """Smallest integer a in [_ACC_MIN, _ACC_MAX + 1] where a monotone ``predicate`` holds.
+
+    ``predicate`` maps an int64 array (one entry per channel) to a bool array and is False then
+    True as ``a`` increases; ``_ACC_MAX + 1`` stands for "never".  Starts from ``candidate``, walks
+    to the neighbouring integers, and bisects the channels that have not settled after
+    ``_CORRECTION_STEPS`` steps.
+    """
+    first = np.clip(candidate, _ACC_MIN, _ACC_MAX + 1).astype(np.int64)
+    for _ in range(_CORRECTION_STEPS):
+        step_down = (first > _ACC_MIN) & predicate(first - 1)
+        step_up = (first <= _ACC_MAX) & ~predicate(first)
+        if not (step_down.any() or step_up.any()):
+            return first
+        first = first - step_down + step_up
+    low = np.full_like(first, _ACC_MIN)
+    high = np.full_like(first, _ACC_MAX + 1)
+    while np.any(low < high):
+        middle = (low + high) // 2
+        holds = predicate(middle)
+        high = np.where(holds, middle, high)
+        low = np.where(holds, low, middle + 1)
+    return low
+
+
+def bn_sign_threshold(gamma, beta, mean, var, eps, dtype=np.float64, order="divide"):
+    """Integer thresholds that reproduce ``sign(BatchNorm(acc))`` exactly on int32 accumulators.
+
+    The reproduced function is, per channel c and with every operation rounded to ``dtype``::
+
+        order="divide":   y = gamma[c] * (acc - mean[c]) / sqrt(var[c] + eps) + beta[c]
+        order="inverse":  y = gamma[c] * ((acc - mean[c]) * (1 / sqrt(var[c] + eps))) + beta[c]
+        bit = 1 if y >= 0 else 0          (sign(0) = +1, as in pack_signs)
+
+    where ``acc`` is first converted to ``dtype`` and the five parameters are first rounded to
+    ``dtype``.  ``y`` is monotone in ``acc`` (increasing for gamma > 0, decreasing for gamma < 0),
+    so the bit is ``acc >= t`` or ``acc <= t`` for an integer ``t``.  ``t`` comes from the real root
+    ``mean - beta * sqrt(var + eps) / gamma``, then is corrected by evaluating the formula above at
+    the neighbouring integers, so it is exact, not approximate.  ``gamma == 0`` gives a constant
+    bit (``beta >= 0``).
+
+    The default (float64, "divide") is the reference definition.  To reproduce a float32
+    training-time simulation bit for bit, pass its precision and order of operations:
+    ``dtype=np.float32, order="inverse"`` is the evaluation-mode forward of
+    ``lowbit.layers.BatchNorm`` (``gamma * ((x - running_mean) * inv_std) + beta``).  Another order
+    can round differently near the boundary.
+
+    Parameters
+    ----------
+    gamma, beta, mean, var : numpy.ndarray or cupy.ndarray, float, shape (C,)
+        BatchNorm scale, shift, running mean and running variance, all finite; ``var + eps > 0``.
+    eps : float
+        BatchNorm epsilon.
+    dtype : {numpy.float64, numpy.float32}, default float64
+        Precision in which the reproduced formula is evaluated.
+    order : {"divide", "inverse"}, default "divide"
+        Order of operations of the reproduced formula (see above).
+
+    Returns
+    -------
+    threshold : same kind as ``gamma``, int64, shape (C,)
+        In [-2**31 - 1, 2**31]; the values past the int32 range mean "always" or "never".
+    direction : same kind as ``gamma``, int8, shape (C,)
+        +1 (bit = acc >= threshold) or -1 (bit = acc <= threshold).
+    """
+    arrays = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    kind = array_kind(**arrays)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise TypeError(f"dtype must be float64 or float32, got {dtype.name}")
+    if order not in ("divide", "inverse"):
+        raise ValueError(f'order must be "divide" or "inverse", got {order!r}')
+    host = {}
+    for name, arr in arrays.items():
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{name} must have a float dtype, got {arr.dtype.name}")
+        check_ndim(name, arr, 1, "(C,)")
+        if arr.shape != gamma.shape:
+            raise ValueError(
+                f"{name} must have the shape of gamma {tuple(gamma.shape)}, got {tuple(arr.shape)}"
+            )
+        values = cupy.asnumpy(arr) if kind == "cupy" else arr
+        if not np.all(np.isfinite(values)):
+            where = np.flatnonzero(~np.isfinite(values))[:8]
+            raise ValueError(f"{name} must be finite, got non-finite values at indices {where}")
+        host[name] = values.astype(dtype)
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    scale_gamma, shift, center = host["gamma"], host["beta"], host["mean"]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        std = np.sqrt(host["var"] + dtype.type(eps))
+    if not np.all(np.isfinite(std) & (std > 0)):
+        raise ValueError("var + eps must be positive and finite for every channel")
+    with np.errstate(over="ignore", divide="ignore"):
+        inverse_std = dtype.type(1) / std
+
+    def normalized(acc):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if order == "inverse":
+                return scale_gamma * ((acc.astype(dtype) - center) * inverse_std) + shift
+            return scale_gamma * (acc.astype(dtype) - center) / std + shift
+
+    positive = scale_gamma > 0
+    # First accumulator whose bit differs from the bit at -infinity: y >= 0 for gamma > 0, y < 0 for
+    # gamma < 0.
+    def flips(acc):
+        y = normalized(acc)
+        return np.where(positive, y >= 0, y < 0)
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        safe_gamma = np.where(scale_gamma == 0, 1.0, scale_gamma.astype(np.float64))
+        root = center.astype(np.float64) - shift.astype(np.float64) * std.astype(np.float64) / safe_gamma
+    root = np.nan_to_num(root, nan=0.0, posinf=2.0**32, neginf=-(2.0**32))
+    candidate = np.where(positive, np.ceil(root), np.floor(root) + 1)
+    first = _first_true(flips, candidate)
+    threshold = np.where(positive, first, first - 1)
+    direction = np.where(scale_gamma < 0, -1, 1).astype(np.int8)
+    constant = scale_gamma == 0
+    threshold = np.where(constant, np.where(shift >= 0, _ACC_MIN, _ACC_MAX + 1), threshold).astype(np.int64)
+    if kind == "cupy":
+        return cupy.asarray(threshold), cupy.asarray(direction)
+    return threshold, direction
+
+
+@njit(parallel=True, cache=True)
+def _threshold_pack_cpu(acc, threshold, direction, packed):
+    rows, channels = acc.shape
+    words = packed.shape[1]
+    for index in prange(rows * words):
+        row = index // words
+        word_index = index - row * words
+        start = word_index * 64
+        if start + 64 <= channels:
+            packed[row, word_index] = threshold_word(acc, row * channels + start, threshold, direction, start)
+            continue
+        word = np.uint64(0)
+        for c in range(start, channels):
+            above = (np.int64(acc[row, c]) - threshold[c]) * direction[c] >= 0
+            word |= np.uint64(above) << np.uint64(c - start)
+        packed[row, word_index] = word
+
+
+def threshold_pack(acc, threshold, direction):
+    """Apply per-channel integer thresholds to accumulators and pack the resulting sign bits.
+
+    Parameters
+    ----------
+    acc : numpy.ndarray or cupy.ndarray, int32, shape (..., C)
+        Accumulators (the output of ``xnor_gemm`` or ``binary_conv2d``), C-contiguous.
+    threshold : same kind, int64, shape (C,)
+    direction : same kind, int8, shape (C,), values +1 or -1
+        From :func:`bn_sign_threshold`.
+
+    Returns
+    -------
+    packed : same kind, uint64, shape (..., ceil(C / 64))
+        Bit ``c`` is ``direction[c] * acc[..., c] >= direction[c] * threshold[c]``; padding bits 0.
+    """
+    kind = array_kind(acc=acc, threshold=threshold, direction=direction)
+    check_dtype("acc", acc, np.int32)
+    if acc.ndim < 1:
+        raise ValueError("acc must have at least 1 dimension (..., C), got a 0-D array")
+    check_contiguous("acc", acc)
+    check_dtype("threshold", threshold, np.int64)
+    check_dtype("direction", direction, np.int8)
+    channels = acc.shape[-1]
+    for name, arr in (("threshold", threshold), ("direction", direction)):
+        check_ndim(name, arr, 1, "(C,)")
+        if arr.shape[0] != channels:
+            raise ValueError(
+                f"{name} must have shape (C,) = ({channels},) to match acc {tuple(acc.shape)}, "
+                f"got {tuple(arr.shape)}"
+            )
+        check_contiguous(name, arr)
+    valid_direction = (direction == 1) | (direction == -1)
+    if not bool(valid_direction.all()):
+        raise ValueError("direction must hold only +1 and -1")
+    rows = 1
+    for extent in acc.shape[:-1]:
+        rows *= extent
+    out_shape = acc.shape[:-1] + (words_for(channels),)
+    if kind == "cupy":
+        from . import _cuda
+
+        return _cuda.threshold_pack(acc.reshape(rows, channels), threshold, direction).reshape(out_shape)
+    packed = np.empty((rows, words_for(channels)), dtype=np.uint64)
+    _threshold_pack_cpu(acc.reshape(rows, channels), threshold, direction, packed)
+    return packed.reshape(out_shape)
