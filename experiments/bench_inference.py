@@ -106,14 +106,14 @@ def main(argv=None):
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import lowbit
-    from lowbit.data import load_mnist
+    from lowbit.data import float_images, load_mnist
     from lowbit.trainer import write_json_atomic
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     mnist = load_mnist(progress=False)
-    x = (mnist.x_test.astype(np.float32) / np.float32(255))[:, None]
+    x = float_images(mnist.x_test)
     y = mnist.y_test
     if args.quick:
         x, y, args.repeats = x[:2000], y[:2000], 2

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 import lowbit
-from lowbit.data import load_mnist, train_val_split
+from lowbit.data import float_images, load_mnist, train_val_split
 from lowbit.optimizers import Adam, ExponentialLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import binary_cnn, bnn_mlp
@@ -51,10 +51,6 @@ CONFIGS = {
     "cnn": {"build": lambda seed, width: binary_cnn(seed), "loss": "cross_entropy", "lr": 1e-3,
             "lr_end": 1e-5, "target": 0.993, "width": None},
 }
-
-
-def float_images(x_uint8):
-    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
 
 
 def main(argv=None):

@@ -36,16 +36,12 @@ import time
 import numpy as np
 
 import lowbit
-from lowbit.data import load_mnist
+from lowbit.data import float_images, load_mnist
 from lowbit.optimizers import Adam, ConstantLR, CosineLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import deep_convnet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def float_images(x_uint8):
-    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
 
 
 def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32"):

@@ -21,10 +21,6 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _float_images(x_uint8):
-    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
-
-
 def _model_options(pairs):
     """Parse ``key=value`` pairs (values as JSON where possible) for a model builder."""
     options = {}
@@ -52,6 +48,7 @@ def _schedule(args, epochs):
 
 
 def cmd_train(args):
+    from .data import float_images as _float_images
     from .data import load_mnist
     from .optimizers import get_optimizer
     from .trainer import Trainer, write_json_atomic
@@ -88,6 +85,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
+    from .data import float_images as _float_images
     from .data import load_mnist
     from .ensemble import Ensemble
     from .io import load_model

@@ -45,6 +45,7 @@ import os
 import numpy as np
 
 from .backend import to_numpy
+from .data import float_images
 from .functions import conv_output_size
 from .io import assign_model_arrays, load_model, model_arrays
 from .layers import (
@@ -708,10 +709,6 @@ def _calibrate(twin, targets, images, percentile, batch_size, seed):
 
 
 # -- commands ---------------------------------------------------------------------------------------
-def _mnist_images(x_uint8):
-    return (x_uint8.astype(np.float32) / np.float32(255.0))[:, None, :, :]
-
-
 def _size(path):
     return os.path.getsize(path)
 
@@ -758,7 +755,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
 
     model = load_model(model_path)
     mnist = data if data is not None else load_mnist(progress=False)
-    x_test, y_test = _mnist_images(mnist.x_test), np.asarray(mnist.y_test)
+    x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
     if limit:
         x_test, y_test = x_test[:limit], y_test[:limit]
     calibration = None
@@ -766,7 +763,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         rng = np.random.default_rng(seed)
         count = min(int(calibrate), len(mnist.x_train))
         picks = np.sort(rng.choice(len(mnist.x_train), count, replace=False))
-        calibration = _mnist_images(mnist.x_train[picks])
+        calibration = float_images(mnist.x_train[picks])
     twin = post_training_quantize(model, weight_bits, activation_bits, calibration, per_channel=per_channel,
                                   keep_first=keep_first, keep_last=keep_last, percentile=percentile,
                                   seed=seed)
@@ -814,7 +811,7 @@ def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=Fa
         from .data import load_mnist
 
         mnist = data if data is not None else load_mnist(progress=False)
-        x_test, y_test = _mnist_images(mnist.x_test), np.asarray(mnist.y_test)
+        x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
         if limit:
             x_test, y_test = x_test[:limit], y_test[:limit]
         sim = model.predict_scores(x_test)

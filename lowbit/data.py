@@ -631,3 +631,11 @@ def _say(message: str, progress: bool) -> None:
     logger.info(message)
     if progress:
         print(message, file=sys.stderr)
+
+
+def float_images(x_uint8) -> np.ndarray:
+    """MNIST images as models take them: uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    x = np.asarray(x_uint8)
+    if x.ndim != 3 or x.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 of shape (N, H, W), got {x.dtype} {x.shape}")
+    return (x.astype(np.float32) / np.float32(255.0))[:, None, :, :]

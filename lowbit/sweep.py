@@ -292,13 +292,6 @@ class _Split(NamedTuple):
     y_test: np.ndarray
 
 
-def _float_images(x):
-    x = np.asarray(x)
-    if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
-        raise ValueError(f"data images must be uint8 of shape (N, 28, 28), got {x.dtype} {x.shape}")
-    return (x.astype(np.float32) / np.float32(255.0))[:, None, :, :]
-
-
 def _fingerprint(data):
     digest = hashlib.sha256()
     for name in ("x_train", "y_train", "x_test", "y_test"):
@@ -309,13 +302,13 @@ def _fingerprint(data):
 
 
 def _split(data, settings, seed):
-    from .data import train_val_split
+    from .data import float_images, train_val_split
 
-    x, y = _float_images(data.x_train), np.asarray(data.y_train)
+    x, y = float_images(data.x_train), np.asarray(data.y_train)
     x_train, y_train, x_val, y_val = train_val_split(x, y, settings["val_size"], seed)
     if settings["train_limit"]:
         x_train, y_train = x_train[:settings["train_limit"]], y_train[:settings["train_limit"]]
-    x_test, y_test = _float_images(data.x_test), np.asarray(data.y_test)
+    x_test, y_test = float_images(data.x_test), np.asarray(data.y_test)
     if settings["test_limit"]:
         x_test, y_test = x_test[:settings["test_limit"]], y_test[:settings["test_limit"]]
     return _Split(x_train, y_train, x_val, y_val, x_test, y_test)
