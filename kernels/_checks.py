@@ -69,6 +69,8 @@ def check_packed(name, arr, ndim=None, layout=""):
 
 def check_int(name, value, minimum=None):
     """A Python or numpy integer (not bool), at least ``minimum``; returns it as int."""
+    if type(value) is int and (minimum is None or value >= minimum):  # the common case, fast
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = operator.index(value)
@@ -79,6 +81,8 @@ def check_int(name, value, minimum=None):
 
 def check_pair(name, value, minimum):
     """An int or a pair of ints (height, width), each at least ``minimum``; returns a tuple."""
+    if type(value) is int and value >= minimum:  # the common case, fast
+        return (value, value)
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair (height, width), got {value!r}")
@@ -115,9 +119,9 @@ def check_padding_bits(name, arr, k):
 
     Reads only the last word of each row, so it costs one pass over ``size / words`` words.
     """
-    mask = padding_mask(k)
-    if mask == 0 or arr.size == 0:
+    if k % 64 == 0 or arr.size == 0:
         return
+    mask = padding_mask(k)
     if is_cupy_array(arr):
         bad = bool(cupy.any(arr[..., -1] & mask))
     else:

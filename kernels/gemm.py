@@ -46,24 +46,30 @@ def _pack_panels(b, panels):
 
 @njit(cache=True)
 def _blocking(m, words, n_panels, threads):
-    """Split the (M rows) x (panels) work into blocks for the threads.
+    """Split the (M rows) x (panels) work into equal blocks for the threads.
 
-    Returns ``(rows_per_block, row_blocks, panels_per_block, panel_blocks)``: a block is a chunk of
-    about ``_ROW_CHUNK_BYTES`` of A rows (a multiple of TILE_ROWS) against a run of panels, and
-    there are at least ``4 * threads`` blocks when M and N allow it, so that the static schedule of
-    ``prange`` stays balanced.
+    Returns ``(rows_per_block, row_blocks, panels_per_block, panel_blocks)``.  A block is a run of
+    A rows (at most about ``_ROW_CHUNK_BYTES``, a multiple of TILE_ROWS) against a run of panels.
+    ``prange`` hands each thread an equal count of consecutive blocks, so the blocks are made as
+    equal as the tiles allow, at least ``4 * threads`` of them when M and N allow it, and their
+    count a multiple of ``threads`` when it can be.
     """
-    rows_per_block = max(TILE_ROWS, _ROW_CHUNK_BYTES // max(words * 8, 1) // TILE_ROWS * TILE_ROWS)
-    row_blocks = (m + rows_per_block - 1) // rows_per_block
+    row_tiles = (m + TILE_ROWS - 1) // TILE_ROWS
+    if row_tiles == 0 or n_panels == 0:
+        return TILE_ROWS, 0, 1, 0
+    max_tiles = max(1, _ROW_CHUNK_BYTES // (max(words, 1) * 8) // TILE_ROWS)
+    row_blocks = max(1, (row_tiles + max_tiles - 1) // max_tiles)
     target_blocks = 4 * threads
     panel_blocks = min(n_panels, max(1, (target_blocks + row_blocks - 1) // row_blocks))
     panels_per_block = (n_panels + panel_blocks - 1) // panel_blocks
     panel_blocks = (n_panels + panels_per_block - 1) // panels_per_block
-    if row_blocks * panel_blocks < target_blocks and row_blocks < (m + TILE_ROWS - 1) // TILE_ROWS:
-        rows_per_block = max(TILE_ROWS, (m * panel_blocks + target_blocks - 1) // target_blocks)
-        rows_per_block = (rows_per_block + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
-        row_blocks = (m + rows_per_block - 1) // rows_per_block
-    return rows_per_block, row_blocks, panels_per_block, panel_blocks
+    if row_blocks * panel_blocks < target_blocks:
+        row_blocks = min(row_tiles, (target_blocks + panel_blocks - 1) // panel_blocks)
+    while (row_blocks * panel_blocks) % threads and row_blocks < row_tiles:
+        row_blocks += 1
+    tiles_per_block = (row_tiles + row_blocks - 1) // max(row_blocks, 1)
+    row_blocks = (row_tiles + tiles_per_block - 1) // max(tiles_per_block, 1)
+    return tiles_per_block * TILE_ROWS, row_blocks, panels_per_block, panel_blocks
 
 
 @njit(cache=True)
