@@ -3,7 +3,9 @@
 For the binary MLP (``bnn_mlp``, 3x4096) and the binary CNN (``binary_cnn``) it times, in one run,
 with the same thread count (``--threads``) and the same batch size:
 
-* ``packed``      the lowbit PackedModel (Numba XNOR-popcount kernels, integer thresholds);
+* ``packed``      the lowbit PackedModel (Numba XNOR-popcount kernels, integer thresholds); the MLP
+                  converted with ``input_bits=8`` (its binary first layer on the pixel codes by bit
+                  planes; ``packed_float_first``: the same model with that layer as a float stage);
 * ``sim``         lowbit's float path: the trained model's own float32 simulation;
 * ``torch_fp32``  the same architecture in PyTorch CPU, float32 (``bench`` extra), evaluation mode,
                   under ``torch.inference_mode``; binary activations as ``torch.sign`` after BatchNorm.
@@ -122,7 +124,10 @@ def main(argv=None):
     results = {}
     for name in ("mlp_det", "cnn"):
         model, source = load_or_build(name, args.runs)
-        packed = lowbit.convert(model)
+        # The MLP's first layer takes the real-valued image with binary weights: on 8-bit images it
+        # runs by bit planes (input_bits=8, exact integer sums); "packed_float_first" keeps it a float
+        # stage that repeats the simulation's float32 sums.  The CNN's first layer has float weights.
+        packed = lowbit.convert(model, input_bits=8 if name == "mlp_det" else None)
         net = torch_twin(torch, model)
         xt = torch.from_numpy(x)
 
@@ -137,6 +142,13 @@ def main(argv=None):
                 return np.concatenate([net(xt[i:i + bs]).argmax(1).numpy() for i in range(0, len(x), bs)])
 
         variants = {"packed": run_packed, "sim": run_sim, "torch_fp32": run_torch}
+        if name == "mlp_det":
+            packed_float_first = lowbit.convert(model)
+
+            def run_packed_float_first():
+                return packed_float_first.predict(x, bs)
+
+            variants["packed_float_first"] = run_packed_float_first
         for fn in variants.values():
             fn()  # warm-up (Numba compilation, allocator)
         times = {k: [] for k in variants}
@@ -149,9 +161,11 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             float_bytes = os.path.getsize(lowbit.save_model(model, os.path.join(tmp, "f.npz")))
             packed_bytes = os.path.getsize(packed.save(os.path.join(tmp, "p.npz")))
-        labels_equal = int((run_packed() == run_sim()).sum())
+        sim_labels = run_sim()
+        labels_equal = int((run_packed() == sim_labels).sum())
         results[name] = {
             "model_source": source, "images": len(x), "batch_size": bs,
+            "stages": [stage.kind for stage in packed.stages], "notes": packed.notes,
             "seconds": times, "images_per_second": ips,
             "ratio_packed_over_torch_fp32": ips["packed"] / ips["torch_fp32"],
             "ratio_packed_over_sim": ips["packed"] / ips["sim"],
@@ -159,6 +173,11 @@ def main(argv=None):
             "float32_file_bytes": float_bytes, "packed_file_bytes": packed_bytes,
             "size_ratio": float_bytes / packed_bytes,
         }
+        if name == "mlp_det":
+            results[name]["ratio_packed_float_first_over_torch_fp32"] = (
+                ips["packed_float_first"] / ips["torch_fp32"])
+            results[name]["packed_float_first_labels_equal_sim"] = int(
+                (run_packed_float_first() == sim_labels).sum())
         print(f"{name}: packed {ips['packed']:.0f} img/s, lowbit float {ips['sim']:.0f}, torch fp32 "
               f"{ips['torch_fp32']:.0f} -> {results[name]['ratio_packed_over_torch_fp32']:.1f}x torch; "
               f"file {float_bytes / packed_bytes:.1f}x smaller; labels equal {labels_equal}/{len(x)}")

@@ -47,6 +47,16 @@ direction * threshold``, exactly equal to ``pack_signs`` of
 order="inverse"`` reproduces instead, bit for bit, the float32 evaluation-mode forward of
 ``lowbit.layers.BatchNorm`` (``gamma * ((acc - mean) * (1 / sqrt(var + eps))) + beta``).
 
+Two fused variants: ``threshold_maxpool_pack(acc, threshold, direction, kernel, stride, padding)``
+max-pools the int32 accumulators and thresholds them in one pass (equal to ``threshold_pack`` of
+the pooled accumulators), and ``threshold_signs(x, threshold, direction)`` compares float32
+channels-first values ``(N, C)`` / ``(N, C, H, W)`` with per-channel float thresholds and packs them
+channels-last in one pass (threshold 0, direction +1 is ``pack_signs`` of the NHWC values).
+
+k-bit inputs (a binary first layer on 8-bit images): ``pack_bitplanes(codes, bits)`` packs each
+bit plane of unsigned codes, ``xnor_gemm`` multiplies the planes, and ``combine_bitplanes`` sums
+them weighted by ``2^b`` (see ``kernels/bitplane.py`` for the identity that makes it exact).
+
 CPU path
 --------
 Popcounts go through LLVM's ``llvm.ctpop`` intrinsic (``kernels/_intrinsics.py``): on CPUs with
@@ -68,11 +78,12 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 ``pack_signs`` and the padding-bit checks (one small reduction each, which synchronise).
 ``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
 """
+from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import binary_conv2d
 from .gemm import xnor_gemm
 from .pack import pack_signs, unpack_signs, words_for
 from .pool import maxpool_packed
-from .threshold import bn_sign_threshold, threshold_pack
+from .threshold import bn_sign_threshold, threshold_maxpool_pack, threshold_pack, threshold_signs
 
 __all__ = [
     "pack_signs",
@@ -82,5 +93,9 @@ __all__ = [
     "binary_conv2d",
     "bn_sign_threshold",
     "threshold_pack",
+    "threshold_maxpool_pack",
+    "threshold_signs",
     "maxpool_packed",
+    "pack_bitplanes",
+    "combine_bitplanes",
 ]

@@ -4,9 +4,51 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from lowbit.backend import get_array_module
+
 from ._checks import array_kind, check_packed, check_pair
 
 __all__ = ["maxpool_packed"]
+
+
+def pool_geometry(name, x, kernel, stride, padding):
+    """Checked ``(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w)`` of a pooling
+    of the NHWC array ``x`` (argument ``name``): padding smaller than the kernel (no window is all
+    padding), the padded input at least the kernel; ``stride`` None means ``kernel``."""
+    kernel_h, kernel_w = check_pair("kernel", kernel, 1)
+    stride_h, stride_w = check_pair("stride", kernel if stride is None else stride, 1)
+    pad_h, pad_w = check_pair("padding", padding, 0)
+    if pad_h >= kernel_h or pad_w >= kernel_w:
+        raise ValueError(
+            f"padding must be smaller than the kernel {(kernel_h, kernel_w)} so that no window is all "
+            f"padding, got {(pad_h, pad_w)}"
+        )
+    height, width = x.shape[1], x.shape[2]
+    if height + 2 * pad_h < kernel_h or width + 2 * pad_w < kernel_w:
+        raise ValueError(
+            f"the padded input ({height + 2 * pad_h}, {width + 2 * pad_w}) is smaller than the kernel "
+            f"({kernel_h}, {kernel_w}); {name} has shape {tuple(x.shape)}"
+        )
+    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    return kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
+
+
+def maxpool_int(acc, kernel, stride=None, padding=0):
+    """Max-pooling of integer NHWC arrays (numpy or CuPy, by strided views; padding ignored, as
+    -inf): the reference that ``threshold_maxpool_pack`` fuses, and its CuPy path."""
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w = pool_geometry(
+        "acc", acc, kernel, stride, padding)
+    xp = get_array_module(acc)
+    low = np.iinfo(acc.dtype).min
+    padded = xp.pad(acc, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)), constant_values=low)
+    h_end, w_end = stride_h * (out_h - 1) + 1, stride_w * (out_w - 1) + 1
+    pooled = None
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            view = padded[:, i:i + h_end:stride_h, j:j + w_end:stride_w, :]
+            pooled = view.copy() if pooled is None else xp.maximum(pooled, view)
+    return xp.ascontiguousarray(pooled)
 
 
 @njit(parallel=True, cache=True)
@@ -52,22 +94,9 @@ def maxpool_packed(x_packed, kernel, stride=None, padding=0):
     """
     kind = array_kind(x_packed=x_packed)
     check_packed("x_packed", x_packed, ndim=4, layout="(N, H, W, words)")
-    kernel_h, kernel_w = check_pair("kernel", kernel, 1)
-    stride_h, stride_w = check_pair("stride", kernel if stride is None else stride, 1)
-    pad_h, pad_w = check_pair("padding", padding, 0)
-    if pad_h >= kernel_h or pad_w >= kernel_w:
-        raise ValueError(
-            f"padding must be smaller than the kernel {(kernel_h, kernel_w)} so that no window is all "
-            f"padding, got {(pad_h, pad_w)}"
-        )
-    batch, height, width, words = x_packed.shape
-    if height + 2 * pad_h < kernel_h or width + 2 * pad_w < kernel_w:
-        raise ValueError(
-            f"the padded input ({height + 2 * pad_h}, {width + 2 * pad_w}) is smaller than the kernel "
-            f"({kernel_h}, {kernel_w}); x_packed has shape {tuple(x_packed.shape)}"
-        )
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w = pool_geometry(
+        "x_packed", x_packed, kernel, stride, padding)
+    batch, _, _, words = x_packed.shape
     if kind == "cupy":
         from . import _cuda
 

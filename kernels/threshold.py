@@ -13,14 +13,17 @@ from lowbit.backend import cupy
 
 from ._checks import array_kind, check_contiguous, check_dtype, check_ndim, words_for
 from ._intrinsics import threshold_word
+from .pool import maxpool_int, pool_geometry
 
-__all__ = ["bn_sign_threshold", "threshold_pack"]
+__all__ = ["bn_sign_threshold", "threshold_pack", "threshold_maxpool_pack", "threshold_signs"]
 
 # Accumulators are int32, so a threshold only has to be exact on this range.
 _ACC_MIN = -(2**31)
 _ACC_MAX = 2**31 - 1
 # Neighbour steps before falling back to bisection (the float candidate is off by at most a few).
 _CORRECTION_STEPS = 8
+# Rows per parallel work item of threshold_pack (amortises the per-item scratch buffer).
+_ROWS_PER_CHUNK = 256
 
 
 def _first_true(predicate, candidate):
@@ -149,20 +152,33 @@ def bn_sign_threshold(gamma, beta, mean, var, eps, dtype=np.float64, order="divi
 
 @njit(parallel=True, cache=True)
 def _threshold_pack_cpu(acc, threshold, direction, packed):
+    """``threshold`` / ``direction`` are padded to ``64 * words`` channels (see ``_padded``)."""
     rows, channels = acc.shape
     words = packed.shape[1]
-    for index in prange(rows * words):
-        row = index // words
-        word_index = index - row * words
-        start = word_index * 64
-        if start + 64 <= channels:
-            packed[row, word_index] = threshold_word(acc, row * channels + start, threshold, direction, start)
-            continue
-        word = np.uint64(0)
-        for c in range(start, channels):
-            above = (np.int64(acc[row, c]) - threshold[c]) * direction[c] >= 0
-            word |= np.uint64(above) << np.uint64(c - start)
-        packed[row, word_index] = word
+    full_words = channels // 64
+    chunks = (rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    for chunk in prange(chunks):
+        tail = np.zeros(64, dtype=np.int32)
+        for row in range(chunk * _ROWS_PER_CHUNK, min(rows, (chunk + 1) * _ROWS_PER_CHUNK)):
+            for w in range(full_words):
+                packed[row, w] = threshold_word(acc, row * channels + w * 64, threshold, direction, w * 64)
+            if full_words < words:
+                start = full_words * 64
+                for c in range(channels - start):
+                    tail[c] = acc[row, start + c]
+                packed[row, full_words] = threshold_word(tail, 0, threshold, direction, start)
+
+
+def _padded(threshold, direction):
+    """Thresholds and directions padded to a whole number of 64-channel words with "never" (so the
+    vector compare of ``threshold_word`` serves the last, partial word too and leaves its padding
+    bits 0)."""
+    channels = threshold.shape[0]
+    extra = -channels % 64
+    if extra == 0:
+        return threshold, direction
+    return (np.concatenate([threshold, np.full(extra, np.int64(2) ** 40)]),
+            np.concatenate([direction, np.ones(extra, np.int8)]))
 
 
 def threshold_pack(acc, threshold, direction):
@@ -209,5 +225,170 @@ def threshold_pack(acc, threshold, direction):
 
         return _cuda.threshold_pack(acc.reshape(rows, channels), threshold, direction).reshape(out_shape)
     packed = np.empty((rows, words_for(channels)), dtype=np.uint64)
-    _threshold_pack_cpu(acc.reshape(rows, channels), threshold, direction, packed)
+    if packed.size:
+        _threshold_pack_cpu(acc.reshape(rows, channels), *_padded(threshold, direction), packed)
     return packed.reshape(out_shape)
+
+
+def _check_thresholds(acc, threshold, direction, channels, threshold_dtype):
+    """Shared checks of the per-channel ``threshold`` (``threshold_dtype``) and ``direction`` (int8)."""
+    check_dtype("threshold", threshold, threshold_dtype)
+    check_dtype("direction", direction, np.int8)
+    for name, arr in (("threshold", threshold), ("direction", direction)):
+        check_ndim(name, arr, 1, "(C,)")
+        if arr.shape[0] != channels:
+            raise ValueError(
+                f"{name} must have shape (C,) = ({channels},) to match {acc} , "
+                f"got {tuple(arr.shape)}"
+            )
+        check_contiguous(name, arr)
+    if not bool(((direction == 1) | (direction == -1)).all()):
+        raise ValueError("direction must hold only +1 and -1")
+
+
+@njit(parallel=True, cache=True)
+def _threshold_maxpool_cpu(acc, threshold, direction, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                           packed):
+    batch, height, width, channels = acc.shape
+    out_h, out_w, words = packed.shape[1], packed.shape[2], packed.shape[3]
+    for image_row in prange(batch * out_h):
+        image = image_row // out_h
+        oy = image_row - image * out_h
+        y_start = max(oy * stride_h - pad_h, 0)
+        y_stop = min(oy * stride_h - pad_h + kernel_h, height)
+        pooled = np.zeros(words * 64, dtype=np.int32)
+        for ox in range(out_w):
+            x_start = max(ox * stride_w - pad_w, 0)
+            x_stop = min(ox * stride_w - pad_w + kernel_w, width)
+            for c in range(channels):
+                pooled[c] = acc[image, y_start, x_start, c]
+            for iy in range(y_start, y_stop):
+                for ix in range(x_start, x_stop):
+                    for c in range(channels):
+                        pooled[c] = max(pooled[c], acc[image, iy, ix, c])
+            for w in range(words):
+                packed[image, oy, ox, w] = threshold_word(pooled, w * 64, threshold, direction, w * 64)
+
+
+def threshold_maxpool_pack(acc, threshold, direction, kernel, stride=None, padding=0):
+    """Max-pool int32 accumulators, then threshold and pack them: one pass, exactly
+    ``threshold_pack(maxpool(acc), threshold, direction)``.
+
+    Parameters
+    ----------
+    acc : numpy.ndarray or cupy.ndarray, int32, shape (N, H, W, C)
+        NHWC accumulators (the output of ``binary_conv2d``), C-contiguous.
+    threshold : same kind, int64, shape (C,)
+    direction : same kind, int8, shape (C,), values +1 or -1
+        As for :func:`threshold_pack`.
+    kernel, stride, padding
+        As for :func:`~lowbit.kernels.maxpool_packed`: padded positions are ignored (as if -inf),
+        and the padding must be smaller than the kernel.
+
+    Returns
+    -------
+    packed : same kind, uint64, shape (N, OH, OW, ceil(C / 64))
+        Bit ``c`` of position ``(oy, ox)`` is ``direction[c] * m >= direction[c] * threshold[c]``
+        with ``m`` the max of ``acc[..., c]`` over the window; padding bits 0.
+    """
+    kind = array_kind(acc=acc, threshold=threshold, direction=direction)
+    check_dtype("acc", acc, np.int32)
+    check_ndim("acc", acc, 4, "(N, H, W, C)")
+    check_contiguous("acc", acc)
+    batch, height, width, channels = acc.shape
+    _check_thresholds(f"acc {tuple(acc.shape)}", threshold, direction, channels, np.int64)
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w = pool_geometry(
+        "acc", acc, kernel, stride, padding)
+    if kind == "cupy":  # not fused on the GPU: a max over strided views (CuPy), then the CUDA threshold
+        return threshold_pack(maxpool_int(acc, kernel, stride, padding), threshold, direction)
+    packed = np.empty((batch, out_h, out_w, words_for(channels)), dtype=np.uint64)
+    if packed.size and channels:
+        _threshold_maxpool_cpu(acc, *_padded(threshold, direction), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                               packed)
+    return packed
+
+
+@njit(parallel=True, cache=True)
+def _threshold_signs_cpu(x, threshold, direction, packed):
+    """x (N, C, P) float32 -> packed (N, P, words); returns the number of NaNs seen."""
+    batch, channels, positions = x.shape
+    words = packed.shape[2]
+    nans = np.zeros(batch, dtype=np.int64)
+    for image in prange(batch):
+        for p in range(positions):
+            for w in range(words):
+                packed[image, p, w] = 0
+        count = 0
+        for c in range(channels):
+            word = c >> 6
+            shift = np.uint64(c & 63)
+            t = threshold[c]
+            if direction[c] > 0:
+                for p in range(positions):
+                    v = x[image, c, p]
+                    count += v != v
+                    packed[image, p, word] |= np.uint64(v >= t) << shift
+            else:
+                for p in range(positions):
+                    v = x[image, c, p]
+                    count += v != v
+                    packed[image, p, word] |= np.uint64(v <= t) << shift
+        nans[image] = count
+    return nans.sum()
+
+
+def threshold_signs(x, threshold, direction):
+    """Per-channel float thresholds on channels-first float32 values, packed channels-last.
+
+    The float counterpart of :func:`threshold_pack`, for a sign that follows float layers: with
+    ``threshold = 0`` and ``direction = +1`` it is ``pack_signs`` of ``x`` moved to channels-last
+    (NCHW -> NHWC, the transpose and the pack in one pass); other thresholds reproduce a monotone
+    per-channel function followed by sign, such as BatchNorm (``lowbit.convert`` derives them).
+
+    Parameters
+    ----------
+    x : numpy.ndarray or cupy.ndarray, float32, shape (N, C) or (N, C, H, W)
+        C-contiguous, no NaN.
+    threshold : same kind, float32, shape (C,)
+        NaN means the bit is never set.
+    direction : same kind, int8, shape (C,), values +1 or -1
+
+    Returns
+    -------
+    packed : same kind, uint64, shape (N, ceil(C / 64)) or (N, H, W, ceil(C / 64))
+        Bit ``c`` is ``x[:, c] >= threshold[c]`` where ``direction[c] = +1``, ``x[:, c] <=
+        threshold[c]`` where it is -1 (IEEE comparisons: -0.0 == 0.0); padding bits 0.
+
+    Raises
+    ------
+    ValueError
+        ``x`` holds NaN (it has no sign, as in ``pack_signs``), or a shape does not match.
+    """
+    kind = array_kind(x=x, threshold=threshold, direction=direction)
+    check_dtype("x", x, np.float32)
+    if x.ndim not in (2, 4):
+        raise ValueError(f"x must be 2-D (N, C) or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    check_contiguous("x", x)
+    channels = x.shape[1]
+    _check_thresholds(f"x {tuple(x.shape)}", threshold, direction, channels, np.float32)
+    spatial = x.shape[2:]
+    out_shape = (x.shape[0],) + spatial + (words_for(channels),)
+    if kind == "cupy":
+        from .pack import pack_signs
+
+        if bool(cupy.isnan(x).any()):
+            raise ValueError("x holds NaN, which has no sign")
+        shape = (1, channels) + (1,) * len(spatial)
+        t, d = threshold.reshape(shape), direction.reshape(shape)
+        bits = cupy.where(d > 0, x >= t, x <= t)
+        moved = bits.transpose((0,) + tuple(range(2, x.ndim)) + (1,)) if spatial else bits
+        return pack_signs(cupy.ascontiguousarray(moved).astype(cupy.int8) * 2 - 1)
+    packed = np.empty(out_shape, dtype=np.uint64)
+    if packed.size == 0:
+        return packed
+    positions = int(np.prod(spatial)) if spatial else 1
+    nans = _threshold_signs_cpu(x.reshape(x.shape[0], channels, positions), threshold, direction,
+                                packed.reshape(x.shape[0], positions, -1))
+    if nans:
+        raise ValueError(f"x holds {nans} NaN values, which have no sign")
+    return packed

@@ -53,8 +53,9 @@ from .layers import (
 )
 from .model import Model
 from .packed import (
-    AccToFloatStage, BinaryConvStage, BinaryDenseStage, FlattenStage, FloatStage, IntMaxPoolStage,
-    PackedMaxPoolStage, PackedModel, PackStage, ThresholdStage, UnpackStage, kernel_channel_axis,
+    AccToFloatStage, BinaryConvStage, BitplaneDenseStage, BinaryDenseStage, FlattenStage, FloatStage, IntMaxPoolStage,
+    PackedMaxPoolStage, PackedModel, PackStage, ThresholdMaxPoolStage, ThresholdStage, UnpackStage,
+    kernel_channel_axis,
     make_spec, sim_shape,
 )
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
@@ -168,7 +169,9 @@ class _NotFusable(Exception):
 class _Converter:
     """One left-to-right pass over the flattened layer list, emitting stages (see the module doc)."""
 
-    def __init__(self, named_layers, input_shape, allow_inexact):
+    def __init__(self, named_layers, input_shape, allow_inexact, input_bits=None):
+        self.input_bits = input_bits
+        self.input_shape = tuple(input_shape)
         self.paths = [path for path, _ in named_layers]
         self.layers = [layer for _, layer in named_layers]
         self.allow_inexact = allow_inexact
@@ -246,7 +249,7 @@ class _Converter:
 
     # -- the pass ------------------------------------------------------------------------------
     def run(self):
-        index = 0
+        index = self.bitplane_first() if self.input_bits else 0
         n = len(self.layers)
         while index < n:
             layer = self.layers[index]
@@ -261,16 +264,54 @@ class _Converter:
             self.stages.append(FloatStage([], sim_shape(self.spec)))
         return self.stages
 
+    def bitplane_first(self):
+        """With ``input_bits``: a leading ``[Rescale] [Flatten] [Dropout] - binary QuantAffine - ... - sign``
+        becomes one :class:`BitplaneDenseStage`; returns the index of the first layer left (0 when
+        the model does not start that way, with a note)."""
+        index, rescale = 0, None
+        while index < len(self.layers) and isinstance(self.layers[index], (Rescale, Flatten, Dropout)):
+            if isinstance(self.layers[index], Rescale):
+                if rescale is not None:
+                    break
+                rescale = self.layers[index]
+            index += 1
+        if index >= len(self.layers):
+            self.notes.append("input_bits: the model has no first binary layer; not used")
+            return 0
+        layer = self.layers[index]
+        kernel = self.binary(index) if isinstance(layer, QuantAffine) else None
+        if kernel is None or kernel.alpha is not None or not isinstance(layer.input_quantizer, Identity):
+            self.note(index, "input_bits: the first weighted layer is not a bias-free binary dense layer with "
+                             "+-1 weights on real input; not used")
+            return 0
+        try:
+            ops, _, _, _, terminal, next_index = self.chain(index + 1, spatial=False)
+            threshold, direction = _bitplane_thresholds(layer, kernel, rescale, ops, terminal, self.input_bits)
+        except _NotFusable as reason:
+            self.note(index, f"input_bits: {reason}; not used")
+            return 0
+        from . import kernels
+
+        packed = kernels.pack_signs(np.ascontiguousarray(kernel.w_eff.T))
+        out = make_spec("packed", "dense", (layer.out_features,))
+        self.push(BitplaneDenseStage(make_spec("float", None, self.input_shape), out, packed, layer.in_features,
+                                     self.input_bits, threshold, direction))
+        self.note(index, f"runs on {self.input_bits}-bit images by bit planes (input_bits): exact integer sums, "
+                         "where the simulation rounds its float32 sums, so a sign may differ from the "
+                         "simulation's where that rounding decides it")
+        return next_index
+
     def float_step(self, index, layer):
         if isinstance(layer, (QuantAffine, QuantConv2D)) and _sign_quantizer(layer.input_quantizer) \
                 and self.binary(index) is not None:
-            self.pack(nhwc=isinstance(layer, Conv2D))
+            self.pack(nhwc=isinstance(layer, Conv2D), terminal=layer.input_quantizer)
             return index
         if isinstance(layer, QuantActivation) and _sign_quantizer(layer.quantizer):
             consumer, pooled = self.next_consumer(index + 1)
             if consumer is not None and self.takes_packed(consumer):
                 spatial = len(sim_shape(self.spec)) == 3
-                self.pack(nhwc=spatial and (isinstance(self.layers[consumer], Conv2D) or pooled))
+                self.pack(nhwc=spatial and (isinstance(self.layers[consumer], Conv2D) or pooled),
+                          terminal=layer.quantizer)
                 return index + 1
         if isinstance(layer, Dropout):
             return index + 1  # the identity at evaluation
@@ -299,14 +340,45 @@ class _Converter:
         self.unpack()
         return index
 
-    def pack(self, nhwc):
-        self.flush()
+    def pack(self, nhwc, terminal=None):
+        """Flush the float layers and pack their output's signs (``terminal`` is the sign quantizer).
+
+        Per-channel layers at the end of the pending float layers (BatchNorm, ReLU, Rescale) become
+        the pack stage's float thresholds when :func:`_float_thresholds` can derive them exactly.
+        """
         shape = sim_shape(self.spec)
+        threshold = direction = None
+        tail = self.pending_tail(nhwc, shape)
+        if tail and terminal is not None:
+            try:
+                threshold, direction = _float_thresholds(tail, terminal, shape[0], spatial=nhwc)
+            except _NotFusable:
+                threshold = direction = None
+            else:
+                del self.pending[len(self.pending) - len(tail):]
+        self.flush()
         if nhwc:
             out = make_spec("packed", "nhwc", shape)
         else:
             out = make_spec("packed", "dense", (int(np.prod(shape)),))
-        self.push(PackStage(self.spec, out))
+        self.push(PackStage(self.spec, out, threshold, direction))
+
+    def pending_tail(self, nhwc, shape):
+        """The per-channel float32 layers at the end of ``pending`` that a pack stage can absorb."""
+        if not ((nhwc and len(shape) == 3) or (not nhwc and len(shape) == 1)):
+            return []
+        tail = []
+        for layer in reversed(self.pending):
+            per_channel = isinstance(layer, (BatchNorm, ReLU, Rescale)) or (
+                isinstance(layer, QuantActivation) and isinstance(layer.quantizer, Identity))
+            if not per_channel:
+                break
+            tail.insert(0, layer)
+        # A float16 model computes these layers in float16: thresholds are derived in float32 only.
+        arrays = [getattr(inner, attr) for _, inner, attr in Sequential(self.pending).named_arrays()]
+        if any(np.asarray(to_numpy(a)).dtype != np.float32 for a in arrays):
+            return []
+        return tail
 
     def unpack(self):
         self.push(UnpackStage(self.spec, make_spec("float", None, sim_shape(self.spec))))
@@ -408,9 +480,9 @@ class _Converter:
             dims = _pool_dims(acc_spec[2], pool)
             if np.all(pre[1:] >= pre[:-1]):
                 # max commutes with the non-decreasing layers before the pool: pool the integers
-                self.push(IntMaxPoolStage(acc_spec, make_spec("acc", "nhwc", dims),
-                                          pool.kernel_size, pool.stride, pool.padding))
-                self.push(ThresholdStage(self.spec, make_spec("packed", "nhwc", dims), threshold, direction))
+                # (the pool and the threshold in one pass)
+                self.push(ThresholdMaxPoolStage(acc_spec, make_spec("packed", "nhwc", dims), pool.kernel_size,
+                                                pool.stride, pool.padding, threshold, direction))
             elif _non_decreasing_after(pre, bits):
                 # sign(after(max v)) = max sign(after(v)) when sign o after is non-decreasing: OR the bits
                 packed = make_spec("packed", "nhwc", acc_spec[2])
@@ -488,12 +560,160 @@ def _non_decreasing_after(pre, bits):
     return bool(np.all(ordered[1:] >= ordered[:-1]))
 
 
+def _float_keys(values):
+    """float32 -> int64 keys in the order of the floats (-0.0 just below +0.0; NaN not allowed)."""
+    bits = np.asarray(values, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+def _key_floats(keys):
+    """The inverse of :func:`_float_keys`."""
+    keys = np.asarray(keys, dtype=np.int64)
+    bits = np.where(keys < 0, (-(keys + 1)) | np.int64(-(2 ** 31)), keys)
+    return bits.astype(np.int32).view(np.float32)
+
+
+def _float_thresholds(ops, terminal, channels, spatial):
+    """Float32 thresholds (C,) and directions (C,) that reproduce ``terminal(ops(x))`` per channel.
+
+    ``ops`` are per-channel float32 layers that are monotone in each element (BatchNorm, ReLU,
+    Rescale: each float32 operation rounds monotonically), so the sign after them is a threshold on
+    ``x`` in float order.  The layers themselves are evaluated (evaluation mode, shape ``(R, C)`` or
+    ``(R, C, 1, 1)``): at both ends of the domain for the direction, then a bisection over the
+    float32 values in order, then a check on the neighbours of every threshold, signed zeros and
+    random values.  A constant channel gets threshold -inf (always 1) or NaN (never).  The domain is
+    the widest of +-3.4e38, +-1e30, ..., +-1e5 on which the layers give no NaN (an overflow times a
+    zero gamma); outside it the simulation has no sign to give (its quantizer refuses NaN).
+    """
+    def bits(keys, allow_nan=False):
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.empty(keys.shape, dtype=bool)
+        step = max(1, _GRID_ELEMENTS // channels)
+        for start in range(0, keys.shape[0], step):
+            part = keys[start:start + step]
+            v = _key_floats(part)
+            if spatial:
+                v = v.reshape(part.shape[0], channels, 1, 1)
+            with np.errstate(all="ignore"):
+                for op in ops:
+                    v = op.forward(v, train=False)
+                v = np.asarray(to_numpy(v))
+                if np.isnan(v).any():
+                    if not allow_nan:
+                        raise _NotFusable("the layers before the sign give NaN")
+                    return None
+                q = np.asarray(to_numpy(terminal(v, train=False))).reshape(part.shape[0], channels)
+            if not np.all((q == 1) | (q == -1)):
+                raise _NotFusable("the sign quantizer returned values other than +-1")
+            out[start:start + step] = q == 1
+        return out
+
+    # The domain: the widest symmetric range on which the layers give numbers (0 * inf = NaN where an
+    # overflow meets a zero gamma); beyond it the simulation itself has no sign to give.
+    for limit in (np.finfo(np.float32).max, 1e30, 1e20, 1e10, 1e5):
+        lowest, highest = _float_keys([-limit, limit])
+        ends = bits(np.array([[lowest] * channels, [highest] * channels]), allow_nan=True)
+        if ends is not None:
+            break
+    else:
+        raise _NotFusable("the layers before the sign give NaN on moderate inputs")
+    low = np.full(channels, lowest)
+    high = np.full(channels, highest)
+    at_low, at_high = ends[0], ends[1]
+    down = at_low & ~at_high
+    varies = at_low != at_high
+    # bisection on the first key where the (direction-corrected) bit turns on
+    while np.any(varies & (high - low > 1)):
+        middle = (low + high) // 2
+        on = bits(middle[None, :])[0] ^ down
+        high = np.where(varies & on, middle, high)
+        low = np.where(varies & ~on, middle, low)
+    threshold = np.where(down, _key_floats(low), _key_floats(high)).astype(np.float32)
+    threshold = np.where(varies, threshold, np.where(at_low, np.float32(-np.inf), np.float32(np.nan)))
+    threshold = threshold.astype(np.float32)
+    direction = np.where(down, -1, 1).astype(np.int8)
+    # belt and braces: every threshold's neighbourhood, the special values, random values
+    rng = np.random.default_rng(0)
+    edge = np.where(down, low, high)
+    probes = [edge[None, :] + np.arange(-64, 65)[:, None],
+              np.broadcast_to(_float_keys([0.0, -0.0, 1.0, -1.0])[:, None], (4, channels)),
+              rng.integers(lowest, highest + 1, size=(256, channels))]
+    keys = np.clip(np.concatenate(probes, axis=0), lowest, highest)
+
+    def reproduces(keys):
+        x = _key_floats(keys)
+        with np.errstate(invalid="ignore"):
+            expected = np.where(direction > 0, x >= threshold, x <= threshold)
+        return np.array_equal(bits(keys), expected)
+
+    if not reproduces(keys):
+        raise _NotFusable("float thresholds do not reproduce the layers before the sign")
+    return threshold, direction
+
+
+def _bitplane_thresholds(layer, kernel, rescale, ops, terminal, bits):
+    """Thresholds on ``T = 2 * codes . w - levels * sum(w)`` for :class:`BitplaneDenseStage`.
+
+    The layer's exact value for codes ``p`` (images ``p / levels``, ``levels = 2^bits - 1``) after
+    ``Rescale(a, b)`` is ``sum_k (a p_k / levels + b) w_k = a T / (2 levels) + (a / 2 + b) sum(w)``
+    (+ bias), computed in float64 and rounded once to float32; the per-channel ``ops`` and the sign
+    ``terminal`` are then evaluated on it (the model's own layers), and a bisection over the integers
+    ``|T| <= levels * K`` finds each channel's threshold (the composition is monotone in T).
+    """
+    levels = 2 ** int(bits) - 1
+    fan_in = kernel.fan_in
+    if levels * fan_in >= 2 ** 31:
+        raise _NotFusable(f"(2^{bits} - 1) * {fan_in} does not fit int32 sums")
+    a, b = (rescale.scale, rescale.offset) if rescale is not None else (1.0, 0.0)
+    w_sum = kernel.w_eff.astype(np.float64).sum(axis=0)
+    channels = w_sum.shape[0]
+    bias = layer.b.astype(np.float64) if layer.bias else 0.0
+
+    def bits_at(totals):
+        totals = np.asarray(totals, dtype=np.int64)
+        y = (a / (2 * levels) * totals + (a / 2 + b) * w_sum + bias).astype(np.float32)
+        with np.errstate(all="ignore"):
+            for op in ops:
+                y = op.forward(y, train=False)
+            y = np.asarray(to_numpy(y))
+            if np.isnan(y).any():
+                raise _NotFusable("the layers before the sign give NaN")
+            q = np.asarray(to_numpy(terminal(y, train=False))).reshape(totals.shape)
+        if not np.all((q == 1) | (q == -1)):
+            raise _NotFusable("the sign quantizer returned values other than +-1")
+        return q == 1
+
+    lowest, highest = -levels * fan_in, levels * fan_in
+    at_low = bits_at(np.full((1, channels), lowest))[0]
+    at_high = bits_at(np.full((1, channels), highest))[0]
+    down = at_low & ~at_high
+    varies = at_low != at_high
+    low, high = np.full(channels, lowest, np.int64), np.full(channels, highest, np.int64)
+    while np.any(varies & (high - low > 1)):
+        middle = (low + high) // 2
+        on = bits_at(middle[None, :])[0] ^ down
+        high = np.where(varies & on, middle, high)
+        low = np.where(varies & ~on, middle, low)
+    # bit = direction * (T - threshold) >= 0; a constant channel: always (lowest) or never (highest + 1)
+    threshold = np.where(down, low, high)
+    threshold = np.where(varies, threshold, np.where(at_low, lowest, highest + 1)).astype(np.int64)
+    direction = np.where(down, -1, 1).astype(np.int8)
+    rng = np.random.default_rng(0)
+    edge = np.where(down, low, high)
+    probes = np.concatenate([edge[None, :] + np.arange(-64, 65)[:, None],
+                             rng.integers(lowest, highest + 1, size=(256, channels))])
+    probes = np.clip(probes, lowest, highest)
+    if not np.array_equal(bits_at(probes), (probes - threshold) * direction >= 0):
+        raise _NotFusable("the sign is not monotone in the bit-plane sum")
+    return threshold, direction
+
+
 def _source_info(model):
     count = int(sum(getattr(layer, attr).size for _, layer, attr in model.named_arrays()))
     return {"name": model.name, "parameters": count, "float32_bytes": 4 * count}
 
 
-def convert(model, allow_inexact=False, name=None):
+def convert(model, allow_inexact=False, name=None, input_bits=None):
     """Convert a trained model into a :class:`~lowbit.packed.PackedModel` for inference.
 
     Parameters
@@ -509,6 +729,14 @@ def convert(model, allow_inexact=False, name=None):
         simulation up to that rounding only.
     name : str, optional
         Name of the packed model (default: the model's name).
+    input_bits : int, optional
+        Declare that the model will see images quantized to this many bits (8 for uint8 images /
+        255, as :func:`lowbit.data.float_images` gives).  A model that starts with a binary dense
+        layer on the real-valued image (``bnn_mlp``) then runs that layer on the integer codes, by
+        bit planes (:class:`~lowbit.packed.BitplaneDenseStage`), instead of as a float stage: its
+        sums are exact integers where the simulation rounds float32 sums, so a sign in that layer
+        may differ from the simulation's where that rounding decides it (compare the labels with
+        :func:`compare_predictions`).  The packed model then refuses other inputs.
 
     Returns
     -------
@@ -526,7 +754,10 @@ def convert(model, allow_inexact=False, name=None):
         raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
     _check_deterministic(model)
     cpu = _cpu_copy(model)
-    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact))
+    if input_bits is not None and (isinstance(input_bits, bool) or not isinstance(input_bits, (int, np.integer))
+                                   or not 1 <= input_bits <= 16):
+        raise ValueError(f"input_bits must be an int in 1..16 or None, got {input_bits!r}")
+    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact), input_bits)
     stages = converter.run()
     return PackedModel(stages, cpu.input_shape, name=name or model.name, notes=converter.notes,
                        source=_source_info(model))
@@ -793,14 +1024,15 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     return result
 
 
-def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print):
+def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print,
+                    input_bits=None):
     """``lowbit convert``: convert a trained quantized model file to a packed file and check it.
 
     Prints both files' sizes and, with ``verify``, the MNIST test accuracy of both and how many of
     the labels agree (all of them) and the largest score difference.  Returns a dict of those.
     """
     model = load_model(model_path)
-    packed = convert(model, allow_inexact=allow_inexact)
+    packed = convert(model, allow_inexact=allow_inexact, input_bits=input_bits)
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path))})
     size_before, size_after = _size(model_path), _size(out_path)
     result = {"size_before": size_before, "size_after": size_after, "ratio": size_before / size_after,

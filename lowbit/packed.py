@@ -19,11 +19,14 @@ Stages
 ------
 =================  =============  ==========================================================
 ``float``          float -> float  ordinary lowbit layers, run as in the simulation
-``pack``           float -> packed ``pack_signs`` (NCHW -> NHWC for feature maps)
+``pack``           float -> packed ``threshold_signs``: sign, or per-channel float thresholds that
+                                   stand for the BatchNorm/ReLU/Rescale before it (NCHW -> NHWC)
 ``binary_dense``   packed -> acc   ``xnor_gemm`` (minus the per-pixel padding agreements)
 ``binary_conv``    packed -> acc   ``binary_conv2d``
-``int_maxpool``    acc -> acc      max-pooling of the integer accumulators
+``int_maxpool``    acc -> acc      max-pooling of the integer accumulators (older files)
 ``threshold``      acc -> packed   ``threshold_pack``: a fused (bias, scale, BatchNorm, ..., sign)
+``threshold_maxpool`` acc -> packed ``threshold_maxpool_pack``: ``int_maxpool`` + ``threshold``
+``bitplane_dense`` float -> packed a binary first layer on k-bit images, exactly, by bit planes
 ``packed_maxpool`` packed -> packed ``maxpool_packed`` (OR of sign bits)
 ``flatten``        packed -> packed NHWC relabelled as the simulation's flattened NCHW (no work)
 ``acc_to_float``   acc -> float    ``acc * scale + bias`` in float32, in the simulation's layout
@@ -483,13 +486,47 @@ class FloatStage(Stage):
 
 @register_stage
 class PackStage(Stage):
-    """Sign bits of a float array: ``(N, C, H, W)`` -> NHWC packed, or ``(N, ...)`` -> ``(N, words)``."""
+    """Sign bits of a float array: ``(N, C, H, W)`` -> NHWC packed, or ``(N, ...)`` -> ``(N, words)``.
+
+    With ``threshold`` / ``direction`` (float32 / int8, one per channel) the stage also stands for
+    the per-channel float layers just before the sign (a BatchNorm, a ReLU, ...): bit ``c`` is
+    ``x >= threshold[c]`` (direction +1) or ``x <= threshold[c]`` (-1), thresholds that
+    :mod:`lowbit.convert` derives by running those layers; without them it is the plain sign
+    (threshold 0, direction +1).  float32 input goes through ``threshold_signs`` (the NCHW -> NHWC
+    move and the pack in one pass); other dtypes (a float16 model) through ``pack_signs``.
+    """
 
     kind = "pack"
 
+    def __init__(self, input_spec, output_spec, threshold=None, direction=None):
+        super().__init__(input_spec, output_spec)
+        if (threshold is None) != (direction is None):
+            raise ValueError("a pack stage takes both threshold and direction, or neither")
+        self.threshold = threshold
+        self.direction = direction
+
+    @property
+    def _array_names(self):
+        return () if self.threshold is None else ("threshold", "direction")
+
+    @property
+    def channels(self):
+        dims = self.input_spec[2]
+        return dims[0] if self.output_spec[1] == "nhwc" else int(np.prod(dims))
+
     def run(self, x):
         xp = get_array_module(x)
-        if self.output_spec[1] == "nhwc":
+        nhwc = self.output_spec[1] == "nhwc"
+        if x.dtype == np.float32:
+            x = xp.ascontiguousarray(x if nhwc else x.reshape(x.shape[0], -1))
+            threshold, direction = self.threshold, self.direction
+            if threshold is None:
+                threshold = xp.zeros(self.channels, dtype=np.float32)
+                direction = xp.ones(self.channels, dtype=np.int8)
+            return _kernels().threshold_signs(x, threshold, direction)
+        if self.threshold is not None:
+            raise TypeError(f"a pack stage with thresholds takes float32 input, got {x.dtype}")
+        if nhwc:
             x = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
         else:
             x = xp.ascontiguousarray(x.reshape(x.shape[0], -1))
@@ -504,7 +541,14 @@ class PackStage(Stage):
         if output_spec[2] != expected:
             raise ValueError(f"packing {input_spec[2]} gives dims {expected}, "
                              f"the stage says {output_spec[2]}")
-        return cls(input_spec, output_spec)
+        stage = cls(input_spec, output_spec)
+        if "threshold" in arrays or "direction" in arrays:
+            channels = stage.channels
+            stage.threshold = _check_array(arrays, "threshold", np.float32, (channels,))
+            stage.direction = _check_array(arrays, "direction", np.int8, (channels,))
+            if not np.all((stage.direction == 1) | (stage.direction == -1)):
+                raise ValueError("array 'direction' must hold only +1 and -1")
+        return stage
 
 
 def _repack(bits, k, shape_in, axes, k_out):
@@ -681,19 +725,9 @@ class IntMaxPoolStage(_PoolStage):
     kind = "int_maxpool"
 
     def run(self, acc):
-        xp = get_array_module(acc)
-        k, s, p = self.kernel, self.stride, self.padding
-        if p:
-            low = np.iinfo(np.int32).min
-            acc = xp.pad(acc, ((0, 0), (p, p), (p, p), (0, 0)), mode="constant", constant_values=low)
-        _, out_h, out_w = self.output_spec[2]
-        h_end, w_end = s * (out_h - 1) + 1, s * (out_w - 1) + 1
-        out = None
-        for i in range(k):
-            for j in range(k):
-                view = acc[:, i:i + h_end:s, j:j + w_end:s, :]
-                out = view.copy() if out is None else xp.maximum(out, view)
-        return xp.ascontiguousarray(out)
+        from .kernels.pool import maxpool_int
+
+        return maxpool_int(acc, self.kernel, self.stride, self.padding)
 
 
 @register_stage
@@ -755,6 +789,119 @@ class ThresholdStage(Stage):
         if not np.all((direction == 1) | (direction == -1)):
             raise ValueError("array 'direction' must hold only +1 and -1")
         return cls(input_spec, output_spec, threshold.astype(np.int64), np.ascontiguousarray(direction))
+
+
+@register_stage
+class ThresholdMaxPoolStage(_PoolStage):
+    """Max-pooling of int32 NHWC accumulators and a :class:`ThresholdStage` in one pass
+    (``threshold_maxpool_pack``): acc ``(C, H, W)`` -> packed ``(C, OH, OW)``.
+
+    Equal to an ``int_maxpool`` stage followed by a ``threshold`` stage (padding ignored, as the
+    simulation's -inf); arrays as :class:`ThresholdStage`.
+    """
+
+    kind = "threshold_maxpool"
+    _array_names = ("threshold", "direction")
+
+    def __init__(self, input_spec, output_spec, kernel, stride, padding, threshold, direction):
+        super().__init__(input_spec, output_spec, kernel, stride, padding)
+        self.threshold = threshold
+        self.direction = direction
+
+    def run(self, acc):
+        return _kernels().threshold_maxpool_pack(acc, self.threshold, self.direction, self.kernel, self.stride,
+                                                 self.padding)
+
+    arrays = ThresholdStage.arrays
+
+    @classmethod
+    def from_parts(cls, config, arrays):
+        input_spec, output_spec = _specs(config)
+        if input_spec[:2] != ("acc", "nhwc") or output_spec[:2] != ("packed", "nhwc"):
+            raise ValueError("a threshold_maxpool stage maps acc nhwc to packed nhwc")
+        pool = IntMaxPoolStage.from_parts(
+            {**config, "output": spec_to_json(make_spec("acc", "nhwc", output_spec[2]))}, {})
+        threshold = ThresholdStage.from_parts(
+            {"input": spec_to_json(make_spec("acc", "nhwc", output_spec[2])), "output": config.get("output")},
+            arrays)
+        return cls(input_spec, output_spec, pool.kernel, pool.stride, pool.padding, threshold.threshold,
+                   threshold.direction)
+
+
+@register_stage
+class BitplaneDenseStage(Stage):
+    """k-bit images -> the packed signs after a binary dense first layer (``convert(input_bits=k)``).
+
+    The input must be exactly ``codes / (2^k - 1)`` in float32 (``lowbit.data.float_images`` gives
+    that for k = 8), else ``ValueError``.  The stage stands for the float layers before the binary
+    layer (Rescale, Flatten, Dropout), the layer itself (+-1 weights, bias-free) and the per-channel
+    layers up to the next sign: ``T = combine_bitplanes(xnor_gemm(pack_bitplanes(codes), weights))``
+    is an exact integer (``2 * codes . w - (2^k - 1) * sum(w)``), and the bit is a threshold on it
+    (``threshold_pack``).  Arrays: ``weights`` uint64 ``(O, ceil(K/64))``, ``threshold`` int32,
+    ``direction`` int8 ``(O,)``.
+    """
+
+    kind = "bitplane_dense"
+    _array_names = ("weights", "threshold", "direction")
+
+    def __init__(self, input_spec, output_spec, weights, in_features, bits, threshold, direction):
+        super().__init__(input_spec, output_spec)
+        self.weights = weights
+        self.in_features = int(in_features)
+        self.bits = int(bits)
+        self.threshold = threshold
+        self.direction = direction
+
+    def codes(self, x):
+        """The integer codes of ``x`` (N, K) as uint8/uint16; ValueError unless x is exactly codes / levels."""
+        xp = get_array_module(x)
+        levels = np.float32(2 ** self.bits - 1)
+        flat = x.reshape(x.shape[0], -1)
+        codes = xp.rint(flat * levels)
+        exact = (codes >= 0) & (codes <= levels) & ((codes / levels).astype(np.float32) == flat)
+        if not bool(exact.all()):
+            raise ValueError(
+                f"this packed model was converted with input_bits={self.bits}: its input must be images "
+                f"whose values are exactly k / {int(levels)} in float32 (uint8 images / 255 for 8 bits, as "
+                "lowbit.data.float_images gives); convert without input_bits for other inputs")
+        return codes.astype(np.uint8 if self.bits <= 8 else np.uint16)
+
+    def run(self, x):
+        kernels = _kernels()
+        n = x.shape[0]
+        planes = kernels.pack_bitplanes(self.codes(x), self.bits)
+        products = kernels.xnor_gemm(planes.reshape(self.bits * n, -1), self.weights, self.in_features)
+        totals = kernels.combine_bitplanes(products.reshape(self.bits, n, -1))
+        return kernels.threshold_pack(totals, self.threshold, self.direction)
+
+    def config(self):
+        return {**super().config(), "in_features": self.in_features, "bits": self.bits}
+
+    def arrays(self):
+        return {"weights": to_numpy(self.weights), "threshold": to_numpy(self.threshold).astype(np.int32),
+                "direction": to_numpy(self.direction)}
+
+    @classmethod
+    def from_parts(cls, config, arrays):
+        input_spec, output_spec = _specs(config)
+        if input_spec[0] != "float" or output_spec[:2] != ("packed", "dense"):
+            raise ValueError("a bitplane_dense stage maps float to packed dense")
+        in_features, bits = _int(config, "in_features", 1), _int(config, "bits", 1)
+        if bits > 16:
+            raise ValueError(f"bits must be <= 16, got {bits}")
+        if int(np.prod(input_spec[2])) != in_features:
+            raise ValueError(f"in_features {in_features} does not match the input dims {input_spec[2]}")
+        if (2 ** bits - 1) * in_features >= 2 ** 31:
+            raise ValueError("(2^bits - 1) * in_features must be < 2^31 (int32 sums)")
+        out = output_spec[2][0]
+        weights = _check_array(arrays, "weights", np.uint64, (out, _words(in_features)))
+        _kernels().unpack_signs(np.ascontiguousarray(weights), in_features, np.int8)  # padding bits 0
+        threshold = _check_array(arrays, "threshold", np.int32, (out,))
+        direction = _check_array(arrays, "direction", np.int8, (out,))
+        if not np.all((direction == 1) | (direction == -1)):
+            raise ValueError("array 'direction' must hold only +1 and -1")
+        return cls(input_spec, output_spec, weights, in_features, bits, threshold.astype(np.int64),
+                   np.ascontiguousarray(direction))
 
 
 @register_stage

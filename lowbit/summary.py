@@ -26,7 +26,7 @@ import numpy as np
 from .layers import Affine, Concat, Conv2D, Dropout, Flatten, MaxPool2D, Residual, Sequential
 from .model import Model
 from .packed import (
-    AccToFloatStage, BinaryConvStage, BinaryDenseStage, FloatStage, PackedModel, describe_spec, kernel_bits,
+    AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FloatStage, PackedModel, describe_spec, kernel_bits,
     load_any,
 )
 from .quant_layers import QuantActivation
@@ -241,6 +241,11 @@ def _packed_rows(packed):
         if isinstance(stage, BinaryDenseStage):
             out = stage.output_spec[2][0]
             params = binary = out * stage.in_features
+            bits = 1
+        elif isinstance(stage, BitplaneDenseStage):
+            out = stage.output_spec[2][0]
+            params = out * stage.in_features
+            binary = params * stage.bits  # one XNOR GEMM per bit plane
             bits = 1
         elif isinstance(stage, BinaryConvStage):
             out_channels, kh, kw = stage.weights.shape[:3]

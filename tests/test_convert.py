@@ -9,6 +9,8 @@ from hypothesis import assume, given, strategies as st
 
 from lowbit import load_model, save_model, zoo
 from lowbit.backend import gpu_available
+from lowbit.data import float_images
+from lowbit.kernels import pack_signs, unpack_signs
 from lowbit.convert import (
     compare_predictions, convert, convert_command, post_training_quantize, quantize_command,
 )
@@ -20,7 +22,7 @@ from lowbit.losses import SoftmaxCrossEntropy
 from lowbit.model import Model
 from lowbit.optimizers import Adam
 from lowbit.packed import (
-    PackedModel, decode_kernel, encode_kernel, load_any, load_packed, pack_codes, unpack_codes,
+    IntMaxPoolStage, PackedModel, ThresholdStage, make_spec, decode_kernel, encode_kernel, load_any, load_packed, pack_codes, unpack_codes,
 )
 from lowbit.quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from lowbit.quantizers import (
@@ -90,13 +92,13 @@ ZOO = {
     "bnn_mlp_stochastic": (lambda: zoo.bnn_mlp(hidden=(70,), stochastic=True),
                            ["float", "pack", "binary_dense", "acc_to_float", "float"]),
     "binary_cnn": (lambda: zoo.binary_cnn(channels=(8, 8, 16, 70), hidden=32),
-                   ["float", "pack", "binary_conv", "int_maxpool", "threshold", "binary_conv",
-                    "threshold", "binary_conv", "int_maxpool", "threshold", "flatten", "binary_dense",
+                   ["float", "pack", "binary_conv", "threshold_maxpool", "binary_conv",
+                    "threshold", "binary_conv", "threshold_maxpool", "flatten", "binary_dense",
                     "threshold", "unpack", "float"]),
     "binary_cnn_binary_last": (
         lambda: zoo.binary_cnn(channels=(70, 8, 64, 8), hidden=70, keep_last=False, dropout=0.2),
-        ["float", "pack", "binary_conv", "int_maxpool", "threshold", "binary_conv", "threshold",
-         "binary_conv", "int_maxpool", "threshold", "flatten", "binary_dense", "threshold",
+        ["float", "pack", "binary_conv", "threshold_maxpool", "binary_conv", "threshold",
+         "binary_conv", "threshold_maxpool", "flatten", "binary_dense", "threshold",
          "binary_dense", "acc_to_float", "float"]),
     "tfc": (lambda: zoo.tfc(),
             ["float", "pack"] + ["binary_dense", "threshold"] * 3
@@ -221,7 +223,7 @@ def _pool_model(first_gamma, second_gamma):
 
 
 @pytest.mark.parametrize("first_gamma, second_gamma, expected", [
-    (1.0, -2.0, "int_maxpool"),       # non-decreasing before the pool: pool the integers
+    (1.0, -2.0, "threshold_maxpool"),  # non-decreasing before the pool: pool the integers
     (-1.0, 2.0, "packed_maxpool"),    # decreasing before, increasing after: OR the sign bits
     (-1.0, -2.0, None),               # decreasing on both sides: no fusion, float tail
 ])
@@ -261,6 +263,84 @@ def test_scaled_binary_kernels():
     assert "binary_dense" not in kinds(packed) and any("round" in n for n in packed.notes)
     assert_exact(full, packed, x)
     assert kinds(convert(full, allow_inexact=True)).count("binary_dense") == 2
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_pack_stage_absorbs_the_float_layers_before_the_sign(spatial):
+    """BatchNorm (zero and negative gamma), Rescale with a negative scale and ReLU before a sign become
+    float thresholds of the pack stage; inputs on and next to every threshold give the simulation's bits."""
+    c = 70
+    shape = (c, 2, 3) if spatial else (c,)
+    bn = BatchNorm(c)
+    first = (QuantConv2D(c, 4, 1, input_quantizer="ste_sign", kernel_quantizer="ste_sign", bias=False)
+             if spatial else QuantAffine(c, 4, input_quantizer="ste_sign", kernel_quantizer="ste_sign"))
+    layers = [bn, Rescale(-1.5, 0.25)] + ([ReLU(), BatchNorm(c)] if spatial else []) + [first]
+    model = stress_batchnorm(Model(layers + ([Flatten()] if spatial else []), input_shape=shape))
+    packed = convert(model)
+    assert kinds(packed)[:2] == ["pack", "binary_conv" if spatial else "binary_dense"]
+    stage = packed.stages[0]
+    assert stage.threshold.dtype == np.float32 and set(np.unique(stage.direction)) <= {-1, 1}
+    rng = np.random.default_rng(0)
+    edges = np.where(np.isfinite(stage.threshold), stage.threshold, 0).astype(np.float32)
+    near = np.stack([edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf)),
+                     np.zeros(c, np.float32), -np.zeros(c, np.float32)])
+    x = np.concatenate([near, rng.normal(0, 5, (40, c)).astype(np.float32)])
+    if spatial:
+        x = np.repeat(x[:, :, None, None], 6, axis=3).reshape(-1, *shape)
+    assert_exact(model, packed, x)
+
+
+def test_input_bits_runs_the_first_binary_layer_on_bit_planes(tmp_path):
+    """convert(input_bits=8): bnn_mlp's first layer on the pixel codes; its bits equal the model's own
+    layers applied to the exact integer sum; the simulation's float32 sums round, so with BatchNorm
+    statistics that put sign flips on attainable sums (stress_batchnorm) a rare bit differs from it;
+    other inputs are refused."""
+    model = stress_batchnorm(zoo.bnn_mlp(hidden=(96, 70)))
+    packed = convert(model, input_bits=8)
+    assert kinds(packed)[:2] == ["bitplane_dense", "binary_dense"]
+    assert any("bit planes" in note for note in packed.notes)
+    codes = np.random.default_rng(4).integers(0, 256, (120, 28, 28)).astype(np.uint8)
+    codes[:5] = 0
+    codes[5:10] = 255
+    x = float_images(codes)
+    first, bn, sign = model.layers[3], model.layers[4], model.layers[5].quantizer
+    w = np.where(first.W >= 0, 1, -1).astype(np.int64)
+    totals = 2 * codes.reshape(len(codes), -1).astype(np.int64) @ w - 255 * w.sum(axis=0)
+    y = (totals / 255.0).astype(np.float32)  # Rescale(2, -1): a T / (2 * 255) + 0 * sum(w)
+    expected = pack_signs(np.asarray(sign(bn.forward(y, train=False), train=False)))
+    np.testing.assert_array_equal(packed.stages[0].run(x), expected)
+    simulated = x
+    for layer in model.layers[:6]:
+        simulated = layer.forward(simulated, train=False)
+    differ = unpack_signs(packed.stages[0].run(x), 96) != np.asarray(simulated)
+    assert differ.mean() < 1e-3  # rounding of the simulation's sums only (1 of 11,520 here)
+    assert (packed.predict(x) == model.predict(x)).mean() >= 0.98
+    loaded = load_packed(packed.save(tmp_path / "bitplane.npz"))
+    np.testing.assert_array_equal(loaded.predict_scores(x), packed.predict_scores(x))
+    with pytest.raises(ValueError, match="converted with input_bits=8"):
+        packed.predict(x + np.float32(1e-3))
+    # a model whose first weighted layer is not binary dense: a note, no bit planes
+    cnn = convert(zoo.binary_cnn(channels=(8, 8, 8, 8), hidden=16), input_bits=8)
+    assert "bitplane_dense" not in kinds(cnn) and any("input_bits" in n for n in cnn.notes)
+    with pytest.raises(ValueError, match="input_bits must be an int in 1..16"):
+        convert(model, input_bits=0)
+
+
+def test_files_with_separate_int_maxpool_and_threshold_stages_still_run(packed_file, tmp_path):
+    """Older converters wrote int_maxpool + threshold where threshold_maxpool now does both."""
+    model, packed, _ = packed_file
+    stages = []
+    for stage in packed.stages:
+        if stage.kind == "threshold_maxpool":
+            pooled = make_spec("acc", "nhwc", stage.output_spec[2])
+            stages += [IntMaxPoolStage(stage.input_spec, pooled, stage.kernel, stage.stride, stage.padding),
+                       ThresholdStage(pooled, stage.output_spec, stage.threshold, stage.direction)]
+        else:
+            stages.append(stage)
+    old = load_packed(PackedModel(stages, packed.input_shape, name="old").save(tmp_path / "old.npz"))
+    assert kinds(old).count("int_maxpool") == 2
+    x = images(50)
+    np.testing.assert_array_equal(old.predict_scores(x), packed.predict_scores(x))
 
 
 def test_residual_and_first_layer_stay_float():
@@ -340,22 +420,25 @@ def _set(stage_index, key, value):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda doc, arrays: doc["stages"][2].update(type="os.system"), "unknown type 'os.system'"),
-    (lambda doc, arrays: doc["stages"].insert(3, doc["stages"].pop(4)), r"stage 3 \(threshold\)"),
+    (lambda doc, arrays: doc["stages"].insert(3, doc["stages"].pop(4)), r"stage 3 \(binary_conv\)"),
     (_set(2, "stride", 2), r"stage 2 \(binary_conv\) is invalid: the convolution gives dims"),
-    (lambda doc, arrays: arrays.update({"stages.4.threshold": arrays["stages.4.threshold"][:3]}),
+    (lambda doc, arrays: arrays.update({"stages.3.threshold": arrays["stages.3.threshold"][:3]}),
      r"'threshold' must have shape \(8,\)"),
     (lambda doc, arrays: arrays.update(
-        {"stages.4.threshold": arrays["stages.4.threshold"].astype(np.float32)}),
+        {"stages.3.threshold": arrays["stages.3.threshold"].astype(np.float32)}),
      r"'threshold' must be int32, got float32"),
-    (lambda doc, arrays: arrays.update({"stages.4.direction": np.full(8, 3, np.int8)}), r"only \+1 and -1"),
+    (lambda doc, arrays: arrays.update({"stages.3.direction": np.full(8, 3, np.int8)}), r"only \+1 and -1"),
     (lambda doc, arrays: arrays.update({"stages.2.weights": arrays["stages.2.weights"] | np.uint64(1 << 63)}),
      "padding bits"),
     (lambda doc, arrays: arrays.update({"stages.9.extra": np.zeros(2)}), "belong to no stage"),
     (lambda doc, arrays: doc["stages"][0]["config"]["layers"][0].update(type="Evil"),
      "unknown layer type 'Evil'"),
     (lambda doc, arrays: [doc["stages"].pop(), doc["stages"].pop()]
-     + [arrays.pop(k) for k in list(arrays) if k.startswith("stages.14.")], "must return float scores"),
+     + [arrays.pop(k) for k in list(arrays) if k.startswith("stages.12.")], "must return float scores"),
     (lambda doc, arrays: doc.update(input_shape=[1, 28]), r"stage 0 \(float\)"),
+    (lambda doc, arrays: arrays.update({"stages.1.threshold": arrays["stages.1.threshold"].astype(np.float64)}),
+     r"stage 1 \(pack\) is invalid: array 'threshold' must be float32"),
+    (lambda doc, arrays: arrays.pop("stages.1.direction"), r"stage 1 \(pack\) lacks arrays \['direction'\]"),
 ])
 def test_tampered_packed_manifest(packed_file, tmp_path, edit, message):
     path = _edited(packed_file[2], tmp_path, edit)
@@ -369,7 +452,7 @@ def test_tampered_packed_array_bytes(packed_file, tmp_path):
     with zipfile.ZipFile(packed_file[2]) as zin, zipfile.ZipFile(tmp_path / "t.npz", "w") as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
-            if item.filename == "stages.4.threshold.npy":
+            if item.filename == "stages.3.threshold.npy":
                 data = data[:-1] + bytes([data[-1] ^ 1])
             zout.writestr(item.filename, data)
     with pytest.raises(ModelFileError, match="checksum"):

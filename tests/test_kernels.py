@@ -349,7 +349,8 @@ def test_threshold_pack_many_channels(device):
 # ------------------------------------------------------------------------------------------------
 
 
-@given(
+# Pooling geometries (the tests ``assume`` away padding >= kernel and inputs smaller than the kernel).
+POOLINGS = dict(
     batch=st.integers(1, 2),
     channels=st.integers(1, 140),
     height=st.integers(1, 9),
@@ -358,8 +359,10 @@ def test_threshold_pack_many_channels(device):
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
     seed=SEEDS,
-    style=STYLES,
 )
+
+
+@given(**POOLINGS, style=STYLES)
 def test_maxpool_packed_equals_float_maxpool(
     device, batch, channels, height, width, kernel, stride, padding, seed, style
 ):
@@ -369,6 +372,112 @@ def test_maxpool_packed_equals_float_maxpool(
     pooled = device.get(kernels.maxpool_packed(device.put(kernels.pack_signs(x)), kernel, stride, padding))
     expected = reference.maxpool_float(reference.sign_pm1(x), kernel, stride, padding)
     np.testing.assert_array_equal(pooled, reference.pack_signs_loops(expected))
+
+
+# ------------------------------------------------------------------------------------------------
+# threshold_maxpool_pack / threshold_signs (fused output stages)
+# ------------------------------------------------------------------------------------------------
+
+
+@given(**POOLINGS)
+def test_threshold_maxpool_equals_pool_then_threshold(
+    device, batch, channels, height, width, kernel, stride, padding, seed
+):
+    assume(padding[0] < kernel[0] and padding[1] < kernel[1])
+    assume(height + 2 * padding[0] >= kernel[0] and width + 2 * padding[1] >= kernel[1])
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(-6, 7, size=(batch, height, width, channels)).astype(np.int32)
+    threshold = rng.integers(-7, 8, size=channels).astype(np.int64)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=channels)
+    packed = device.get(kernels.threshold_maxpool_pack(
+        device.put(acc), device.put(threshold), device.put(direction), kernel, stride, padding))
+    pooled = reference.maxpool_float(acc, kernel, stride, padding).astype(np.int64)
+    expected = np.where((pooled - threshold) * direction >= 0, 1, -1)
+    np.testing.assert_array_equal(packed, reference.pack_signs_loops(expected))
+
+
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 140),
+    spatial=st.sampled_from([(), (1, 1), (3, 5), (7, 2)]),
+    seed=SEEDS,
+    style=STYLES,
+)
+def test_threshold_signs_equals_compare_then_pack(device, batch, channels, spatial, seed, style):
+    rng = np.random.default_rng(seed)
+    x = signs(rng, (batch, channels) + spatial, style).astype(np.float32)
+    threshold = rng.choice(np.array([0.0, -0.0, 0.5, -1.0, np.inf, -np.inf, np.nan], dtype=np.float32),
+                           size=channels)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=channels)
+    packed = device.get(kernels.threshold_signs(device.put(x), device.put(threshold), device.put(direction)))
+    shape = (1, channels) + (1,) * len(spatial)
+    t, d = threshold.reshape(shape), direction.reshape(shape)
+    with np.errstate(invalid="ignore"):
+        bits = np.where(d > 0, x >= t, x <= t)
+    channels_last = np.moveaxis(bits, 1, -1)
+    np.testing.assert_array_equal(packed, reference.pack_signs_loops(np.where(channels_last, 1, -1)))
+    # threshold 0, direction +1: pack_signs of the channels-last values
+    zeros, ones = np.zeros(channels, np.float32), np.ones(channels, np.int8)
+    plain = device.get(kernels.threshold_signs(device.put(x), device.put(zeros), device.put(ones)))
+    np.testing.assert_array_equal(plain, reference.pack_signs_loops(np.moveaxis(x, 1, -1)))
+
+
+def test_threshold_signs_rejects_nan_and_bad_shapes(device):
+    x = np.zeros((2, 3, 4, 4), dtype=np.float32)
+    x[1, 2, 3, 0] = np.nan
+    t, d = device.put(np.zeros(3, np.float32)), device.put(np.ones(3, np.int8))
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.threshold_signs(device.put(x), t, d)
+    with pytest.raises(ValueError, match=r"threshold must have shape \(C,\) = \(4,\)"):
+        kernels.threshold_signs(device.put(np.zeros((2, 4), np.float32)), t, device.put(np.ones(4, np.int8)))
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        kernels.threshold_signs(device.put(np.zeros((2, 3))), t, d)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        kernels.threshold_signs(device.put(np.zeros((2, 3, 4), np.float32)), t, d)
+    with pytest.raises(ValueError, match="padding must be smaller"):
+        kernels.threshold_maxpool_pack(device.put(np.zeros((1, 4, 4, 3), np.int32)),
+                                       device.put(np.zeros(3, np.int64)), d, 2, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# pack_bitplanes / combine_bitplanes (binary layers on k-bit inputs)
+# ------------------------------------------------------------------------------------------------
+
+
+@given(
+    rows=st.integers(1, 12),
+    k=st.integers(1, 300),
+    n=st.integers(1, 70),
+    bits=st.integers(1, 12),
+    seed=SEEDS,
+)
+def test_bitplane_gemm_equals_integer_matmul(device, rows, k, n, bits, seed):
+    rng = np.random.default_rng(seed)
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    codes = rng.integers(0, 2 ** bits, size=(rows, k)).astype(dtype)
+    codes[0, : min(k, 3)] = 2 ** bits - 1  # the largest code
+    w = rng.choice(np.array([-1, 1]), size=(n, k))
+    planes = kernels.pack_bitplanes(device.put(codes), bits)
+    assert planes.shape == (bits, rows, (k + 63) // 64)
+    products = kernels.xnor_gemm(planes.reshape(bits * rows, -1), device.put(kernels.pack_signs(w)), k)
+    totals = device.get(kernels.combine_bitplanes(products.reshape(bits, rows, n)))
+    expected = 2 * codes.astype(np.int64) @ w.T - (2 ** bits - 1) * w.sum(axis=1)[None, :]
+    np.testing.assert_array_equal(totals, expected)
+    # each plane is the packed bit b of the codes
+    for b in (0, bits - 1):
+        plane_values = np.where((codes >> b) & 1, 1, -1)
+        np.testing.assert_array_equal(device.get(planes[b]), reference.pack_signs_loops(plane_values))
+
+
+def test_bitplane_bad_arguments(device):
+    with pytest.raises(TypeError, match="codes must have dtype uint8 or uint16, got int32"):
+        kernels.pack_bitplanes(device.put(np.zeros((2, 3), np.int32)), 4)
+    with pytest.raises(ValueError, match=r"codes must be below 2 \*\* bits = 16, got a maximum of 16"):
+        kernels.pack_bitplanes(device.put(np.full((2, 3), 16, np.uint8)), 4)
+    with pytest.raises(ValueError, match="bits must be <= 8 for uint8 codes, got 9"):
+        kernels.pack_bitplanes(device.put(np.zeros((2, 3), np.uint8)), 9)
+    with pytest.raises(ValueError, match=r"products must be 3-D"):
+        kernels.combine_bitplanes(device.put(np.zeros((2, 3), np.int32)))
 
 
 # ------------------------------------------------------------------------------------------------
