@@ -50,7 +50,12 @@ def popcount64(typingctx, x):
 
 def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, segments, run, panel_address,
                       out_address, out_stride, k):
-    """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_segments``."""
+    """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_rows``.
+
+    Row r of A starts at ``a_address + r * a_stride * 8``, or, when ``a_stride`` is None, at the
+    r-th int64 address stored at ``a_address``; it is ``segments`` runs of ``run`` words,
+    ``segment_stride`` words apart.
+    """
     i32 = ir.IntType(32)
     i64 = ir.IntType(64)
     vec = ir.VectorType(i64, LANES)
@@ -64,9 +69,17 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
         first_lane = builder.insert_element(undef, scalar, ir.Constant(i32, 0))
         return builder.shuffle_vector(first_lane, undef, splat_mask)
 
-    a_base = builder.inttoptr(a_address, i64.as_pointer())
     panel = builder.inttoptr(panel_address, vec.as_pointer())
-    a_rows = [builder.gep(a_base, [builder.mul(a_stride, ir.Constant(i64, r))]) for r in range(TILE_ROWS)]
+    if a_stride is None:
+        # ``a_address`` points at TILE_ROWS int64 addresses, one per A row.
+        addresses = builder.inttoptr(a_address, i64.as_pointer())
+        a_rows = [
+            builder.inttoptr(builder.load(builder.gep(addresses, [ir.Constant(i64, r)]), align=8), i64.as_pointer())
+            for r in range(TILE_ROWS)
+        ]
+    else:
+        a_base = builder.inttoptr(a_address, i64.as_pointer())
+        a_rows = [builder.gep(a_base, [builder.mul(a_stride, ir.Constant(i64, r))]) for r in range(TILE_ROWS)]
     # Allocas in the entry block; mem2reg turns them into vector registers.
     accumulators = [
         [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(TILE_VECTORS)]
@@ -127,19 +140,25 @@ def xnor_microkernel(typingctx, a_address, a_stride, panel_address, words, out_a
 
 
 @intrinsic
-def xnor_microkernel_segments(typingctx, a_address, a_stride, segment_stride, segments, run, panel_address,
-                              out_address, out_stride, k):
-    """``xnor_microkernel`` whose A rows are ``segments`` runs of ``run`` words.
+def xnor_microkernel_rows(typingctx, row_addresses, segment_stride, segments, run, panel_address, out_address,
+                          out_stride, k):
+    """``xnor_microkernel`` whose A rows are gathered from ``segments`` runs at addresses of their own.
 
-    Row ``r`` of A is the concatenation over ``s < segments`` of the ``run`` words at
-    ``a_address + (r * a_stride + s * segment_stride) * 8``; the panel is
-    ``(segments * run, TILE_COLS)``.  With NHWC activations this is an implicit im2col: one
-    segment per kernel row, ``run = KW * words`` and ``a_stride = stride_w * words``.
+    All arguments are ``intp``.  ``row_addresses`` points at ``TILE_ROWS`` int64 addresses, one per
+    A row; row ``r`` of A is the concatenation over ``s < segments`` of the ``run`` words at
+    ``row_addresses[r] + s * segment_stride * 8``, and the panel is ``(segments * run, TILE_COLS)``.
+    With NHWC activations this is an implicit im2col: one segment per kernel row,
+    ``run = KW * words``, and the ``TILE_ROWS`` output positions may lie on different output rows
+    or images.
     """
-    sig = types.void(*([types.intp] * 9))
+    sig = types.void(*([types.intp] * 8))
 
     def codegen(context, builder, signature, args):
-        return _emit_microkernel(context, builder, *args)
+        row_addresses, segment_stride, segments, run, panel_address, out_address, out_stride, k = args
+        return _emit_microkernel(
+            context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
+            out_stride, k,
+        )
 
     return sig, codegen
 
@@ -224,5 +243,58 @@ def threshold_word(typingctx, acc, acc_offset, threshold, direction, channel_off
         above = builder.icmp_signed(">=", accumulators, thresholds)
         below = builder.icmp_signed("<=", accumulators, thresholds)
         return builder.bitcast(builder.select(upward, above, below), ir.IntType(64))
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Task claims shared by the threads of one parallel region (see ``conv._wait_for``)
+# ---------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def atomic_claim(typingctx, address):
+    """Compare-and-swap the int64 at ``address`` from 0 (free) to 1 (taken); True when it was 0."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.boolean(types.intp)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        pointer = builder.inttoptr(args[0], i64.as_pointer())
+        result = builder.cmpxchg(pointer, ir.Constant(i64, 0), ir.Constant(i64, 1), "acq_rel", "acquire")
+        return builder.extract_value(result, 1)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_load(typingctx, address):
+    """The int64 at ``address``, loaded with acquire ordering (sees what a release store published)."""
+    if not isinstance(address, types.Integer):
+        return None
+    sig = types.int64(types.intp)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        pointer = builder.inttoptr(args[0], i64.as_pointer())
+        return builder.load_atomic(pointer, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_store(typingctx, address, value):
+    """Store the int64 ``value`` at ``address`` with release ordering (publishes earlier writes)."""
+    if not (isinstance(address, types.Integer) and isinstance(value, types.Integer)):
+        return None
+    sig = types.void(types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        pointer = builder.inttoptr(args[0], i64.as_pointer())
+        value = context.cast(builder, args[1], signature.args[1], types.int64)
+        builder.store_atomic(value, pointer, "release", 8)
+        return context.get_dummy_value()
 
     return sig, codegen

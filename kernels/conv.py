@@ -5,67 +5,30 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._checks import array_kind, check_int, check_packed, check_padding_bits, check_pair, words_for
-from ._intrinsics import TILE_COLS, TILE_ROWS, popcount64, xnor_microkernel, xnor_microkernel_segments
-from .gemm import _blocking, _gemm_block, _pack_panel, panel_buffer
+from ._checks import array_kind, check_int, check_packed, check_padding_bits, check_pair, padding_mask, words_for
+from ._intrinsics import (
+    TILE_COLS,
+    TILE_ROWS,
+    atomic_claim,
+    atomic_load,
+    atomic_store,
+    popcount64,
+    xnor_microkernel_rows,
+)
+from .gemm import _blocking, _pack_panel
 
 __all__ = ["binary_conv2d"]
 
-# Output widths from which the convolution reads its GEMM rows straight from the padded input
-# (implicit im2col: no patch buffer, but the last OW % TILE_ROWS positions of every output row
-# cost a whole micro-kernel tile); below it, an explicit im2col feeds the plain GEMM blocks.
-_IMPLICIT_MIN_WIDTH = 5 * TILE_ROWS
-
-
 @njit(cache=True)
-def _im2col_row(x, image, oy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w, patches):
-    """Patches of one output row: the packed taps of each position, 0 words off the input.
+def _pad_row(source, target, image, padded_row, height, width, pad_h, pad_w, words):
+    """Row ``padded_row`` of image ``image`` of the zero-padded input (zero words: all -1).
 
-    The ``kernel_w`` taps of one kernel row are adjacent in NHWC memory, so inside the input they
-    are one contiguous run of ``kernel_w * words`` words.  Indexing goes through flat views with
-    unsigned offsets, which spares Numba's negative-index handling in this copy-bound loop.
+    ``source`` and ``target`` are flat views of x (N, H, W, words) and of the padded input
+    (N, H + 2 * pad_h, W + 2 * pad_w, words); unsigned offsets spare Numba's negative-index
+    handling.
     """
-    _, height, width, words = x.shape
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    run = kernel_w * words
-    patch_words = kernel_h * run
-    source = x.reshape(-1)
-    target = patches.reshape(-1)
-    for ox in range(out_w):
-        position = (image * out_h + oy) * out_w + ox
-        ix0 = ox * stride_w - pad_w
-        inside_w = ix0 >= 0 and ix0 + kernel_w <= width
-        for ky in range(kernel_h):
-            iy = oy * stride_h - pad_h + ky
-            first = np.uint64(position * patch_words + ky * run)
-            if iy < 0 or iy >= height:
-                for w in range(run):
-                    target[first + np.uint64(w)] = 0
-            elif inside_w:
-                start = np.uint64(((image * height + iy) * width + ix0) * words)
-                for w in range(run):
-                    target[first + np.uint64(w)] = source[start + np.uint64(w)]
-            else:
-                for kx in range(kernel_w):
-                    ix = ix0 + kx
-                    tap_first = first + np.uint64(kx * words)
-                    if 0 <= ix < width:
-                        start = np.uint64(((image * height + iy) * width + ix) * words)
-                        for w in range(words):
-                            target[tap_first + np.uint64(w)] = source[start + np.uint64(w)]
-                    else:
-                        for w in range(words):
-                            target[tap_first + np.uint64(w)] = 0
-
-
-@njit(cache=True)
-def _pad_row(x, image, padded_row, pad_h, pad_w, x_padded):
-    """Row ``padded_row`` of image ``image`` of the zero-padded input (zero words: all -1)."""
-    _, height, width, words = x.shape
-    padded_width = x_padded.shape[2]
-    source = x.reshape(-1)
-    target = x_padded.reshape(-1)
-    first = np.uint64((image * x_padded.shape[1] + padded_row) * padded_width * words)
+    padded_width = width + 2 * pad_w
+    first = np.uint64((image * (height + 2 * pad_h) + padded_row) * padded_width * words)
     iy = padded_row - pad_h
     if iy < 0 or iy >= height:
         for w in range(padded_width * words):
@@ -83,76 +46,52 @@ def _pad_row(x, image, padded_row, pad_h, pad_w, x_padded):
 
 
 @njit(cache=True)
-def _prepare_weights(weights, channels, padded, job, jobs, panels, tap_sums):
-    """Job ``job`` of ``jobs``: every ``jobs``-th weight panel and output channel from ``job``.
+def _prepare_panel(source, n_out, kernel_h, kernel_w, words, channels, padded, p, panels, tap_sums):
+    """Weight task ``p``: panel ``p`` and the tap sums of its output channels.
 
-    * ``panels``: the weights interleaved for the GEMM micro-kernel (``gemm._pack_panel``), in the
-      order (KH, KW, words) of an im2col row.
-    * ``tap_sums[ky + 1, kx + 1, o]`` (of a (KH+1, KW+1, O) array): what a zero word adds against
-      weight tap (ky, kx) of output channel o, ``channels - 2 * popcount(w)`` (only when there is
-      padding; ``_tap_prefix_sums`` then turns these into prefix sums).
+    ``source`` is the flat view of the weights (O, KH, KW, words).
+
+    * ``panels[p]``: output channels ``p * TILE_COLS ...`` interleaved for the GEMM micro-kernel
+      (``gemm._pack_panel``), in the order (KH, KW, words) of an im2col row.
+    * Only with padding, for each output channel o of the panel, ``tap_sums[:, :, o]`` of a
+      (KH+1, KW+1, O) array: the prefix sums ``tap_sums[y, x, o]`` over the taps ``ky < y, kx < x``
+      of what a zero word adds against weight tap (ky, kx), ``channels - 2 * popcount(w)``; row 0
+      and column 0 are 0.
     """
-    n_out, kernel_h, kernel_w, words = weights.shape
-    flat_weights = weights.reshape(n_out, kernel_h * kernel_w * words)
-    for p in range(job, panels.shape[0], jobs):
-        _pack_panel(flat_weights, panels, p)
+    _pack_panel(source.reshape(n_out, -1), panels, p)
     if not padded:
         return
-    for o in range(job, n_out, jobs):
+    patch_words = kernel_h * kernel_w * words
+    for o in range(p * TILE_COLS, min(n_out, (p + 1) * TILE_COLS)):
+        for x in range(kernel_w + 1):
+            tap_sums[0, x, o] = 0
         for ky in range(kernel_h):
+            tap_sums[ky + 1, 0, o] = 0
+            row_sum = 0
             for kx in range(kernel_w):
-                first = (ky * kernel_w + kx) * words
+                first = np.uint64(o * patch_words + (ky * kernel_w + kx) * words)
                 count = 0
                 for w in range(words):
-                    count += popcount64(flat_weights[o, first + w])
-                tap_sums[ky + 1, kx + 1, o] = channels - 2 * count
+                    count += popcount64(source[first + np.uint64(w)])
+                row_sum += channels - 2 * count
+                tap_sums[ky + 1, kx + 1, o] = tap_sums[ky, kx + 1, o] + row_sum
+
+
+# Task states in the claim array of one call: free, being run by one thread, done.
+_TASK_FREE, _TASK_TAKEN, _TASK_DONE = 0, 1, 2
 
 
 @njit(cache=True)
-def _tap_prefix_sums(tap_sums):
-    """In place: ``tap_sums[y, x, o]`` becomes the sum of the tap values ``[1:y+1, 1:x+1]`` (the
-    taps ``ky < y, kx < x``); row 0 and column 0 become 0.  Vectorised over o."""
-    rows, columns, n_out = tap_sums.shape
-    for x in range(columns):
-        for o in range(n_out):
-            tap_sums[0, x, o] = 0
-    for y in range(1, rows):
-        for o in range(n_out):
-            tap_sums[y, 0, o] = 0
-        for x in range(1, columns):
-            for o in range(n_out):
-                tap_sums[y, x, o] += tap_sums[y - 1, x, o] + tap_sums[y, x - 1, o] - tap_sums[y - 1, x - 1, o]
+def _wait_for(state, first, stop):
+    """Spin until tasks ``first ... stop - 1`` are done.
 
-
-@njit(parallel=True, cache=True)
-def _prepare_patches(x, weights, channels, stride_h, stride_w, pad_h, pad_w, patches, panels, tap_sums):
-    """Explicit path: ``patches`` (N*OH*OW, KH*KW*words) im2col, a zero word (all -1) off the
-    input, and the weight work of ``_prepare_weights``, shared out by output row."""
-    batch, height, width, _ = x.shape
-    kernel_h, kernel_w = weights.shape[1], weights.shape[2]
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
-    jobs = max(batch * out_h, 1)
-    for job in prange(jobs):
-        if job < batch * out_h:
-            image = job // out_h
-            oy = job - image * out_h
-            _im2col_row(x, image, oy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w, patches)
-        _prepare_weights(weights, channels, pad_h > 0 or pad_w > 0, job, jobs, panels, tap_sums)
-
-
-@njit(parallel=True, cache=True)
-def _prepare_padded(x, weights, channels, pad_h, pad_w, x_padded, panels, tap_sums):
-    """Implicit path: ``x_padded`` (N, H + 2 * pad_h, W + 2 * pad_w, words), the input with zero
-    words around it, and the weight work of ``_prepare_weights``, shared out by padded row."""
-    batch = x.shape[0]
-    padded_h = x_padded.shape[1]
-    jobs = max(batch * padded_h, 1)
-    for job in prange(jobs):
-        if job < batch * padded_h:
-            image = job // padded_h
-            _pad_row(x, image, job - image * padded_h, pad_h, pad_w, x_padded)
-        _prepare_weights(weights, channels, pad_h > 0 or pad_w > 0, job, jobs, panels, tap_sums)
+    Never waits on a free task (the caller claimed and ran those): a taken task is being run by a
+    thread that waits on nothing, so this cannot deadlock, whatever the threads or their order.
+    """
+    for task in range(first, stop):
+        address = state.ctypes.data + task * 8
+        while atomic_load(address) != _TASK_DONE:
+            pass
 
 
 @njit(cache=True)
@@ -188,108 +127,120 @@ def _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, 
         position = row_end
 
 
-@njit(parallel=True, cache=True)
-def _conv_gemm_patches(patches, panels, n_out, k, out, threads, kernel_h, kernel_w, stride_h, stride_w,
-                       height, width, pad_h, pad_w, tap_sums):
-    """out (N*OH*OW, O): ``gemm._gemm_panels`` on the patches, with the padding correction of
-    ``_remove_padding_taps`` fused into each block."""
-    m, words = patches.shape
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+@njit(cache=True)
+def _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop, x_padded,
+                       panels, tap_sums, state, panel_start, panel_stop):
+    """``_run_im2col_tasks`` of ``_conv_implicit``: task ``n_panels + image * (H + 2 * pad_h) + r``
+    is row r of the padded input (``_pad_row``); an output row reads KH of them."""
+    height, width = x.shape[1], x.shape[2]
+    n_out, kernel_h, kernel_w, words = weights.shape
+    padded_h = x_padded.shape[1]
     n_panels = panels.shape[0]
     padded = pad_h > 0 or pad_w > 0
-    rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(m, words, n_panels, threads)
-    for block in prange(row_blocks * panel_blocks):
-        row_block = block // panel_blocks
-        panel_block = block - row_block * panel_blocks
-        tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
-        padded_rows = np.zeros((TILE_ROWS, max(words, 1)), dtype=np.uint64)
-        row_start = row_block * rows_per_block
-        row_stop = min(m, row_start + rows_per_block)
-        panel_start = panel_block * panels_per_block
-        panel_stop = min(n_panels, panel_start + panels_per_block)
-        _gemm_block(
-            patches, panels, n_out, k, out, row_start, row_stop, panel_start, panel_stop, tile, padded_rows
-        )
-        if padded:
-            _remove_padding_taps(
-                height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
-                out, row_start, row_stop, panel_start * TILE_COLS, min(n_out, panel_stop * TILE_COLS),
-            )
+    source, target, flat_weights = x.reshape(-1), x_padded.reshape(-1), weights.reshape(-1)
+    first_row, stop_row = row_start // out_w, (row_stop - 1) // out_w + 1
+    states = state.ctypes.data
+    for image_row in range(first_row, stop_row):
+        image = image_row // out_h
+        first = image * padded_h + (image_row - image * out_h) * stride_h
+        for task in range(n_panels + first, n_panels + first + kernel_h):
+            if atomic_claim(states + task * 8):
+                _pad_row(source, target, image, task - n_panels - image * padded_h, height, width, pad_h, pad_w,
+                         words)
+                atomic_store(states + task * 8, _TASK_DONE)
+    for p in range(panel_start, panel_stop):
+        if atomic_claim(states + p * 8):
+            _prepare_panel(flat_weights, n_out, kernel_h, kernel_w, words, channels, padded, p, panels, tap_sums)
+            atomic_store(states + p * 8, _TASK_DONE)
+    for image_row in range(first_row, stop_row):
+        image = image_row // out_h
+        first = n_panels + image * padded_h + (image_row - image * out_h) * stride_h
+        _wait_for(state, first, first + kernel_h)
+    _wait_for(state, panel_start, panel_stop)
+
+
+@njit(cache=True)
+def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses):
+    """``addresses[i]``: address of the first word read for output position ``row_start + i`` (its
+    window's top-left word in ``x_padded``); past ``row_stop`` (to fill the last tile) the address
+    of the last position again."""
+    _, padded_h, padded_w, words = x_padded.shape
+    base = x_padded.ctypes.data
+    image_row = row_start // out_w
+    ox = row_start - image_row * out_w
+    image = image_row // out_h
+    oy = image_row - image * out_h
+    address = base
+    for i in range(addresses.shape[0]):
+        if row_start + i < row_stop:
+            address = base + (((image * padded_h + oy * stride_h) * padded_w + ox * stride_w) * words) * 8
+            ox += 1
+            if ox == out_w:
+                ox = 0
+                oy += 1
+                if oy == out_h:
+                    oy = 0
+                    image += 1
+        addresses[i] = address
 
 
 @njit(parallel=True, cache=True)
-def _conv_gemm_implicit(x_padded, panels, n_out, k, out, threads, kernel_h, kernel_w, stride_h, stride_w,
-               height, width, pad_h, pad_w, tap_sums):
+def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, state, out,
+                   threads):
     """out (N*OH*OW, O) = the XNOR GEMM of the implicit im2col of ``x_padded`` with the panels.
 
-    ``TILE_ROWS`` consecutive positions of one output row read their A rows straight from
-    ``x_padded`` (``xnor_microkernel_segments``: a segment per kernel row, rows ``stride_w * words``
-    apart); the last positions of an output row, fewer than ``TILE_ROWS``, are gathered into a
-    zero-padded block.  Blocks are split among the threads as in ``gemm._gemm_panels``, and each
-    block removes the contribution of off-input taps from its own outputs.
+    No patch matrix: each ``TILE_ROWS`` consecutive output positions (across output rows and
+    images alike) read their A rows straight from ``x_padded`` (``xnor_microkernel_rows``: a
+    segment of ``KW * words`` words per kernel row, segments a padded row apart), from the window
+    addresses of ``_row_addresses``.  Blocks are split among the threads as in
+    ``gemm._gemm_panels``; each block first makes the padded input rows and weight panels it reads
+    (``_run_padding_tasks``), and last removes the contribution of off-input taps from its own
+    outputs (``_remove_padding_taps``).
     """
+    height, width = x.shape[1], x.shape[2]
+    n_out, kernel_h, kernel_w, _ = weights.shape
     batch, padded_h, padded_w, words = x_padded.shape
     out_h = (padded_h - kernel_h) // stride_h + 1
     out_w = (padded_w - kernel_w) // stride_w + 1
     m = batch * out_h * out_w
+    k = kernel_h * kernel_w * channels
     run = kernel_w * words
     patch_words = kernel_h * run
     n_panels = panels.shape[0]
     padded = pad_h > 0 or pad_w > 0
-    source = x_padded.reshape(-1)
     rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(m, patch_words, n_panels, threads)
     for block in prange(row_blocks * panel_blocks):
         row_block = block // panel_blocks
         panel_block = block - row_block * panel_blocks
-        tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
-        gathered = np.zeros((TILE_ROWS, max(patch_words, 1)), dtype=np.uint64)
-        gathered_flat = gathered.reshape(-1)
         row_start = row_block * rows_per_block
         row_stop = min(m, row_start + rows_per_block)
         panel_start = panel_block * panels_per_block
         panel_stop = min(n_panels, panel_start + panels_per_block)
+        tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
+        addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+        _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
+        tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
+        _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
+                           x_padded, panels, tap_sums, state, panel_start, panel_stop)
         for p in range(panel_start, panel_stop):
             column = p * TILE_COLS
             columns = min(TILE_COLS, n_out - column)
             panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
-            position = row_start
-            while position < row_stop:
-                ox = position % out_w
-                image_row = position // out_w
-                image = image_row // out_h
-                oy = image_row - image * out_h
-                rows = min(TILE_ROWS, row_stop - position, out_w - ox)
-                first_word = ((image * padded_h + oy * stride_h) * padded_w + ox * stride_w) * words
-                if rows == TILE_ROWS:
-                    a_address = x_padded.ctypes.data + first_word * 8
-                    if columns == TILE_COLS:
-                        xnor_microkernel_segments(
-                            a_address, stride_w * words, padded_w * words, kernel_h, run, panel_address,
-                            out.ctypes.data + (position * n_out + column) * 4, n_out, k,
-                        )
-                    else:
-                        xnor_microkernel_segments(
-                            a_address, stride_w * words, padded_w * words, kernel_h, run, panel_address,
-                            tile.ctypes.data, TILE_COLS, k,
-                        )
-                        out[position:position + rows, column:column + columns] = tile[:rows, :columns]
+            for t in range(tiles):
+                position = row_start + t * TILE_ROWS
+                rows = min(TILE_ROWS, row_stop - position)
+                row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
+                if rows == TILE_ROWS and columns == TILE_COLS:
+                    xnor_microkernel_rows(
+                        row_addresses, padded_w * words, kernel_h, run, panel_address,
+                        out.ctypes.data + (position * n_out + column) * 4, n_out, k,
+                    )
                 else:
-                    # The tail of an output row: gather its patches (an explicit im2col of a few rows).
-                    for r in range(TILE_ROWS):
-                        for ky in range(kernel_h):
-                            target = np.uint64(r * patch_words + ky * run)
-                            if r < rows:
-                                start = np.uint64(first_word + r * stride_w * words + ky * padded_w * words)
-                                for w in range(run):
-                                    gathered_flat[target + np.uint64(w)] = source[start + np.uint64(w)]
-                            else:
-                                for w in range(run):
-                                    gathered_flat[target + np.uint64(w)] = 0
-                    xnor_microkernel(gathered.ctypes.data, patch_words, panel_address, patch_words,
-                                     tile.ctypes.data, TILE_COLS, k)
+                    xnor_microkernel_rows(
+                        row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
+                        TILE_COLS, k,
+                    )
                     out[position:position + rows, column:column + columns] = tile[:rows, :columns]
-                position += rows
         if padded:
             _remove_padding_taps(
                 height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
@@ -298,33 +249,45 @@ def _conv_gemm_implicit(x_padded, panels, n_out, k, out, threads, kernel_h, kern
 
 
 @njit(cache=True)
-def _binary_conv2d_patches(x, weights, channels, stride_h, stride_w, pad_h, pad_w, patches, panels, out,
-                           threads):
-    n_out, kernel_h, kernel_w, _ = weights.shape
-    height, width = x.shape[1], x.shape[2]
-    tap_sums = np.empty((kernel_h + 1, kernel_w + 1, n_out), dtype=np.int32)
-    _prepare_patches(x, weights, channels, stride_h, stride_w, pad_h, pad_w, patches, panels, tap_sums)
-    if pad_h or pad_w:
-        _tap_prefix_sums(tap_sums)
-    _conv_gemm_patches(
-        patches, panels, n_out, kernel_h * kernel_w * channels, out.reshape(-1, n_out), threads,
-        kernel_h, kernel_w, stride_h, stride_w, height, width, pad_h, pad_w, tap_sums,
-    )
+def _last_word_bits(packed, mask):
+    """True when ``packed[..., -1] & mask`` is nonzero somewhere (``packed``: C-contiguous, 4-D)."""
+    flat = packed.reshape(-1)
+    words = packed.shape[3]
+    for i in range(words - 1, flat.shape[0], words):
+        if flat[i] & mask:
+            return True
+    return False
 
 
 @njit(cache=True)
-def _binary_conv2d_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, out,
-                            threads):
+def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, mask, threads):
+    """The CPU convolution: scratch buffers, then one parallel region (``_conv_implicit``).
+
+    Returns ``(out, bad)``: out (N, OH, OW, O) int32, and ``bad`` 1 or 2 (out then unwritten) when
+    x or the weights have bits of ``mask`` set in their last word (padding bits past ``channels``).
+    """
+    batch, height, width, words = x.shape
     n_out, kernel_h, kernel_w, _ = weights.shape
-    height, width = x.shape[1], x.shape[2]
+    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    out = np.empty((batch, out_h, out_w, n_out), dtype=np.int32)
+    if mask:
+        if _last_word_bits(x, mask):
+            return out, 1
+        if _last_word_bits(weights, mask):
+            return out, 2
+    m = batch * out_h * out_w
+    if m == 0 or n_out == 0:
+        return out, 0
+    # Not zeroed: a task writes every word before any block reads it.
+    panels = np.empty(((n_out + TILE_COLS - 1) // TILE_COLS, kernel_h * kernel_w * words, TILE_COLS), dtype=np.uint64)
     tap_sums = np.empty((kernel_h + 1, kernel_w + 1, n_out), dtype=np.int32)
-    _prepare_padded(x, weights, channels, pad_h, pad_w, x_padded, panels, tap_sums)
-    if pad_h or pad_w:
-        _tap_prefix_sums(tap_sums)
-    _conv_gemm_implicit(
-        x_padded, panels, n_out, kernel_h * kernel_w * channels, out.reshape(-1, n_out), threads,
-        kernel_h, kernel_w, stride_h, stride_w, height, width, pad_h, pad_w, tap_sums,
-    )
+    padded_h = height + 2 * pad_h
+    x_padded = np.empty((batch, padded_h, width + 2 * pad_w, words), dtype=np.uint64)
+    state = np.zeros(panels.shape[0] + batch * padded_h, dtype=np.int64)
+    _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, state,
+                   out.reshape(m, n_out), threads)
+    return out, 0
 
 
 def binary_conv2d(x_packed, w_packed, channels, stride=1, padding=0):
@@ -358,13 +321,13 @@ def binary_conv2d(x_packed, w_packed, channels, stride=1, padding=0):
     stride_h, stride_w = check_pair("stride", stride, 1)
     pad_h, pad_w = check_pair("padding", padding, 0)
     words = words_for(channels)
-    for name, arr in (("x_packed", x_packed), ("w_packed", w_packed)):
+    names = ("x_packed", "w_packed")
+    for name, arr in zip(names, (x_packed, w_packed)):
         if arr.shape[3] != words:
             raise ValueError(
                 f"{name} must have ceil(channels / 64) = {words} words on its last axis for "
                 f"channels={channels}, got shape {tuple(arr.shape)}"
             )
-        check_padding_bits(name, arr, channels)
     batch, height, width, _ = x_packed.shape
     n_out, kernel_h, kernel_w, _ = w_packed.shape
     if kernel_h < 1 or kernel_w < 1:
@@ -376,24 +339,21 @@ def binary_conv2d(x_packed, w_packed, channels, stride=1, padding=0):
         )
     if kernel_h * kernel_w * channels >= 2**31:
         raise ValueError("KH * KW * channels must be < 2**31 so that the int32 result cannot overflow")
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
     if kind == "cupy":
         from . import _cuda
 
+        check_padding_bits("x_packed", x_packed, channels)
+        check_padding_bits("w_packed", w_packed, channels)
+        out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+        out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
         return _cuda.binary_conv2d(
             x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         )
-    out = np.empty((batch, out_h, out_w, n_out), dtype=np.int32)
-    if out.size == 0:
-        return out
-    panels = panel_buffer(n_out, kernel_h * kernel_w * words)
-    threads = numba.get_num_threads()
-    arguments = (x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w)
-    if out_w >= _IMPLICIT_MIN_WIDTH:
-        x_padded = np.empty((batch, height + 2 * pad_h, width + 2 * pad_w, words), dtype=np.uint64)
-        _binary_conv2d_implicit(*arguments, x_padded, panels, out, threads)
-    else:
-        patches = np.empty((batch * out_h * out_w, kernel_h * kernel_w * words), dtype=np.uint64)
-        _binary_conv2d_patches(*arguments, patches, panels, out, threads)
+    # The padding-bit check (check_padding_bits) runs inside the compiled call: one dispatch less.
+    out, bad = _binary_conv2d_cpu(
+        x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, padding_mask(channels),
+        numba.get_num_threads(),
+    )
+    if bad:
+        check_padding_bits(names[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises
     return out

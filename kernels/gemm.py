@@ -26,15 +26,26 @@ _ROW_CHUNK_BYTES = 131072
 
 @njit(cache=True)
 def _pack_panel(b, panels, p):
-    """Interleave B rows p*TILE_COLS ... into panel p (words, TILE_COLS); rows past N read as 0."""
+    """Interleave B rows p*TILE_COLS ... into panel p (words, TILE_COLS); rows past N read as 0.
+
+    Walks each B row once (contiguous reads, stores TILE_COLS words apart), through flat views
+    with unsigned offsets, which spares Numba's negative-index handling.
+    """
     n, words = b.shape
     first = p * TILE_COLS
     rows = min(TILE_COLS, n - first)
-    for w in range(words):
-        for column in range(rows):
-            panels[p, w, column] = b[first + column, w]
-        for column in range(rows, TILE_COLS):
-            panels[p, w, column] = 0
+    source = b.reshape(-1)
+    target = panels.reshape(-1)
+    base = p * words * TILE_COLS
+    for column in range(TILE_COLS):
+        column_first = np.uint64(base + column)
+        if column < rows:
+            row_first = np.uint64((first + column) * words)
+            for w in range(words):
+                target[column_first + np.uint64(w * TILE_COLS)] = source[row_first + np.uint64(w)]
+        else:
+            for w in range(words):
+                target[column_first + np.uint64(w * TILE_COLS)] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -117,7 +128,7 @@ def _gemm_panels(a, panels, n, k, out, threads):
         row_block = block // panel_blocks
         panel_block = block - row_block * panel_blocks
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
-        padded_rows = np.zeros((TILE_ROWS, max(words, 1)), dtype=np.uint64)
+        padded_rows = np.empty((TILE_ROWS, max(words, 1)), dtype=np.uint64)
         row_start = row_block * rows_per_block
         panel_start = panel_block * panels_per_block
         _gemm_block(

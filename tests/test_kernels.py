@@ -6,6 +6,7 @@ the module docstring of lowbit.kernels.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -13,7 +14,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lowbit.kernels as kernels
-import lowbit.kernels.conv as conv
 from lowbit.backend import cupy
 from lowbit.kernels._intrinsics import HOST_FEATURES
 
@@ -204,13 +204,16 @@ def check_conv(
     x_packed = kernels.pack_signs(x.transpose(0, 2, 3, 1).copy())
     w_packed = kernels.pack_signs(w.transpose(0, 2, 3, 1).copy())
     expected = reference.conv2d_direct(reference.sign_pm1(x), reference.sign_pm1(w), stride, padding)
-    # The CPU has two paths (implicit im2col for wide outputs, explicit below): check both.
-    for implicit_min_width in (0, 10**9) if device.name == "cpu" else (conv._IMPLICIT_MIN_WIDTH,):
-        saved, conv._IMPLICIT_MIN_WIDTH = conv._IMPLICIT_MIN_WIDTH, implicit_min_width
+    # On the CPU the threads share the preparation tasks (weight panels, padded rows) of one call:
+    # check with one thread and with the default count.
+    for threads in (1, numba.get_num_threads()) if device.name == "cpu" else (None,):
+        saved = numba.get_num_threads()
+        if threads is not None:
+            numba.set_num_threads(threads)
         try:
             out = kernels.binary_conv2d(device.put(x_packed), device.put(w_packed), channels, stride, padding)
         finally:
-            conv._IMPLICIT_MIN_WIDTH = saved
+            numba.set_num_threads(saved)
         out = device.get(out)
         assert out.dtype == np.int32
         np.testing.assert_array_equal(out, expected.transpose(0, 2, 3, 1).astype(np.int64))
