@@ -36,6 +36,8 @@ Usage::
     python experiments/bitwidth_sweep.py --arch tfc --seeds 0 1 2
     python experiments/bitwidth_sweep.py --arch all
     python experiments/bitwidth_sweep.py --arch tfc --quick       # the tiny CI version, seconds
+    python experiments/bitwidth_sweep.py --arch tfc --methods qat --weight-bits 1 2 --act-bits 1 2 \
+        --epochs 100 --tag e100                                    # the Brevitas cells, longer
 """
 from __future__ import annotations
 
@@ -57,13 +59,16 @@ def main(argv=None):
     parser.add_argument("--weight-bits", type=int, nargs="+", help="default 1 2 4 8 16 32")
     parser.add_argument("--act-bits", type=int, nargs="+", help="default 1 2 4 8 32")
     parser.add_argument("--quick", action="store_true", help="tiny version for CI")
+    parser.add_argument("--tag", default="", help="suffix of the results folder (sweep_<arch>_<tag>), to keep "
+                                                  "a sweep with other settings (e.g. more epochs) apart")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
     results = {}
     for arch in (ARCHS if args.arch == "all" else (args.arch,)):
-        out_dir = os.path.join(args.results, f"sweep_{arch}{'_quick' if args.quick else ''}")
+        suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+        out_dir = os.path.join(args.results, f"sweep_{arch}{suffix}")
         result = run_sweep(arch, weight_bits=args.weight_bits, act_bits=args.act_bits,
                            methods=args.methods, seeds=args.seeds, epochs=args.epochs, out_dir=out_dir,
                            quick=args.quick, progress=not args.quiet)

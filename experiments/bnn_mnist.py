@@ -44,12 +44,15 @@ from lowbit.zoo import binary_cnn, bnn_mlp
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = {
-    "mlp_det": {"build": lambda seed, width: bnn_mlp(seed, hidden=(width,) * 3), "loss": "squared_hinge",
-                "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096},
-    "mlp_stoch": {"build": lambda seed, width: bnn_mlp(seed, hidden=(width,) * 3, stochastic="weights"),
-                  "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096},
-    "cnn": {"build": lambda seed, width: binary_cnn(seed), "loss": "cross_entropy", "lr": 1e-3,
-            "lr_end": 1e-5, "target": 0.993, "width": None},
+    "mlp_det": {"build": lambda seed, width, init: bnn_mlp(seed, hidden=(width,) * 3, init=init),
+                "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
+                "init": "uniform"},
+    "mlp_stoch": {"build": lambda seed, width, init: bnn_mlp(seed, hidden=(width,) * 3, stochastic="weights",
+                                                             init=init),
+                  "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
+                  "init": "uniform"},
+    "cnn": {"build": lambda seed, width, init: binary_cnn(seed, init=init), "loss": "cross_entropy", "lr": 1e-3,
+            "lr_end": 1e-5, "target": 0.993, "width": None, "init": "glorot"},
 }
 
 
@@ -60,6 +63,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=None, help="initial lr (default: the config's)")
     parser.add_argument("--lr-end", type=float, default=None, help="final lr of the exponential decay")
     parser.add_argument("--width", type=int, default=None, help="hidden width of the MLPs (default 4096)")
+    parser.add_argument("--init", choices=("uniform", "glorot"), default=None,
+                        help="latent-weight init of the binary layers (default: the config's; the paper's "
+                             "U(-1, 1) for the MLPs, 'glorot' suits short runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
     parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
@@ -71,6 +77,7 @@ def main(argv=None):
     lr = args.lr or cfg["lr"]
     lr_end = args.lr_end or cfg["lr_end"]
     width = args.width or cfg["width"]
+    init = args.init or cfg["init"]
 
     mnist = load_mnist(progress=not args.quiet)
     x_all, y_all = float_images(mnist.x_train), mnist.y_train
@@ -79,8 +86,9 @@ def main(argv=None):
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
 
-    model = cfg["build"](args.seed, width)
-    name = f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
+    model = cfg["build"](args.seed, width, init)
+    name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
+            + (f"_{init}" if init != cfg["init"] else ""))
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
                       epochs=args.epochs, batch_size=100, seed=args.seed, out_dir=run_dir,
@@ -100,11 +108,12 @@ def main(argv=None):
     float_path = os.path.join(run_dir, "best.npz")
     result = {
         "experiment": name, "config": args.config, "seed": args.seed, "epochs": args.epochs,
-        "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width,
+        "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width, "init": init,
         "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
         "test_acc": sim_acc, "target": cfg["target"],
         "packed_test_acc": float((packed_labels == y_test).mean()),
         "packed_labels_equal": int((packed_labels == sim_labels).sum()),
+        "packed_stages": [stage.kind for stage in packed.stages], "packed_notes": packed.notes,
         "packed_file_bytes": os.path.getsize(packed_path),
         "float_file_bytes": os.path.getsize(float_path),
         "wall_seconds_this_run": wall, "history": history,

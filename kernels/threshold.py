@@ -348,7 +348,9 @@ def threshold_signs(x, threshold, direction):
     Parameters
     ----------
     x : numpy.ndarray or cupy.ndarray, float32, shape (N, C) or (N, C, H, W)
-        C-contiguous, no NaN.
+        No NaN.  Any strides whose ``(H, W)`` part can be viewed as one axis (such as a
+        convolution's NCHW view of a CNHW buffer): the positions of one channel are read in order,
+        nothing is copied.
     threshold : same kind, float32, shape (C,)
         NaN means the bit is never set.
     direction : same kind, int8, shape (C,), values +1 or -1
@@ -368,7 +370,6 @@ def threshold_signs(x, threshold, direction):
     check_dtype("x", x, np.float32)
     if x.ndim not in (2, 4):
         raise ValueError(f"x must be 2-D (N, C) or 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    check_contiguous("x", x)
     channels = x.shape[1]
     _check_thresholds(f"x {tuple(x.shape)}", threshold, direction, channels, np.float32)
     spatial = x.shape[2:]
@@ -387,8 +388,8 @@ def threshold_signs(x, threshold, direction):
     if packed.size == 0:
         return packed
     positions = int(np.prod(spatial)) if spatial else 1
-    nans = _threshold_signs_cpu(x.reshape(x.shape[0], channels, positions), threshold, direction,
-                                packed.reshape(x.shape[0], positions, -1))
+    x3 = x.reshape(x.shape[0], channels, positions)  # a view unless (H, W) cannot be one axis
+    nans = _threshold_signs_cpu(x3, threshold, direction, packed.reshape(x.shape[0], positions, -1))
     if nans:
         raise ValueError(f"x holds {nans} NaN values, which have no sign")
     return packed

@@ -118,8 +118,7 @@ def cmd_quantize(args):
 def cmd_convert(args):
     from .convert import convert_command
 
-    convert_command(args.model, args.output, limit=args.limit, allow_inexact=args.allow_inexact,
-                    input_bits=args.input_bits)
+    convert_command(args.model, args.output, limit=args.limit, allow_inexact=args.allow_inexact)
     return 0
 
 
@@ -208,9 +207,6 @@ def build_parser():
     p.add_argument("--limit", type=int, default=0, help="check on the first N test images only")
     p.add_argument("--allow-inexact", action="store_true",
                    help="fuse scaled binary layers whose float rounding may differ in rare cases")
-    p.add_argument("--input-bits", type=int, default=None, metavar="BITS",
-                   help="the model sees BITS-bit images (8 for MNIST): a binary first dense layer runs on "
-                        "the pixel codes by bit planes (exact integer sums; the check reports label agreement)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("summary", help="per-layer table of a trained or packed model")

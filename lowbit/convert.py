@@ -49,7 +49,8 @@ from .data import float_images
 from .functions import conv_output_size
 from .io import assign_model_arrays, load_model, model_arrays
 from .layers import (
-    Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, Rescale, Sequential, layer_from_config,
+    Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, PixelCodes, ReLU, Rescale, Sequential,
+    layer_from_config,
 )
 from .model import Model
 from .packed import (
@@ -169,8 +170,7 @@ class _NotFusable(Exception):
 class _Converter:
     """One left-to-right pass over the flattened layer list, emitting stages (see the module doc)."""
 
-    def __init__(self, named_layers, input_shape, allow_inexact, input_bits=None):
-        self.input_bits = input_bits
+    def __init__(self, named_layers, input_shape, allow_inexact):
         self.input_shape = tuple(input_shape)
         self.paths = [path for path, _ in named_layers]
         self.layers = [layer for _, layer in named_layers]
@@ -249,7 +249,7 @@ class _Converter:
 
     # -- the pass ------------------------------------------------------------------------------
     def run(self):
-        index = self.bitplane_first() if self.input_bits else 0
+        index = self.bitplane_first()
         n = len(self.layers)
         while index < n:
             layer = self.layers[index]
@@ -265,40 +265,38 @@ class _Converter:
         return self.stages
 
     def bitplane_first(self):
-        """With ``input_bits``: a leading ``[Rescale] [Flatten] [Dropout] - binary QuantAffine - ... - sign``
-        becomes one :class:`BitplaneDenseStage`; returns the index of the first layer left (0 when
-        the model does not start that way, with a note)."""
-        index, rescale = 0, None
-        while index < len(self.layers) and isinstance(self.layers[index], (Rescale, Flatten, Dropout)):
-            if isinstance(self.layers[index], Rescale):
-                if rescale is not None:
-                    break
-                rescale = self.layers[index]
+        """A model that starts ``PixelCodes - [Flatten] [Dropout] - binary QuantAffine - ... - sign``:
+        one :class:`BitplaneDenseStage` for all of it; returns the index of the first layer left (0
+        when the model does not start that way)."""
+        if not self.layers or not isinstance(self.layers[0], PixelCodes):
+            return 0
+        index = 1
+        while index < len(self.layers) and isinstance(self.layers[index], (Flatten, Dropout)):
             index += 1
         if index >= len(self.layers):
-            self.notes.append("input_bits: the model has no first binary layer; not used")
             return 0
         layer = self.layers[index]
         kernel = self.binary(index) if isinstance(layer, QuantAffine) else None
-        if kernel is None or kernel.alpha is not None or not isinstance(layer.input_quantizer, Identity):
-            self.note(index, "input_bits: the first weighted layer is not a bias-free binary dense layer with "
-                             "+-1 weights on real input; not used")
+        if kernel is None or kernel.alpha is not None or layer.bias or \
+                not isinstance(layer.input_quantizer, Identity):
+            return 0
+        bits = self.layers[0].bits
+        if (2 ** bits - 1) * kernel.fan_in >= 2 ** 24:
+            self.note(index, f"{bits}-bit codes over {kernel.fan_in} inputs: the simulation's float32 sums may "
+                             "round; the first layer stays a float stage")
             return 0
         try:
             ops, _, _, _, terminal, next_index = self.chain(index + 1, spatial=False)
-            threshold, direction = _bitplane_thresholds(layer, kernel, rescale, ops, terminal, self.input_bits)
+            threshold, direction = _bitplane_thresholds(kernel, ops, terminal, bits)
         except _NotFusable as reason:
-            self.note(index, f"input_bits: {reason}; not used")
+            self.note(index, f"binary layer on pixel codes: {reason}; kept as a float stage")
             return 0
         from . import kernels
 
         packed = kernels.pack_signs(np.ascontiguousarray(kernel.w_eff.T))
         out = make_spec("packed", "dense", (layer.out_features,))
         self.push(BitplaneDenseStage(make_spec("float", None, self.input_shape), out, packed, layer.in_features,
-                                     self.input_bits, threshold, direction))
-        self.note(index, f"runs on {self.input_bits}-bit images by bit planes (input_bits): exact integer sums, "
-                         "where the simulation rounds its float32 sums, so a sign may differ from the "
-                         "simulation's where that rounding decides it")
+                                     bits, threshold, direction))
         return next_index
 
     def float_step(self, index, layer):
@@ -651,27 +649,22 @@ def _float_thresholds(ops, terminal, channels, spatial):
     return threshold, direction
 
 
-def _bitplane_thresholds(layer, kernel, rescale, ops, terminal, bits):
-    """Thresholds on ``T = 2 * codes . w - levels * sum(w)`` for :class:`BitplaneDenseStage`.
+def _bitplane_thresholds(kernel, ops, terminal, bits):
+    """Thresholds on ``T = 2 * codes . w - L * sum(w)`` (``L = 2^bits - 1``) for :class:`BitplaneDenseStage`.
 
-    The layer's exact value for codes ``p`` (images ``p / levels``, ``levels = 2^bits - 1``) after
-    ``Rescale(a, b)`` is ``sum_k (a p_k / levels + b) w_k = a T / (2 levels) + (a / 2 + b) sum(w)``
-    (+ bias), computed in float64 and rounded once to float32; the per-channel ``ops`` and the sign
-    ``terminal`` are then evaluated on it (the model's own layers), and a bisection over the integers
-    ``|T| <= levels * K`` finds each channel's threshold (the composition is monotone in T).
+    After :class:`~lowbit.layers.PixelCodes` the layer sums ``(2 p_k - L) / 2^bits * w_k``, all
+    multiples of ``2^-bits`` (checked small enough by the caller), so the simulation's float32 value
+    is exactly ``T / 2^bits``.  The per-channel ``ops`` and the sign ``terminal`` (the model's own
+    layers) are evaluated on it, and a bisection over the integers ``|T| <= L * K`` finds each
+    channel's threshold (the composition is monotone in T); checked again around every threshold.
     """
     levels = 2 ** int(bits) - 1
     fan_in = kernel.fan_in
-    if levels * fan_in >= 2 ** 31:
-        raise _NotFusable(f"(2^{bits} - 1) * {fan_in} does not fit int32 sums")
-    a, b = (rescale.scale, rescale.offset) if rescale is not None else (1.0, 0.0)
-    w_sum = kernel.w_eff.astype(np.float64).sum(axis=0)
-    channels = w_sum.shape[0]
-    bias = layer.b.astype(np.float64) if layer.bias else 0.0
+    channels = kernel.w_eff.shape[1]
 
     def bits_at(totals):
         totals = np.asarray(totals, dtype=np.int64)
-        y = (a / (2 * levels) * totals + (a / 2 + b) * w_sum + bias).astype(np.float32)
+        y = (totals.astype(np.float64) * 2.0 ** -int(bits)).astype(np.float32)  # exact
         with np.errstate(all="ignore"):
             for op in ops:
                 y = op.forward(y, train=False)
@@ -713,7 +706,7 @@ def _source_info(model):
     return {"name": model.name, "parameters": count, "float32_bytes": 4 * count}
 
 
-def convert(model, allow_inexact=False, name=None, input_bits=None):
+def convert(model, allow_inexact=False, name=None):
     """Convert a trained model into a :class:`~lowbit.packed.PackedModel` for inference.
 
     Parameters
@@ -729,15 +722,6 @@ def convert(model, allow_inexact=False, name=None, input_bits=None):
         simulation up to that rounding only.
     name : str, optional
         Name of the packed model (default: the model's name).
-    input_bits : int, optional
-        Declare that the model will see images quantized to this many bits (8 for uint8 images /
-        255, as :func:`lowbit.data.float_images` gives).  A model that starts with a binary dense
-        layer on the real-valued image (``bnn_mlp``) then runs that layer on the integer codes, by
-        bit planes (:class:`~lowbit.packed.BitplaneDenseStage`), instead of as a float stage: its
-        sums are exact integers where the simulation rounds float32 sums, so a sign in that layer
-        may differ from the simulation's where that rounding decides it (compare the labels with
-        :func:`compare_predictions`).  The packed model then refuses other inputs.
-
     Returns
     -------
     PackedModel
@@ -754,10 +738,7 @@ def convert(model, allow_inexact=False, name=None, input_bits=None):
         raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
     _check_deterministic(model)
     cpu = _cpu_copy(model)
-    if input_bits is not None and (isinstance(input_bits, bool) or not isinstance(input_bits, (int, np.integer))
-                                   or not 1 <= input_bits <= 16):
-        raise ValueError(f"input_bits must be an int in 1..16 or None, got {input_bits!r}")
-    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact), input_bits)
+    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact))
     stages = converter.run()
     return PackedModel(stages, cpu.input_shape, name=name or model.name, notes=converter.notes,
                        source=_source_info(model))
@@ -1024,15 +1005,14 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     return result
 
 
-def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print,
-                    input_bits=None):
+def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print):
     """``lowbit convert``: convert a trained quantized model file to a packed file and check it.
 
     Prints both files' sizes and, with ``verify``, the MNIST test accuracy of both and how many of
     the labels agree (all of them) and the largest score difference.  Returns a dict of those.
     """
     model = load_model(model_path)
-    packed = convert(model, allow_inexact=allow_inexact, input_bits=input_bits)
+    packed = convert(model, allow_inexact=allow_inexact)
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path))})
     size_before, size_after = _size(model_path), _size(out_path)
     result = {"size_before": size_before, "size_after": size_after, "ratio": size_before / size_after,

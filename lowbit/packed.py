@@ -26,7 +26,7 @@ Stages
 ``int_maxpool``    acc -> acc      max-pooling of the integer accumulators (older files)
 ``threshold``      acc -> packed   ``threshold_pack``: a fused (bias, scale, BatchNorm, ..., sign)
 ``threshold_maxpool`` acc -> packed ``threshold_maxpool_pack``: ``int_maxpool`` + ``threshold``
-``bitplane_dense`` float -> packed a binary first layer on k-bit images, exactly, by bit planes
+``bitplane_dense`` float -> packed ``PixelCodes`` + a binary dense first layer, on the codes by bit planes
 ``packed_maxpool`` packed -> packed ``maxpool_packed`` (OR of sign bits)
 ``flatten``        packed -> packed NHWC relabelled as the simulation's flattened NCHW (no work)
 ``acc_to_float``   acc -> float    ``acc * scale + bias`` in float32, in the simulation's layout
@@ -44,6 +44,7 @@ parameters), float16, or float32.  The file format is described in ``docs/packed
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -518,7 +519,7 @@ class PackStage(Stage):
         xp = get_array_module(x)
         nhwc = self.output_spec[1] == "nhwc"
         if x.dtype == np.float32:
-            x = xp.ascontiguousarray(x if nhwc else x.reshape(x.shape[0], -1))
+            x = x if nhwc else x.reshape(x.shape[0], -1)  # threshold_signs takes strided input
             threshold, direction = self.threshold, self.direction
             if threshold is None:
                 threshold = xp.zeros(self.channels, dtype=np.float32)
@@ -830,13 +831,12 @@ class ThresholdMaxPoolStage(_PoolStage):
 
 @register_stage
 class BitplaneDenseStage(Stage):
-    """k-bit images -> the packed signs after a binary dense first layer (``convert(input_bits=k)``).
+    """A model's ``PixelCodes - [Flatten, Dropout] - binary dense - ... - sign`` start, exactly, on the codes.
 
-    The input must be exactly ``codes / (2^k - 1)`` in float32 (``lowbit.data.float_images`` gives
-    that for k = 8), else ``ValueError``.  The stage stands for the float layers before the binary
-    layer (Rescale, Flatten, Dropout), the layer itself (+-1 weights, bias-free) and the per-channel
-    layers up to the next sign: ``T = combine_bitplanes(xnor_gemm(pack_bitplanes(codes), weights))``
-    is an exact integer (``2 * codes . w - (2^k - 1) * sum(w)``), and the bit is a threshold on it
+    ``codes = rint(clip(x, 0, 1) * L)`` (``L = 2^bits - 1``) as :class:`~lowbit.layers.PixelCodes`
+    computes them; ``T = combine_bitplanes(xnor_gemm(pack_bitplanes(codes), weights))`` is the exact
+    integer ``2 * codes . w - L * sum(w)``, of which the simulation's float32 layer output is exactly
+    ``T / 2^bits``; the per-channel layers up to the next sign are a threshold on T
     (``threshold_pack``).  Arrays: ``weights`` uint64 ``(O, ceil(K/64))``, ``threshold`` int32,
     ``direction`` int8 ``(O,)``.
     """
@@ -853,17 +853,10 @@ class BitplaneDenseStage(Stage):
         self.direction = direction
 
     def codes(self, x):
-        """The integer codes of ``x`` (N, K) as uint8/uint16; ValueError unless x is exactly codes / levels."""
+        """The pixel codes of ``x`` (N, ...) as (N, K) uint8 / uint16, as ``PixelCodes`` rounds them."""
         xp = get_array_module(x)
         levels = np.float32(2 ** self.bits - 1)
-        flat = x.reshape(x.shape[0], -1)
-        codes = xp.rint(flat * levels)
-        exact = (codes >= 0) & (codes <= levels) & ((codes / levels).astype(np.float32) == flat)
-        if not bool(exact.all()):
-            raise ValueError(
-                f"this packed model was converted with input_bits={self.bits}: its input must be images "
-                f"whose values are exactly k / {int(levels)} in float32 (uint8 images / 255 for 8 bits, as "
-                "lowbit.data.float_images gives); convert without input_bits for other inputs")
+        codes = xp.rint(xp.clip(x.reshape(x.shape[0], -1), np.float32(0), np.float32(1)) * levels)
         return codes.astype(np.uint8 if self.bits <= 8 else np.uint16)
 
     def run(self, x):
@@ -891,8 +884,8 @@ class BitplaneDenseStage(Stage):
             raise ValueError(f"bits must be <= 16, got {bits}")
         if int(np.prod(input_spec[2])) != in_features:
             raise ValueError(f"in_features {in_features} does not match the input dims {input_spec[2]}")
-        if (2 ** bits - 1) * in_features >= 2 ** 31:
-            raise ValueError("(2^bits - 1) * in_features must be < 2^31 (int32 sums)")
+        if (2 ** bits - 1) * in_features >= 2 ** 24:
+            raise ValueError("(2^bits - 1) * in_features must be < 2^24 (exact float32 sums)")
         out = output_spec[2][0]
         weights = _check_array(arrays, "weights", np.uint64, (out, _words(in_features)))
         _kernels().unpack_signs(np.ascontiguousarray(weights), in_features, np.int8)  # padding bits 0
@@ -1049,6 +1042,19 @@ class PackedModel(Classifier):
         return self.stages[-1].output_spec[2]
 
     # -- inference ----------------------------------------------------------------------------
+    def _blas_limit(self, blas_threads):
+        """A context that sets numpy's BLAS threads (see :meth:`predict_scores`)."""
+        if blas_threads == "auto":
+            packed = any(not isinstance(stage, FloatStage) for stage in self.stages)
+            blas_threads = 1 if packed and self.device == "cpu" else None
+        if blas_threads is None:
+            return contextlib.nullcontext()
+        if isinstance(blas_threads, bool) or not isinstance(blas_threads, (int, np.integer)) or blas_threads < 1:
+            raise ValueError(f"blas_threads must be 'auto', None or an int >= 1, got {blas_threads!r}")
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(int(blas_threads), user_api="blas")
+
     def forward(self, x):
         """Run every stage on a batch ``x`` (float32, (N,) + input_shape) of the model's array kind."""
         for stage in self.stages:
@@ -1065,23 +1071,29 @@ class PackedModel(Classifier):
                             "divide uint8 images by 255 first")
         return arr.astype(np.float32, copy=False)
 
-    def predict_scores(self, x, batch_size=100):
+    def predict_scores(self, x, batch_size=100, blas_threads="auto"):
         """Scores (N, classes) float32, in batches.
 
         Equal to ``Model.predict_scores`` of the source model with the same ``batch_size``: float
         stages make the same BLAS calls as the simulation, and BLAS may round a product differently
         for another batch shape.
+
+        ``blas_threads``: threads of numpy's BLAS meanwhile (threadpoolctl).  "auto" is 1 on the CPU
+        when the model has packed stages: their float stages are small (first and last layers), and
+        BLAS's idle worker threads spin on the cores that the Numba kernels need (3.4x slower
+        end to end on the binary CNN with 2 BLAS threads on 2 cores).  None leaves BLAS alone.
         """
         x = self._check_images(x)
         on_gpu = self.device == "gpu"
         outs = []
-        for start in range(0, x.shape[0], batch_size):
-            batch = x[start:start + batch_size]
-            if on_gpu and not is_cupy_array(batch):
-                batch = to_device(batch, "gpu")
-            elif not on_gpu and is_cupy_array(batch):
-                batch = to_numpy(batch)
-            outs.append(to_numpy(self.forward(batch)))
+        with self._blas_limit(blas_threads):
+            for start in range(0, x.shape[0], batch_size):
+                batch = x[start:start + batch_size]
+                if on_gpu and not is_cupy_array(batch):
+                    batch = to_device(batch, "gpu")
+                elif not on_gpu and is_cupy_array(batch):
+                    batch = to_numpy(batch)
+                outs.append(to_numpy(self.forward(batch)))
         if not outs:
             return np.zeros((0,) + tuple(self.output_shape), dtype=np.float32)
         return np.concatenate(outs, axis=0)
@@ -1115,6 +1127,11 @@ class PackedModel(Classifier):
             x = to_device(x, "gpu")
         timings = [[] for _ in range(sum(len(stage.rows()) for stage in self.stages))]
         labels = []
+        with self._blas_limit("auto"):
+            self._profile_passes(x, repeats, timings, labels)
+        return [(index, label, float(np.median(times))) for (index, label), times in zip(labels, timings)]
+
+    def _profile_passes(self, x, repeats, timings, labels):
         for repeat in range(repeats + 1):  # the first pass compiles / warms up
             value = x
             position = 0
@@ -1129,7 +1146,6 @@ class PackedModel(Classifier):
                     else:
                         timings[position].append(elapsed)
                     position += 1
-        return [(index, label, float(np.median(times))) for (index, label), times in zip(labels, timings)]
 
     # -- files --------------------------------------------------------------------------------
     def manifest(self):

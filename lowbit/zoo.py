@@ -71,7 +71,7 @@ def build_model(name, seed=0, **options):
 
 
 # -- binarized and low-precision networks (issue 3) ----------------------------------------------------
-from .layers import BatchNorm, Rescale  # noqa: E402
+from .layers import BatchNorm, PixelCodes, Rescale  # noqa: E402
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D  # noqa: E402
 from .quantize import stochastic_kinds  # noqa: E402
 from .quantizers import DoReFaActivation, quantizer_for_bits  # noqa: E402
@@ -80,10 +80,12 @@ __all__ += ["bnn_mlp", "binary_cnn", "brevitas_fc", "tfc", "sfc", "lfc"]
 
 
 def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2, dropout_hidden=0.5,
-            bn_eps=1e-4, bn_momentum=0.9, init="uniform", glorot_lr_scale=True):
+            bn_eps=1e-4, bn_momentum=0.9, init="uniform", glorot_lr_scale=True, input_bits=8):
     """The MNIST multilayer perceptron of Binarized Neural Networks (Courbariaux, Hubara et al. 2016).
 
-    ``Rescale(2, -1)`` (pixels to [-1, 1]) - Flatten - Dropout(dropout_in) - then per hidden width h:
+    ``PixelCodes(input_bits)`` (8-bit pixels to (-1, 1) on the grid k/256, so the first layer's float32
+    sums are exact and the packed model runs it on the integer codes by bit planes; ``input_bits=None``:
+    ``Rescale(2, -1)``, the paper's [-1, 1], and a float first stage when packed) - Flatten - Dropout(dropout_in) - then per hidden width h:
     ``QuantAffine(binary weights, bias-free) - BatchNorm(eps) - QuantActivation(sign) - Dropout``,
     and last ``QuantAffine(h, 10, binary weights, bias-free) - BatchNorm(10)`` (the scores; train with
     ``loss="squared_hinge"`` as the paper).
@@ -111,7 +113,7 @@ def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2,
         return QuantAffine(n_in, n_out, bias=False, init=init, seed=s[i], kernel_quantizer=kernel_q(),
                            kernel_constraint="clip", glorot_lr_scale=glorot_lr_scale)
 
-    layers = [Rescale(2.0, -1.0), Flatten()]
+    layers = [Rescale(2.0, -1.0) if input_bits is None else PixelCodes(input_bits), Flatten()]
     if dropout_in:
         layers.append(Dropout(dropout_in))
     width = 28 * 28

@@ -10,7 +10,7 @@ from hypothesis import assume, given, strategies as st
 from lowbit import load_model, save_model, zoo
 from lowbit.backend import gpu_available
 from lowbit.data import float_images
-from lowbit.kernels import pack_signs, unpack_signs
+from lowbit.kernels import pack_signs
 from lowbit.convert import (
     compare_predictions, convert, convert_command, post_training_quantize, quantize_command,
 )
@@ -88,9 +88,11 @@ def as_images(x_uint8):
 # -- the zoo's binary networks -------------------------------------------------------------------------
 ZOO = {
     "bnn_mlp": (lambda: zoo.bnn_mlp(hidden=(128, 70)),
-                ["float", "pack", "binary_dense", "threshold", "binary_dense", "acc_to_float", "float"]),
+                ["bitplane_dense", "binary_dense", "threshold", "binary_dense", "acc_to_float", "float"]),
     "bnn_mlp_stochastic": (lambda: zoo.bnn_mlp(hidden=(70,), stochastic=True),
-                           ["float", "pack", "binary_dense", "acc_to_float", "float"]),
+                           ["bitplane_dense", "binary_dense", "acc_to_float", "float"]),
+    "bnn_mlp_rescale": (lambda: zoo.bnn_mlp(hidden=(70,), input_bits=None),
+                        ["float", "pack", "binary_dense", "acc_to_float", "float"]),
     "binary_cnn": (lambda: zoo.binary_cnn(channels=(8, 8, 16, 70), hidden=32),
                    ["float", "pack", "binary_conv", "threshold_maxpool", "binary_conv",
                     "threshold", "binary_conv", "threshold_maxpool", "flatten", "binary_dense",
@@ -290,40 +292,28 @@ def test_pack_stage_absorbs_the_float_layers_before_the_sign(spatial):
     assert_exact(model, packed, x)
 
 
-def test_input_bits_runs_the_first_binary_layer_on_bit_planes(tmp_path):
-    """convert(input_bits=8): bnn_mlp's first layer on the pixel codes; its bits equal the model's own
-    layers applied to the exact integer sum; the simulation's float32 sums round, so with BatchNorm
-    statistics that put sign flips on attainable sums (stress_batchnorm) a rare bit differs from it;
-    other inputs are refused."""
+def test_pixel_codes_first_layer_runs_on_bit_planes_exactly(tmp_path):
+    """bnn_mlp starts with PixelCodes: its binary first layer runs on the integer codes by bit planes and
+    the scores equal the simulation's bit for bit, also with BatchNorm thresholds on attainable sums and
+    on inputs that are not 8-bit images."""
     model = stress_batchnorm(zoo.bnn_mlp(hidden=(96, 70)))
-    packed = convert(model, input_bits=8)
-    assert kinds(packed)[:2] == ["bitplane_dense", "binary_dense"]
-    assert any("bit planes" in note for note in packed.notes)
+    packed = convert(model)
+    assert kinds(packed)[:2] == ["bitplane_dense", "binary_dense"] and not packed.notes
     codes = np.random.default_rng(4).integers(0, 256, (120, 28, 28)).astype(np.uint8)
     codes[:5] = 0
     codes[5:10] = 255
-    x = float_images(codes)
+    x = np.concatenate([float_images(codes), images(60), images(20) * 3 - 1])  # also outside [0, 1]
+    assert_exact(model, packed, x)
     first, bn, sign = model.layers[3], model.layers[4], model.layers[5].quantizer
     w = np.where(first.W >= 0, 1, -1).astype(np.int64)
     totals = 2 * codes.reshape(len(codes), -1).astype(np.int64) @ w - 255 * w.sum(axis=0)
-    y = (totals / 255.0).astype(np.float32)  # Rescale(2, -1): a T / (2 * 255) + 0 * sum(w)
+    y = (totals / 256.0).astype(np.float32)  # the simulation's first-layer output, exactly
     expected = pack_signs(np.asarray(sign(bn.forward(y, train=False), train=False)))
-    np.testing.assert_array_equal(packed.stages[0].run(x), expected)
-    simulated = x
-    for layer in model.layers[:6]:
-        simulated = layer.forward(simulated, train=False)
-    differ = unpack_signs(packed.stages[0].run(x), 96) != np.asarray(simulated)
-    assert differ.mean() < 1e-3  # rounding of the simulation's sums only (1 of 11,520 here)
-    assert (packed.predict(x) == model.predict(x)).mean() >= 0.98
+    np.testing.assert_array_equal(packed.stages[0].run(float_images(codes)), expected)
     loaded = load_packed(packed.save(tmp_path / "bitplane.npz"))
     np.testing.assert_array_equal(loaded.predict_scores(x), packed.predict_scores(x))
-    with pytest.raises(ValueError, match="converted with input_bits=8"):
-        packed.predict(x + np.float32(1e-3))
-    # a model whose first weighted layer is not binary dense: a note, no bit planes
-    cnn = convert(zoo.binary_cnn(channels=(8, 8, 8, 8), hidden=16), input_bits=8)
-    assert "bitplane_dense" not in kinds(cnn) and any("input_bits" in n for n in cnn.notes)
-    with pytest.raises(ValueError, match="input_bits must be an int in 1..16"):
-        convert(model, input_bits=0)
+    # Rescale(2, -1) instead (the paper's input): the sums round, so the first layer stays a float stage
+    assert kinds(convert(zoo.bnn_mlp(hidden=(32,), input_bits=None)))[:2] == ["float", "pack"]
 
 
 def test_files_with_separate_int_maxpool_and_threshold_stages_still_run(packed_file, tmp_path):

@@ -419,6 +419,11 @@ def test_threshold_signs_equals_compare_then_pack(device, batch, channels, spati
         bits = np.where(d > 0, x >= t, x <= t)
     channels_last = np.moveaxis(bits, 1, -1)
     np.testing.assert_array_equal(packed, reference.pack_signs_loops(np.where(channels_last, 1, -1)))
+    # a strided view (N, C, ...) of a channels-first-of-all buffer (C, N, ...), as convolutions give
+    strided = np.moveaxis(device.put(np.moveaxis(x, 1, 0)), 0, 1)
+    assert not strided.flags.c_contiguous or channels == 1 or batch == 1
+    np.testing.assert_array_equal(
+        device.get(kernels.threshold_signs(strided, device.put(threshold), device.put(direction))), packed)
     # threshold 0, direction +1: pack_signs of the channels-last values
     zeros, ones = np.zeros(channels, np.float32), np.ones(channels, np.int8)
     plain = device.get(kernels.threshold_signs(device.put(x), device.put(zeros), device.put(ones)))

@@ -4,7 +4,7 @@ import pytest
 
 from lowbit.layers import (
     Affine, AvgPool2D, BatchNorm, Concat, Conv2D, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D,
-    ReLU, Rescale, Residual, Sequential,
+    ReLU, Rescale, Residual, Sequential, layer_from_config,
 )
 from lowbit.losses import SoftmaxCrossEntropy, SquaredHinge
 from gradcheck import as_float64, check_layer_gradients, numerical_grad
@@ -175,3 +175,19 @@ def test_wrong_input_shapes_are_clear():
         Affine(10, 2).forward(np.zeros((1, 12), np.float32))
     with pytest.raises(ValueError, match="does not fit"):
         Conv2D(1, 1, 5).forward(np.zeros((1, 1, 3, 3), np.float32))
+
+
+def test_pixel_codes_maps_images_onto_the_dyadic_grid():
+    from lowbit.layers import PixelCodes
+
+    layer = PixelCodes(8)
+    pixels = np.arange(256, dtype=np.uint8)
+    x = (pixels.astype(np.float32) / np.float32(255))[None, :]
+    y = layer.forward(np.concatenate([x, np.array([[-0.5, 1.5] + [0.5] * 254], np.float32)]), train=True)
+    np.testing.assert_array_equal(y[0], (2 * pixels.astype(np.float32) - 255) / 256)
+    assert y[1, 0] == -255 / 256 and y[1, 1] == 255 / 256 and y[1, 2] == 1 / 256  # clipped; rint(127.5) = 128
+    grad = layer.backward(np.ones_like(y))
+    assert grad[0, 0] == np.float32(2 * 255 / 256) and grad[1, 0] == 0 and grad[1, 1] == 0
+    assert layer_from_config(layer.spec()).bits == 8
+    with pytest.raises(ValueError, match="bits must be an int in 1..16, got 0"):
+        PixelCodes(0)

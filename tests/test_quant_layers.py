@@ -357,7 +357,7 @@ def test_zoo_structure():
     assert all(type(layer.input_quantizer) is Identity for layer in dense)
     assert all(type(layer.kernel_quantizer) is SteSign and not layer.bias for layer in dense)
     assert all(layer.kernel_constraint == "clip" and "W" in layer.lr_multipliers for layer in dense)
-    assert type(mlp[0]).__name__ == "Rescale" and type(mlp[-1]) is BatchNorm
+    assert type(mlp[0]).__name__ == "PixelCodes" and type(mlp[-1]) is BatchNorm
     cnn = zoo.binary_cnn(channels=(4, 4, 8, 8), hidden=16)
     convs = kernels(cnn)
     assert convs[0].input_quantizer == DoReFaActivation(8) and type(convs[0].kernel_quantizer) is Identity
