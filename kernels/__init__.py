@@ -64,11 +64,13 @@ AVX-512 VPOPCNTDQ it lowers to ``vpopcntq`` on 512-bit registers, elsewhere to `
 the best vector sequence LLVM knows for the target.  The GEMM interleaves B into panels of
 ``TILE_COLS`` rows and runs a register-blocked micro-kernel (``TILE_ROWS x TILE_COLS`` outputs,
 6 x 32 on AVX-512: 24 zmm accumulators) over blocks of A rows that stay in L2, blocks shared out
-to the cores by ``prange``.  ``binary_conv2d`` feeds the same micro-kernel from the packed input:
-for wide outputs straight from a zero-padded copy (implicit im2col: a segment per kernel row),
-otherwise through an explicit im2col; zero words stand for the padding and each block then
-subtracts what those taps added (prefix sums over the taps), so the result is exact.  Thread
-count: ``numba.set_num_threads``.
+to the cores by ``prange``.  ``binary_conv2d`` feeds the same micro-kernel straight from a
+zero-padded copy of the packed input (implicit im2col: each of a tile's rows has its own start
+address, so tiles may span output rows and images), in one parallel region whose blocks also
+prepare, as claimed tasks, the weight panels, tap sums and padded rows they read; zero words stand
+for the padding and each block then subtracts what those taps added (prefix sums over the taps),
+so the result is exact.  Thread count: ``numba.set_num_threads``.  Around numpy's BLAS, hold BLAS
+to one thread (``PackedModel`` does): its idle workers spin on the cores these kernels need.
 
 GPU path
 --------
