@@ -69,8 +69,11 @@ zero-padded copy of the packed input (implicit im2col: each of a tile's rows has
 address, so tiles may span output rows and images), in one parallel region whose blocks also
 prepare, as claimed tasks, the weight panels, tap sums and padded rows they read; zero words stand
 for the padding and each block then subtracts what those taps added (prefix sums over the taps),
-so the result is exact.  Thread count: ``numba.set_num_threads``.  Around numpy's BLAS, hold BLAS
-to one thread (``PackedModel`` does): its idle workers spin on the cores these kernels need.
+so the result is exact.  For inference, ``prepare_conv_weights(w_packed, channels)`` does the
+weights' share of that once (checks, panels, tap sums): ``binary_conv2d`` takes the
+``PreparedConvWeights`` it returns in place of the packed weights, with the same result.  Thread
+count: ``numba.set_num_threads``.  Around numpy's BLAS, hold BLAS to one thread (``PackedModel``
+does): its idle workers spin on the cores these kernels need.
 
 GPU path
 --------
@@ -81,7 +84,7 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 ``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
 """
 from .bitplane import combine_bitplanes, pack_bitplanes
-from .conv import binary_conv2d
+from .conv import PreparedConvWeights, binary_conv2d, prepare_conv_weights
 from .gemm import xnor_gemm
 from .pack import pack_signs, unpack_signs, words_for
 from .pool import maxpool_packed
@@ -93,6 +96,8 @@ __all__ = [
     "words_for",
     "xnor_gemm",
     "binary_conv2d",
+    "prepare_conv_weights",
+    "PreparedConvWeights",
     "bn_sign_threshold",
     "threshold_pack",
     "threshold_maxpool_pack",

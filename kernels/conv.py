@@ -5,6 +5,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from lowbit.backend import is_cupy_array
+
 from ._checks import array_kind, check_int, check_packed, check_padding_bits, check_pair, padding_mask, words_for
 from ._intrinsics import (
     TILE_COLS,
@@ -17,7 +19,8 @@ from ._intrinsics import (
 )
 from .gemm import _blocking, _pack_panel
 
-__all__ = ["binary_conv2d"]
+__all__ = ["binary_conv2d", "prepare_conv_weights", "PreparedConvWeights"]
+
 
 @njit(cache=True)
 def _pad_row(source, target, image, padded_row, height, width, pad_h, pad_w, words):
@@ -129,9 +132,12 @@ def _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, 
 
 @njit(cache=True)
 def _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop, x_padded,
-                       panels, tap_sums, state, panel_start, panel_stop):
-    """``_run_im2col_tasks`` of ``_conv_implicit``: task ``n_panels + image * (H + 2 * pad_h) + r``
-    is row r of the padded input (``_pad_row``); an output row reads KH of them."""
+                       panels, tap_sums, ready, state, panel_start, panel_stop):
+    """The tasks one block of ``_conv_implicit`` needs done before its GEMM, run or waited for.
+
+    Task p < n_panels is weight panel p with its tap sums (``_prepare_panel``; none when ``ready``:
+    prepared weights); task ``n_panels + image * (H + 2 * pad_h) + r`` is row r of the padded input
+    (``_pad_row``), and an output row reads KH of them."""
     height, width = x.shape[1], x.shape[2]
     n_out, kernel_h, kernel_w, words = weights.shape
     padded_h = x_padded.shape[1]
@@ -148,15 +154,17 @@ def _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_
                 _pad_row(source, target, image, task - n_panels - image * padded_h, height, width, pad_h, pad_w,
                          words)
                 atomic_store(states + task * 8, _TASK_DONE)
-    for p in range(panel_start, panel_stop):
-        if atomic_claim(states + p * 8):
-            _prepare_panel(flat_weights, n_out, kernel_h, kernel_w, words, channels, padded, p, panels, tap_sums)
-            atomic_store(states + p * 8, _TASK_DONE)
+    if not ready:
+        for p in range(panel_start, panel_stop):
+            if atomic_claim(states + p * 8):
+                _prepare_panel(flat_weights, n_out, kernel_h, kernel_w, words, channels, padded, p, panels, tap_sums)
+                atomic_store(states + p * 8, _TASK_DONE)
     for image_row in range(first_row, stop_row):
         image = image_row // out_h
         first = n_panels + image * padded_h + (image_row - image * out_h) * stride_h
         _wait_for(state, first, first + kernel_h)
-    _wait_for(state, panel_start, panel_stop)
+    if not ready:
+        _wait_for(state, panel_start, panel_stop)
 
 
 @njit(cache=True)
@@ -185,8 +193,8 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
 
 
 @njit(parallel=True, cache=True)
-def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, state, out,
-                   threads):
+def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
+                   out, threads):
     """out (N*OH*OW, O) = the XNOR GEMM of the implicit im2col of ``x_padded`` with the panels.
 
     No patch matrix: each ``TILE_ROWS`` consecutive output positions (across output rows and
@@ -221,7 +229,7 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
         _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
-                           x_padded, panels, tap_sums, state, panel_start, panel_stop)
+                           x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
         for p in range(panel_start, panel_stop):
             column = p * TILE_COLS
             columns = min(TILE_COLS, n_out - column)
@@ -260,11 +268,30 @@ def _last_word_bits(packed, mask):
 
 
 @njit(cache=True)
-def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, mask, threads):
+def _panels_shape(n_out, kernel_h, kernel_w, words):
+    """Shape of the panels of (O, KH, KW, words) weights: one per TILE_COLS output channels."""
+    return ((n_out + TILE_COLS - 1) // TILE_COLS, kernel_h * kernel_w * words, TILE_COLS)
+
+
+@njit(cache=True)
+def _prepare_weights_cpu(weights, channels, panels, tap_sums):
+    """Every weight panel and the tap sums (with padding's: ``_prepare_panel``), for prepared weights."""
+    n_out, kernel_h, kernel_w, words = weights.shape
+    flat_weights = weights.reshape(-1)
+    for p in range(panels.shape[0]):
+        _prepare_panel(flat_weights, n_out, kernel_h, kernel_w, words, channels, True, p, panels, tap_sums)
+
+
+@njit(cache=True)
+def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, mask, threads, panels, tap_sums,
+                       ready):
     """The CPU convolution: scratch buffers, then one parallel region (``_conv_implicit``).
 
-    Returns ``(out, bad)``: out (N, OH, OW, O) int32, and ``bad`` 1 or 2 (out then unwritten) when
-    x or the weights have bits of ``mask`` set in their last word (padding bits past ``channels``).
+    With ``ready`` (prepared weights), ``panels`` and ``tap_sums`` are those of
+    ``_prepare_weights_cpu`` and the weights' padding bits were checked then; otherwise both are
+    placeholders and the region makes them.  Returns ``(out, bad)``: out (N, OH, OW, O) int32, and
+    ``bad`` 1 or 2 (out then unwritten) when x or the weights have bits of ``mask`` set in their
+    last word (padding bits past ``channels``).
     """
     batch, height, width, words = x.shape
     n_out, kernel_h, kernel_w, _ = weights.shape
@@ -274,23 +301,125 @@ def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, m
     if mask:
         if _last_word_bits(x, mask):
             return out, 1
-        if _last_word_bits(weights, mask):
+        if not ready and _last_word_bits(weights, mask):
             return out, 2
     m = batch * out_h * out_w
     if m == 0 or n_out == 0:
         return out, 0
-    # Not zeroed: a task writes every word before any block reads it.
-    panels = np.empty(((n_out + TILE_COLS - 1) // TILE_COLS, kernel_h * kernel_w * words, TILE_COLS), dtype=np.uint64)
-    tap_sums = np.empty((kernel_h + 1, kernel_w + 1, n_out), dtype=np.int32)
+    if not ready:
+        # Not zeroed: a task writes every word before any block reads it.
+        panels = np.empty(_panels_shape(n_out, kernel_h, kernel_w, words), dtype=np.uint64)
+        tap_sums = np.empty((kernel_h + 1, kernel_w + 1, n_out), dtype=np.int32)
     padded_h = height + 2 * pad_h
     x_padded = np.empty((batch, padded_h, width + 2 * pad_w, words), dtype=np.uint64)
     state = np.zeros(panels.shape[0] + batch * padded_h, dtype=np.int64)
-    _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, state,
+    _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
                    out.reshape(m, n_out), threads)
     return out, 0
 
 
-def binary_conv2d(x_packed, w_packed, channels, stride=1, padding=0):
+# Placeholders for ``panels`` and ``tap_sums`` of ``_binary_conv2d_cpu`` without prepared weights.
+_NO_PANELS = np.empty((0, 0, 0), dtype=np.uint64)
+_NO_TAP_SUMS = np.empty((0, 0, 0), dtype=np.int32)
+
+
+class PreparedConvWeights:
+    """Packed convolution weights made ready once for many ``binary_conv2d`` calls (inference).
+
+    Made by :func:`prepare_conv_weights`, not by hand.  Holds a private copy of the packed weights
+    (``weights``, (O, KH, KW, ceil(C / 64)) uint64, the array the object was made from), the real
+    input channel count ``channels``, and, for numpy weights, what the CPU kernel would otherwise
+    rebuild on every call: the weights interleaved into the micro-kernel's panels
+    (``gemm._pack_panel``) and the prefix sums over the taps of ``channels - 2 * popcount(w)`` that
+    the zero-padding correction subtracts.  For CuPy weights only the validated copy is held (the
+    CUDA kernel reads the packed weights as they are).
+    """
+
+    __slots__ = ("_weights", "_channels", "_panels", "_tap_sums")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PreparedConvWeights is made by prepare_conv_weights(w_packed, channels)")
+
+    @property
+    def weights(self):
+        """The packed weights (O, KH, KW, ceil(channels / 64)) uint64, numpy or CuPy."""
+        return self._weights
+
+    @property
+    def channels(self):
+        """The real input channel count C."""
+        return self._channels
+
+    @property
+    def shape(self):
+        """``weights.shape``: (O, KH, KW, ceil(channels / 64))."""
+        return tuple(self._weights.shape)
+
+    def __repr__(self):
+        kind = "cupy" if is_cupy_array(self._weights) else "numpy"
+        return f"PreparedConvWeights(shape={self.shape}, channels={self._channels}, {kind})"
+
+
+def _check_weights(w_packed, channels):
+    """Validate ``w_packed`` (any kind) against ``channels``; returns ``(kind, channels)``."""
+    kind = array_kind(w_packed=w_packed)
+    check_packed("w_packed", w_packed, ndim=4, layout="(O, KH, KW, words)")
+    channels = check_int("channels", channels, minimum=1)
+    _check_words("w_packed", w_packed, channels)
+    _, kernel_h, kernel_w, _ = w_packed.shape
+    if kernel_h < 1 or kernel_w < 1:
+        raise ValueError(f"w_packed must have KH, KW >= 1, got shape {tuple(w_packed.shape)}")
+    if kernel_h * kernel_w * channels >= 2**31:
+        raise ValueError("KH * KW * channels must be < 2**31 so that the int32 result cannot overflow")
+    return kind, channels
+
+
+def _check_words(name, arr, channels):
+    words = words_for(channels)
+    if arr.shape[3] != words:
+        raise ValueError(
+            f"{name} must have ceil(channels / 64) = {words} words on its last axis for "
+            f"channels={channels}, got shape {tuple(arr.shape)}"
+        )
+
+
+def prepare_conv_weights(w_packed, channels):
+    """Packed weights made ready once for many ``binary_conv2d`` calls, as inference engines do.
+
+    ``binary_conv2d(x, prepare_conv_weights(w, C), C, ...)`` equals ``binary_conv2d(x, w, C, ...)``
+    bit for bit, for every input, stride and padding, and skips per call what depends only on the
+    weights: their checks (padding bits included) and, on the CPU, interleaving them into the
+    micro-kernel's panels and summing their taps for the zero-padding correction (about 30 us of
+    one thread at 3x3x512x512).  The weights are copied: changing ``w_packed`` afterwards does not
+    change the prepared object.
+
+    Parameters
+    ----------
+    w_packed : numpy.ndarray or cupy.ndarray, uint64, shape (O, KH, KW, ceil(channels / 64))
+        As for ``binary_conv2d``: C-contiguous, padding bits 0.
+    channels : int
+        The real input channel count C.
+
+    Returns
+    -------
+    PreparedConvWeights
+        Pass it to ``binary_conv2d`` in place of ``w_packed``, with the same kind of activations.
+    """
+    kind, channels = _check_weights(w_packed, channels)
+    check_padding_bits("w_packed", w_packed, channels)
+    prepared = object.__new__(PreparedConvWeights)
+    prepared._weights = w_packed.copy()
+    prepared._channels = channels
+    prepared._panels = prepared._tap_sums = None
+    if kind == "numpy":
+        n_out, kernel_h, kernel_w, words = w_packed.shape
+        prepared._panels = np.empty(_panels_shape(n_out, kernel_h, kernel_w, words), dtype=np.uint64)
+        prepared._tap_sums = np.empty((kernel_h + 1, kernel_w + 1, n_out), dtype=np.int32)
+        _prepare_weights_cpu(prepared._weights, channels, prepared._panels, prepared._tap_sums)
+    return prepared
+
+
+def binary_conv2d(x_packed, w_packed, channels=None, stride=1, padding=0):
     """Convolution of packed +-1 activations with packed +-1 weights, exactly, in int32.
 
     Equal to the float convolution (cross-correlation, as in deep learning frameworks) of the +-1
@@ -300,11 +429,14 @@ def binary_conv2d(x_packed, w_packed, channels, stride=1, padding=0):
     ----------
     x_packed : numpy.ndarray or cupy.ndarray, uint64, shape (N, H, W, ceil(channels / 64))
         Activations packed channels-last (NHWC), C-contiguous, padding bits 0.
-    w_packed : same kind, uint64, shape (O, KH, KW, ceil(channels / 64))
+    w_packed : same kind, uint64, shape (O, KH, KW, ceil(channels / 64)), or PreparedConvWeights
         Weights packed the same way; from an NCHW weight tensor ``w`` (O, C, KH, KW) use
-        ``pack_signs(w.transpose(0, 2, 3, 1))``.
-    channels : int
-        The real input channel count C.
+        ``pack_signs(w.transpose(0, 2, 3, 1))``.  Or such weights made ready once by
+        ``prepare_conv_weights`` (of the same kind as ``x_packed``): the same result, less work per
+        call.
+    channels : int, or None with prepared weights
+        The real input channel count C.  Required with packed weights; with prepared weights None
+        means theirs, and an int must equal theirs.
     stride : int or (int, int), default 1
     padding : int or (int, int), default 0
         Zero padding on each side of H and W.
@@ -314,46 +446,58 @@ def binary_conv2d(x_packed, w_packed, channels, stride=1, padding=0):
     out : same kind as the inputs, int32, shape (N, OH, OW, O)
         ``OH = (H + 2 * pad_h - KH) // stride_h + 1``, likewise ``OW``.
     """
-    kind = array_kind(x_packed=x_packed, w_packed=w_packed)
+    if isinstance(w_packed, PreparedConvWeights):
+        prepared, w_packed = w_packed, w_packed._weights
+        if channels is None:
+            channels = prepared._channels
+        elif check_int("channels", channels, minimum=1) != prepared._channels:
+            raise ValueError(
+                f"channels={channels} does not match the prepared weights (channels={prepared._channels}); "
+                "pass None or their count"
+            )
+        kind = array_kind(x_packed=x_packed, w_packed=w_packed)
+    else:
+        prepared = None
+        if not (isinstance(w_packed, np.ndarray) or is_cupy_array(w_packed)):
+            raise TypeError(
+                "w_packed must be a numpy or CuPy array or PreparedConvWeights (prepare_conv_weights), got "
+                f"{type(w_packed).__module__}.{type(w_packed).__name__}"
+            )
+        if channels is None:
+            raise TypeError("channels (the real input channel count) is required with packed weights")
+        kind = array_kind(x_packed=x_packed, w_packed=w_packed)
+        _, channels = _check_weights(w_packed, channels)
     check_packed("x_packed", x_packed, ndim=4, layout="(N, H, W, words)")
-    check_packed("w_packed", w_packed, ndim=4, layout="(O, KH, KW, words)")
-    channels = check_int("channels", channels, minimum=1)
+    _check_words("x_packed", x_packed, channels)
     stride_h, stride_w = check_pair("stride", stride, 1)
     pad_h, pad_w = check_pair("padding", padding, 0)
-    words = words_for(channels)
-    names = ("x_packed", "w_packed")
-    for name, arr in zip(names, (x_packed, w_packed)):
-        if arr.shape[3] != words:
-            raise ValueError(
-                f"{name} must have ceil(channels / 64) = {words} words on its last axis for "
-                f"channels={channels}, got shape {tuple(arr.shape)}"
-            )
     batch, height, width, _ = x_packed.shape
     n_out, kernel_h, kernel_w, _ = w_packed.shape
-    if kernel_h < 1 or kernel_w < 1:
-        raise ValueError(f"w_packed must have KH, KW >= 1, got shape {tuple(w_packed.shape)}")
     if height + 2 * pad_h < kernel_h or width + 2 * pad_w < kernel_w:
         raise ValueError(
             f"the padded input ({height + 2 * pad_h}, {width + 2 * pad_w}) is smaller than the kernel "
             f"({kernel_h}, {kernel_w}); x_packed has shape {tuple(x_packed.shape)}, padding {(pad_h, pad_w)}"
         )
-    if kernel_h * kernel_w * channels >= 2**31:
-        raise ValueError("KH * KW * channels must be < 2**31 so that the int32 result cannot overflow")
     if kind == "cupy":
         from . import _cuda
 
         check_padding_bits("x_packed", x_packed, channels)
-        check_padding_bits("w_packed", w_packed, channels)
+        if prepared is None:
+            check_padding_bits("w_packed", w_packed, channels)
         out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
         out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
         return _cuda.binary_conv2d(
             x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         )
     # The padding-bit check (check_padding_bits) runs inside the compiled call: one dispatch less.
+    if prepared is None:
+        panels, tap_sums = _NO_PANELS, _NO_TAP_SUMS
+    else:
+        panels, tap_sums = prepared._panels, prepared._tap_sums
     out, bad = _binary_conv2d_cpu(
         x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, padding_mask(channels),
-        numba.get_num_threads(),
+        numba.get_num_threads(), panels, tap_sums, prepared is not None,
     )
     if bad:
-        check_padding_bits(names[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises
+        check_padding_bits(("x_packed", "w_packed")[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises
     return out

@@ -637,7 +637,10 @@ class BinaryConvStage(Stage):
     """``acc = conv(sign(x), sign(W))`` exactly (zero padding), through ``binary_conv2d``.
 
     ``weights`` (held for the kernel) is uint64 ``(O, KH, KW, ceil(C / 64))``.  The file stores the
-    canonical form ``pack_signs(W_eff.reshape(O, C * KH * KW))`` (the simulation's order).
+    canonical form ``pack_signs(W_eff.reshape(O, C * KH * KW))`` (the simulation's order).  The
+    first ``run`` prepares them (``prepare_conv_weights``: the kernel's panels and tap sums, made
+    once instead of on every call); the preparation is made anew when ``weights`` is replaced
+    (``to_device`` included).
     """
 
     kind = "binary_conv"
@@ -647,12 +650,16 @@ class BinaryConvStage(Stage):
         self.weights = weights
         self.stride = int(stride)
         self.padding = int(padding)
+        self._prepared = None  # (the weights it was made from, PreparedConvWeights)
 
     def run(self, x):
-        return _kernels().binary_conv2d(x, self.weights, self.input_spec[2][0], self.stride, self.padding)
+        if self._prepared is None or self._prepared[0] is not self.weights:
+            self._prepared = (self.weights, _kernels().prepare_conv_weights(self.weights, self.input_spec[2][0]))
+        return _kernels().binary_conv2d(x, self._prepared[1], None, self.stride, self.padding)
 
     def to_device(self, device):
         self.weights = to_device(self.weights, device)
+        self._prepared = None
         return self
 
     @property

@@ -196,14 +196,18 @@ def test_xnor_gemm_empty(device):
 
 
 def check_conv(
-    device, batch, channels, n_out, height, width, kernel, stride, padding, seed, style="gaussian"
+    device, batch, channels, n_out, height, width, kernel, stride, padding, seed, style="gaussian", prepared=False
 ):
+    """binary_conv2d against the float convolution; with ``prepared``, prepared weights too (equal)."""
     rng = np.random.default_rng(seed)
     x = signs(rng, (batch, channels, height, width), style)
     w = signs(rng, (n_out, channels) + kernel, "gaussian")
     x_packed = kernels.pack_signs(x.transpose(0, 2, 3, 1).copy())
     w_packed = kernels.pack_signs(w.transpose(0, 2, 3, 1).copy())
     expected = reference.conv2d_direct(reference.sign_pm1(x), reference.sign_pm1(w), stride, padding)
+    weights = [device.put(w_packed)]
+    if prepared:
+        weights.append(kernels.prepare_conv_weights(weights[0], channels))
     # On the CPU the threads share the preparation tasks (weight panels, padded rows) of one call:
     # check with one thread and with the default count.
     for threads in (1, numba.get_num_threads()) if device.name == "cpu" else (None,):
@@ -211,15 +215,18 @@ def check_conv(
         if threads is not None:
             numba.set_num_threads(threads)
         try:
-            out = kernels.binary_conv2d(device.put(x_packed), device.put(w_packed), channels, stride, padding)
+            outs = [kernels.binary_conv2d(device.put(x_packed), w, channels, stride, padding) for w in weights]
+            if prepared:
+                outs.append(kernels.binary_conv2d(device.put(x_packed), weights[1], None, stride, padding))
         finally:
             numba.set_num_threads(saved)
-        out = device.get(out)
-        assert out.dtype == np.int32
-        np.testing.assert_array_equal(out, expected.transpose(0, 2, 3, 1).astype(np.int64))
+        for out in outs:
+            out = device.get(out)
+            assert out.dtype == np.int32
+            np.testing.assert_array_equal(out, expected.transpose(0, 2, 3, 1).astype(np.int64))
 
 
-@given(
+CONV_CASES = dict(
     batch=st.integers(1, 2),
     channels=st.integers(1, 140),
     n_out=st.integers(1, 40),
@@ -229,13 +236,23 @@ def check_conv(
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
     seed=SEEDS,
-    style=STYLES,
 )
+
+
+@given(**CONV_CASES, style=STYLES)
 def test_binary_conv2d_equals_float_convolution(
     device, batch, channels, n_out, height, width, kernel, stride, padding, seed, style
 ):
     assume(height + 2 * padding[0] >= kernel[0] and width + 2 * padding[1] >= kernel[1])
     check_conv(device, batch, channels, n_out, height, width, kernel, stride, padding, seed, style)
+
+
+@given(**CONV_CASES)
+def test_binary_conv2d_prepared_weights_give_the_same_result(
+    device, batch, channels, n_out, height, width, kernel, stride, padding, seed
+):
+    assume(height + 2 * padding[0] >= kernel[0] and width + 2 * padding[1] >= kernel[1])
+    check_conv(device, batch, channels, n_out, height, width, kernel, stride, padding, seed, prepared=True)
 
 
 @pytest.mark.parametrize(
@@ -260,6 +277,47 @@ def test_binary_conv2d_edge_cases(device, channels, n_out, size, kernel, stride,
 
 def test_binary_conv2d_int_stride_and_padding(device):
     check_conv(device, 1, 10, 3, 6, 6, (3, 3), 2, 1, seed=3)
+
+
+def test_prepared_conv_weights_are_a_copy(device):
+    rng = np.random.default_rng(5)
+    original = kernels.pack_signs(rng.standard_normal((33, 3, 3, 70)))
+    w_packed = device.put(original.copy())
+    x_packed = device.put(kernels.pack_signs(rng.standard_normal((1, 6, 6, 70))))
+    prepared = kernels.prepare_conv_weights(w_packed, 70)
+    assert prepared.channels == 70 and prepared.shape == (33, 3, 3, 2)
+    expected = device.get(kernels.binary_conv2d(x_packed, w_packed, 70, 2, 1))
+    w_packed[...] = 0  # changing the weights afterwards does not change the prepared ones
+    np.testing.assert_array_equal(device.get(kernels.binary_conv2d(x_packed, prepared, None, 2, 1)), expected)
+    np.testing.assert_array_equal(device.get(prepared.weights), original)
+
+
+def test_prepared_conv_weights_raise_clear_errors(device):
+    put = device.put
+    good = put(np.zeros((4, 3, 3, 2), dtype=np.uint64))
+    prepared = kernels.prepare_conv_weights(good, 100)
+    x = put(np.zeros((1, 5, 5, 2), dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"channels=90 does not match the prepared weights \(channels=100\)"):
+        kernels.binary_conv2d(x, prepared, 90)
+    with pytest.raises(ValueError, match=r"x_packed must have ceil\(channels / 64\) = 2 words"):
+        kernels.binary_conv2d(put(np.zeros((1, 5, 5, 1), dtype=np.uint64)), prepared)
+    with pytest.raises(TypeError, match="w_packed must be a numpy or CuPy array or PreparedConvWeights"):
+        kernels.binary_conv2d(x, [[0]], 100)
+    with pytest.raises(TypeError, match="channels .* is required with packed weights"):
+        kernels.binary_conv2d(x, good)
+    with pytest.raises(TypeError, match="made by prepare_conv_weights"):
+        kernels.PreparedConvWeights(good, 100)
+    with pytest.raises(TypeError, match="w_packed must be a numpy or CuPy array"):
+        kernels.prepare_conv_weights([[0]], 100)
+    with pytest.raises(ValueError, match=r"w_packed must have ceil\(channels / 64\) = 1 words .* channels=64"):
+        kernels.prepare_conv_weights(good, 64)
+    with pytest.raises(ValueError, match="padding bits"):
+        kernels.prepare_conv_weights(put(np.full((4, 3, 3, 2), 2**63, dtype=np.uint64)), 100)
+    with pytest.raises(ValueError, match="w_packed must be 4-D"):
+        kernels.prepare_conv_weights(put(np.zeros((4, 9, 2), dtype=np.uint64)), 100)
+    if cupy is not None and device.name == "cpu":
+        with pytest.raises(TypeError, match="must all be numpy or all CuPy"):
+            kernels.binary_conv2d(cupy.asarray(x), prepared)
 
 
 # ------------------------------------------------------------------------------------------------
