@@ -34,23 +34,21 @@ Expected table (``python experiments/bench_kernels.py``; the committed
 
     3x3 conv, batch 1, pad 1      stride 1: x torch / x im2col    stride 2: x torch / x im2col
     (prepared weights; in brackets x torch with the weights prepared in each call)
-    56x56x64                      19.4 (17.8) / 28.5              17.2 (14.9) / 27.2
-    28x28x128                      9.0 (14.5) / 12.7              10.9  (8.1) / 17.5
-    14x14x256                     14.1 (11.7) / 20.9              14.8 (11.5) / 22.6
-    7x7x512                       26.1 (21.9) / 26.1              34.7 (18.6) / 28.2
+    56x56x64                      13.4 (12.2) / 20.6              15.1 (13.3) / 23.5
+    28x28x128                     12.2 (11.2) / 16.2              11.3 (10.4) / 21.2
+    14x14x256                     25.8 (24.2) / 33.1              10.7 (11.6) / 17.9
+    7x7x512                       28.5 (22.9) / 25.0              22.5 (15.3) / 21.1
 
-    packing: pack_signs 32-44 GB/s of float32, unpack_signs 5-7 GB/s, threshold_pack 10-13 GB/s
+    packing: pack_signs 29-44 GB/s of float32, unpack_signs 5-7 GB/s, threshold_pack 10-13 GB/s
 
-The conv rows are the committed run.  The stride-2 layers take 34-49 us with prepared weights
-(``prepare_conv_weights``: the panels and tap sums made once, as an inference engine keeps its
-weights) and 39-74 us when each call prepares them (about 33 us of one thread at 512 channels):
-10.9-34.7x PyTorch against 8.1-18.6x.  Runs differ by about 20% on this shared VM and single
-medians more (28x28x128 stride 1 prepared measured 135 us in this run, 135-152 us in its third
-round against 73-87 us in the first two, while the same call followed by ``threshold_pack`` took
-103 us; same-process micro-timings have it at 73-82 us, below the unprepared 81-86 us); the
-benchmark's pause-then-call pattern adds 10-15 us per fast call that a tight loop does not see,
-and the first method of a layer often starts with calls of about 8 ms while PyTorch's OpenMP
-threads still spin after its warm-up.
+The conv rows are the committed run (quiet machine, training jobs paused): every layer >= 10x
+PyTorch.  With prepared weights (``prepare_conv_weights``: the panels and tap sums made once, as an
+inference engine keeps its weights) the stride-2 layers take about 26-34 us in same-process
+micro-timings, against 31-52 us when each call prepares them (about 33 us of one thread at 512
+channels).  Runs differ by about 20% on this shared VM and single medians more (an earlier run had
+28x28x128 stride 1 at 9.0x from one slow round of calls); the benchmark's pause-then-call pattern
+adds 10-15 us per fast call that a tight loop does not see, and the first method of a layer often
+starts with calls of about 8 ms while PyTorch's OpenMP threads still spin after its warm-up.
 
 The run waits (up to ``--load-retries`` times) for the 1-minute load average to drop below
 ``--max-load``; the JSON's ``load`` entry records the load averages and the idle fraction of the
