@@ -309,30 +309,36 @@ def threshold_maxpool_pack(acc, threshold, direction, kernel, stride=None, paddi
 
 
 @njit(parallel=True, cache=True)
-def _threshold_signs_cpu(x, threshold, direction, packed):
-    """x (N, C, P) float32 -> packed (N, P, words); returns the number of NaNs seen."""
-    batch, channels, positions = x.shape
+def _threshold_signs_cpu(x, channels_first, threshold, direction, packed):
+    """x C-contiguous float32, (N, C, P), or (C, N, P) when ``channels_first`` -> packed (N, P, words);
+    returns the number of NaNs seen.  Each channel's P values are one contiguous row (vectorised)."""
+    if channels_first:
+        channels, batch, positions = x.shape
+    else:
+        batch, channels, positions = x.shape
     words = packed.shape[2]
     nans = np.zeros(batch, dtype=np.int64)
     for image in prange(batch):
+        out = packed[image]
         for p in range(positions):
             for w in range(words):
-                packed[image, p, w] = 0
+                out[p, w] = 0
         count = 0
         for c in range(channels):
+            row = x[c, image] if channels_first else x[image, c]
             word = c >> 6
             shift = np.uint64(c & 63)
             t = threshold[c]
             if direction[c] > 0:
                 for p in range(positions):
-                    v = x[image, c, p]
+                    v = row[p]
                     count += v != v
-                    packed[image, p, word] |= np.uint64(v >= t) << shift
+                    out[p, word] |= np.uint64(v >= t) << shift
             else:
                 for p in range(positions):
-                    v = x[image, c, p]
+                    v = row[p]
                     count += v != v
-                    packed[image, p, word] |= np.uint64(v <= t) << shift
+                    out[p, word] |= np.uint64(v <= t) << shift
         nans[image] = count
     return nans.sum()
 
@@ -348,9 +354,8 @@ def threshold_signs(x, threshold, direction):
     Parameters
     ----------
     x : numpy.ndarray or cupy.ndarray, float32, shape (N, C) or (N, C, H, W)
-        No NaN.  Any strides whose ``(H, W)`` part can be viewed as one axis (such as a
-        convolution's NCHW view of a CNHW buffer): the positions of one channel are read in order,
-        nothing is copied.
+        No NaN.  C-contiguous, or the NCHW view of a C-contiguous CNHW buffer (what convolutions
+        return), both read in place; other strides are copied first.
     threshold : same kind, float32, shape (C,)
         NaN means the bit is never set.
     direction : same kind, int8, shape (C,), values +1 or -1
@@ -389,7 +394,13 @@ def threshold_signs(x, threshold, direction):
         return packed
     positions = int(np.prod(spatial)) if spatial else 1
     x3 = x.reshape(x.shape[0], channels, positions)  # a view unless (H, W) cannot be one axis
-    nans = _threshold_signs_cpu(x3, threshold, direction, packed.reshape(x.shape[0], positions, -1))
+    channels_first = not x3.flags.c_contiguous and x3.transpose(1, 0, 2).flags.c_contiguous
+    if channels_first:  # the (C, N, P) buffer of a convolution's output, read as it lies
+        x3 = x3.transpose(1, 0, 2)
+    elif not x3.flags.c_contiguous:
+        x3 = np.ascontiguousarray(x3)
+    nans = _threshold_signs_cpu(x3, channels_first, threshold, direction,
+                                packed.reshape(x.shape[0], positions, -1))
     if nans:
         raise ValueError(f"x holds {nans} NaN values, which have no sign")
     return packed
