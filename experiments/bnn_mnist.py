@@ -43,14 +43,17 @@ from lowbit.zoo import binary_cnn, bnn_mlp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+def _paper_mlp(stochastic):
+    """The paper's MLP recipe; ``stochastic``: which binarizations are stochastic in training."""
+    return {"build": lambda seed, width, init: bnn_mlp(seed, hidden=(width,) * 3, stochastic=stochastic, init=init),
+            "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
+            "init": "uniform"}
+
+
 CONFIGS = {
-    "mlp_det": {"build": lambda seed, width, init: bnn_mlp(seed, hidden=(width,) * 3, init=init),
-                "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
-                "init": "uniform"},
-    "mlp_stoch": {"build": lambda seed, width, init: bnn_mlp(seed, hidden=(width,) * 3, stochastic="weights",
-                                                             init=init),
-                  "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
-                  "init": "uniform"},
+    "mlp_det": _paper_mlp(False),
+    "mlp_stoch": _paper_mlp("weights"),
     "cnn": {"build": lambda seed, width, init: binary_cnn(seed, init=init), "loss": "cross_entropy", "lr": 1e-3,
             "lr_end": 1e-5, "target": 0.993, "width": None, "init": "glorot"},
 }

@@ -150,6 +150,23 @@ def bn_sign_threshold(gamma, beta, mean, var, eps, dtype=np.float64, order="divi
     return threshold, direction
 
 
+def _check_thresholds(values, threshold, direction, channels, threshold_dtype):
+    """Checks of the per-channel ``threshold`` (``threshold_dtype``) and ``direction`` (int8, +-1) that
+    go with ``values`` (the description of the array they apply to, for the messages)."""
+    check_dtype("threshold", threshold, threshold_dtype)
+    check_dtype("direction", direction, np.int8)
+    for name, arr in (("threshold", threshold), ("direction", direction)):
+        check_ndim(name, arr, 1, "(C,)")
+        if arr.shape[0] != channels:
+            raise ValueError(
+                f"{name} must have shape (C,) = ({channels},) to match {values}, "
+                f"got {tuple(arr.shape)}"
+            )
+        check_contiguous(name, arr)
+    if not bool(((direction == 1) | (direction == -1)).all()):
+        raise ValueError("direction must hold only +1 and -1")
+
+
 @njit(parallel=True, cache=True)
 def _threshold_pack_cpu(acc, threshold, direction, packed):
     """``threshold`` / ``direction`` are padded to ``64 * words`` channels (see ``_padded``)."""
@@ -202,20 +219,8 @@ def threshold_pack(acc, threshold, direction):
     if acc.ndim < 1:
         raise ValueError("acc must have at least 1 dimension (..., C), got a 0-D array")
     check_contiguous("acc", acc)
-    check_dtype("threshold", threshold, np.int64)
-    check_dtype("direction", direction, np.int8)
     channels = acc.shape[-1]
-    for name, arr in (("threshold", threshold), ("direction", direction)):
-        check_ndim(name, arr, 1, "(C,)")
-        if arr.shape[0] != channels:
-            raise ValueError(
-                f"{name} must have shape (C,) = ({channels},) to match acc {tuple(acc.shape)}, "
-                f"got {tuple(arr.shape)}"
-            )
-        check_contiguous(name, arr)
-    valid_direction = (direction == 1) | (direction == -1)
-    if not bool(valid_direction.all()):
-        raise ValueError("direction must hold only +1 and -1")
+    _check_thresholds(f"acc {tuple(acc.shape)}", threshold, direction, channels, np.int64)
     rows = 1
     for extent in acc.shape[:-1]:
         rows *= extent
@@ -228,22 +233,6 @@ def threshold_pack(acc, threshold, direction):
     if packed.size:
         _threshold_pack_cpu(acc.reshape(rows, channels), *_padded(threshold, direction), packed)
     return packed.reshape(out_shape)
-
-
-def _check_thresholds(acc, threshold, direction, channels, threshold_dtype):
-    """Shared checks of the per-channel ``threshold`` (``threshold_dtype``) and ``direction`` (int8)."""
-    check_dtype("threshold", threshold, threshold_dtype)
-    check_dtype("direction", direction, np.int8)
-    for name, arr in (("threshold", threshold), ("direction", direction)):
-        check_ndim(name, arr, 1, "(C,)")
-        if arr.shape[0] != channels:
-            raise ValueError(
-                f"{name} must have shape (C,) = ({channels},) to match {acc} , "
-                f"got {tuple(arr.shape)}"
-            )
-        check_contiguous(name, arr)
-    if not bool(((direction == 1) | (direction == -1)).all()):
-        raise ValueError("direction must hold only +1 and -1")
 
 
 @njit(parallel=True, cache=True)
@@ -329,16 +318,11 @@ def _threshold_signs_cpu(x, channels_first, threshold, direction, packed):
             word = c >> 6
             shift = np.uint64(c & 63)
             t = threshold[c]
-            if direction[c] > 0:
-                for p in range(positions):
-                    v = row[p]
-                    count += v != v
-                    out[p, word] |= np.uint64(v >= t) << shift
-            else:
-                for p in range(positions):
-                    v = row[p]
-                    count += v != v
-                    out[p, word] |= np.uint64(v <= t) << shift
+            up = direction[c] > 0  # loop-invariant: LLVM unswitches the loop on it
+            for p in range(positions):
+                v = row[p]
+                count += v != v
+                out[p, word] |= np.uint64((v >= t) if up else (v <= t)) << shift
         nans[image] = count
     return nans.sum()
 

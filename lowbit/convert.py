@@ -54,10 +54,9 @@ from .layers import (
 )
 from .model import Model
 from .packed import (
-    AccToFloatStage, BinaryConvStage, BitplaneDenseStage, BinaryDenseStage, FlattenStage, FloatStage, IntMaxPoolStage,
+    AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FlattenStage, FloatStage,
     PackedMaxPoolStage, PackedModel, PackStage, ThresholdMaxPoolStage, ThresholdStage, UnpackStage,
-    kernel_channel_axis,
-    make_spec, sim_shape,
+    kernel_channel_axis, make_spec, sim_shape,
 )
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
@@ -281,7 +280,7 @@ class _Converter:
                 not isinstance(layer.input_quantizer, Identity):
             return 0
         bits = self.layers[0].bits
-        if (2 ** bits - 1) * kernel.fan_in >= 2 ** 24:
+        if not PixelCodes.sums_exact(bits, kernel.fan_in):
             self.note(index, f"{bits}-bit codes over {kernel.fan_in} inputs: the simulation's float32 sums may "
                              "round; the first layer stays a float stage")
             return 0
@@ -571,6 +570,55 @@ def _key_floats(keys):
     return bits.astype(np.int32).view(np.float32)
 
 
+def _signs_after(ops, terminal, v, shape, allow_nan=False):
+    """The bits (``shape``) of the simulation's sign ``terminal(ops(v))``, in evaluation mode.
+
+    NaN before the sign raises :class:`_NotFusable`, or gives None with ``allow_nan``.
+    """
+    with np.errstate(all="ignore"):
+        for op in ops:
+            v = op.forward(v, train=False)
+        v = np.asarray(to_numpy(v))
+        if np.isnan(v).any():
+            if allow_nan:
+                return None
+            raise _NotFusable("the layers before the sign give NaN")
+        q = np.asarray(to_numpy(terminal(v, train=False))).reshape(shape)
+    if not np.all((q == 1) | (q == -1)):
+        raise _NotFusable("the sign quantizer returned values other than +-1")
+    return q == 1
+
+
+def _bisect(bits_at, lowest, highest, at_low, at_high):
+    """Bisection over the integer keys ``[lowest, highest]`` of bits that are monotone per channel.
+
+    ``bits_at`` maps keys (1, C) to bits (1, C); ``at_low`` / ``at_high`` are the bits at the two ends.
+    Returns ``(low, high, down, varies)``: where the bit changes, ``low`` is the last key with the
+    low end's bit and ``high`` the first with the other; ``down`` marks bits that fall (1 then 0).
+    """
+    down = at_low & ~at_high
+    varies = at_low != at_high
+    low = np.full(at_low.shape, lowest, np.int64)
+    high = np.full(at_low.shape, highest, np.int64)
+    while np.any(varies & (high - low > 1)):
+        middle = (low + high) // 2
+        on = bits_at(middle[None, :])[0] ^ down  # direction-corrected: 0 then 1
+        high = np.where(varies & on, middle, high)
+        low = np.where(varies & ~on, middle, low)
+    return low, high, down, varies
+
+
+def _probes(edge, lowest, highest, special=()):
+    """Keys (R, C) that check derived thresholds: each channel's ``edge`` +-64, the ``special`` keys and
+    256 random keys of the range, all clipped to ``[lowest, highest]``."""
+    channels = edge.shape[0]
+    rows = [edge[None, :] + np.arange(-64, 65)[:, None]]
+    if len(special):
+        rows.append(np.broadcast_to(np.asarray(special, np.int64)[:, None], (len(special), channels)))
+    rows.append(np.random.default_rng(0).integers(lowest, highest + 1, size=(256, channels)))
+    return np.clip(np.concatenate(rows, axis=0), lowest, highest)
+
+
 def _float_thresholds(ops, terminal, channels, spatial):
     """Float32 thresholds (C,) and directions (C,) that reproduce ``terminal(ops(x))`` per channel.
 
@@ -592,18 +640,10 @@ def _float_thresholds(ops, terminal, channels, spatial):
             v = _key_floats(part)
             if spatial:
                 v = v.reshape(part.shape[0], channels, 1, 1)
-            with np.errstate(all="ignore"):
-                for op in ops:
-                    v = op.forward(v, train=False)
-                v = np.asarray(to_numpy(v))
-                if np.isnan(v).any():
-                    if not allow_nan:
-                        raise _NotFusable("the layers before the sign give NaN")
-                    return None
-                q = np.asarray(to_numpy(terminal(v, train=False))).reshape(part.shape[0], channels)
-            if not np.all((q == 1) | (q == -1)):
-                raise _NotFusable("the sign quantizer returned values other than +-1")
-            out[start:start + step] = q == 1
+            part_bits = _signs_after(ops, terminal, v, part.shape, allow_nan)
+            if part_bits is None:
+                return None
+            out[start:start + step] = part_bits
         return out
 
     # The domain: the widest symmetric range on which the layers give numbers (0 * inf = NaN where an
@@ -615,36 +655,18 @@ def _float_thresholds(ops, terminal, channels, spatial):
             break
     else:
         raise _NotFusable("the layers before the sign give NaN on moderate inputs")
-    low = np.full(channels, lowest)
-    high = np.full(channels, highest)
-    at_low, at_high = ends[0], ends[1]
-    down = at_low & ~at_high
-    varies = at_low != at_high
-    # bisection on the first key where the (direction-corrected) bit turns on
-    while np.any(varies & (high - low > 1)):
-        middle = (low + high) // 2
-        on = bits(middle[None, :])[0] ^ down
-        high = np.where(varies & on, middle, high)
-        low = np.where(varies & ~on, middle, low)
+    at_low = ends[0]
+    low, high, down, varies = _bisect(bits, lowest, highest, at_low, ends[1])
     threshold = np.where(down, _key_floats(low), _key_floats(high)).astype(np.float32)
     threshold = np.where(varies, threshold, np.where(at_low, np.float32(-np.inf), np.float32(np.nan)))
     threshold = threshold.astype(np.float32)
     direction = np.where(down, -1, 1).astype(np.int8)
     # belt and braces: every threshold's neighbourhood, the special values, random values
-    rng = np.random.default_rng(0)
-    edge = np.where(down, low, high)
-    probes = [edge[None, :] + np.arange(-64, 65)[:, None],
-              np.broadcast_to(_float_keys([0.0, -0.0, 1.0, -1.0])[:, None], (4, channels)),
-              rng.integers(lowest, highest + 1, size=(256, channels))]
-    keys = np.clip(np.concatenate(probes, axis=0), lowest, highest)
-
-    def reproduces(keys):
-        x = _key_floats(keys)
-        with np.errstate(invalid="ignore"):
-            expected = np.where(direction > 0, x >= threshold, x <= threshold)
-        return np.array_equal(bits(keys), expected)
-
-    if not reproduces(keys):
+    keys = _probes(np.where(down, low, high), lowest, highest, _float_keys([0.0, -0.0, 1.0, -1.0]))
+    x = _key_floats(keys)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(direction > 0, x >= threshold, x <= threshold)
+    if not np.array_equal(bits(keys), expected):
         raise _NotFusable("float thresholds do not reproduce the layers before the sign")
     return threshold, direction
 
@@ -659,43 +681,22 @@ def _bitplane_thresholds(kernel, ops, terminal, bits):
     channel's threshold (the composition is monotone in T); checked again around every threshold.
     """
     levels = 2 ** int(bits) - 1
-    fan_in = kernel.fan_in
     channels = kernel.w_eff.shape[1]
 
     def bits_at(totals):
         totals = np.asarray(totals, dtype=np.int64)
         y = (totals.astype(np.float64) * 2.0 ** -int(bits)).astype(np.float32)  # exact
-        with np.errstate(all="ignore"):
-            for op in ops:
-                y = op.forward(y, train=False)
-            y = np.asarray(to_numpy(y))
-            if np.isnan(y).any():
-                raise _NotFusable("the layers before the sign give NaN")
-            q = np.asarray(to_numpy(terminal(y, train=False))).reshape(totals.shape)
-        if not np.all((q == 1) | (q == -1)):
-            raise _NotFusable("the sign quantizer returned values other than +-1")
-        return q == 1
+        return _signs_after(ops, terminal, y, totals.shape)
 
-    lowest, highest = -levels * fan_in, levels * fan_in
+    lowest, highest = -levels * kernel.fan_in, levels * kernel.fan_in
     at_low = bits_at(np.full((1, channels), lowest))[0]
     at_high = bits_at(np.full((1, channels), highest))[0]
-    down = at_low & ~at_high
-    varies = at_low != at_high
-    low, high = np.full(channels, lowest, np.int64), np.full(channels, highest, np.int64)
-    while np.any(varies & (high - low > 1)):
-        middle = (low + high) // 2
-        on = bits_at(middle[None, :])[0] ^ down
-        high = np.where(varies & on, middle, high)
-        low = np.where(varies & ~on, middle, low)
+    low, high, down, varies = _bisect(bits_at, lowest, highest, at_low, at_high)
     # bit = direction * (T - threshold) >= 0; a constant channel: always (lowest) or never (highest + 1)
     threshold = np.where(down, low, high)
     threshold = np.where(varies, threshold, np.where(at_low, lowest, highest + 1)).astype(np.int64)
     direction = np.where(down, -1, 1).astype(np.int8)
-    rng = np.random.default_rng(0)
-    edge = np.where(down, low, high)
-    probes = np.concatenate([edge[None, :] + np.arange(-64, 65)[:, None],
-                             rng.integers(lowest, highest + 1, size=(256, channels))])
-    probes = np.clip(probes, lowest, highest)
+    probes = _probes(np.where(down, low, high), lowest, highest)
     if not np.array_equal(bits_at(probes), (probes - threshold) * direction >= 0):
         raise _NotFusable("the sign is not monotone in the bit-plane sum")
     return threshold, direction

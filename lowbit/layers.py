@@ -460,13 +460,24 @@ class PixelCodes(Layer):
     def config(self):
         return {"bits": self.bits}
 
-    def forward(self, x, train=False):
+    @staticmethod
+    def codes(x, bits):
+        """The integer codes ``rint(clip(x, 0, 1) * (2^bits - 1))``, in ``x``'s float dtype (the packed
+        model's bit-plane stage takes its codes from here too, so both round alike)."""
         xp = get_array_module(x)
         t = x.dtype.type
-        levels = 2 ** self.bits - 1
+        return xp.rint(xp.clip(x, t(0), t(1)) * t(2 ** bits - 1))
+
+    @staticmethod
+    def sums_exact(bits, fan_in):
+        """True when any sum of ``fan_in`` outputs times +-1 is exact in float32 (multiples of
+        ``2^-bits`` below ``fan_in``: ``(2^bits - 1) * fan_in < 2^24``)."""
+        return (2 ** bits - 1) * fan_in < 2 ** 24
+
+    def forward(self, x, train=False):
+        t = x.dtype.type
         self._inside = (x >= 0) & (x <= 1)
-        codes = xp.rint(xp.clip(x, t(0), t(1)) * t(levels))
-        return (codes * t(2) - t(levels)) * t(2.0 ** -self.bits)
+        return (self.codes(x, self.bits) * t(2) - t(2 ** self.bits - 1)) * t(2.0 ** -self.bits)
 
     def backward(self, dout):
         slope = dout.dtype.type(2 * (2 ** self.bits - 1) * 2.0 ** -self.bits)

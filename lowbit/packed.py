@@ -45,6 +45,7 @@ parameters), float16, or float32.  The file format is described in ``docs/packed
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 
@@ -52,7 +53,7 @@ import numpy as np
 
 from .backend import get_array_module, is_cupy_array, to_device, to_numpy
 from .io import ModelFileError, read_archive, write_archive
-from .layers import Affine, Conv2D, Sequential, layer_from_config
+from .layers import Affine, Conv2D, PixelCodes, Sequential, layer_from_config
 from .model import Classifier
 from .quantizers import get_quantizer
 
@@ -80,6 +81,15 @@ __all__ = [
 ]
 
 PACKED_FORMAT = "lowbit.packed"
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One threadpoolctl controller for the process: made once (its scan of the loaded libraries
+    costs about 0.5 ms), after numpy has loaded its BLAS."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _kernels():
@@ -860,10 +870,8 @@ class BitplaneDenseStage(Stage):
         self.direction = direction
 
     def codes(self, x):
-        """The pixel codes of ``x`` (N, ...) as (N, K) uint8 / uint16, as ``PixelCodes`` rounds them."""
-        xp = get_array_module(x)
-        levels = np.float32(2 ** self.bits - 1)
-        codes = xp.rint(xp.clip(x.reshape(x.shape[0], -1), np.float32(0), np.float32(1)) * levels)
+        """The pixel codes of ``x`` (N, ...) as (N, K) uint8 / uint16, from ``PixelCodes.codes``."""
+        codes = PixelCodes.codes(x.reshape(x.shape[0], -1), self.bits)
         return codes.astype(np.uint8 if self.bits <= 8 else np.uint16)
 
     def run(self, x):
@@ -891,7 +899,7 @@ class BitplaneDenseStage(Stage):
             raise ValueError(f"bits must be <= 16, got {bits}")
         if int(np.prod(input_spec[2])) != in_features:
             raise ValueError(f"in_features {in_features} does not match the input dims {input_spec[2]}")
-        if (2 ** bits - 1) * in_features >= 2 ** 24:
+        if not PixelCodes.sums_exact(bits, in_features):
             raise ValueError("(2^bits - 1) * in_features must be < 2^24 (exact float32 sums)")
         out = output_spec[2][0]
         weights = _check_array(arrays, "weights", np.uint64, (out, _words(in_features)))
@@ -1058,9 +1066,7 @@ class PackedModel(Classifier):
             return contextlib.nullcontext()
         if isinstance(blas_threads, bool) or not isinstance(blas_threads, (int, np.integer)) or blas_threads < 1:
             raise ValueError(f"blas_threads must be 'auto', None or an int >= 1, got {blas_threads!r}")
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(int(blas_threads), user_api="blas")
+        return _blas_controller().limit(limits=int(blas_threads), user_api="blas")
 
     def forward(self, x):
         """Run every stage on a batch ``x`` (float32, (N,) + input_shape) of the model's array kind."""
