@@ -1093,8 +1093,8 @@ class PackedModel(Classifier):
 
         ``blas_threads``: threads of numpy's BLAS meanwhile (threadpoolctl).  "auto" is 1 on the CPU
         when the model has packed stages: their float stages are small (first and last layers), and
-        BLAS's idle worker threads spin on the cores that the Numba kernels need (3.4x slower
-        end to end on the binary CNN with 2 BLAS threads on 2 cores).  None leaves BLAS alone.
+        BLAS's idle worker threads spin on the cores that the Numba kernels need (several times
+        slower end to end on the binary CNN with 2 BLAS threads on 2 cores).  None leaves BLAS alone.
         """
         x = self._check_images(x)
         on_gpu = self.device == "gpu"
