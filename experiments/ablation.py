@@ -100,21 +100,17 @@ def main(argv=None):
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
-    from lowbit.data import float_images, load_mnist, train_val_split
+    from lowbit.data import load_mnist, mnist_splits
     from lowbit.ensemble import Ensemble
     from lowbit.trainer import write_json_atomic
 
     mnist = load_mnist(progress=not args.quiet)
-    x_all, y_all = float_images(mnist.x_train), mnist.y_train
-    x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
     rows = {}
     for variant in args.variants:
         models, runs = [], []
         for seed in args.seeds:
-            x_train, y_train, x_val, y_val = train_val_split(x_all, y_all, 10000, seed)
-            if args.limit:
-                x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-            data = (x_train, y_train, x_val, y_val, x_test, y_test)
+            data = mnist_splits(mnist, 10000, seed, args.limit)
+            x_test, y_test = data[4:]
             model, run = train(args.arch, variant, seed, args, data)
             run["test_acc"] = model.evaluate(x_test, y_test)
             print(f"{args.arch} {variant} seed {seed}: {run['test_acc']:.2%} (best epoch {run['best_epoch']})")

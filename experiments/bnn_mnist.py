@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 import lowbit
-from lowbit.data import float_images, load_mnist, train_val_split
+from lowbit.augment import Augment
+from lowbit.data import load_mnist, mnist_splits
 from lowbit.optimizers import Adam, ExponentialLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import binary_cnn, bnn_mlp
@@ -46,7 +47,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _paper_mlp(stochastic):
     """The paper's MLP recipe; ``stochastic``: which binarizations are stochastic in training."""
-    return {"build": lambda seed, width, init: bnn_mlp(seed, hidden=(width,) * 3, stochastic=stochastic, init=init),
+    return {"build": lambda seed, width, init, dropout: bnn_mlp(seed, hidden=(width,) * 3, stochastic=stochastic,
+                                                                init=init),
             "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
             "init": "uniform"}
 
@@ -54,7 +56,8 @@ def _paper_mlp(stochastic):
 CONFIGS = {
     "mlp_det": _paper_mlp(False),
     "mlp_stoch": _paper_mlp("weights"),
-    "cnn": {"build": lambda seed, width, init: binary_cnn(seed, init=init), "loss": "cross_entropy", "lr": 1e-3,
+    "cnn": {"build": lambda seed, width, init, dropout: binary_cnn(seed, init=init, dropout=dropout),
+            "loss": "cross_entropy", "lr": 1e-3,
             "lr_end": 1e-5, "target": 0.993, "width": None, "init": "glorot"},
 }
 
@@ -69,6 +72,11 @@ def main(argv=None):
     parser.add_argument("--init", choices=("uniform", "glorot"), default=None,
                         help="latent-weight init of the binary layers (default: the config's; the paper's "
                              "U(-1, 1) for the MLPs, 'glorot' suits short runs)")
+    parser.add_argument("--augment", default="",
+                        help="training augmentation, e.g. 'shift=2,rotate=10,scale=0.1' (lowbit.augment.Augment; "
+                             "default none)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="cnn only: dropout before the last layer (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
     parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
@@ -81,20 +89,26 @@ def main(argv=None):
     lr_end = args.lr_end or cfg["lr_end"]
     width = args.width or cfg["width"]
     init = args.init or cfg["init"]
+    if args.dropout and args.config != "cnn":
+        parser.error(f"--dropout applies to --config cnn only (the MLPs use the paper's 0.2/0.5), "
+                     f"got --config {args.config}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    try:
+        augment = Augment.from_string(args.augment) if args.augment else None
+    except ValueError as exc:
+        parser.error(f"--augment: {exc}")
 
-    mnist = load_mnist(progress=not args.quiet)
-    x_all, y_all = float_images(mnist.x_train), mnist.y_train
-    x_test, y_test = float_images(mnist.x_test), mnist.y_test
-    x_train, y_train, x_val, y_val = train_val_split(x_all, y_all, 10000, args.seed)
-    if args.limit:
-        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
+                                                                   args.seed, args.limit)
 
-    model = cfg["build"](args.seed, width, init)
+    model = cfg["build"](args.seed, width, init, args.dropout)
     name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
-            + (f"_{init}" if init != cfg["init"] else ""))
+            + (f"_{init}" if init != cfg["init"] else "") + ("_aug" if augment else "")
+            + (f"_drop{args.dropout:g}" if args.dropout else ""))
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
-                      epochs=args.epochs, batch_size=100, seed=args.seed, out_dir=run_dir,
+                      epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
                       progress=not args.quiet)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
@@ -112,6 +126,7 @@ def main(argv=None):
     result = {
         "experiment": name, "config": args.config, "seed": args.seed, "epochs": args.epochs,
         "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width, "init": init,
+        "augment": augment.config() if augment else None, "dropout": args.dropout,
         "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
         "test_acc": sim_acc, "target": cfg["target"],
         "packed_test_acc": float((packed_labels == y_test).mean()),

@@ -579,3 +579,24 @@ def test_train_val_split_bad_n_val(n_val, error):
 def test_train_val_split_mismatched_lengths():
     with pytest.raises(ValueError, match="same number of rows"):
         data.train_val_split(np.zeros((5, 2)), np.zeros(4), n_val=1, seed=0)
+
+
+def test_mnist_splits_float_images_held_out_by_seed_and_limited():
+    mnist = fake_mnist()
+    x_tr, y_tr, x_va, y_va, x_te, y_te = data.mnist_splits(mnist, 5, seed=1)
+    n = len(mnist.y_train)
+    assert x_tr.shape == (n - 5, 1, 28, 28) and x_va.shape == (5, 1, 28, 28) and x_tr.dtype == np.float32
+    expected = data.train_val_split(mnist.x_train, mnist.y_train, 5, 1)
+    np.testing.assert_array_equal(x_tr[:, 0] * np.float32(255), expected[0].astype(np.float32))
+    np.testing.assert_array_equal(y_va, expected[3])
+    np.testing.assert_array_equal(x_te, data.float_images(mnist.x_test))
+    np.testing.assert_array_equal(y_te, mnist.y_test)
+    limited = data.mnist_splits(mnist, 5, seed=1, limit=3)
+    np.testing.assert_array_equal(limited[0], x_tr[:3])
+    np.testing.assert_array_equal(limited[3], y_va)
+
+
+@pytest.mark.parametrize("limit", [-1, 2.5, True])
+def test_mnist_splits_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit must be an int >= 0"):
+        data.mnist_splits(fake_mnist(), 5, seed=0, limit=limit)
