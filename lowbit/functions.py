@@ -27,16 +27,23 @@ __all__ = [
 ]
 
 
-def matmul(a, b):
-    """``a @ b``; float16 operands on numpy are multiplied in float32 and the product rounded to float16.
+def matmul(a, b, keep_float32=False):
+    """``a @ b``; on numpy, when either operand is float16, both are multiplied in float32 and the
+    product rounded to float16 (or, with ``keep_float32``, returned in float32 for the caller to sum
+    further and round once).
 
     That is what a GPU's tensor cores do for half precision (fp16 inputs, fp32 accumulation, fp16
     output; Micikevicius et al. 2017), and it keeps numpy's slow non-BLAS float16 matmul out of the way.
-    CuPy multiplies float16 natively (cuBLAS, fp32 compute).
+    A float32 operand that holds float16 values (a cached im2col buffer) gives the same product as its
+    float16 twin.  CuPy multiplies float16 natively (cuBLAS, fp32 compute); ``keep_float32`` is ignored
+    there.
     """
-    if a.dtype == np.float16 and get_array_module(a) is np:
+    if (a.dtype == np.float16 or b.dtype == np.float16) and get_array_module(a) is np:
+        product = a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)
+        if keep_float32:
+            return product
         with np.errstate(over="ignore"):  # overflow to inf is float16's behaviour; loss scaling reacts
-            return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float16)
+            return product.astype(np.float16)
     return a @ b
 
 
@@ -143,13 +150,19 @@ def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding:
     h_end = stride * (oh - 1) + 1
     w_end = stride * (ow - 1) + 1
     scale = 1.0 / (kh * kw)
+    overlapping = stride < kh or stride < kw  # else every input position is in one window at most
+    zero = dout.dtype.type(0)
     for i in range(kh):
         for j in range(kw):
             if mode == "max":
-                contrib = dout * (argmax == i * kw + j)
+                # a select, not dout * mask: numpy has no vectorised float16 multiply
+                contrib = xp.where(argmax == i * kw + j, dout, zero)
             else:
                 contrib = dout * scale
-            dx[:, :, i : i + h_end : stride, j : j + w_end : stride] += contrib
+            if overlapping:
+                dx[:, :, i : i + h_end : stride, j : j + w_end : stride] += contrib
+            else:
+                dx[:, :, i : i + h_end : stride, j : j + w_end : stride] = contrib
     if padding:
         dx = dx[:, :, padding:-padding, padding:-padding]
     return dx

@@ -291,6 +291,11 @@ class Conv2D(Layer):
                 f"Conv2D expects {self.in_channels} input channels, got {x.shape[1]} (shape {x.shape})"
             )
         xq = self.effective_input(x, train)
+        if xq.dtype == np.float16 and get_array_module(xq) is np:
+            # float16 on numpy: matmul multiplies in float32 anyway, so build (and cache) the 9x larger
+            # patch buffer in float32 from the exact float16 values, cast once here instead of in
+            # both matmuls that read it.
+            xq = xq.astype(np.float32)
         k = self.kernel_size
         col = im2col(xq, k, k, self.stride, self.padding)  # (C, K, K, N, OH, OW)
         n, oh, ow = col.shape[3:]
@@ -315,8 +320,13 @@ class Conv2D(Layer):
         if self.bias:
             self.db = d2d.sum(axis=1)
         w2d = self.effective_weight().reshape(o, -1)
-        dcol = matmul(w2d.T, d2d).reshape(c, k, k, n, oh, ow)
+        # float16 on numpy: the patch gradients stay float32 until summed back into the image, and the
+        # sum is rounded once (a GPU's backward-data convolution also accumulates in float32).
+        dcol = matmul(w2d.T, d2d, keep_float32=True).reshape(c, k, k, n, oh, ow)
         dx = col2im(dcol, self._cache_shape, self.stride, self.padding)
+        if dx.dtype != dout.dtype:
+            with np.errstate(over="ignore"):
+                dx = dx.astype(dout.dtype)
         return self.input_grad(dx)
 
     def output_shape(self, input_shape):
@@ -396,10 +406,11 @@ class ReLU(Layer):
     def forward(self, x, train=False):
         mask = x > 0
         self._cache_mask = mask
-        return x * mask
+        # a select, not x * mask: numpy has no vectorised float16 multiply, and where() copies bits
+        return get_array_module(x).where(mask, x, x.dtype.type(0))
 
     def backward(self, dout):
-        return dout * self._cache_mask
+        return get_array_module(dout).where(self._cache_mask, dout, dout.dtype.type(0))
 
 
 @register_layer

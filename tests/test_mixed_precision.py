@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from lowbit.functions import matmul
-from lowbit.layers import Affine
+from lowbit.layers import Affine, Conv2D, MaxPool2D, ReLU
 from lowbit.mixed_precision import LossScaler, mixed_precision_step
 from lowbit.losses import SoftmaxCrossEntropy
 from lowbit.model import Model
@@ -23,6 +23,61 @@ def test_fp16_matmul_is_fp32_accumulation_rounded_once():
     # one rounding to half precision: within half an ulp (plus fp32 accumulation noise)
     assert np.all(np.abs(out - exact) <= np.abs(exact) * 2.0 ** -11 + 1e-3)
 
+
+def test_fp16_matmul_mixed_operands_and_keep_float32():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((6, 50)).astype(np.float16)
+    b = rng.standard_normal((50, 3)).astype(np.float16)
+    product = a.astype(np.float32) @ b.astype(np.float32)
+    np.testing.assert_array_equal(matmul(a.astype(np.float32), b), product.astype(np.float16))
+    np.testing.assert_array_equal(matmul(a, b.astype(np.float32)), product.astype(np.float16))
+    kept = matmul(a, b, keep_float32=True)
+    assert kept.dtype == np.float32
+    np.testing.assert_array_equal(kept, product)
+    assert matmul(a.astype(np.float32), b.astype(np.float32), keep_float32=True).dtype == np.float32
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0), (2, 1)])
+def test_fp16_conv_is_the_float32_conv_of_fp16_values_rounded_once(stride, padding):
+    """Forward and backward of a float16 Conv2D on numpy: float32 products, each result rounded once."""
+    rng = np.random.default_rng(2)
+    conv = Conv2D(3, 4, 3, stride=stride, padding=padding, bias=True, seed=0)
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float16)
+    conv.W = conv.W.astype(np.float16)
+    conv.b = rng.standard_normal(4).astype(np.float16)
+    ref = Conv2D(3, 4, 3, stride=stride, padding=padding, bias=True, seed=0)
+    ref.W, ref.b = conv.W.astype(np.float32), conv.b.astype(np.float32)
+
+    out = conv.forward(x, train=True)
+    out_ref = ref.forward(x.astype(np.float32), train=True)
+    assert out.dtype == np.float16
+    # the float16 path adds the bias after rounding the product, the float32 one before
+    np.testing.assert_allclose(out, out_ref, rtol=2.0 ** -9, atol=2.0 ** -9)
+    dout = rng.standard_normal(out.shape).astype(np.float16)
+    dx = conv.backward(dout)
+    dx_ref = ref.backward(dout.astype(np.float32))
+    assert dx.dtype == np.float16
+    np.testing.assert_array_equal(dx, dx_ref.astype(np.float16))
+    np.testing.assert_array_equal(conv.dW, ref.dW.astype(np.float16))
+
+
+@pytest.mark.parametrize("layer, exact", [(ReLU(), True), (MaxPool2D(2, 2), True),
+                                          (MaxPool2D(3, 1, padding=1), False)])
+def test_fp16_relu_and_maxpool_match_float32(layer, exact):
+    """Selects are exact in float16; overlapping pooling windows sum their gradients in float16."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float16)
+    out16 = layer.forward(x, train=True)
+    dout = rng.standard_normal(out16.shape).astype(np.float16)
+    dx16 = layer.backward(dout)
+    out32 = layer.forward(x.astype(np.float32), train=True)
+    dx32 = layer.backward(dout.astype(np.float32))
+    assert out16.dtype == dx16.dtype == np.float16
+    np.testing.assert_array_equal(out16, out32.astype(np.float16))
+    if exact:
+        np.testing.assert_array_equal(dx16, dx32.astype(np.float16))
+    else:
+        np.testing.assert_allclose(dx16, dx32, rtol=2.0 ** -8, atol=2.0 ** -10)
 
 def test_mixed_training_learns_and_keeps_fp32_masters():
     x, y = blobs()
