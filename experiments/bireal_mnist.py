@@ -66,6 +66,11 @@ def main(argv=None):
     parser.add_argument("--lr-end", type=float, default=1e-5)
     parser.add_argument("--augment", default="",
                         help="training augmentation, e.g. 'shift=2,rotate=10,scale=0.1' (default none)")
+    parser.add_argument("--bn-recalibrate", type=int, default=10000,
+                        help="after every epoch set the BatchNorm statistics from this many training images "
+                             "(lowbit.trainer.recalibrate_batchnorm; 0: keep the running averages). Default "
+                             "10000: with the running averages the validation accuracy of this network "
+                             "swings (30%% at epoch 2 against 91%% in training mode)")
     parser.add_argument("--probe-batch", type=int, default=100,
                         help="training images in the gradient-flow probe (default 100)")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,6 +80,8 @@ def main(argv=None):
     parser.add_argument("--models", default=os.path.join(HERE, "models"))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.bn_recalibrate < 0:
+        parser.error(f"--bn-recalibrate must be >= 0, got {args.bn_recalibrate}")
     for name in ("epochs", "blocks", "probe_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -98,7 +105,8 @@ def main(argv=None):
     probe = min(args.probe_batch, len(x_train))
 
     tag = ("w" + "-".join(map(str, args.widths)) + f"_b{args.blocks}" + ("_aug" if augment else "")
-           + f"_e{args.epochs}" + (f"_limit{args.limit}" if args.limit else ""))
+           + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + f"_e{args.epochs}"
+           + (f"_limit{args.limit}" if args.limit else ""))
     rows = {}
     for variant in args.variants:
         shortcut = variant == "shortcut"
@@ -112,7 +120,7 @@ def main(argv=None):
         run_dir = os.path.join(args.runs, f"bireal_{variant}_{tag}_seed{args.seed}")
         trainer = Trainer(model, "cross_entropy", Adam(args.lr), ExponentialLR(args.lr, args.lr_end, args.epochs),
                           epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                          progress=not args.quiet)
+                          progress=not args.quiet, bn_recalibrate=min(args.bn_recalibrate, len(x_train)))
         t0 = time.perf_counter()
         history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
         wall = time.perf_counter() - t0
@@ -136,7 +144,8 @@ def main(argv=None):
     result = {
         "experiment": "bireal_mnist", "widths": args.widths, "blocks_per_stage": args.blocks,
         "epochs": args.epochs, "lr": args.lr, "lr_end": args.lr_end, "seed": args.seed, "limit": args.limit,
-        "augment": augment.config() if augment else None, "probe_batch": probe, "target": 0.995,
+        "augment": augment.config() if augment else None, "probe_batch": probe,
+        "bn_recalibrate": args.bn_recalibrate, "target": 0.995,
         "variants": rows,
         "command": "python experiments/bireal_mnist.py " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),

@@ -77,6 +77,9 @@ def main(argv=None):
                              "default none)")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="cnn only: dropout before the last layer (default 0)")
+    parser.add_argument("--bn-recalibrate", type=int, default=0,
+                        help="after every epoch set the BatchNorm statistics from this many training images "
+                             "(lowbit.trainer.recalibrate_batchnorm; default 0: the running averages)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
     parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
@@ -94,6 +97,8 @@ def main(argv=None):
                      f"got --config {args.config}")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.bn_recalibrate < 0:
+        parser.error(f"--bn-recalibrate must be >= 0, got {args.bn_recalibrate}")
     try:
         augment = Augment.from_string(args.augment) if args.augment else None
     except ValueError as exc:
@@ -105,11 +110,12 @@ def main(argv=None):
     model = cfg["build"](args.seed, width, init, args.dropout)
     name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
             + (f"_{init}" if init != cfg["init"] else "") + ("_aug" if augment else "")
-            + (f"_drop{args.dropout:g}" if args.dropout else ""))
+            + (f"_drop{args.dropout:g}" if args.dropout else "")
+            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else ""))
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
                       epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                      progress=not args.quiet)
+                      progress=not args.quiet, bn_recalibrate=min(args.bn_recalibrate, len(x_train)))
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
     wall = time.perf_counter() - t0
@@ -127,6 +133,7 @@ def main(argv=None):
         "experiment": name, "config": args.config, "seed": args.seed, "epochs": args.epochs,
         "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width, "init": init,
         "augment": augment.config() if augment else None, "dropout": args.dropout,
+        "bn_recalibrate": args.bn_recalibrate,
         "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
         "test_acc": sim_acc, "target": cfg["target"],
         "packed_test_acc": float((packed_labels == y_test).mean()),

@@ -28,7 +28,7 @@ from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
 
-__all__ = ["Trainer", "write_json_atomic"]
+__all__ = ["Trainer", "recalibrate_batchnorm", "write_json_atomic"]
 
 
 def write_json_atomic(path, obj):
@@ -45,6 +45,75 @@ def write_json_atomic(path, obj):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def recalibrate_batchnorm(model, x, batch_size=100):
+    """Set every BatchNorm's running statistics to their mean over the batches of ``x`` ("precise BN").
+
+    The exponential running averages that training leaves behind trail weights that keep moving, and
+    a binary network is sensitive to them: a shifted mean in front of a sign flips every activation
+    near its threshold (on MNIST, whole backgrounds).  This pass runs ``x`` forward in training mode
+    with the current weights, Dropout off, and replaces each layer's running mean and variance by the
+    average of its per-batch means and (biased) variances.  Stochastic layers draw as in training; their
+    random states are restored afterwards, so a run that recalibrates repeats exactly.
+
+    Parameters
+    ----------
+    model : lowbit.Model
+    x : array (N, ...)
+        Input images (training images, unaugmented); on the model's device or the host.
+    batch_size : int
+        Images per forward pass; use the training batch size (the statistics are per-batch ones).
+
+    Returns
+    -------
+    int
+        The number of BatchNorm layers updated (0 leaves the model untouched).
+    """
+    from .backend import get_array_module
+    from .layers import BatchNorm, Dropout
+
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if len(x) < 1:
+        raise ValueError("recalibrate_batchnorm needs at least one image in x, got 0")
+    layers = [layer for _, layer in model.named_layers()]
+    norms = [layer for layer in layers if isinstance(layer, BatchNorm)]
+    if not norms:
+        return 0
+    dropouts = [(layer, layer.ratio) for layer in layers if isinstance(layer, Dropout)]
+    momenta = [bn.momentum for bn in norms]
+    states = model.rng_states()
+    xp = get_array_module(norms[0].running_mean)
+    sums = [[xp.zeros(bn.num_features, dtype=np.float64), xp.zeros(bn.num_features, dtype=np.float64)]
+            for bn in norms]
+    batches = 0
+    try:
+        for layer, _ in dropouts:
+            layer.ratio = 0.0
+        for bn in norms:
+            bn.momentum = 0.0  # running statistics := this batch's
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
+            if xp is not np:
+                batch = xp.asarray(batch)
+            model.forward(batch.astype(model.compute_dtype, copy=False), train=True)
+            batches += 1
+            for (mean, var), bn in zip(sums, norms):
+                mean += bn.running_mean
+                var += bn.running_var
+    finally:
+        for layer, ratio in dropouts:
+            layer.ratio = ratio
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.set_rng_states(states)
+        for layer in layers:
+            layer._clear_cache()
+    for (mean, var), bn in zip(sums, norms):
+        bn.running_mean = (mean / batches).astype(np.float32)
+        bn.running_var = (var / batches).astype(np.float32)
+    return len(norms)
 
 
 def _check_data(name, x, y, input_shape):
@@ -85,11 +154,15 @@ class Trainer:
     precision : 'fp32' or 'mixed16'
         'mixed16': float16 forward/backward with float32 master weights and dynamic loss scaling
         (:mod:`lowbit.mixed_precision`).
+    bn_recalibrate : int
+        After every epoch, before evaluating, set the BatchNorm running statistics from this many
+        (unaugmented) training images with :func:`recalibrate_batchnorm`; 0 (default) keeps the
+        running averages of training.  Binary networks with real-valued shortcuts need it.
     """
 
     def __init__(self, model, loss="cross_entropy", optimizer=None, schedule=None, epochs=10,
                  batch_size=100, augment=None, seed=0, out_dir=None, device="cpu", progress=True,
-                 eval_batch_size=100, precision="fp32", loss_scaler=None):
+                 eval_batch_size=100, precision="fp32", loss_scaler=None, bn_recalibrate=0):
         if not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -100,6 +173,10 @@ class Trainer:
             raise RuntimeError("device='gpu' needs CuPy and a CUDA device; neither was found")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if isinstance(bn_recalibrate, bool) or not isinstance(bn_recalibrate, (int, np.integer)) \
+                or bn_recalibrate < 0:
+            raise ValueError(f"bn_recalibrate must be an int >= 0 (training images; 0: off), got {bn_recalibrate!r}")
+        self.bn_recalibrate = int(bn_recalibrate)
         self.precision = precision
         self.scaler = (loss_scaler or LossScaler()) if precision == "mixed16" else None
         self.model = model
@@ -133,7 +210,7 @@ class Trainer:
 
     def run_config(self) -> dict:
         """What must not change between an interrupted run and its resumption."""
-        return {
+        config = {
             "loss": self.loss_name,
             "optimizer": {"name": self.optimizer.name, **self.optimizer.config()},
             "schedule": getattr(self.schedule, "config", lambda: repr(self.schedule))(),
@@ -143,6 +220,9 @@ class Trainer:
             "augment": getattr(self.augment, "config", lambda: self.augment is not None)(),
             "model": self.model.spec(),
         }
+        if self.bn_recalibrate:  # only when on, so that older checkpoints still resume
+            config["bn_recalibrate"] = self.bn_recalibrate
+        return config
 
     def save_checkpoint(self):
         arrays = {f"model/{k}": v for k, v in model_arrays(self.model).items()}
@@ -268,6 +348,8 @@ class Trainer:
                 if self.scaler is not None:
                     record["loss_scale"] = self.scaler.scale
                     record["skipped_steps"] = self.scaler.skipped_steps
+                if self.bn_recalibrate:
+                    recalibrate_batchnorm(self.model, x_train[:self.bn_recalibrate], self.batch_size)
                 if x_val is not None:
                     record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
                 if x_test is not None:

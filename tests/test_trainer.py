@@ -149,3 +149,74 @@ def test_adam_first_step_moves_by_lr():
     Adam(0.1).step(model)
     np.testing.assert_allclose(model.layers[0].W - w0, [[-0.1], [0.1]], rtol=1e-5)
     assert math.isfinite(float(model.layers[0].W.sum()))
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm recalibration ("precise BN")
+# --------------------------------------------------------------------------------------------------
+
+def _two_bn_mlp():
+    return Model([Flatten(), Affine(16, 6, seed=1), BatchNorm(6), ReLU(), Dropout(0.5),
+                  Affine(6, 5, seed=2), BatchNorm(5, momentum=0.7)], input_shape=(1, 4, 4))
+
+
+def test_recalibrate_batchnorm_is_the_mean_of_batch_statistics():
+    from lowbit.trainer import recalibrate_batchnorm
+
+    x, _ = blobs(50)
+    model = _two_bn_mlp()
+    fc1, bn1, _, drop, fc2, bn2 = model.layers[1:]
+    expected = [[], []]
+    for start in range(0, 50, 20):  # batches of 20, 20 and 10, Dropout off
+        h = x[start:start + 20].reshape(-1, 16).astype(np.float64) @ fc1.W + fc1.b
+        m, v = h.mean(0), h.var(0)
+        expected[0].append((m, v))
+        h = np.maximum((h - m) / np.sqrt(v + bn1.eps) * bn1.gamma + bn1.beta, 0) @ fc2.W + fc2.b
+        expected[1].append((h.mean(0), h.var(0)))
+    states = model.rng_states()
+    assert recalibrate_batchnorm(model, x, batch_size=20) == 2
+    for bn, stats in zip((bn1, bn2), expected):
+        np.testing.assert_allclose(bn.running_mean, np.mean([m for m, _ in stats], 0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var, np.mean([v for _, v in stats], 0), rtol=1e-5, atol=1e-6)
+        assert bn.running_mean.dtype == bn.running_var.dtype == np.float32
+    assert (bn1.momentum, bn2.momentum, drop.ratio) == (0.9, 0.7, 0.5)  # settings restored
+    assert json.dumps(model.rng_states()) == json.dumps(states)  # no random draws consumed
+    # idempotent: the statistics come from the batches, not from the running values
+    before = bn2.running_var.copy()
+    recalibrate_batchnorm(model, x, batch_size=20)
+    np.testing.assert_allclose(bn2.running_var, before, rtol=1e-6)
+
+
+def test_recalibrate_batchnorm_without_batchnorm_and_bad_arguments():
+    from lowbit.trainer import recalibrate_batchnorm
+
+    x, _ = blobs(10)
+    no_bn = Model([Flatten(), Affine(16, 3, seed=0)], input_shape=(1, 4, 4))
+    assert recalibrate_batchnorm(no_bn, x) == 0
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        recalibrate_batchnorm(_two_bn_mlp(), x, batch_size=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        recalibrate_batchnorm(_two_bn_mlp(), x[:0])
+
+
+def test_trainer_bn_recalibrate_after_every_epoch(tmp_path):
+    from lowbit.trainer import recalibrate_batchnorm
+
+    x, y = blobs(200)
+    model = small_cnn()
+    trainer = Trainer(model, epochs=2, batch_size=20, progress=False, bn_recalibrate=100,
+                      out_dir=str(tmp_path))
+    trainer.fit(x, y, x[:40], y[:40])
+    bn = model.layers[1]
+    mean, var = bn.running_mean.copy(), bn.running_var.copy()
+    recalibrate_batchnorm(model, x[:100], 20)  # what the trainer did after the last epoch
+    np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bn.running_var, var, rtol=1e-6, atol=1e-7)
+    assert trainer.run_config()["bn_recalibrate"] == 100
+    assert "bn_recalibrate" not in Trainer(small_cnn(), progress=False).run_config()  # old checkpoints resume
+    # resuming with another setting is refused
+    with pytest.raises(ValueError, match="bn_recalibrate"):
+        Trainer(small_cnn(), epochs=3, batch_size=20, progress=False, bn_recalibrate=50,
+                out_dir=str(tmp_path)).fit(x, y, x[:40], y[:40], resume=True)
+    with pytest.raises(ValueError, match="bn_recalibrate must be an int >= 0"):
+        Trainer(small_cnn(), bn_recalibrate=-1)
