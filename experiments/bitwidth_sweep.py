@@ -17,8 +17,8 @@ SFC    97.81  98.31  98.66
 LFC    98.88  98.99  -
 =====  =====  =====  =====
 
-These are the targets for the QAT cells; the full runs have not been made yet, so no measured table
-is quoted here.  Brevitas trains 1000 epochs (1W1A) or 500 (others); this sweep trains 20 (Adam
+These are the targets for the QAT cells; the measured tables are in ``experiments/results/sweep_*/``
+and the README.  Brevitas trains 1000 epochs (1W1A) or 500 (others); this sweep trains 20 (Adam
 1e-2 -> 1e-4, Glorot-initialised latent weights), and quantizes every layer of the MLPs, first and
 last included, as Brevitas does.  PTQ has no Brevitas counterpart: expect it far below QAT at 1-2
 bits.  The sweep also covers the chapter-8 CNN (``deep_convnet``, 99.38% in float), whose first and
@@ -38,6 +38,8 @@ Usage::
     python experiments/bitwidth_sweep.py --arch tfc --quick       # the tiny CI version, seconds
     python experiments/bitwidth_sweep.py --arch tfc --methods qat --weight-bits 1 2 --act-bits 1 2 \
         --epochs 100 --tag e100                                    # the Brevitas cells, longer
+    python experiments/bitwidth_sweep.py --arch deep_convnet --methods ptq --seeds 0 \
+        --pretrained experiments/models/deep_convnet_mnist.npz --tag book   # PTQ of the trained book CNN
 """
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ def main(argv=None):
     parser.add_argument("--weight-bits", type=int, nargs="+", help="default 1 2 4 8 16 32")
     parser.add_argument("--act-bits", type=int, nargs="+", help="default 1 2 4 8 32")
     parser.add_argument("--quick", action="store_true", help="tiny version for CI")
+    parser.add_argument("--pretrained", metavar="MODEL.npz",
+                        help="a trained float model of --arch for PTQ to start from (e.g. "
+                             "experiments/models/deep_convnet_mnist.npz), instead of training one")
     parser.add_argument("--tag", default="", help="suffix of the results folder (sweep_<arch>_<tag>), to keep "
                                                   "a sweep with other settings (e.g. more epochs) apart")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -66,12 +71,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     results = {}
+    if args.pretrained and args.arch == "all":
+        parser.error("--pretrained names one model: give one --arch, not 'all'")
     for arch in (ARCHS if args.arch == "all" else (args.arch,)):
         suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
         out_dir = os.path.join(args.results, f"sweep_{arch}{suffix}")
         result = run_sweep(arch, weight_bits=args.weight_bits, act_bits=args.act_bits,
                            methods=args.methods, seeds=args.seeds, epochs=args.epochs, out_dir=out_dir,
-                           quick=args.quick, progress=not args.quiet)
+                           quick=args.quick, progress=not args.quiet, pretrained=args.pretrained)
         with open(result.files["table"]) as fh:
             print(fh.read())
         results[arch] = result

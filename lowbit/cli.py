@@ -141,7 +141,7 @@ def cmd_sweep(args):
                        schedule=args.sweep_schedule, loss=args.loss, batch_size=args.batch_size,
                        init=args.init, val_size=args.val,
                        train_limit=args.limit, test_limit=args.test_limit, calibration=args.calibrate,
-                       keep_checkpoints=args.keep_checkpoints)
+                       keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained)
     print(f"{result.new_points} new points, {result.skipped_points} already done; "
           f"{len(result.records)} points in {out}")
     for path in result.files.values():
@@ -229,6 +229,8 @@ def build_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, help="epochs per QAT run (default 20; 1 with --quick)")
     p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
+    p.add_argument("--pretrained", metavar="MODEL.npz",
+                   help="a trained float model of --arch for PTQ to start from, instead of training one")
     p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
     p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")
     # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for

@@ -449,7 +449,8 @@ def _evaluate_point(model, packed_path, split, metadata):
 def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,), epochs=None,
               float_epochs=None, out_dir=None, quick=False, progress=True, lr=None, lr_end=None,
               schedule="exponential", loss="cross_entropy", batch_size=100, init=None, val_size=None,
-              train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None):
+              train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None,
+              pretrained=None):
     """Run (or resume) a bit-width sweep of ``arch`` and write its reports; see the module docstring.
 
     Parameters
@@ -493,6 +494,11 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     data : MNIST-like, optional
         ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8 images (N, 28, 28), int labels); default
         :func:`lowbit.data.load_mnist`.
+    pretrained : path, optional
+        A trained float model file (:func:`lowbit.save_model` format) of ``arch`` for PTQ to start from,
+        instead of training one: "quantize *my* model at every width".  Its 32/32 point is that model;
+        QAT points still train from scratch.  The file's SHA-256 enters the settings, so a resumed
+        sweep must name the same file content.
 
     Returns
     -------
@@ -550,6 +556,16 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
             raise TypeError(f"data must have x_train, y_train, x_test, y_test; it has no {name}")
     if not 0 < val_size < len(data.x_train):
         raise ValueError(f"val_size must be in [1, {len(data.x_train)}), got {val_size}")
+    pretrained_model = None
+    if pretrained is not None:
+        from .io import load_model
+
+        pretrained = os.fspath(pretrained)
+        pretrained_model = load_model(pretrained)
+        expected = float_model(arch, 0, init).name
+        if pretrained_model.name != expected:
+            raise ValueError(f"pretrained must be a float {arch} model (name {expected!r}); "
+                             f"{pretrained} holds {pretrained_model.name!r}")
 
     settings = {
         "arch": arch, "epochs": epochs, "float_epochs": float_epochs, "optimizer": "adam", "lr": lr,
@@ -559,6 +575,10 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         "quantize_first_last": arch in FC_WIDTHS, "qat": "from scratch",
         "data_sha256": _fingerprint(data),
     }
+    if pretrained is not None:  # only then, so that the keys of earlier sweeps stay valid
+        with open(pretrained, "rb") as fh:
+            settings["pretrained"] = {"file": os.path.basename(pretrained),
+                                      "sha256": hashlib.sha256(fh.read()).hexdigest()}
     settings["key"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     os.makedirs(out_dir, exist_ok=True)
     _check_settings(out_dir, settings)
@@ -589,12 +609,18 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         return splits[seed]
 
     def float_for(seed):
+        """``(model, info, run_dir, file)`` of the float model that seed's PTQ points start from."""
+        if pretrained_model is not None:
+            meta = pretrained_model.metadata or {}
+            info = {"val_accuracy": meta.get("val_acc"), "best_epoch": meta.get("epoch"),
+                    "train_seconds": None, "epochs": meta.get("epochs", meta.get("epoch"))}
+            return pretrained_model, info, os.path.dirname(os.path.abspath(pretrained)), pretrained
         if seed not in floats:
             run_dir = os.path.join(out_dir, "runs", f"float_seed{seed}")
             model, info = _train(float_model(arch, seed, init), run_dir, split_for(seed), settings,
                                  float_epochs, seed, progress, keep_checkpoints)
             floats.clear()
-            floats[seed] = (model, info, run_dir)
+            floats[seed] = (model, info, run_dir, os.path.join(run_dir, "best.npz"))
         return floats[seed]
 
     try:
@@ -605,11 +631,12 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
             name = f"{method}_w{wb}a{ab}_seed{seed}"
             metadata = {"sweep": {"arch": arch, "method": method, "weight_bits": wb, "act_bits": ab,
                                   "seed": seed, "settings_key": settings["key"]}}
-            baseline = wb == 32 and ab == 32 and (method == "ptq" or float_epochs == epochs)
+            baseline = wb == 32 and ab == 32 and (
+                method == "ptq" or (pretrained is None and float_epochs == epochs))
             if method == "ptq" or baseline:
-                model, info, run_dir = float_for(seed)
+                model, info, run_dir, float_file = float_for(seed)
                 t0 = time.perf_counter()  # the float model's own training is its train_seconds
-                trained_epochs = float_epochs
+                trained_epochs = float_epochs if pretrained is None else info["epochs"]
                 if baseline:
                     point_model = model
                     source = "the float model"
@@ -620,12 +647,14 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                     point_model = post_training_quantize(
                         model, wb, ab, calibration_images=split.x_train[:calibration],
                         keep_first=keep, keep_last=keep, seed=seed)
-                    source = "post-training quantization of the float model"
+                    source = "post-training quantization of the float model" + (
+                        f" {os.path.basename(pretrained)}" if pretrained is not None else "")
             else:
                 run_dir = os.path.join(out_dir, "runs", f"qat_w{wb}a{ab}_seed{seed}")
                 point_model, info = _train(qat_model(arch, wb, ab, seed, init), run_dir, split, settings,
                                            epochs, seed, progress, keep_checkpoints)
                 trained_epochs = epochs
+                float_file = os.path.join(run_dir, "best.npz")
                 source = "quantization-aware training from scratch"
             packed_path = os.path.join(out_dir, "points", f"{name}.npz")
             measured = _evaluate_point(point_model, packed_path, split, metadata)
@@ -634,7 +663,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                 **measured,
                 "val_accuracy": info["val_accuracy"] if baseline or method == "qat" else None,
                 "best_epoch": info["best_epoch"], "epochs": trained_epochs,
-                "float_file_bytes": os.path.getsize(os.path.join(run_dir, "best.npz")),
+                "float_file_bytes": os.path.getsize(float_file),
                 "train_seconds": info["train_seconds"], "wall_seconds": time.perf_counter() - t0,
                 "test_images": int(len(split.y_test)), "source": source,
                 "packed_file": os.path.relpath(packed_path, out_dir),
@@ -718,7 +747,10 @@ def _markdown(records, settings, summary):
         + (f" -> {settings['lr_end']:g} ({settings['schedule']})" if settings["lr_end"] else " (constant)")
         + f", batch {settings['batch_size']}, {settings['loss']} loss, "
         f"{_epochs(settings['epochs'])} per QAT run, "
-        f"{_epochs(settings['float_epochs'])} for the float model; {settings['val_size']} training images "
+        + (f"PTQ of the trained float model {settings['pretrained']['file']} (sha256 "
+           f"{settings['pretrained']['sha256'][:12]}...)" if settings.get("pretrained")
+           else f"{_epochs(settings['float_epochs'])} for the float model")
+        + f"; {settings['val_size']} training images "
         "held out, "
         "the model of the best validation epoch reported"
         + (f"; latent weights initialised '{settings['init']}'" if settings["init"] else "")

@@ -188,6 +188,44 @@ def test_cli_sweep(tmp_path, monkeypatch, capsys):
     assert cli_main(["sweep", "--arch", "tfc", "--quick", "--weight-bits", "12", "--out", str(out),
                      "--quiet"]) == 2
     assert "weight_bits must each be one of 1..8, 16 (fp16), 32 (float), got 12" in capsys.readouterr().err
+    model_file = tmp_path / "float.npz"
+    import lowbit
+    lowbit.save_model(sweep.float_model("tfc"), str(model_file))
+    assert cli_main(["sweep", "--arch", "tfc", "--quick", "--methods", "ptq", "--weight-bits", "32",
+                     "--act-bits", "32", "--pretrained", str(model_file), "--out", str(tmp_path / "pre"),
+                     "--quiet"]) == 0
+    assert json.loads((tmp_path / "pre" / "sweep.json").read_text())["pretrained"]["file"] == "float.npz"
     with pytest.raises(SystemExit):
         cli_main(["sweep", "--arch", "vgg"])
     assert "invalid choice: 'vgg'" in capsys.readouterr().err
+
+
+def test_ptq_of_a_pretrained_model(tmp_path):
+    """``pretrained``: PTQ starts from the given file; its 32/32 point is that model, nothing is trained."""
+    import lowbit
+    from lowbit.data import float_images
+
+    model = sweep.float_model("tfc", seed=3)
+    Trainer(model, epochs=1, batch_size=100, progress=False).fit(float_images(DATA.x_train[:500]),
+                                                                 DATA.y_train[:500])
+    path = tmp_path / "mine.npz"
+    lowbit.save_model(model, str(path), {"epoch": 1})
+    out = tmp_path / "sweep"
+    result = quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path))
+    assert result.new_points == 2
+    assert not (out / "runs").exists()  # no float model trained
+    points = {r["weight_bits"]: r for r in result.records}
+    x_test = float_images(DATA.x_test[:300])
+    assert points[32]["accuracy"] == model.evaluate(x_test, DATA.y_test[:300])
+    assert points[32]["float_file_bytes"] == os.path.getsize(path)
+    assert "mine.npz" in points[2]["source"]
+    settings = json.loads((out / "sweep.json").read_text())
+    assert settings["pretrained"]["file"] == "mine.npz" and len(settings["pretrained"]["sha256"]) == 64
+    assert "PTQ of the trained float model mine.npz" in (out / "table.md").read_text()
+    # another file content under the same out_dir is refused; a model of another arch too
+    lowbit.save_model(sweep.float_model("tfc", seed=4), str(path))
+    with pytest.raises(ValueError, match="other settings.*pretrained"):
+        quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path))
+    lowbit.save_model(sweep.float_model("sfc"), str(tmp_path / "sfc.npz"))
+    with pytest.raises(ValueError, match="pretrained must be a float tfc model .* holds 'sfc_float'"):
+        quick(tmp_path / "other", methods=("ptq",), pretrained=str(tmp_path / "sfc.npz"))
