@@ -729,6 +729,24 @@ def _cell(entry, seeds_total):
     return text
 
 
+def _recipe_text(settings, trained):
+    """The recipe sentence of ``table.md`` (without its closing clauses)."""
+    pretrained = settings.get("pretrained")
+    source = (f"PTQ of the trained float model {pretrained['file']} (sha256 {pretrained['sha256'][:12]}...), "
+              f"activation ranges calibrated on {settings['calibration']} training images" if pretrained
+              else None)
+    if pretrained and not trained:
+        return "Method: " + source
+    training = (f"Recipe: Adam lr {settings['lr']:g}"
+                + (f" -> {settings['lr_end']:g} ({settings['schedule']})" if settings["lr_end"] else " (constant)")
+                + f", batch {settings['batch_size']}, {settings['loss']} loss, "
+                f"{_epochs(settings['epochs'])} per QAT run, "
+                + (source if pretrained else f"{_epochs(settings['float_epochs'])} for the float model")
+                + f"; {settings['val_size']} training images held out, the model of the best validation "
+                "epoch reported")
+    return training + (f"; latent weights initialised '{settings['init']}'" if settings["init"] else "")
+
+
 def _markdown(records, settings, summary):
     arch = settings["arch"]
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
@@ -743,20 +761,11 @@ def _markdown(records, settings, summary):
         f"Test accuracy (%) of each point's packed model on {', '.join(map(str, test_images))} test images, "
         f"{spread}.  Rows: weight bits; columns: activation bits.",
         "",
-        f"Recipe: Adam lr {settings['lr']:g}"
-        + (f" -> {settings['lr_end']:g} ({settings['schedule']})" if settings["lr_end"] else " (constant)")
-        + f", batch {settings['batch_size']}, {settings['loss']} loss, "
-        f"{_epochs(settings['epochs'])} per QAT run, "
-        + (f"PTQ of the trained float model {settings['pretrained']['file']} (sha256 "
-           f"{settings['pretrained']['sha256'][:12]}...)" if settings.get("pretrained")
-           else f"{_epochs(settings['float_epochs'])} for the float model")
-        + f"; {settings['val_size']} training images "
-        "held out, "
-        "the model of the best validation epoch reported"
-        + (f"; latent weights initialised '{settings['init']}'" if settings["init"] else "")
+        _recipe_text(settings, trained="qat" in methods)
         + ("; every layer quantized, first and last included" if settings["quantize_first_last"]
            else "; first and last layers' weights kept in float")
-        + (f"; training on the first {settings['train_limit']} images" if settings["train_limit"] else "")
+        + (f"; training on the first {settings['train_limit']} images"
+           if settings["train_limit"] and ("qat" in methods or not settings.get("pretrained")) else "")
         + (" (quick run: not a result)" if settings["quick"] else "") + ".",
         "",
     ]
