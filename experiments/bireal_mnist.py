@@ -19,6 +19,12 @@ and resume when the same command is run again.  Results: ``experiments/results/b
 the best model of each variant is saved (training format, float latent weights) as
 ``experiments/models/bireal_resnet[_noshortcut].npz``.
 
+Measured (seed 0, widths 16-32-64, augmentation, 8 epochs; ``experiments/results/bireal_mnist.json``):
+95.95% with shortcuts, 94.39% without; the stem's gradient norm at initialisation is 5.3x larger with
+them.  The network underfits (training accuracy 95%): the learning rate falls 100x in 8 epochs, and
+the head sees only 64 pooled channels.  What to try for the 99.5% target: widths 32-64-128 (2.5x the
+cost, about 1 s per batch of 100 on one core), a cosine schedule over 20+ epochs, a GPU.
+
 Usage::
 
     python experiments/bireal_mnist.py --epochs 8 --widths 16 32 64 --augment shift=2,rotate=10,scale=0.1
