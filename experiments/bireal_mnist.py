@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from lowbit.augment import augment_option
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("shortcut", "noshortcut")
 
@@ -70,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=2, help="Bi-Real blocks per stage (default 2)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-end", type=float, default=1e-5)
-    parser.add_argument("--augment", default="",
+    parser.add_argument("--augment", default="", type=augment_option,
                         help="training augmentation, e.g. 'shift=2,rotate=10,scale=0.1' (default none)")
     parser.add_argument("--bn-recalibrate", type=int, default=10000,
                         help="after every epoch set the BatchNorm statistics from this many training images "
@@ -95,16 +97,12 @@ def main(argv=None):
         parser.error(f"--widths must be positive channel counts, got {args.widths}")
 
     import lowbit
-    from lowbit.augment import Augment
     from lowbit.data import load_mnist, mnist_splits
     from lowbit.optimizers import Adam, ExponentialLR
     from lowbit.trainer import Trainer, write_json_atomic
     from lowbit.zoo import bireal_resnet
 
-    try:
-        augment = Augment.from_string(args.augment) if args.augment else None
-    except ValueError as exc:
-        parser.error(f"--augment: {exc}")
+    augment = args.augment
 
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
                                                                    args.seed, args.limit)
@@ -126,7 +124,7 @@ def main(argv=None):
         run_dir = os.path.join(args.runs, f"bireal_{variant}_{tag}_seed{args.seed}")
         trainer = Trainer(model, "cross_entropy", Adam(args.lr), ExponentialLR(args.lr, args.lr_end, args.epochs),
                           epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                          progress=not args.quiet, bn_recalibrate=min(args.bn_recalibrate, len(x_train)))
+                          progress=not args.quiet, bn_recalibrate=args.bn_recalibrate)
         t0 = time.perf_counter()
         history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
         wall = time.perf_counter() - t0

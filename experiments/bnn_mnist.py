@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 import lowbit
-from lowbit.augment import Augment
+from lowbit.augment import augment_option
 from lowbit.data import load_mnist, mnist_splits
 from lowbit.optimizers import Adam, ExponentialLR
 from lowbit.trainer import Trainer, write_json_atomic
@@ -72,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--init", choices=("uniform", "glorot"), default=None,
                         help="latent-weight init of the binary layers (default: the config's; the paper's "
                              "U(-1, 1) for the MLPs, 'glorot' suits short runs)")
-    parser.add_argument("--augment", default="",
+    parser.add_argument("--augment", default="", type=augment_option,
                         help="training augmentation, e.g. 'shift=2,rotate=10,scale=0.1' (lowbit.augment.Augment; "
                              "default none)")
     parser.add_argument("--dropout", type=float, default=0.0,
@@ -99,10 +99,7 @@ def main(argv=None):
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate must be >= 0, got {args.bn_recalibrate}")
-    try:
-        augment = Augment.from_string(args.augment) if args.augment else None
-    except ValueError as exc:
-        parser.error(f"--augment: {exc}")
+    augment = args.augment
 
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
                                                                    args.seed, args.limit)
@@ -115,7 +112,7 @@ def main(argv=None):
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
                       epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                      progress=not args.quiet, bn_recalibrate=min(args.bn_recalibrate, len(x_train)))
+                      progress=not args.quiet, bn_recalibrate=args.bn_recalibrate)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
     wall = time.perf_counter() - t0

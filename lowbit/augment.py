@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Augment", "affine_warp", "shift_images"]
+__all__ = ["Augment", "affine_warp", "augment_option", "shift_images"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +338,22 @@ class Augment:
         """The inverse of :meth:`from_string`: non-default settings only, or ``"none"``."""
         items = [f"{k}={v!r}" for k, v in self.config().items() if v]
         return ",".join(items) if items else "none"
+
+
+def augment_option(text):
+    """``type=`` of an argparse ``--augment`` flag: :meth:`Augment.from_string`, with the identity
+    (``""``, ``"none"``, ``"off"``) as None, so that ``if augment:`` means "augmenting".
+
+    A bad setting becomes an ``argparse.ArgumentTypeError`` carrying from_string's message, which
+    argparse reports as ``argument --augment: <message>``.
+    """
+    import argparse
+
+    try:
+        augment = Augment.from_string(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return None if augment == Augment() else augment
 
 
 _FIELD_TYPES = {"shift": int, "rotate": float, "scale": float, "crop_pad": int,

@@ -302,3 +302,17 @@ def test_from_config_errors():
 def test_call_errors(x, rng, error, message):
     with pytest.raises(error, match=message):
         ALL_ON(x, rng)
+
+
+def test_augment_option_for_argparse():
+    import argparse
+
+    from lowbit.augment import augment_option
+
+    parser = argparse.ArgumentParser(prog="train")
+    parser.add_argument("--augment", default="", type=augment_option)
+    assert parser.parse_args([]).augment is None  # argparse converts the string default too
+    assert parser.parse_args(["--augment", "off"]).augment is None
+    assert parser.parse_args(["--augment", "shift=2,rotate=10"]).augment == Augment(shift=2, rotate=10.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown key 'zoom'"):
+        augment_option("zoom=2")
