@@ -54,11 +54,7 @@ def cmd_train(args):
     from .trainer import Trainer, write_json_atomic
     from .zoo import build_model
 
-    augment = None
-    if args.augment:
-        from .augment import Augment
-
-        augment = Augment.from_string(args.augment)
+    augment = args.augment  # an Augment, or None for none (lowbit.augment.augment_option)
     model = build_model(args.model, seed=args.seed, **_model_options(args.model_option))
     optimizer = get_optimizer(args.optimizer, lr=args.lr)
     mnist = load_mnist(progress=not args.quiet)
@@ -111,7 +107,8 @@ def cmd_quantize(args):
 
     quantize_command(args.model, args.weights, args.activations, args.output,
                      calibrate=args.calibrate, per_channel=not args.per_tensor,
-                     percentile=args.percentile, limit=args.limit, seed=args.seed)
+                     percentile=args.percentile, limit=args.limit, seed=args.seed,
+                     weight_clipping=args.weight_clipping)
     return 0
 
 
@@ -141,7 +138,8 @@ def cmd_sweep(args):
                        schedule=args.sweep_schedule, loss=args.loss, batch_size=args.batch_size,
                        init=args.init, val_size=args.val,
                        train_limit=args.limit, test_limit=args.test_limit, calibration=args.calibrate,
-                       keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained)
+                       keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
+                       weight_clipping=args.weight_clipping)
     print(f"{result.new_points} new points, {result.skipped_points} already done; "
           f"{len(result.records)} points in {out}")
     for path in result.files.values():
@@ -150,6 +148,7 @@ def cmd_sweep(args):
 
 
 def build_parser():
+    from .augment import augment_option
     from .optimizers import OPTIMIZERS, SCHEDULES
     from .zoo import MODELS
 
@@ -169,7 +168,8 @@ def build_parser():
     p.add_argument("--lr-end", type=float, default=0.0, help="final lr (exponential, cosine)")
     p.add_argument("--step-size", type=int, default=10, help="epochs per step (step schedule)")
     p.add_argument("--gamma", type=float, default=0.1, help="decay factor (step schedule)")
-    p.add_argument("--augment", default="", help='e.g. "shift=2,rotate=10,scale=0.1" (off by default)')
+    p.add_argument("--augment", type=augment_option, default=None,
+                   help='e.g. "shift=2,rotate=10,scale=0.1" (off by default; "none" also means off)')
     p.add_argument("--val", type=int, default=0, help="hold out this many training images for validation")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -197,6 +197,9 @@ def build_parser():
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer, not per channel")
     p.add_argument("--percentile", type=float, default=100.0,
                    help="calibrated range: this percentile of |activation| (100 = max)")
+    p.add_argument("--weight-clipping", choices=("mse", "max"), default="mse",
+                   help="2..8-bit weights: clip to the range of least squared error (mse, default) "
+                        "or keep the full max-abs range (max)")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quantize)
@@ -231,6 +234,8 @@ def build_parser():
     p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
     p.add_argument("--pretrained", metavar="MODEL.npz",
                    help="a trained float model of --arch for PTQ to start from, instead of training one")
+    p.add_argument("--weight-clipping", choices=("mse", "max"), default="mse",
+                   help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
     p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
     p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")
     # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for

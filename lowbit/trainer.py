@@ -143,7 +143,8 @@ class Trainer:
         ``schedule(epoch) -> lr``; default: the optimizer's constant ``lr``.
     epochs, batch_size : int
     augment : callable or None
-        ``augment(x_batch, rng) -> x_batch`` (see :mod:`lowbit.augment`); off by default.
+        ``augment(x_batch, rng) -> x_batch`` (see :mod:`lowbit.augment`); off by default.  The
+        identity ``Augment()`` counts as off (None), here and when resuming a checkpoint saved with it.
     seed : int
         Seeds data order, augmentation and every stochastic layer; equal seeds give equal runs.
     out_dir : str or None
@@ -188,7 +189,9 @@ class Trainer:
         self.schedule = schedule if schedule is not None else ConstantLR(self.optimizer.lr)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
-        self.augment = augment
+        from .augment import Augment
+
+        self.augment = None if isinstance(augment, Augment) and augment == Augment() else augment
         self.seed = int(seed)
         self.out_dir = out_dir
         self.device = device
@@ -248,6 +251,10 @@ class Trainer:
         manifest, arrays = read_archive(path, "lowbit.checkpoint")
         saved = json.loads(json.dumps(manifest["run"]))
         current = json.loads(json.dumps(self.run_config()))
+        from .augment import Augment
+
+        if saved.get("augment") == json.loads(json.dumps(Augment().config())):
+            saved["augment"] = False  # saved by a Trainer that ran the identity Augment: off
         for key in current:
             if saved.get(key) != current[key]:
                 raise ValueError(

@@ -316,3 +316,15 @@ def test_augment_option_for_argparse():
     assert parser.parse_args(["--augment", "shift=2,rotate=10"]).augment == Augment(shift=2, rotate=10.0)
     with pytest.raises(argparse.ArgumentTypeError, match="unknown key 'zoom'"):
         augment_option("zoom=2")
+
+
+def test_lowbit_train_parses_augment_with_augment_option(capsys):
+    from lowbit.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--model", "mlp"]).augment is None
+    assert parser.parse_args(["train", "--model", "mlp", "--augment", "none"]).augment is None
+    assert parser.parse_args(["train", "--model", "mlp", "--augment", "shift=2"]).augment == Augment(shift=2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--model", "mlp", "--augment", "zoom=2"])
+    assert "argument --augment: " in capsys.readouterr().err

@@ -220,3 +220,22 @@ def test_trainer_bn_recalibrate_after_every_epoch(tmp_path):
                 out_dir=str(tmp_path)).fit(x, y, x[:40], y[:40], resume=True)
     with pytest.raises(ValueError, match="bn_recalibrate must be an int >= 0"):
         Trainer(small_cnn(), bn_recalibrate=-1)
+
+
+def test_identity_augment_is_off_and_resumes_old_checkpoints(tmp_path, monkeypatch):
+    """``Augment()`` (what ``--augment none`` parsed to) counts as no augmentation; a checkpoint saved
+    with it in its run settings still resumes in a run without augmentation."""
+    from lowbit.augment import Augment
+
+    assert Trainer(small_cnn(), augment=Augment(), progress=False).augment is None
+    x, y = blobs(50)
+    t = Trainer(small_cnn(), epochs=1, batch_size=25, progress=False, out_dir=tmp_path)
+    real = Trainer.run_config
+    monkeypatch.setattr(Trainer, "run_config", lambda self: {**real(self), "augment": Augment().config()})
+    t.fit(x, y)  # its checkpoint names the identity Augment, as older lowbit wrote it
+    monkeypatch.setattr(Trainer, "run_config", real)
+    assert Trainer(small_cnn(), epochs=2, batch_size=25, progress=False, out_dir=tmp_path).load_checkpoint() == 1
+    shifted = Trainer(small_cnn(), epochs=2, batch_size=25, augment=Augment(shift=1), progress=False,
+                      out_dir=tmp_path)
+    with pytest.raises(ValueError, match="'augment' setting differs"):
+        shifted.load_checkpoint()
