@@ -34,14 +34,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
 import time
 
-import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import HERE, add_output_arguments, command_line, environment
 VARIANTS = ("base", "decay", "aug", "aug+decay")
 LEARNING_RATES = {"deep_convnet": 1e-3, "binary_cnn": 1e-3}
 BN_RECALIBRATE = {"deep_convnet": 0, "binary_cnn": 10000}  # deep_convnet has no BatchNorm
@@ -105,9 +101,7 @@ def main(argv=None):
     parser.add_argument("--bn-recalibrate", type=int, default=None,
                         help="after every epoch set the BatchNorm statistics from this many training images "
                              "(default: 10000 for binary_cnn, 0 for deep_convnet)")
-    parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
-    parser.add_argument("--quiet", action="store_true")
+    add_output_arguments(parser, "runs", "results")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
@@ -139,8 +133,7 @@ def main(argv=None):
               "limit": args.limit, "lr": args.lr or LEARNING_RATES[args.arch],
               "bn_recalibrate": args.bn_recalibrate,
               "augment": {"shift": 2, "rotate": 10.0, "scale": 0.1}, "decay": "cosine to 0", "variants": rows,
-              "command": "python experiments/ablation.py " + " ".join(
-                  shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}
+              "command": command_line(__file__, argv), "environment": environment()}
     suffix = f"_smoke" if args.limit else ""
     write_json_atomic(os.path.join(args.results, f"ablation_{args.arch}{suffix}.json"), result)
     with open(os.path.join(args.results, f"ablation_{args.arch}{suffix}.md"), "w") as fh:

@@ -34,17 +34,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import shutil
-import sys
 import time
 
 import numpy as np
 
 from lowbit.augment import augment_option
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import HERE, add_output_arguments, command_line, environment
 VARIANTS = ("shortcut", "noshortcut")
 
 
@@ -83,10 +80,7 @@ def main(argv=None):
                         help="training images in the gradient-flow probe (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
-    parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
-    parser.add_argument("--models", default=os.path.join(HERE, "models"))
-    parser.add_argument("--quiet", action="store_true")
+    add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate must be >= 0, got {args.bn_recalibrate}")
@@ -151,9 +145,7 @@ def main(argv=None):
         "augment": augment.config() if augment else None, "probe_batch": probe,
         "bn_recalibrate": args.bn_recalibrate, "target": 0.995,
         "variants": rows,
-        "command": "python experiments/bireal_mnist.py " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "environment": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count()},
+        "command": command_line(__file__, argv), "environment": environment(),
     }
     name = "bireal_mnist" + ("_smoke" if args.limit else "")
     write_json_atomic(os.path.join(args.results, f"{name}.json"), result)

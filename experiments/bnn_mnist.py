@@ -28,12 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
-import sys
 import time
-
-import numpy as np
 
 import lowbit
 from lowbit.augment import augment_option
@@ -42,7 +37,7 @@ from lowbit.optimizers import Adam, ExponentialLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import binary_cnn, bnn_mlp
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import HERE, add_output_arguments, command_line, environment
 
 
 def _paper_mlp(stochastic):
@@ -82,10 +77,7 @@ def main(argv=None):
                              "(lowbit.trainer.recalibrate_batchnorm; default 0: the running averages)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
-    parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
-    parser.add_argument("--models", default=os.path.join(HERE, "models"))
-    parser.add_argument("--quiet", action="store_true")
+    add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     lr = args.lr or cfg["lr"]
@@ -140,10 +132,7 @@ def main(argv=None):
         "float_file_bytes": os.path.getsize(float_path),
         "wall_seconds_this_run": wall, "history": history,
         "model": os.path.relpath(packed_path, os.path.dirname(HERE)),
-        "command": "python experiments/bnn_mnist.py " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "environment": {"python": platform.python_version(), "numpy": np.__version__,
-                        "cpus": os.cpu_count()},
+        "command": command_line(__file__, argv), "environment": environment(),
     }
     write_json_atomic(os.path.join(args.results, f"{name}.json"), result)
     print(f"{name}: test accuracy {sim_acc:.4%} at the best validation epoch {best_epoch} "

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
-import sys
 import time
 
 import numpy as np
@@ -41,7 +38,7 @@ from lowbit.optimizers import Adam, ConstantLR, CosineLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import deep_convnet
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import HERE, add_output_arguments, command_line, environment
 
 
 def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32"):
@@ -59,11 +56,6 @@ def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32
     return model, history, wall
 
 
-def environment():
-    return {"python": platform.python_version(), "numpy": np.__version__, "lowbit": lowbit.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["single", "fp16", "mixed16", "ensemble"])
@@ -72,10 +64,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke runs)")
-    parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
-    parser.add_argument("--models", default=os.path.join(HERE, "models"))
-    parser.add_argument("--quiet", action="store_true")
+    add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
 
     mnist = load_mnist()
@@ -84,7 +73,7 @@ def main(argv=None):
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     data = (x_train, y_train, x_test, y_test)
-    command = "python experiments/deep_convnet_mnist.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
 
     if args.mode == "fp16":
         model_path = os.path.join(args.models, "deep_convnet_mnist.npz")

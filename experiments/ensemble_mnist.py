@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shlex
-import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import HERE, add_output_arguments, command_line, environment
 
 
 def main(argv=None):
@@ -31,7 +29,7 @@ def main(argv=None):
     parser.add_argument("models", nargs="+", metavar="MODEL.npz")
     parser.add_argument("--name", required=True, help="results go to ensemble_<name>.json")
     parser.add_argument("--limit", type=int, default=0, help="use the first N test images only")
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    add_output_arguments(parser, "results")
     args = parser.parse_args(argv)
     if len(args.models) < 2:
         parser.error(f"an ensemble needs at least 2 models, got {len(args.models)}")
@@ -41,7 +39,7 @@ def main(argv=None):
     from lowbit.packed import load_any
     from lowbit.trainer import write_json_atomic
 
-    mnist = load_mnist(progress=False)
+    mnist = load_mnist(progress=not args.quiet)
     x, y = float_images(mnist.x_test), np.asarray(mnist.y_test)
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
@@ -71,8 +69,7 @@ def main(argv=None):
         "ensembles": ensembles, "all_members": full,
         "ensembles_beating_their_best_member": beats, "ensembles_tying": ties,
         "ensembles_total": len(ensembles),
-        "command": "python experiments/ensemble_mnist.py " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line(__file__, argv), "environment": environment(),
     }
     write_json_atomic(os.path.join(args.results, f"ensemble_{args.name}.json"), result)
     print(f"ensemble of all {len(names)}: {full['test_acc']:.2%} (best member {full['best_member_acc']:.2%}, "
