@@ -49,7 +49,7 @@ import sys
 
 from lowbit.sweep import ARCHS, METHODS, run_sweep
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import add_output_arguments
 
 
 def main(argv=None):
@@ -64,10 +64,11 @@ def main(argv=None):
     parser.add_argument("--pretrained", metavar="MODEL.npz",
                         help="a trained float model of --arch for PTQ to start from (e.g. "
                              "experiments/models/deep_convnet_mnist.npz), instead of training one")
+    parser.add_argument("--weight-clipping", choices=("mse", "max"), default="mse",
+                        help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
     parser.add_argument("--tag", default="", help="suffix of the results folder (sweep_<arch>_<tag>), to keep "
                                                   "a sweep with other settings (e.g. more epochs) apart")
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
-    parser.add_argument("--quiet", action="store_true")
+    add_output_arguments(parser, "results")
     args = parser.parse_args(argv)
 
     results = {}
@@ -78,7 +79,8 @@ def main(argv=None):
         out_dir = os.path.join(args.results, f"sweep_{arch}{suffix}")
         result = run_sweep(arch, weight_bits=args.weight_bits, act_bits=args.act_bits,
                            methods=args.methods, seeds=args.seeds, epochs=args.epochs, out_dir=out_dir,
-                           quick=args.quick, progress=not args.quiet, pretrained=args.pretrained)
+                           quick=args.quick, progress=not args.quiet, pretrained=args.pretrained,
+                           weight_clipping=args.weight_clipping)
         with open(result.files["table"]) as fh:
             print(fh.read())
         results[arch] = result

@@ -60,7 +60,7 @@ from .packed import (
 )
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
-    DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight,
+    DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight, mse_weight_range,
 )
 
 __all__ = [
@@ -794,6 +794,7 @@ class _RangeRecorder(Quantizer):
 
 
 _ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
+WEIGHT_CLIPPINGS = ("mse", "max")
 
 
 def _check_bits(name, bits):
@@ -803,14 +804,17 @@ def _check_bits(name, bits):
 
 
 def post_training_quantize(model, weight_bits, activation_bits, calibration_images=None, per_channel=True,
-                           keep_first=True, keep_last=True, percentile=100.0, batch_size=100, seed=0):
+                           keep_first=True, keep_last=True, percentile=100.0, batch_size=100, seed=0,
+                           weight_clipping="mse"):
     """Quantize a trained float model without retraining; returns the quantized twin (a Model).
 
     Built on :func:`lowbit.quantize.quantized_twin` (every Affine/Conv2D becomes its quantized twin;
     the first and last keep float kernels by default), then:
 
     * ``weight_bits`` 2..8: :class:`~lowbit.quantizers.UniformWeight` (symmetric integer grid,
-      ``alpha = max|W|`` per output unit with ``per_channel``, else per tensor); 16: float16;
+      ``alpha = max|W|`` per output unit with ``per_channel``, else per tensor), after the latent
+      weights are clipped to the range of least squared error
+      (:func:`~lowbit.quantizers.mse_weight_range`) with ``weight_clipping="mse"``; 16: float16;
       1: ``sign(W) * mean|W|`` per output unit (XNOR-Net; per tensor without ``per_channel``) with
       the scale rounded to ``24 - bit_length(fan-in)`` significant bits so that the binary products
       are exact in float32 and the layer runs packed after :func:`convert`.
@@ -836,6 +840,10 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
         Calibration statistic of ``|x|`` (100: the maximum).
     batch_size, seed : int
         Calibration batches; ``seed`` for the percentile's subsample and the twin's generators.
+    weight_clipping : "mse" or "max"
+        2..8-bit weights: clip each unit's (or the tensor's) weights to the MSE-optimal range first
+        ("mse", the default), or quantize over the full ``max|W|`` range ("max"; at 2 bits most
+        weights of a trained layer then round to 0).
     """
     from .quantize import quantized_twin
 
@@ -845,6 +853,8 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
     activation_bits = _check_bits("activation_bits", activation_bits)
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    if weight_clipping not in WEIGHT_CLIPPINGS:
+        raise ValueError(f"weight_clipping must be one of {list(WEIGHT_CLIPPINGS)}, got {weight_clipping!r}")
     kinds = [type(layer) for _, layer in model.named_layers()]
     quantized = any(kind in (QuantAffine, QuantConv2D) for kind in kinds)
     if quantized or not any(kind in (Affine, Conv2D) for kind in kinds):
@@ -865,6 +875,8 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
             continue
         if 2 <= weight_bits <= 8:
             layer.kernel_quantizer = UniformWeight(weight_bits, scale)
+            if weight_clipping == "mse":
+                _mse_clip(layer, weight_bits, scale)
         elif weight_bits == 1:
             _exact_binary_scale(layer, scale)
         layer.constrain()  # drop any cached kernel
@@ -872,6 +884,13 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
         _calibrate(twin, targets, calibration_images, percentile, batch_size, seed)
     twin.name = f"{model.name}_ptq_w{weight_bits}a{activation_bits}"
     return twin
+
+
+def _mse_clip(layer, bits, scale):
+    """Clip the latent W to :func:`mse_weight_range`, so that UniformWeight's max-abs scale is it."""
+    w = np.asarray(to_numpy(layer.W), dtype=np.float32)
+    alpha = mse_weight_range(w, bits, kernel_channel_axis(layer) if scale == "channel" else None)
+    layer.W = np.clip(w, -alpha, alpha)
 
 
 def _exact_binary_scale(layer, scale):
@@ -935,7 +954,7 @@ def _human(n):
 
 def quantize_command(model_path, weight_bits, activation_bits, out_path, calibrate=1000, per_channel=True,
                      keep_first=True, keep_last=True, percentile=100.0, limit=0, seed=0, verify=True,
-                     data=None, out=print):
+                     data=None, out=print, weight_clipping="mse"):
     """``lowbit quantize``: post-training quantization of a saved float model to a packed file.
 
     Loads ``model_path``, quantizes it (:func:`post_training_quantize`, activation ranges on
@@ -953,6 +972,8 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         Number of training images for the activation ranges (0: none; k-bit activations need some).
     limit : int
         Evaluate on the first ``limit`` test images only (0: all 10,000).
+    weight_clipping : "mse" or "max"
+        As in :func:`post_training_quantize`.
     data : MNIST, optional
         Preloaded data set (default :func:`lowbit.data.load_mnist`).
     out : callable
@@ -979,11 +1000,11 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         calibration = float_images(mnist.x_train[picks])
     twin = post_training_quantize(model, weight_bits, activation_bits, calibration, per_channel=per_channel,
                                   keep_first=keep_first, keep_last=keep_last, percentile=percentile,
-                                  seed=seed)
+                                  seed=seed, weight_clipping=weight_clipping)
     packed = convert(twin)
     settings = {"weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
                 "per_channel": bool(per_channel), "calibration_images": int(calibrate),
-                "percentile": float(percentile), "seed": int(seed)}
+                "percentile": float(percentile), "seed": int(seed), "weight_clipping": weight_clipping}
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path)),
                                     "post_training_quantization": settings})
     before = model.evaluate(x_test, y_test)

@@ -5,7 +5,8 @@ bits (1..8, 16 = float16, 32 = float) and measures every point two ways:
 
 ``ptq``
     Post-training quantization of the trained float model (:func:`lowbit.convert.post_training_quantize`,
-    activation ranges calibrated on training images), no retraining.
+    activation ranges calibrated on training images, 2..8-bit weights clipped to their range of least
+    squared error), no retraining.
 ``qat``
     Quantization-aware training **from scratch** (not fine-tuned from the float model): every point
     starts from the architecture's own initialisation and gets the same recipe and (by default) the
@@ -450,7 +451,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
               float_epochs=None, out_dir=None, quick=False, progress=True, lr=None, lr_end=None,
               schedule="exponential", loss="cross_entropy", batch_size=100, init=None, val_size=None,
               train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None,
-              pretrained=None):
+              pretrained=None, weight_clipping="mse"):
     """Run (or resume) a bit-width sweep of ``arch`` and write its reports; see the module docstring.
 
     Parameters
@@ -499,6 +500,10 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         instead of training one: "quantize *my* model at every width".  Its 32/32 point is that model;
         QAT points still train from scratch.  The file's SHA-256 enters the settings, so a resumed
         sweep must name the same file content.
+    weight_clipping : "mse" or "max"
+        PTQ's 2..8-bit weight range (:func:`lowbit.convert.post_training_quantize`).  It enters the
+        settings only when ``methods`` has "ptq", so QAT-only sweeps keep their keys; sweeps made
+        before it existed used "max".
 
     Returns
     -------
@@ -545,6 +550,10 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     train_limit = _check_int("train_limit", pick(train_limit, "train_limit", 0) or 0, 0)
     test_limit = _check_int("test_limit", pick(test_limit, "test_limit", 0) or 0, 0)
     calibration = _check_int("calibration", pick(calibration, "calibration", 1000), 1)
+    from .convert import WEIGHT_CLIPPINGS
+
+    if weight_clipping not in WEIGHT_CLIPPINGS:
+        raise ValueError(f"weight_clipping must be one of {list(WEIGHT_CLIPPINGS)}, got {weight_clipping!r}")
     out_dir = os.fspath(out_dir if out_dir is not None else default_out_dir(arch, quick))
 
     if data is None:
@@ -575,6 +584,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         "quantize_first_last": arch in FC_WIDTHS, "qat": "from scratch",
         "data_sha256": _fingerprint(data),
     }
+    if "ptq" in methods:  # only then, so that QAT-only sweeps keep their keys
+        settings["ptq_weight_clipping"] = weight_clipping
     if pretrained is not None:  # only then, so that the keys of earlier sweeps stay valid
         with open(pretrained, "rb") as fh:
             settings["pretrained"] = {"file": os.path.basename(pretrained),
@@ -646,7 +657,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                     keep = not settings["quantize_first_last"]
                     point_model = post_training_quantize(
                         model, wb, ab, calibration_images=split.x_train[:calibration],
-                        keep_first=keep, keep_last=keep, seed=seed)
+                        keep_first=keep, keep_last=keep, seed=seed, weight_clipping=weight_clipping)
                     source = "post-training quantization of the float model" + (
                         f" {os.path.basename(pretrained)}" if pretrained is not None else "")
             else:
@@ -732,16 +743,20 @@ def _cell(entry, seeds_total):
 def _recipe_text(settings, trained):
     """The recipe sentence of ``table.md`` (without its closing clauses)."""
     pretrained = settings.get("pretrained")
+    clipping = settings.get("ptq_weight_clipping")
+    clipping = (f", PTQ's 2..8-bit weights over their {'least-squared-error' if clipping == 'mse' else 'max-abs'}"
+                " range" if clipping else "")
     source = (f"PTQ of the trained float model {pretrained['file']} (sha256 {pretrained['sha256'][:12]}...), "
-              f"activation ranges calibrated on {settings['calibration']} training images" if pretrained
-              else None)
+              f"activation ranges calibrated on {settings['calibration']} training images{clipping}"
+              if pretrained else None)
     if pretrained and not trained:
         return "Method: " + source
     training = (f"Recipe: Adam lr {settings['lr']:g}"
                 + (f" -> {settings['lr_end']:g} ({settings['schedule']})" if settings["lr_end"] else " (constant)")
                 + f", batch {settings['batch_size']}, {settings['loss']} loss, "
                 f"{_epochs(settings['epochs'])} per QAT run, "
-                + (source if pretrained else f"{_epochs(settings['float_epochs'])} for the float model")
+                + (source if pretrained else f"{_epochs(settings['float_epochs'])} for the float model"
+                   + clipping)
                 + f"; {settings['val_size']} training images held out, the model of the best validation "
                 "epoch reported")
     return training + (f"; latent weights initialised '{settings['init']}'" if settings["init"] else "")

@@ -22,11 +22,12 @@ from lowbit.losses import SoftmaxCrossEntropy
 from lowbit.model import Model
 from lowbit.optimizers import Adam
 from lowbit.packed import (
-    IntMaxPoolStage, PackedModel, ThresholdStage, make_spec, decode_kernel, encode_kernel, load_any, load_packed, pack_codes, unpack_codes,
+    IntMaxPoolStage, PackedModel, kernel_channel_axis, ThresholdStage, make_spec, decode_kernel, encode_kernel, load_any, load_packed, pack_codes, unpack_codes,
 )
 from lowbit.quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from lowbit.quantizers import (
-    DoReFaActivation, DoReFaWeight, Fp16, SteSign, StochasticBinary, UniformWeight, quantize_k,
+    DoReFaActivation, DoReFaWeight, Fp16, SteSign, StochasticBinary, UniformWeight, mse_weight_range,
+    quantize_k,
 )
 
 
@@ -542,6 +543,76 @@ def test_post_training_quantization_converts_exactly(weight_bits, activation_bit
     assert_exact(twin, packed, x)
     loaded = load_packed(packed.save(tmp_path / "ptq.npz"))
     np.testing.assert_array_equal(loaded.predict_scores(x), packed.predict_scores(x))
+
+
+# -- the MSE weight range -------------------------------------------------------------------------
+def _sq_error(q, w, alpha):
+    return float(((q(np.clip(w, -alpha, alpha), channel_axis=1).astype(np.float64) - w) ** 2).sum())
+
+
+@given(st.integers(2, 8), st.integers(1, 30), st.integers(1, 5), st.booleans(), st.integers(0, 999))
+def test_mse_weight_range_never_worse_than_the_max(bits, rows, cols, per_channel, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, (rows, cols)) * rng.uniform(0.01, 2)).astype(np.float32)
+    w[:, 0] = 0.0  # an all-zero unit keeps alpha 0 (and stays zero)
+    axis = 1 if per_channel else None
+    alpha = mse_weight_range(w, bits, axis)
+    top = np.abs(w).max(axis=0 if per_channel else None, keepdims=True)
+    assert alpha.shape == top.shape and alpha.dtype == np.float32
+    assert (alpha <= top).all() and (alpha[top > 0] > 0).all() and (alpha[top == 0] == 0).all()
+    q = UniformWeight(bits, "channel" if per_channel else "tensor")
+    # UniformWeight's max-abs scale of the clipped weights is alpha itself
+    np.testing.assert_array_equal(q._alpha(np.clip(w, -alpha, alpha), 1), np.where(alpha > 0, alpha, 1))
+    assert _sq_error(q, w, alpha) <= _sq_error(q, w, top) * (1 + 1e-6)
+
+
+def test_mse_weight_range_of_gaussian_weights():
+    """The least-squares ternary levels of N(0, 1) are +-1.224 (Lloyd-Max); the max-abs scale (about
+    3.9 here) rounds most weights to 0 and has over 3x the error."""
+    w = np.random.default_rng(1).normal(0, 1, (20000, 2)).astype(np.float32)
+    alpha = mse_weight_range(w, 2, channel_axis=1)
+    np.testing.assert_allclose(alpha, [[1.224, 1.224]], atol=0.04)
+    q = UniformWeight(2, "channel")
+    assert 3 * _sq_error(q, w, alpha) < _sq_error(q, w, np.abs(w).max(axis=0, keepdims=True))
+    # a tie keeps the larger range: weights already on a ternary grid keep their own
+    grid = np.float32([[-0.5, 0.0, 0.5, 0.5]]).T
+    assert mse_weight_range(grid, 2)[0, 0] == np.float32(0.5)
+
+
+def test_mse_weight_range_errors():
+    w = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="bits must be an int in 2..8, got 1"):
+        mse_weight_range(w, 1)
+    with pytest.raises(ValueError, match="candidates must be an int >= 1, got 0"):
+        mse_weight_range(w, 2, candidates=0)
+    with pytest.raises(TypeError, match="float array w, got dtype int64"):
+        mse_weight_range(np.ones((3, 2), np.int64), 2)
+    w[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mse_weight_range(w, 2)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_post_training_quantization_clips_weights_to_the_mse_range(bits):
+    model = _float_cnn()
+
+    def kernels(m, kinds):
+        return [layer for _, layer in m.named_layers() if isinstance(layer, kinds)]
+
+    originals = kernels(model, (Affine, Conv2D))
+    clipped = kernels(post_training_quantize(model, bits, 32), (QuantAffine, QuantConv2D))
+    plain = kernels(post_training_quantize(model, bits, 32, weight_clipping="max"), (QuantAffine, QuantConv2D))
+    for position, (original, a, b) in enumerate(zip(originals, clipped, plain)):
+        np.testing.assert_array_equal(b.W, original.W)  # "max" leaves the latent weights alone
+        if position in (0, len(originals) - 1):  # kept in float
+            np.testing.assert_array_equal(a.W, original.W)
+            continue
+        alpha = mse_weight_range(original.W, bits, kernel_channel_axis(a))
+        np.testing.assert_array_equal(a.W, np.clip(original.W, -alpha, alpha))
+        error = [float(((layer.quantized_kernel() - original.W) ** 2).sum()) for layer in (a, b)]
+        assert error[0] <= error[1]
+    with pytest.raises(ValueError, match=r"weight_clipping must be one of \['mse', 'max'\], got 'min'"):
+        post_training_quantize(model, 2, 32, weight_clipping="min")
 
 
 def test_post_training_quantization_errors():

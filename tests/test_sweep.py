@@ -222,6 +222,10 @@ def test_ptq_of_a_pretrained_model(tmp_path):
     settings = json.loads((out / "sweep.json").read_text())
     assert settings["pretrained"]["file"] == "mine.npz" and len(settings["pretrained"]["sha256"]) == 64
     assert "PTQ of the trained float model mine.npz" in (out / "table.md").read_text()
+    assert settings["ptq_weight_clipping"] == "mse" and "least-squared-error range" in (out / "table.md").read_text()
+    with pytest.raises(ValueError, match="ptq_weight_clipping: 'mse' there, 'max' now"):
+        quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path),
+              weight_clipping="max")
     # another file content under the same out_dir is refused; a model of another arch too
     lowbit.save_model(sweep.float_model("tfc", seed=4), str(path))
     with pytest.raises(ValueError, match="other settings.*pretrained"):
@@ -229,3 +233,12 @@ def test_ptq_of_a_pretrained_model(tmp_path):
     lowbit.save_model(sweep.float_model("sfc"), str(tmp_path / "sfc.npz"))
     with pytest.raises(ValueError, match="pretrained must be a float tfc model .* holds 'sfc_float'"):
         quick(tmp_path / "other", methods=("ptq",), pretrained=str(tmp_path / "sfc.npz"))
+
+
+def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
+    """PTQ's weight clipping enters the settings only when the sweep has PTQ points, so QAT-only
+    sweeps made before it existed still resume."""
+    quick(tmp_path, methods=("qat",), weight_bits=(32,), act_bits=(32,))
+    assert "ptq_weight_clipping" not in json.loads((tmp_path / "sweep.json").read_text())
+    with pytest.raises(ValueError, match="weight_clipping must be one of"):
+        quick(tmp_path / "bad", weight_clipping="none")
