@@ -47,6 +47,7 @@ import argparse
 import os
 import sys
 
+from lowbit.quantizers import WEIGHT_CLIPPINGS
 from lowbit.sweep import ARCHS, METHODS, run_sweep
 
 from _common import add_output_arguments
@@ -64,7 +65,7 @@ def main(argv=None):
     parser.add_argument("--pretrained", metavar="MODEL.npz",
                         help="a trained float model of --arch for PTQ to start from (e.g. "
                              "experiments/models/deep_convnet_mnist.npz), instead of training one")
-    parser.add_argument("--weight-clipping", choices=("mse", "max"), default="mse",
+    parser.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
                         help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
     parser.add_argument("--tag", default="", help="suffix of the results folder (sweep_<arch>_<tag>), to keep "
                                                   "a sweep with other settings (e.g. more epochs) apart")

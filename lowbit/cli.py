@@ -150,6 +150,7 @@ def cmd_sweep(args):
 def build_parser():
     from .augment import augment_option
     from .optimizers import OPTIMIZERS, SCHEDULES
+    from .quantizers import WEIGHT_CLIPPINGS
     from .zoo import MODELS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Binarized and low-precision networks.")
@@ -197,7 +198,7 @@ def build_parser():
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer, not per channel")
     p.add_argument("--percentile", type=float, default=100.0,
                    help="calibrated range: this percentile of |activation| (100 = max)")
-    p.add_argument("--weight-clipping", choices=("mse", "max"), default="mse",
+    p.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
                    help="2..8-bit weights: clip to the range of least squared error (mse, default) "
                         "or keep the full max-abs range (max)")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
@@ -234,7 +235,7 @@ def build_parser():
     p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
     p.add_argument("--pretrained", metavar="MODEL.npz",
                    help="a trained float model of --arch for PTQ to start from, instead of training one")
-    p.add_argument("--weight-clipping", choices=("mse", "max"), default="mse",
+    p.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
                    help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
     p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
     p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")

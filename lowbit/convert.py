@@ -60,7 +60,8 @@ from .packed import (
 )
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
-    DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight, mse_weight_range,
+    DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight, WEIGHT_CLIPPINGS,
+    mse_weight_range,
 )
 
 __all__ = [
@@ -794,13 +795,17 @@ class _RangeRecorder(Quantizer):
 
 
 _ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
-WEIGHT_CLIPPINGS = ("mse", "max")
 
 
 def _check_bits(name, bits):
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in _ALLOWED_BITS:
         raise ValueError(f"{name} must be one of 1..8, 16, 32, got {bits!r}")
     return int(bits)
+
+
+def _check_weight_clipping(weight_clipping):
+    if weight_clipping not in WEIGHT_CLIPPINGS:
+        raise ValueError(f"weight_clipping must be one of {list(WEIGHT_CLIPPINGS)}, got {weight_clipping!r}")
 
 
 def post_training_quantize(model, weight_bits, activation_bits, calibration_images=None, per_channel=True,
@@ -853,8 +858,7 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
     activation_bits = _check_bits("activation_bits", activation_bits)
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
-    if weight_clipping not in WEIGHT_CLIPPINGS:
-        raise ValueError(f"weight_clipping must be one of {list(WEIGHT_CLIPPINGS)}, got {weight_clipping!r}")
+    _check_weight_clipping(weight_clipping)
     kinds = [type(layer) for _, layer in model.named_layers()]
     quantized = any(kind in (QuantAffine, QuantConv2D) for kind in kinds)
     if quantized or not any(kind in (Affine, Conv2D) for kind in kinds):

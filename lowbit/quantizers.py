@@ -58,21 +58,25 @@ __all__ = [
     "get_quantizer",
     "quantizer_for_bits",
     "mse_weight_range",
+    "WEIGHT_CLIPPINGS",
     "hard_sigmoid",
     "quantize_k",
 ]
 
 
-def _check_array(quantizer, x):
+def _check_array(owner, x):
+    """``x`` must be a float array without NaN; returns its array module.  ``owner`` (a quantizer,
+    or a function's name) names the caller in the errors."""
+    name = owner if isinstance(owner, str) else type(owner).__name__
     dtype = getattr(x, "dtype", None)
     if dtype is None or dtype.kind != "f":
         raise TypeError(
-            f"{type(quantizer).__name__} expects a float array, got "
+            f"{name} expects a float array, got "
             f"{'dtype ' + str(dtype) if dtype is not None else type(x).__name__}"
         )
     xp = get_array_module(x)
     if bool(xp.isnan(x).any()):
-        raise ValueError(f"{type(quantizer).__name__} got NaN input (NaN has no quantized value)")
+        raise ValueError(f"{name} got NaN input (NaN has no quantized value)")
     return xp
 
 
@@ -463,7 +467,7 @@ class UniformWeight(Quantizer):
             axis = channel_axis % x.ndim
             others = tuple(a for a in range(x.ndim) if a != axis)
             alpha = abs(x).max(axis=others, keepdims=True)
-        return alpha + (alpha == 0).astype(x.dtype)  # all zeros: 0 / 1 rather than 0 / 0
+        return _nonzero(alpha)
 
     def codes(self, x, channel_axis=None):
         """Integer codes of ``forward(x)``: ``(codes, {"alpha": alpha})``, ``codes`` uint8 in
@@ -471,10 +475,8 @@ class UniformWeight(Quantizer):
         bit for bit."""
         xp = _check_array(self, x)
         alpha = self._alpha(x, channel_axis)
-        one = x.dtype.type(1)
         m = x.dtype.type(2 ** (self.bits - 1) - 1)
-        signed = xp.rint(xp.clip(x / alpha, -one, one) * m)
-        return (signed + m).astype(np.uint8), {"alpha": alpha}
+        return (_uniform_signed_codes(xp, x, alpha, m) + m).astype(np.uint8), {"alpha": alpha}
 
     def from_codes(self, codes, alpha, dtype=np.float32):
         """``(codes - m) / m * alpha`` in ``dtype`` (what ``forward`` returns)."""
@@ -490,6 +492,10 @@ class UniformWeight(Quantizer):
 
     def backward(self, x, dout, channel_axis=None):
         return dout
+
+
+#: Post-training weight clipping: "mse" (:func:`mse_weight_range`) or "max" (UniformWeight's own range).
+WEIGHT_CLIPPINGS = ("mse", "max")
 
 
 def mse_weight_range(w, bits, channel_axis=None, candidates=128):
@@ -514,13 +520,7 @@ def mse_weight_range(w, bits, channel_axis=None, candidates=128):
     _check_bits("mse_weight_range", bits, 2, 8)
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    xp = get_array_module(w)
-    dtype = getattr(w, "dtype", None)
-    if dtype is None or dtype.kind != "f":
-        raise TypeError(f"mse_weight_range expects a float array w, got "
-                        f"{'dtype ' + str(dtype) if dtype is not None else type(w).__name__}")
-    if bool(xp.isnan(w).any()):
-        raise ValueError("mse_weight_range got NaN in w")
+    xp = _check_array("mse_weight_range", w)
     if channel_axis is None:
         others = tuple(range(w.ndim))
     else:
@@ -528,21 +528,31 @@ def mse_weight_range(w, bits, channel_axis=None, candidates=128):
         others = tuple(a for a in range(w.ndim) if a != axis)
     top = abs(w).max(axis=others, keepdims=True)
     m = w.dtype.type(2 ** (bits - 1) - 1)
-    one = w.dtype.type(1)
-    best_alpha = top.copy()
-    best_error = None
-    for j in range(int(candidates), 0, -1):  # from the max down: a tie keeps the larger alpha
+
+    def error(alpha):
+        safe = _nonzero(alpha)
+        q = _uniform_signed_codes(xp, w, safe, m) / m * safe
+        return ((q - w).astype(np.float64) ** 2).sum(axis=others, keepdims=True)
+
+    best_alpha, best_error = top, error(top)
+    for j in range(int(candidates) - 1, 0, -1):  # from the max down: a tie keeps the larger alpha
         alpha = (top * w.dtype.type(j / candidates)).astype(w.dtype)
-        safe = xp.where(alpha > 0, alpha, one)
-        q = xp.rint(xp.clip(w / safe, -one, one) * m) / m * safe
-        error = ((q - w).astype(np.float64) ** 2).sum(axis=others, keepdims=True)
-        if best_error is None:
-            best_error = error
-            continue
-        better = error < best_error
-        best_error = xp.where(better, error, best_error)
+        err = error(alpha)
+        better = err < best_error
+        best_error = xp.where(better, err, best_error)
         best_alpha = xp.where(better, alpha, best_alpha)
     return best_alpha
+
+
+def _nonzero(alpha):
+    """``alpha`` with its zeros (all-zero units) set to 1, so that ``x / alpha`` is 0 / 1, not 0 / 0."""
+    return alpha + (alpha == 0).astype(alpha.dtype)
+
+
+def _uniform_signed_codes(xp, x, alpha, m):
+    """UniformWeight's rounding: ``rint(clip(x / alpha, -1, 1) * m)``, integers in ``[-m, m]``."""
+    one = x.dtype.type(1)
+    return xp.rint(xp.clip(x / alpha, -one, one) * m)
 
 
 QUANTIZERS = {

@@ -550,10 +550,9 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     train_limit = _check_int("train_limit", pick(train_limit, "train_limit", 0) or 0, 0)
     test_limit = _check_int("test_limit", pick(test_limit, "test_limit", 0) or 0, 0)
     calibration = _check_int("calibration", pick(calibration, "calibration", 1000), 1)
-    from .convert import WEIGHT_CLIPPINGS
+    from .convert import _check_weight_clipping
 
-    if weight_clipping not in WEIGHT_CLIPPINGS:
-        raise ValueError(f"weight_clipping must be one of {list(WEIGHT_CLIPPINGS)}, got {weight_clipping!r}")
+    _check_weight_clipping(weight_clipping)  # before any training
     out_dir = os.fspath(out_dir if out_dir is not None else default_out_dir(arch, quick))
 
     if data is None:

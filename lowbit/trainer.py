@@ -22,6 +22,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from .augment import Augment
 from .backend import cupy, to_numpy
 from .io import _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
@@ -189,8 +190,6 @@ class Trainer:
         self.schedule = schedule if schedule is not None else ConstantLR(self.optimizer.lr)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
-        from .augment import Augment
-
         self.augment = None if isinstance(augment, Augment) and augment == Augment() else augment
         self.seed = int(seed)
         self.out_dir = out_dir
@@ -251,8 +250,6 @@ class Trainer:
         manifest, arrays = read_archive(path, "lowbit.checkpoint")
         saved = json.loads(json.dumps(manifest["run"]))
         current = json.loads(json.dumps(self.run_config()))
-        from .augment import Augment
-
         if saved.get("augment") == json.loads(json.dumps(Augment().config())):
             saved["augment"] = False  # saved by a Trainer that ran the identity Augment: off
         for key in current:

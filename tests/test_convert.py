@@ -585,7 +585,7 @@ def test_mse_weight_range_errors():
         mse_weight_range(w, 1)
     with pytest.raises(ValueError, match="candidates must be an int >= 1, got 0"):
         mse_weight_range(w, 2, candidates=0)
-    with pytest.raises(TypeError, match="float array w, got dtype int64"):
+    with pytest.raises(TypeError, match="mse_weight_range expects a float array, got dtype int64"):
         mse_weight_range(np.ones((3, 2), np.int64), 2)
     w[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
