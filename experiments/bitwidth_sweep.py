@@ -40,6 +40,7 @@ Usage::
         --epochs 100 --tag e100                                    # the Brevitas cells, longer
     python experiments/bitwidth_sweep.py --arch deep_convnet --methods ptq --seeds 0 \
         --pretrained experiments/models/deep_convnet_mnist.npz --tag book   # PTQ of the trained book CNN
+    python experiments/bitwidth_sweep.py --arch sfc --tag e300 --report-only   # rewrite the reports only
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ import argparse
 import os
 import sys
 
-from lowbit.quantizers import WEIGHT_CLIPPINGS
-from lowbit.sweep import ARCHS, METHODS, run_sweep
+from lowbit.quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
+from lowbit.sweep import ARCHS, METHODS, report_sweep, run_sweep
 
 from _common import add_output_arguments
 
@@ -67,6 +68,14 @@ def main(argv=None):
                              "experiments/models/deep_convnet_mnist.npz), instead of training one")
     parser.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
                         help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
+    parser.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
+                        help="PTQ's 2..8-bit activations: calibrated range of least squared error (default) "
+                             "or the maximum")
+    parser.add_argument("--loss", choices=("cross_entropy", "squared_hinge"), default="cross_entropy")
+    parser.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the tables and plots of the sweep folder from its finished points; "
+                             "train nothing (the other options then only name the folder)")
     parser.add_argument("--tag", default="", help="suffix of the results folder (sweep_<arch>_<tag>), to keep "
                                                   "a sweep with other settings (e.g. more epochs) apart")
     add_output_arguments(parser, "results")
@@ -78,10 +87,17 @@ def main(argv=None):
     for arch in (ARCHS if args.arch == "all" else (args.arch,)):
         suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
         out_dir = os.path.join(args.results, f"sweep_{arch}{suffix}")
+        if args.report_only:
+            result = report_sweep(out_dir)
+            with open(result.files["table"]) as fh:
+                print(fh.read())
+            results[arch] = result
+            continue
         result = run_sweep(arch, weight_bits=args.weight_bits, act_bits=args.act_bits,
                            methods=args.methods, seeds=args.seeds, epochs=args.epochs, out_dir=out_dir,
                            quick=args.quick, progress=not args.quiet, pretrained=args.pretrained,
-                           weight_clipping=args.weight_clipping)
+                           weight_clipping=args.weight_clipping,
+                           activation_clipping=args.activation_clipping, loss=args.loss, val_size=args.val)
         with open(result.files["table"]) as fh:
             print(fh.read())
         results[arch] = result

@@ -108,7 +108,7 @@ def cmd_quantize(args):
     quantize_command(args.model, args.weights, args.activations, args.output,
                      calibrate=args.calibrate, per_channel=not args.per_tensor,
                      percentile=args.percentile, limit=args.limit, seed=args.seed,
-                     weight_clipping=args.weight_clipping)
+                     weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping)
     return 0
 
 
@@ -139,9 +139,19 @@ def cmd_sweep(args):
                        init=args.init, val_size=args.val,
                        train_limit=args.limit, test_limit=args.test_limit, calibration=args.calibrate,
                        keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
-                       weight_clipping=args.weight_clipping)
+                       weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping)
     print(f"{result.new_points} new points, {result.skipped_points} already done; "
           f"{len(result.records)} points in {out}")
+    for path in result.files.values():
+        print(f"  {path}")
+    return 0
+
+
+def cmd_sweep_report(args):
+    from .sweep import report_sweep
+
+    result = report_sweep(args.folder)
+    print(f"{len(result.records)} points in {args.folder}")
     for path in result.files.values():
         print(f"  {path}")
     return 0
@@ -150,7 +160,7 @@ def cmd_sweep(args):
 def build_parser():
     from .augment import augment_option
     from .optimizers import OPTIMIZERS, SCHEDULES
-    from .quantizers import WEIGHT_CLIPPINGS
+    from .quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
     from .zoo import MODELS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Binarized and low-precision networks.")
@@ -197,10 +207,13 @@ def build_parser():
                    help="training images used to calibrate activation ranges")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer, not per channel")
     p.add_argument("--percentile", type=float, default=100.0,
-                   help="calibrated range: this percentile of |activation| (100 = max)")
+                   help="with --activation-clipping max: this percentile of |activation| (100 = max)")
     p.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
                    help="2..8-bit weights: clip to the range of least squared error (mse, default) "
                         "or keep the full max-abs range (max)")
+    p.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
+                   help="2..8-bit activations: calibrated range of least squared error (mse, default) "
+                        "or the --percentile of |activation| (max)")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quantize)
@@ -237,6 +250,9 @@ def build_parser():
                    help="a trained float model of --arch for PTQ to start from, instead of training one")
     p.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
                    help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
+    p.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
+                   help="PTQ's 2..8-bit activations: calibrated range of least squared error (default) "
+                        "or the maximum")
     p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
     p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")
     # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for
@@ -256,6 +272,11 @@ def build_parser():
     p.add_argument("--out", help="output folder (default experiments/results/sweep_<arch>[_quick])")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweep-report", help="rewrite a sweep folder's tables and plots from its points "
+                                            "(trains nothing)")
+    p.add_argument("folder", metavar="SWEEP_DIR", help="a folder written by lowbit sweep")
+    p.set_defaults(func=cmd_sweep_report)
     return parser
 
 

@@ -60,8 +60,8 @@ from .packed import (
 )
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
-    DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight, WEIGHT_CLIPPINGS,
-    mse_weight_range,
+    ACTIVATION_CLIPPINGS, DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight,
+    WEIGHT_CLIPPINGS, mse_activation_range, mse_weight_range,
 )
 
 __all__ = [
@@ -764,31 +764,38 @@ def compare_predictions(model, packed, x, batch_size=100):
 
 # -- post-training quantization ---------------------------------------------------------------------
 class _RangeRecorder(Quantizer):
-    """Identity that records the range of what passes through it (calibration only; never saved)."""
+    """Identity that records the range of what passes through it, and a random sample of it (up to
+    2^16 values a batch) for the percentile and MSE ranges (calibration only; never saved)."""
 
     name = "range_recorder"
 
-    def __init__(self, percentile, rng):
+    def __init__(self, percentile, clipping, rng):
         self.low = np.inf
         self.high = 0.0
         self.percentile = percentile
+        self.clipping = clipping
         self.rng = rng
         self.samples = []
 
     def forward(self, x, train=False, channel_axis=None):
-        values = np.asarray(to_numpy(x))
+        values = np.asarray(to_numpy(x)).reshape(-1)
         if values.size:
             self.low = min(self.low, float(values.min()))
-            magnitude = np.abs(values).reshape(-1)
-            self.high = max(self.high, float(magnitude.max()))
-            if self.percentile < 100:
-                take = min(magnitude.size, 1 << 16)
-                self.samples.append(self.rng.choice(magnitude, take, replace=False))
+            self.high = max(self.high, float(np.abs(values).max()))
+            if self.percentile < 100 or self.clipping == "mse":
+                take = min(values.size, 1 << 16)
+                self.samples.append(self.rng.choice(values, take, replace=False))
         return x
 
-    def value(self):
+    def value(self, bits, signed):
+        """The range ``max_value`` of a ``bits``-bit DoReFaActivation."""
+        if self.clipping == "mse" and self.samples:
+            # The largest |x| joins the sample, so that the max range is among the candidates (an
+            # unsigned quantizer is chosen only when no x was negative: then it is the largest x).
+            top = np.array([self.high], dtype=self.samples[0].dtype)
+            return mse_activation_range(np.concatenate(self.samples + [top]), bits, signed=signed)
         if self.percentile < 100 and self.samples:
-            high = float(np.percentile(np.concatenate(self.samples), self.percentile))
+            high = float(np.percentile(np.abs(np.concatenate(self.samples)), self.percentile))
         else:
             high = self.high
         return high if high > 0 else 1.0
@@ -808,9 +815,21 @@ def _check_weight_clipping(weight_clipping):
         raise ValueError(f"weight_clipping must be one of {list(WEIGHT_CLIPPINGS)}, got {weight_clipping!r}")
 
 
+def _check_activation_clipping(activation_clipping, percentile=100.0):
+    if activation_clipping not in ACTIVATION_CLIPPINGS:
+        raise ValueError(f"activation_clipping must be one of {list(ACTIVATION_CLIPPINGS)}, "
+                         f"got {activation_clipping!r}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    if activation_clipping == "mse" and percentile != 100:
+        raise ValueError(f"percentile (got {percentile!r}) sets the 'max' activation range; with "
+                         "activation_clipping='mse' the range is searched, so pass activation_clipping='max' "
+                         "to use a percentile")
+
+
 def post_training_quantize(model, weight_bits, activation_bits, calibration_images=None, per_channel=True,
                            keep_first=True, keep_last=True, percentile=100.0, batch_size=100, seed=0,
-                           weight_clipping="mse"):
+                           weight_clipping="mse", activation_clipping="mse"):
     """Quantize a trained float model without retraining; returns the quantized twin (a Model).
 
     Built on :func:`lowbit.quantize.quantized_twin` (every Affine/Conv2D becomes its quantized twin;
@@ -824,9 +843,11 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
       the scale rounded to ``24 - bit_length(fan-in)`` significant bits so that the binary products
       are exact in float32 and the layer runs packed after :func:`convert`.
     * ``activation_bits`` 2..8: every quantized layer's input quantizer is a
-      :class:`~lowbit.quantizers.DoReFaActivation` whose range ``max_value`` is the calibrated
-      ``percentile`` of ``|input|`` of that layer in the float model over ``calibration_images``
-      (signed when the input took negative values); the image goes through an 8-bit quantizer,
+      :class:`~lowbit.quantizers.DoReFaActivation` whose range ``max_value`` is calibrated on that
+      layer's input in the float model over ``calibration_images`` (signed when the input took
+      negative values): with ``activation_clipping="mse"`` (the default) the range of least squared
+      error on a sample of the inputs (:func:`~lowbit.quantizers.mse_activation_range`), with
+      ``"max"`` the ``percentile`` of ``|input|``.  The image goes through an 8-bit quantizer,
       calibrated the same way.  1: sign (ReLUs are removed, as ``quantized_twin`` does); 16: float16.
 
     Parameters
@@ -842,13 +863,17 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
     keep_first, keep_last : bool
         Keep the first / last layer's kernel in float32.
     percentile : float in (0, 100]
-        Calibration statistic of ``|x|`` (100: the maximum).
+        With ``activation_clipping="max"``: the calibration statistic of ``|x|`` (100: the maximum).
     batch_size, seed : int
         Calibration batches; ``seed`` for the percentile's subsample and the twin's generators.
     weight_clipping : "mse" or "max"
         2..8-bit weights: clip each unit's (or the tensor's) weights to the MSE-optimal range first
         ("mse", the default), or quantize over the full ``max|W|`` range ("max"; at 2 bits most
         weights of a trained layer then round to 0).
+    activation_clipping : "mse" or "max"
+        2..8-bit activations: the range of least squared error ("mse", the default) or the
+        ``percentile`` of ``|x|`` ("max"; at 2 bits the maximum leaves most activations in the
+        lowest step).
     """
     from .quantize import quantized_twin
 
@@ -856,9 +881,8 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
         raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
     weight_bits = _check_bits("weight_bits", weight_bits)
     activation_bits = _check_bits("activation_bits", activation_bits)
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
     _check_weight_clipping(weight_clipping)
+    _check_activation_clipping(activation_clipping, percentile)
     kinds = [type(layer) for _, layer in model.named_layers()]
     quantized = any(kind in (QuantAffine, QuantConv2D) for kind in kinds)
     if quantized or not any(kind in (Affine, Conv2D) for kind in kinds):
@@ -885,7 +909,7 @@ def post_training_quantize(model, weight_bits, activation_bits, calibration_imag
             _exact_binary_scale(layer, scale)
         layer.constrain()  # drop any cached kernel
     if calibration_images is not None:
-        _calibrate(twin, targets, calibration_images, percentile, batch_size, seed)
+        _calibrate(twin, targets, calibration_images, percentile, batch_size, seed, activation_clipping)
     twin.name = f"{model.name}_ptq_w{weight_bits}a{activation_bits}"
     return twin
 
@@ -916,7 +940,7 @@ def _exact_binary_scale(layer, scale):
     layer.W = np.where(w >= 0, alpha, -alpha).astype(np.float32)
 
 
-def _calibrate(twin, targets, images, percentile, batch_size, seed):
+def _calibrate(twin, targets, images, percentile, batch_size, seed, clipping):
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != len(twin.input_shape) + 1 or tuple(images.shape[1:]) != twin.input_shape:
         raise ValueError(f"calibration_images must have shape (N, {', '.join(map(str, twin.input_shape))}), "
@@ -926,7 +950,7 @@ def _calibrate(twin, targets, images, percentile, batch_size, seed):
     recorders = []
     try:
         for layer in targets:
-            recorder = _RangeRecorder(percentile, rng)
+            recorder = _RangeRecorder(percentile, clipping, rng)
             recorders.append(recorder)
             layer.input_quantizer = recorder
             layer.kernel_quantizer = Identity()  # the float model's activations
@@ -940,8 +964,9 @@ def _calibrate(twin, targets, images, percentile, batch_size, seed):
     for layer, recorder in zip(targets, recorders):
         q = layer.input_quantizer
         if isinstance(q, DoReFaActivation):
-            layer.input_quantizer = DoReFaActivation(q.bits, signed=recorder.low < 0,
-                                                     max_value=recorder.value())
+            signed = recorder.low < 0
+            layer.input_quantizer = DoReFaActivation(q.bits, signed=signed,
+                                                     max_value=recorder.value(q.bits, signed))
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -958,7 +983,7 @@ def _human(n):
 
 def quantize_command(model_path, weight_bits, activation_bits, out_path, calibrate=1000, per_channel=True,
                      keep_first=True, keep_last=True, percentile=100.0, limit=0, seed=0, verify=True,
-                     data=None, out=print, weight_clipping="mse"):
+                     data=None, out=print, weight_clipping="mse", activation_clipping="mse"):
     """``lowbit quantize``: post-training quantization of a saved float model to a packed file.
 
     Loads ``model_path``, quantizes it (:func:`post_training_quantize`, activation ranges on
@@ -976,7 +1001,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         Number of training images for the activation ranges (0: none; k-bit activations need some).
     limit : int
         Evaluate on the first ``limit`` test images only (0: all 10,000).
-    weight_clipping : "mse" or "max"
+    weight_clipping, activation_clipping : "mse" or "max"
         As in :func:`post_training_quantize`.
     data : MNIST, optional
         Preloaded data set (default :func:`lowbit.data.load_mnist`).
@@ -991,6 +1016,8 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     """
     from .data import load_mnist
 
+    _check_weight_clipping(weight_clipping)  # before the data set is loaded
+    _check_activation_clipping(activation_clipping, percentile)
     model = load_model(model_path)
     mnist = data if data is not None else load_mnist(progress=False)
     x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
@@ -1004,11 +1031,13 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         calibration = float_images(mnist.x_train[picks])
     twin = post_training_quantize(model, weight_bits, activation_bits, calibration, per_channel=per_channel,
                                   keep_first=keep_first, keep_last=keep_last, percentile=percentile,
-                                  seed=seed, weight_clipping=weight_clipping)
+                                  seed=seed, weight_clipping=weight_clipping,
+                                  activation_clipping=activation_clipping)
     packed = convert(twin)
     settings = {"weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
                 "per_channel": bool(per_channel), "calibration_images": int(calibrate),
-                "percentile": float(percentile), "seed": int(seed), "weight_clipping": weight_clipping}
+                "percentile": float(percentile), "seed": int(seed), "weight_clipping": weight_clipping,
+                "activation_clipping": activation_clipping}
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path)),
                                     "post_training_quantization": settings})
     before = model.evaluate(x_test, y_test)

@@ -59,6 +59,8 @@ __all__ = [
     "quantizer_for_bits",
     "mse_weight_range",
     "WEIGHT_CLIPPINGS",
+    "mse_activation_range",
+    "ACTIVATION_CLIPPINGS",
     "hard_sigmoid",
     "quantize_k",
 ]
@@ -542,6 +544,50 @@ def mse_weight_range(w, bits, channel_axis=None, candidates=128):
         best_error = xp.where(better, err, best_error)
         best_alpha = xp.where(better, alpha, best_alpha)
     return best_alpha
+
+
+#: Post-training activation ranges: "mse" (:func:`mse_activation_range`) or "max" (a percentile of
+#: ``|x|``, by default its maximum).
+ACTIVATION_CLIPPINGS = ("mse", "max")
+
+
+def mse_activation_range(x, bits, signed=False, candidates=128):
+    """The range ``max_value`` of :class:`DoReFaActivation` that minimizes the squared error on ``x``.
+
+    Post-training quantization calibrates each k-bit activation on sample activations ``x`` of the
+    float model.  The largest ``|x|`` is an outlier's: at 2 bits (levels ``0, m/3, 2m/3, m``) most
+    activations then fall in the lowest step.  This searches ``max_value = max|x| * j / candidates``
+    for ``j = 1..candidates`` and returns the one with the least ``sum((q(x; max_value) - x)^2)``,
+    ``q`` being ``DoReFaActivation(bits, signed, max_value)``'s forward; ties go to the larger range,
+    and the maximum is among the candidates, so the error is never above the max range's.  It is the
+    activation counterpart of :func:`mse_weight_range` (Banner et al. 2019, ACIQ, arXiv 1810.05723,
+    derive the optimum from a fitted distribution; this searches it on the samples).
+
+    ``x`` is any float array of samples (flattened); returns a Python float, 1.0 when the
+    representable side of ``x`` is all zeros (``max x <= 0`` unsigned).  Cost: ``candidates`` quantizations of ``x``.
+    """
+    bits = _check_bits("mse_activation_range", bits, 1, 8)
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+    xp = _check_array("mse_activation_range", x)
+    x = x.reshape(-1)
+    # The top of the representable side: negatives of an unsigned quantizer clip to 0 whatever
+    # the range, so they add the same error to every candidate.
+    top = float((abs(x) if signed else x).max()) if x.size else 0.0
+    if not top > 0:
+        return 1.0
+
+    def error(value):
+        q = DoReFaActivation(bits, signed=signed, max_value=value).forward(x)
+        return float(((q - x).astype(np.float64) ** 2).sum())
+
+    best_value, best_error = top, error(top)
+    for j in range(int(candidates) - 1, 0, -1):  # from the max down: a tie keeps the larger range
+        value = top * j / candidates
+        err = error(value)
+        if err < best_error:
+            best_value, best_error = value, err
+    return best_value
 
 
 def _nonzero(alpha):

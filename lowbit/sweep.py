@@ -5,8 +5,8 @@ bits (1..8, 16 = float16, 32 = float) and measures every point two ways:
 
 ``ptq``
     Post-training quantization of the trained float model (:func:`lowbit.convert.post_training_quantize`,
-    activation ranges calibrated on training images, 2..8-bit weights clipped to their range of least
-    squared error), no retraining.
+    activation ranges calibrated on training images, 2..8-bit weights and activations both clipped to
+    their range of least squared error), no retraining.
 ``qat``
     Quantization-aware training **from scratch** (not fine-tuned from the float model): every point
     starts from the architecture's own initialisation and gets the same recipe and (by default) the
@@ -451,7 +451,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
               float_epochs=None, out_dir=None, quick=False, progress=True, lr=None, lr_end=None,
               schedule="exponential", loss="cross_entropy", batch_size=100, init=None, val_size=None,
               train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None,
-              pretrained=None, weight_clipping="mse"):
+              pretrained=None, weight_clipping="mse", activation_clipping="mse"):
     """Run (or resume) a bit-width sweep of ``arch`` and write its reports; see the module docstring.
 
     Parameters
@@ -504,6 +504,9 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         PTQ's 2..8-bit weight range (:func:`lowbit.convert.post_training_quantize`).  It enters the
         settings only when ``methods`` has "ptq", so QAT-only sweeps keep their keys; sweeps made
         before it existed used "max".
+    activation_clipping : "mse" or "max"
+        PTQ's 2..8-bit activation range, likewise; it enters the settings only as "mse" (sweeps made
+        before it existed used "max", and keep their keys).
 
     Returns
     -------
@@ -550,9 +553,10 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     train_limit = _check_int("train_limit", pick(train_limit, "train_limit", 0) or 0, 0)
     test_limit = _check_int("test_limit", pick(test_limit, "test_limit", 0) or 0, 0)
     calibration = _check_int("calibration", pick(calibration, "calibration", 1000), 1)
-    from .convert import _check_weight_clipping
+    from .convert import _check_activation_clipping, _check_weight_clipping
 
     _check_weight_clipping(weight_clipping)  # before any training
+    _check_activation_clipping(activation_clipping)
     out_dir = os.fspath(out_dir if out_dir is not None else default_out_dir(arch, quick))
 
     if data is None:
@@ -585,6 +589,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     }
     if "ptq" in methods:  # only then, so that QAT-only sweeps keep their keys
         settings["ptq_weight_clipping"] = weight_clipping
+        if activation_clipping != "max":  # the keys of sweeps made before the option stay valid
+            settings["ptq_activation_clipping"] = activation_clipping
     if pretrained is not None:  # only then, so that the keys of earlier sweeps stay valid
         with open(pretrained, "rb") as fh:
             settings["pretrained"] = {"file": os.path.basename(pretrained),
@@ -656,7 +662,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                     keep = not settings["quantize_first_last"]
                     point_model = post_training_quantize(
                         model, wb, ab, calibration_images=split.x_train[:calibration],
-                        keep_first=keep, keep_last=keep, seed=seed, weight_clipping=weight_clipping)
+                        keep_first=keep, keep_last=keep, seed=seed, weight_clipping=weight_clipping,
+                        activation_clipping=activation_clipping)
                     source = "post-training quantization of the float model" + (
                         f" {os.path.basename(pretrained)}" if pretrained is not None else "")
             else:
@@ -745,6 +752,9 @@ def _recipe_text(settings, trained):
     clipping = settings.get("ptq_weight_clipping")
     clipping = (f", PTQ's 2..8-bit weights over their {'least-squared-error' if clipping == 'mse' else 'max-abs'}"
                 " range" if clipping else "")
+    if clipping:
+        clipping += (" and activations over theirs" if settings.get("ptq_activation_clipping") == "mse"
+                     else " and activations over their calibrated maximum")
     source = (f"PTQ of the trained float model {pretrained['file']} (sha256 {pretrained['sha256'][:12]}...), "
               f"activation ranges calibrated on {settings['calibration']} training images{clipping}"
               if pretrained else None)
@@ -913,7 +923,8 @@ def write_reports(out_dir, records, settings):
 
     Returns the paths by name (``csv``, ``json``, ``table``, ``bits_plot``, ``size_plot``).
     """
-    records = sorted(records, key=_sort_key)
+    # each record's keys sorted, as points.jsonl stores them: a resumed sweep's reports equal a fresh one's
+    records = [dict(sorted(record.items())) for record in sorted(records, key=_sort_key)]
     summary = _aggregate(records)
     files = {"csv": os.path.join(out_dir, "results.csv"), "json": os.path.join(out_dir, "results.json"),
              "table": os.path.join(out_dir, "table.md"),
@@ -935,3 +946,31 @@ def write_reports(out_dir, records, settings):
         _plot_bits(files["bits_plot"], summary, settings)
         _plot_size(files["size_plot"], summary, settings)
     return files
+
+
+def report_sweep(out_dir):
+    """Rewrite the reports of the sweep in ``out_dir`` from its ``sweep.json`` and ``points.jsonl``,
+    training and evaluating nothing (e.g. after lowbit's report format changed, or to see a sweep
+    that another process is still running).  Returns :class:`SweepResult` (no new points)."""
+    out_dir = os.fspath(out_dir)
+    settings_path = os.path.join(out_dir, "sweep.json")
+    points_path = os.path.join(out_dir, "points.jsonl")
+    if not os.path.exists(settings_path):
+        raise FileNotFoundError(f"{out_dir} holds no sweep (no sweep.json): give the folder a sweep wrote")
+    with open(settings_path) as fh:
+        settings = json.load(fh)
+    # read without repairing: a sweep may still be appending to points.jsonl
+    records = {}
+    if os.path.exists(points_path):
+        with open(points_path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.endswith("\n") and line.strip():
+                    record = json.loads(line)
+                    records[_point_key(record)] = record
+    records = list(records.values())
+    for record in records:
+        if record.get("settings_key") != settings.get("key"):
+            raise ValueError(f"{points_path} holds points made with other settings (key "
+                             f"{record.get('settings_key')!r}, sweep.json {settings.get('key')!r})")
+    files = write_reports(out_dir, records, settings)
+    return SweepResult(sorted(records, key=_sort_key), 0, len(records), files)

@@ -26,7 +26,7 @@ from lowbit.packed import (
 )
 from lowbit.quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from lowbit.quantizers import (
-    DoReFaActivation, DoReFaWeight, Fp16, SteSign, StochasticBinary, UniformWeight, mse_weight_range,
+    DoReFaActivation, DoReFaWeight, Fp16, SteSign, StochasticBinary, UniformWeight, mse_activation_range, mse_weight_range,
     quantize_k,
 )
 
@@ -613,6 +613,92 @@ def test_post_training_quantization_clips_weights_to_the_mse_range(bits):
         assert error[0] <= error[1]
     with pytest.raises(ValueError, match=r"weight_clipping must be one of \['mse', 'max'\], got 'min'"):
         post_training_quantize(model, 2, 32, weight_clipping="min")
+
+
+# -- the MSE activation range ---------------------------------------------------------------------
+def _act_error(x, bits, signed, value):
+    q = DoReFaActivation(bits, signed=signed, max_value=value).forward(x)
+    return float(((q - x).astype(np.float64) ** 2).sum())
+
+
+@given(st.integers(1, 8), st.booleans(), st.integers(1, 400), st.integers(0, 999))
+def test_mse_activation_range_never_worse_than_the_max(bits, signed, n, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(3, n) * rng.uniform(0.01, 5)).astype(np.float32)
+    if not signed:
+        x = np.abs(x)
+    value = mse_activation_range(x, bits, signed=signed)
+    top = float(np.abs(x).max())
+    assume(top > 0)
+    assert isinstance(value, float) and 0 < value <= top
+    assert _act_error(x, bits, signed, value) <= _act_error(x, bits, signed, top) * (1 + 1e-9)
+
+
+def test_mse_activation_range_of_gaussian_activations():
+    """Signed 1 bit: the least-squares levels +-m of N(0, 1) are +-E|x| = +-0.798.  Signed 2 bits:
+    the best uniform 4-level grid of N(0, 1) has step 0.996 (Max 1960), so m = 1.494.  The max
+    (about 4.7 here) has several times the error at 2 bits."""
+    x = np.random.default_rng(2).normal(0, 1, 100000).astype(np.float32)
+    step = float(np.abs(x).max()) / 128  # the search's resolution
+    assert abs(mse_activation_range(x, 1, signed=True) - 0.798) < step
+    value = mse_activation_range(x, 2, signed=True)
+    assert abs(value - 1.494) < step
+    assert 3 * _act_error(x, 2, True, value) < _act_error(x, 2, True, float(np.abs(x).max()))
+    # unsigned: negatives clip to 0 whatever the range; the top is the largest x
+    assert mse_activation_range(x, 8) <= float(x.max())
+    # a tie keeps the larger range: activations on the 2-bit grid keep it
+    grid = np.float32([0.0, 1.0, 2.0, 3.0, 3.0])
+    assert mse_activation_range(grid, 2) == 3.0
+    assert mse_activation_range(np.zeros(5, np.float32), 2) == 1.0
+    assert mse_activation_range(-np.ones(5, np.float32), 2) == 1.0  # nothing on the unsigned side
+
+
+def test_mse_activation_range_errors():
+    x = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="bits must be an int in 1..8, got 9"):
+        mse_activation_range(x, 9)
+    with pytest.raises(ValueError, match="candidates must be an int >= 1, got 0"):
+        mse_activation_range(x, 2, candidates=0)
+    with pytest.raises(TypeError, match="mse_activation_range expects a float array, got dtype int64"):
+        mse_activation_range(np.ones(4, np.int64), 2)
+    x[1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mse_activation_range(x, 2)
+
+
+def test_post_training_quantization_calibrates_activations_to_the_mse_range():
+    """With fewer than 2^16 values a layer, the sample is all of the layer's inputs: each range is
+    mse_activation_range of them (plus the max, which joins the sample); "max" keeps max|x|."""
+    model = _float_cnn()
+    calibration = images(40, seed=7)
+    inputs = []
+    x = calibration
+    for layer in model.layers:
+        if isinstance(layer, (Affine, Conv2D)):
+            inputs.append(x.reshape(-1))
+        x = layer.forward(x, train=False)
+    mse = post_training_quantize(model, 32, 2, calibration)
+    peak = post_training_quantize(model, 32, 2, calibration, activation_clipping="max")
+    kinds = (QuantAffine, QuantConv2D)
+    pairs = [(a, b) for (_, a), (_, b) in zip(mse.named_layers(), peak.named_layers()) if isinstance(a, kinds)]
+    assert len(pairs) == len(inputs) == 4
+    for position, ((a, b), values) in enumerate(zip(pairs, inputs)):
+        qa, qb = a.input_quantizer, b.input_quantizer
+        bits = 8 if position == 0 else 2  # the image's quantizer is 8-bit
+        assert qa.bits == qb.bits == bits and qa.signed == qb.signed == bool(values.min() < 0)
+        top = float(np.abs(values).max())
+        assert qb.max_value == top
+        expected = mse_activation_range(np.concatenate([values, np.float32([top])]), bits, signed=qa.signed)
+        np.testing.assert_allclose(qa.max_value, expected, rtol=1e-6)
+        assert _act_error(values, bits, qa.signed, qa.max_value) <= _act_error(values, bits, qa.signed, top)
+    assert mse.layers[-1].input_quantizer.max_value < peak.layers[-1].input_quantizer.max_value
+    with pytest.raises(ValueError, match=r"activation_clipping must be one of \['mse', 'max'\], got 'p99'"):
+        post_training_quantize(model, 32, 2, calibration, activation_clipping="p99")
+    with pytest.raises(ValueError, match=r"percentile \(got 99.0\) sets the 'max' activation range"):
+        post_training_quantize(model, 32, 2, calibration, percentile=99.0)
+    # a percentile with the max range still works
+    p99 = post_training_quantize(model, 32, 2, calibration, percentile=99.0, activation_clipping="max")
+    assert p99.layers[-1].input_quantizer.max_value < peak.layers[-1].input_quantizer.max_value
 
 
 def test_post_training_quantization_errors():

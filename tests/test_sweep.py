@@ -74,10 +74,26 @@ def test_quick_sweep_writes_every_report_and_resumes(tmp_path):
     assert (tmp_path / "accuracy_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     before = (tmp_path / "points.jsonl").read_bytes()
+    reports = {name: (tmp_path / name).read_bytes() for name in ("results.csv", "results.json", "table.md")}
     again = quick(tmp_path)
     assert (again.new_points, again.skipped_points) == (0, GRID_POINTS)
     assert (tmp_path / "points.jsonl").read_bytes() == before
     assert len(again.records) == GRID_POINTS
+    # a resumed sweep (its records read back from points.jsonl) writes the same reports as a fresh one
+    for name, content in reports.items():
+        assert (tmp_path / name).read_bytes() == content, name
+
+    # the reports alone, from the points: the same files, nothing trained
+    for name in reports:
+        (tmp_path / name).unlink()
+    result = sweep.report_sweep(tmp_path)
+    assert (result.new_points, result.skipped_points, len(result.records)) == (0, GRID_POINTS, GRID_POINTS)
+    for name, content in reports.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert cli_main(["sweep-report", str(tmp_path)]) == 0
+    assert (tmp_path / "points.jsonl").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="holds no sweep"):
+        sweep.report_sweep(tmp_path / "runs")
 
 
 def test_interrupted_sweep_resumes_mid_training(tmp_path, monkeypatch):
@@ -223,9 +239,15 @@ def test_ptq_of_a_pretrained_model(tmp_path):
     assert settings["pretrained"]["file"] == "mine.npz" and len(settings["pretrained"]["sha256"]) == 64
     assert "PTQ of the trained float model mine.npz" in (out / "table.md").read_text()
     assert settings["ptq_weight_clipping"] == "mse" and "least-squared-error range" in (out / "table.md").read_text()
+    assert settings["ptq_activation_clipping"] == "mse" and "activations over theirs" in (out / "table.md").read_text()
     with pytest.raises(ValueError, match="ptq_weight_clipping: 'mse' there, 'max' now"):
         quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path),
               weight_clipping="max")
+    # the activations' "max" adds no key (sweeps made before the option keep theirs) and says so
+    quick(tmp_path / "amax", methods=("ptq",), weight_bits=(2,), act_bits=(2,), pretrained=str(path),
+          activation_clipping="max")
+    assert "ptq_activation_clipping" not in json.loads((tmp_path / "amax" / "sweep.json").read_text())
+    assert "activations over their calibrated maximum" in (tmp_path / "amax" / "table.md").read_text()
     # another file content under the same out_dir is refused; a model of another arch too
     lowbit.save_model(sweep.float_model("tfc", seed=4), str(path))
     with pytest.raises(ValueError, match="other settings.*pretrained"):
@@ -239,6 +261,10 @@ def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
     """PTQ's weight clipping enters the settings only when the sweep has PTQ points, so QAT-only
     sweeps made before it existed still resume."""
     quick(tmp_path, methods=("qat",), weight_bits=(32,), act_bits=(32,))
-    assert "ptq_weight_clipping" not in json.loads((tmp_path / "sweep.json").read_text())
+    settings = json.loads((tmp_path / "sweep.json").read_text())
+    assert "ptq_weight_clipping" not in settings and "ptq_activation_clipping" not in settings
     with pytest.raises(ValueError, match="weight_clipping must be one of"):
         quick(tmp_path / "bad", weight_clipping="none")
+    with pytest.raises(ValueError, match="activation_clipping must be one of"):
+        quick(tmp_path / "bad", activation_clipping="none")
+    assert not (tmp_path / "bad").exists()  # refused before any work
