@@ -49,7 +49,7 @@ import os
 import sys
 
 from lowbit.quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
-from lowbit.sweep import ARCHS, METHODS, report_sweep, run_sweep
+from lowbit.sweep import ARCHS, METHODS, QAT_INITS, report_sweep, run_sweep
 
 from _common import add_output_arguments
 
@@ -71,6 +71,9 @@ def main(argv=None):
     parser.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
                         help="PTQ's 2..8-bit activations: calibrated range of least squared error (default) "
                              "or the maximum")
+    parser.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
+                        help="QAT points train from scratch (default) or fine-tune each point's PTQ model")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
     parser.add_argument("--loss", choices=("cross_entropy", "squared_hinge"), default="cross_entropy")
     parser.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
     parser.add_argument("--report-only", action="store_true",
@@ -97,7 +100,8 @@ def main(argv=None):
                            methods=args.methods, seeds=args.seeds, epochs=args.epochs, out_dir=out_dir,
                            quick=args.quick, progress=not args.quiet, pretrained=args.pretrained,
                            weight_clipping=args.weight_clipping,
-                           activation_clipping=args.activation_clipping, loss=args.loss, val_size=args.val)
+                           activation_clipping=args.activation_clipping, loss=args.loss, val_size=args.val,
+                           qat_init=args.qat_init, lr=args.lr)
         with open(result.files["table"]) as fh:
             print(fh.read())
         results[arch] = result

@@ -139,7 +139,8 @@ def cmd_sweep(args):
                        init=args.init, val_size=args.val,
                        train_limit=args.limit, test_limit=args.test_limit, calibration=args.calibrate,
                        keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
-                       weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping)
+                       weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
+                       qat_init=args.qat_init)
     print(f"{result.new_points} new points, {result.skipped_points} already done; "
           f"{len(result.records)} points in {out}")
     for path in result.files.values():
@@ -233,7 +234,7 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=cmd_summary)
 
-    from .sweep import ARCHS, METHODS, SCHEDULE_NAMES
+    from .sweep import ARCHS, METHODS, QAT_INITS, SCHEDULE_NAMES
 
     p = sub.add_parser("sweep", help="accuracy and size over weight x activation bits, PTQ and QAT")
     p.add_argument("--arch", required=True, choices=ARCHS)
@@ -253,6 +254,9 @@ def build_parser():
     p.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
                    help="PTQ's 2..8-bit activations: calibrated range of least squared error (default) "
                         "or the maximum")
+    p.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
+                   help="QAT points train from scratch (default) or fine-tune each point's PTQ model "
+                        "(then give a small --lr and few --epochs)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
     p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")
     # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for

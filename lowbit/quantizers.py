@@ -564,12 +564,13 @@ def mse_activation_range(x, bits, signed=False, candidates=128):
     derive the optimum from a fitted distribution; this searches it on the samples).
 
     ``x`` is any float array of samples (flattened); returns a Python float, 1.0 when the
-    representable side of ``x`` is all zeros (``max x <= 0`` unsigned).  Cost: ``candidates`` quantizations of ``x``.
+    representable side of ``x`` is all zeros (``max x <= 0`` unsigned).  Cost: ``candidates``
+    quantizations of ``x``.
     """
     bits = _check_bits("mse_activation_range", bits, 1, 8)
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    xp = _check_array("mse_activation_range", x)
+    _check_array("mse_activation_range", x)
     x = x.reshape(-1)
     # The top of the representable side: negatives of an unsigned quantizer clip to 0 whatever
     # the range, so they add the same error to every candidate.

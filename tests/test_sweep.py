@@ -257,6 +257,47 @@ def test_ptq_of_a_pretrained_model(tmp_path):
         quick(tmp_path / "other", methods=("ptq",), pretrained=str(tmp_path / "sfc.npz"))
 
 
+def test_qat_fine_tuned_from_the_ptq_model(tmp_path, monkeypatch):
+    """qat_init="ptq": each QAT point starts from that point's PTQ model (so, untrained, it scores
+    what PTQ scores), trains for ``epochs``, and the settings and reports say so."""
+    import lowbit
+    from lowbit.data import float_images
+
+    model = sweep.float_model("tfc", seed=3)
+    Trainer(model, epochs=1, batch_size=100, progress=False).fit(float_images(DATA.x_train[:500]),
+                                                                 DATA.y_train[:500])
+    path = tmp_path / "float.npz"
+    lowbit.save_model(model, str(path), {"epoch": 1})
+    starts = []
+
+    def no_training(start, run_dir, split, settings, epochs, seed, progress, keep_checkpoints=False):
+        starts.append((os.path.basename(run_dir), epochs))
+        os.makedirs(run_dir, exist_ok=True)
+        lowbit.save_model(start, os.path.join(run_dir, "best.npz"))
+        return start, {"val_accuracy": 0.5, "best_epoch": 0, "train_seconds": 0.0, "epochs": epochs}
+
+    monkeypatch.setattr(sweep, "_train", no_training)
+    out = tmp_path / "ft"
+    result = quick(out, methods=("ptq", "qat"), weight_bits=(2, 32), act_bits=(2, 32), pretrained=str(path),
+                   qat_init="ptq", epochs=3)
+    assert sorted(starts) == [(f"qat_w{w}a{a}_seed0", 3) for w in (2, 32) for a in (2, 32)]
+    by = {(r["method"], r["weight_bits"], r["act_bits"]): r for r in result.records}
+    for w in (2, 32):
+        for a in (2, 32):
+            assert by["qat", w, a]["accuracy"] == by["ptq", w, a]["accuracy"]
+            assert by["qat", w, a]["source"] == "quantization-aware fine-tuning of the point's PTQ model"
+    settings = json.loads((out / "sweep.json").read_text())
+    assert settings["qat"] == "fine-tuning each point's PTQ model"
+    assert "## QAT: quantization-aware training fine-tuning each point's PTQ model" in (out / "table.md").read_text()
+    # a QAT-only sweep fine-tuned from PTQ records the clippings that shaped its start
+    quick(tmp_path / "qat_only", methods=("qat",), weight_bits=(2,), act_bits=(2,), pretrained=str(path),
+          qat_init="ptq")
+    settings = json.loads((tmp_path / "qat_only" / "sweep.json").read_text())
+    assert settings["ptq_weight_clipping"] == settings["ptq_activation_clipping"] == "mse"
+    with pytest.raises(ValueError, match=r"qat_init must be one of \['scratch', 'ptq'\], got 'float'"):
+        quick(tmp_path / "bad", qat_init="float")
+
+
 def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
     """PTQ's weight clipping enters the settings only when the sweep has PTQ points, so QAT-only
     sweeps made before it existed still resume."""
