@@ -48,7 +48,8 @@ import argparse
 import os
 import sys
 
-from lowbit.quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
+from lowbit.cli import add_clipping_arguments
+from lowbit.losses import LOSSES
 from lowbit.sweep import ARCHS, METHODS, QAT_INITS, report_sweep, run_sweep
 
 from _common import add_output_arguments
@@ -66,15 +67,11 @@ def main(argv=None):
     parser.add_argument("--pretrained", metavar="MODEL.npz",
                         help="a trained float model of --arch for PTQ to start from (e.g. "
                              "experiments/models/deep_convnet_mnist.npz), instead of training one")
-    parser.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
-                        help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
-    parser.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
-                        help="PTQ's 2..8-bit activations: calibrated range of least squared error (default) "
-                             "or the maximum")
+    add_clipping_arguments(parser)
     parser.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
                         help="QAT points train from scratch (default) or fine-tune each point's PTQ model")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
-    parser.add_argument("--loss", choices=("cross_entropy", "squared_hinge"), default="cross_entropy")
+    parser.add_argument("--loss", choices=list(LOSSES), default="cross_entropy")
     parser.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the tables and plots of the sweep folder from its finished points; "

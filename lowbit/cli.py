@@ -158,10 +158,24 @@ def cmd_sweep_report(args):
     return 0
 
 
+def add_clipping_arguments(parser, act_max="the maximum"):
+    """``--weight-clipping`` and ``--activation-clipping``, the ranges of post-training quantization
+    (:func:`lowbit.convert.post_training_quantize`); ``act_max`` says what "max" means for the
+    activations.  Shared by ``lowbit quantize``, ``lowbit sweep`` and ``experiments/bitwidth_sweep.py``."""
+    from .quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
+
+    parser.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
+                        help="PTQ's 2..8-bit weights: clip to the range of least squared error (mse, "
+                             "default) or keep the full max-abs range (max)")
+    parser.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
+                        help="PTQ's 2..8-bit activations: calibrated range of least squared error (mse, "
+                             f"default) or {act_max} (max)")
+
+
 def build_parser():
     from .augment import augment_option
+    from .losses import LOSSES
     from .optimizers import OPTIMIZERS, SCHEDULES
-    from .quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
     from .zoo import MODELS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Binarized and low-precision networks.")
@@ -173,7 +187,7 @@ def build_parser():
                    help="builder option, e.g. hidden=[1024,1024] (repeatable)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "squared_hinge"])
+    p.add_argument("--loss", default="cross_entropy", choices=list(LOSSES))
     p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--schedule", default="constant", choices=sorted(SCHEDULES))
@@ -209,12 +223,7 @@ def build_parser():
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer, not per channel")
     p.add_argument("--percentile", type=float, default=100.0,
                    help="with --activation-clipping max: this percentile of |activation| (100 = max)")
-    p.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
-                   help="2..8-bit weights: clip to the range of least squared error (mse, default) "
-                        "or keep the full max-abs range (max)")
-    p.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
-                   help="2..8-bit activations: calibrated range of least squared error (mse, default) "
-                        "or the --percentile of |activation| (max)")
+    add_clipping_arguments(p, "the --percentile of |activation|")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quantize)
@@ -249,11 +258,7 @@ def build_parser():
     p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
     p.add_argument("--pretrained", metavar="MODEL.npz",
                    help="a trained float model of --arch for PTQ to start from, instead of training one")
-    p.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, default="mse",
-                   help="PTQ's 2..8-bit weights: range of least squared error (default) or max-abs")
-    p.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
-                   help="PTQ's 2..8-bit activations: calibrated range of least squared error (default) "
-                        "or the maximum")
+    add_clipping_arguments(p)
     p.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
                    help="QAT points train from scratch (default) or fine-tune each point's PTQ model "
                         "(then give a small --lr and few --epochs)")
@@ -262,7 +267,7 @@ def build_parser():
     # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for
     # ``train``; the sweep's --lr-end has a default.
     p.add_argument("--schedule", dest="sweep_schedule", default="exponential", choices=SCHEDULE_NAMES)
-    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "squared_hinge"])
+    p.add_argument("--loss", default="cross_entropy", choices=list(LOSSES))
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--init", help="latent-weight init of the MLPs (default glorot; Brevitas: uniform)")
     p.add_argument("--val", type=int, help="training images held out for validation (default 10000)")

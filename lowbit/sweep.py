@@ -104,6 +104,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .losses import LOSSES
+
 __all__ = [
     "ARCHS", "METHODS", "QAT_INITS", "RECIPES", "BREVITAS_MNIST", "SweepResult", "run_sweep", "report_sweep",
     "write_reports", "default_out_dir", "float_model", "qat_model",
@@ -114,12 +116,6 @@ FC_WIDTHS = {"tfc": 64, "sfc": 256, "lfc": 1024}
 METHODS = ("ptq", "qat")
 METHOD_TITLES = {"ptq": "post-training quantization of the float model",
                  "qat": "quantization-aware training from scratch"}
-
-
-def _method_title(method, settings):
-    if method == "qat" and settings.get("qat") not in (None, "from scratch"):
-        return "quantization-aware training " + settings["qat"]
-    return METHOD_TITLES[method]
 WEIGHT_BITS = (1, 2, 4, 8, 16, 32)
 ACT_BITS = (1, 2, 4, 8, 32)
 SCHEDULE_NAMES = ("exponential", "cosine", "constant")
@@ -379,15 +375,18 @@ def _point_key(record):
     return (record["method"], int(record["weight_bits"]), int(record["act_bits"]), int(record["seed"]))
 
 
-def _load_points(path):
-    """Records of ``points.jsonl``; an unterminated last line (a crash mid-write) is dropped."""
+def _load_points(path, key, repair=True):
+    """Records of ``points.jsonl``, each checked to carry the settings ``key``; an unterminated last
+    line (a crash mid-write, or a sweep still writing it) is dropped, and with ``repair`` also cut
+    from the file."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as fh:
         raw = fh.read()
     if raw and not raw.endswith(b"\n"):
         raw = raw[:raw.rfind(b"\n") + 1]
-        _write_atomic(path, raw)
+        if repair:
+            _write_atomic(path, raw)
     records = {}
     for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -397,6 +396,9 @@ def _load_points(path):
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}, line {number}: not JSON ({exc}); remove that line to continue") \
                 from None
+        if record.get("settings_key") != key:
+            raise ValueError(f"{path} holds points made with other settings (key "
+                             f"{record.get('settings_key')!r}, now {key!r}); use another out_dir")
         records[_point_key(record)] = record
     return list(records.values())
 
@@ -554,7 +556,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     lr_end = _check_positive_float("lr_end", lr / 100 if lr_end is None else lr_end)
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"schedule must be one of {list(SCHEDULE_NAMES)}, got {schedule!r}")
-    if loss not in ("cross_entropy", "squared_hinge"):
+    if loss not in LOSSES:
         raise ValueError(f"loss must be 'cross_entropy' or 'squared_hinge', got {loss!r}")
     batch_size = _check_int("batch_size", batch_size, 1)
     if arch in FC_WIDTHS:
@@ -618,11 +620,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     os.makedirs(out_dir, exist_ok=True)
     _check_settings(out_dir, settings)
     points_path = os.path.join(out_dir, "points.jsonl")
-    records = _load_points(points_path)
-    for record in records:
-        if record.get("settings_key") != settings["key"]:
-            raise ValueError(f"{points_path} holds points made with other settings (key "
-                             f"{record.get('settings_key')!r}, now {settings['key']!r}); use another out_dir")
+    records = _load_points(points_path, settings["key"])
     done = {_point_key(r) for r in records}
 
     grid = [(method, wb, ab, seed) for seed in seeds for method in methods
@@ -735,6 +733,13 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
 
 
 # -- reports ---------------------------------------------------------------------------------------
+def _method_title(method, settings):
+    """The title of ``method``'s table and plot: QAT's says where its points started."""
+    if method == "qat" and settings.get("qat") not in (None, "from scratch"):
+        return "quantization-aware training " + settings["qat"]
+    return METHOD_TITLES[method]
+
+
 def _sort_key(record):
     return (METHODS.index(record["method"]), record["weight_bits"], record["act_bits"], record["seed"])
 
@@ -987,18 +992,7 @@ def report_sweep(out_dir):
         raise FileNotFoundError(f"{out_dir} holds no sweep (no sweep.json): give the folder a sweep wrote")
     with open(settings_path) as fh:
         settings = json.load(fh)
-    # read without repairing: a sweep may still be appending to points.jsonl
-    records = {}
-    if os.path.exists(points_path):
-        with open(points_path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.endswith("\n") and line.strip():
-                    record = json.loads(line)
-                    records[_point_key(record)] = record
-    records = list(records.values())
-    for record in records:
-        if record.get("settings_key") != settings.get("key"):
-            raise ValueError(f"{points_path} holds points made with other settings (key "
-                             f"{record.get('settings_key')!r}, sweep.json {settings.get('key')!r})")
+    # without repairing: a sweep may still be appending to points.jsonl
+    records = _load_points(points_path, settings.get("key"), repair=False)
     files = write_reports(out_dir, records, settings)
     return SweepResult(sorted(records, key=_sort_key), 0, len(records), files)

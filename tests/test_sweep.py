@@ -92,6 +92,11 @@ def test_quick_sweep_writes_every_report_and_resumes(tmp_path):
         assert (tmp_path / name).read_bytes() == content, name
     assert cli_main(["sweep-report", str(tmp_path)]) == 0
     assert (tmp_path / "points.jsonl").read_bytes() == before
+    # a line still being written by a running sweep is skipped, and the file is left alone
+    with open(tmp_path / "points.jsonl", "ab") as fh:
+        fh.write(b'{"accuracy": 0.5, "arch"')
+    assert len(sweep.report_sweep(tmp_path).records) == GRID_POINTS
+    assert (tmp_path / "points.jsonl").read_bytes() == before + b'{"accuracy": 0.5, "arch"'
     with pytest.raises(FileNotFoundError, match="holds no sweep"):
         sweep.report_sweep(tmp_path / "runs")
 
