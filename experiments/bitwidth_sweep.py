@@ -48,9 +48,8 @@ import argparse
 import os
 import sys
 
-from lowbit.cli import add_clipping_arguments
-from lowbit.losses import LOSSES
-from lowbit.sweep import ARCHS, METHODS, QAT_INITS, report_sweep, run_sweep
+from lowbit.cli import add_sweep_arguments, sweep_options
+from lowbit.sweep import ARCHS, report_sweep, run_sweep
 
 from _common import add_output_arguments
 
@@ -59,20 +58,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="tfc", choices=list(ARCHS) + ["all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, help="epochs per run (default 20; 1 with --quick)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--weight-bits", type=int, nargs="+", help="default 1 2 4 8 16 32")
-    parser.add_argument("--act-bits", type=int, nargs="+", help="default 1 2 4 8 32")
-    parser.add_argument("--quick", action="store_true", help="tiny version for CI")
-    parser.add_argument("--pretrained", metavar="MODEL.npz",
-                        help="a trained float model of --arch for PTQ to start from (e.g. "
-                             "experiments/models/deep_convnet_mnist.npz), instead of training one")
-    add_clipping_arguments(parser)
-    parser.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
-                        help="QAT points train from scratch (default) or fine-tune each point's PTQ model")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
-    parser.add_argument("--loss", choices=list(LOSSES), default="cross_entropy")
-    parser.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
+    add_sweep_arguments(parser)
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the tables and plots of the sweep folder from its finished points; "
                              "train nothing (the other options then only name the folder)")
@@ -93,12 +79,8 @@ def main(argv=None):
                 print(fh.read())
             results[arch] = result
             continue
-        result = run_sweep(arch, weight_bits=args.weight_bits, act_bits=args.act_bits,
-                           methods=args.methods, seeds=args.seeds, epochs=args.epochs, out_dir=out_dir,
-                           quick=args.quick, progress=not args.quiet, pretrained=args.pretrained,
-                           weight_clipping=args.weight_clipping,
-                           activation_clipping=args.activation_clipping, loss=args.loss, val_size=args.val,
-                           qat_init=args.qat_init, lr=args.lr)
+        result = run_sweep(arch, seeds=args.seeds, out_dir=out_dir, progress=not args.quiet,
+                           **sweep_options(args))
         with open(result.files["table"]) as fh:
             print(fh.read())
         results[arch] = result

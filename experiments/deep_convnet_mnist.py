@@ -8,6 +8,13 @@ What it trains
              activations, float32 accumulation): its test accuracy against float32.
 ``mixed16``  the book's recipe trained with mixed precision (float16 forward/backward, float32
              master weights, dynamic loss scaling).  Target: within 0.1 points of ``single``.
+             With ``--schedule cosine`` both ``single`` and ``mixed16`` decay the learning rate to 0
+             over ``--epochs`` and write per-seed results to ``results/precision_cosine/``
+             (``fp32_seed<S>.json``, ``mixed16_seed<S>.json``), so the two precisions can be compared
+             at a settled accuracy rather than at the last epoch of a constant learning rate.
+``precision-report``  reads ``results/precision_cosine/`` and writes ``summary.json`` and
+             ``table.md`` there: last-epoch test accuracy of each seed, mean and spread of each
+             precision, and the gap.
 ``ensemble`` ``--members`` networks trained with data augmentation (shift 2 px, rotation 10 deg,
              scale 0.1) and cosine learning-rate decay, each from its own seed, then averaged
              (softmax outputs).  Target: >= 99.5%.
@@ -23,10 +30,14 @@ Usage::
 
     python experiments/deep_convnet_mnist.py single --seed 0
     python experiments/deep_convnet_mnist.py ensemble --members 3 --epochs 20
+    python experiments/deep_convnet_mnist.py mixed16 --schedule cosine --epochs 12 --seed 1
+    python experiments/deep_convnet_mnist.py precision-report
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import time
 
@@ -56,16 +67,93 @@ def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32
     return model, history, wall
 
 
+PRECISION_DIR = "precision_cosine"
+
+
+def precision_pair(args, data, command):
+    """One ``single`` or ``mixed16`` run with cosine decay; its result goes to
+    ``results/precision_cosine/<precision>_seed<S>.json``."""
+    precision = "mixed16" if args.mode == "mixed16" else "fp32"
+    x_test, y_test = data[2], data[3]
+    name = f"deep_convnet_{precision}_cosine_e{args.epochs}_seed{args.seed}"
+    model, history, wall = train_one(name, args.seed, args.epochs, None, "cosine", args, data,
+                                     precision=precision)
+    acc = model.evaluate(x_test, y_test)
+    path = os.path.join(args.models, f"deep_convnet_mnist_cosine_{precision}_seed{args.seed}.npz")
+    lowbit.save_model(model, path, {"test_acc": acc, "seed": args.seed, "epochs": args.epochs,
+                                    "precision": precision, "schedule": "cosine"})
+    result = {"experiment": "deep_convnet_mnist_precision_cosine", "precision": precision,
+              "recipe": "book network and batch, Adam with cosine decay from --lr to 0, no augmentation",
+              "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "train_images": len(data[0]),
+              "test_acc": acc, "wall_seconds": wall, "history": history,
+              "model": os.path.relpath(path, os.path.dirname(HERE)), "command": command,
+              "environment": environment()}
+    write_json_atomic(os.path.join(args.results, PRECISION_DIR, f"{precision}_seed{args.seed}.json"), result)
+    print(f"{precision}, cosine decay, seed {args.seed}: test accuracy {acc:.4%}, {wall:.0f} s")
+    return result
+
+
+def precision_report(args, command):
+    """Summarise ``results/precision_cosine/``: mixed16 against fp32 over the seeds both have."""
+    folder = os.path.join(args.results, PRECISION_DIR)
+    runs = {"fp32": {}, "mixed16": {}}
+    for path in sorted(glob.glob(os.path.join(folder, "*_seed*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        runs[run["precision"]][run["seed"]] = run
+    seeds = sorted(set(runs["fp32"]) & set(runs["mixed16"]))
+    if not seeds:
+        raise SystemExit(f"no seed has both an fp32 and a mixed16 run in {folder}; found "
+                         f"fp32 seeds {sorted(runs['fp32'])}, mixed16 seeds {sorted(runs['mixed16'])}")
+    epochs = {runs[p][s]["epochs"] for p in runs for s in seeds}
+    if len(epochs) != 1:
+        raise SystemExit(f"the runs in {folder} differ in epochs ({sorted(epochs)}); compare like with like")
+    acc = {p: np.array([runs[p][s]["test_acc"] for s in seeds]) for p in runs}
+    skipped = [sum(h.get("skipped_steps", 0) for h in runs["mixed16"][s]["history"]) for s in seeds]
+    summary = {"experiment": "deep_convnet_mnist_precision_cosine_summary", "epochs": epochs.pop(),
+               "seeds": seeds,
+               "test_acc": {p: [float(a) for a in acc[p]] for p in acc},
+               "mean": {p: float(acc[p].mean()) for p in acc},
+               "std": {p: float(acc[p].std(ddof=1)) if len(seeds) > 1 else 0.0 for p in acc},
+               "gap_points": float(100 * (acc["fp32"].mean() - acc["mixed16"].mean())),
+               "per_seed_gap_points": [float(100 * (a - b)) for a, b in zip(acc["fp32"], acc["mixed16"])],
+               "mixed16_skipped_steps": skipped,
+               "wall_seconds": {p: [runs[p][s]["wall_seconds"] for s in seeds] for p in runs},
+               "target": "mixed16 within 0.1 points of fp32", "command": command}
+    lines = ["| seed | fp32 | mixed16 | fp32 - mixed16 (points) | skipped steps |",
+             "| --- | --- | --- | --- | --- |"]
+    for i, s in enumerate(seeds):
+        lines.append(f"| {s} | {acc['fp32'][i]:.2%} | {acc['mixed16'][i]:.2%} | "
+                     f"{summary['per_seed_gap_points'][i]:+.2f} | {skipped[i]} |")
+    lines.append(f"| mean ± std | {summary['mean']['fp32']:.2%} ± {100 * summary['std']['fp32']:.2f} | "
+                 f"{summary['mean']['mixed16']:.2%} ± {100 * summary['std']['mixed16']:.2f} | "
+                 f"{summary['gap_points']:+.2f} | |")
+    table = "\n".join(lines) + "\n"
+    write_json_atomic(os.path.join(folder, "summary.json"), summary)
+    with open(os.path.join(folder, "table.md"), "w") as f:
+        f.write(table)
+    print(table, end="")
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["single", "fp16", "mixed16", "ensemble"])
+    parser.add_argument("mode", choices=["single", "fp16", "mixed16", "ensemble", "precision-report"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate of single and mixed16: the book's constant rate (default), "
+                             "or cosine decay to 0, which writes to results/precision_cosine/")
     parser.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke runs)")
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
+    if args.schedule != "constant" and args.mode not in ("single", "mixed16"):
+        parser.error(f"--schedule applies to single and mixed16, not to {args.mode!r}")
+    command = command_line(__file__, argv)
+    if args.mode == "precision-report":
+        return precision_report(args, command)
 
     mnist = load_mnist()
     x_train, y_train = float_images(mnist.x_train), mnist.y_train
@@ -73,7 +161,8 @@ def main(argv=None):
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     data = (x_train, y_train, x_test, y_test)
-    command = command_line(__file__, argv)
+    if args.schedule == "cosine":
+        return precision_pair(args, data, command)
 
     if args.mode == "fp16":
         model_path = os.path.join(args.models, "deep_convnet_mnist.npz")

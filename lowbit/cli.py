@@ -131,16 +131,8 @@ def cmd_sweep(args):
     from .sweep import default_out_dir, run_sweep
 
     out = args.out or default_out_dir(args.arch, args.quick)
-    result = run_sweep(args.arch, weight_bits=args.weight_bits, act_bits=args.act_bits,
-                       methods=args.methods, seeds=args.seeds, epochs=args.epochs,
-                       float_epochs=args.float_epochs, out_dir=out, quick=args.quick,
-                       progress=not args.quiet, lr=args.lr, lr_end=args.lr_end,
-                       schedule=args.sweep_schedule, loss=args.loss, batch_size=args.batch_size,
-                       init=args.init, val_size=args.val,
-                       train_limit=args.limit, test_limit=args.test_limit, calibration=args.calibrate,
-                       keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
-                       weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
-                       qat_init=args.qat_init)
+    result = run_sweep(args.arch, seeds=args.seeds, out_dir=out, progress=not args.quiet,
+                       **sweep_options(args))
     print(f"{result.new_points} new points, {result.skipped_points} already done; "
           f"{len(result.records)} points in {out}")
     for path in result.files.values():
@@ -170,6 +162,59 @@ def add_clipping_arguments(parser, act_max="the maximum"):
     parser.add_argument("--activation-clipping", choices=ACTIVATION_CLIPPINGS, default="mse",
                         help="PTQ's 2..8-bit activations: calibrated range of least squared error (mse, "
                              f"default) or {act_max} (max)")
+
+
+def add_sweep_arguments(parser):
+    """The options of a sweep's grid and training, shared by ``lowbit sweep`` and
+    ``experiments/bitwidth_sweep.py`` (each adds its own ``--arch``, ``--seeds`` and output folder);
+    :func:`sweep_options` turns them into :func:`lowbit.sweep.run_sweep`'s keyword arguments."""
+    from .losses import LOSSES
+    from .sweep import METHODS, QAT_INITS, SCHEDULE_NAMES
+
+    p = parser
+    p.add_argument("--weight-bits", type=int, nargs="+", metavar="BITS",
+                   help="weight bits, each 1..8, 16 (fp16) or 32 (float); default 1 2 4 8 16 32")
+    p.add_argument("--act-bits", type=int, nargs="+", metavar="BITS",
+                   help="activation bits, each 1..8, 16 or 32; default 1 2 4 8 32")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="ptq: post-training quantization of the float model; qat: quantization-aware "
+                        "training (from scratch, or see --qat-init)")
+    p.add_argument("--epochs", type=int, help="epochs per QAT run (default 20; 1 with --quick)")
+    p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
+    p.add_argument("--pretrained", metavar="MODEL.npz",
+                   help="a trained float model of --arch for PTQ to start from, instead of training one")
+    add_clipping_arguments(p)
+    p.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
+                   help="QAT points train from scratch (default) or fine-tune each point's PTQ model "
+                        "(then give a small --lr and few --epochs)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
+    p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")
+    # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for
+    # ``train``; the sweep's --lr-end has a default.
+    p.add_argument("--schedule", dest="sweep_schedule", default="exponential", choices=SCHEDULE_NAMES)
+    p.add_argument("--loss", default="cross_entropy", choices=list(LOSSES))
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--init", help="latent-weight init of the MLPs (default glorot; Brevitas: uniform)")
+    p.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
+    p.add_argument("--limit", type=int, help="train on the first N images only")
+    p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--calibrate", type=int, help="training images calibrating PTQ (default 1000)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep finished runs' checkpoint.npz and model.npz (default: best.npz only)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sweep for CI: 1 epoch, 2000 images, W {1, 32} x A {1, 32}")
+
+
+def sweep_options(args):
+    """:func:`lowbit.sweep.run_sweep`'s keyword arguments from the options of :func:`add_sweep_arguments`."""
+    return dict(weight_bits=args.weight_bits, act_bits=args.act_bits, methods=args.methods,
+                epochs=args.epochs, float_epochs=args.float_epochs, quick=args.quick, lr=args.lr,
+                lr_end=args.lr_end, schedule=args.sweep_schedule, loss=args.loss,
+                batch_size=args.batch_size, init=args.init, val_size=args.val, train_limit=args.limit,
+                test_limit=args.test_limit, calibration=args.calibrate,
+                keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
+                weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
+                qat_init=args.qat_init)
 
 
 def build_parser():
@@ -243,41 +288,12 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=cmd_summary)
 
-    from .sweep import ARCHS, METHODS, QAT_INITS, SCHEDULE_NAMES
+    from .sweep import ARCHS
 
     p = sub.add_parser("sweep", help="accuracy and size over weight x activation bits, PTQ and QAT")
     p.add_argument("--arch", required=True, choices=ARCHS)
-    p.add_argument("--weight-bits", type=int, nargs="+", metavar="BITS",
-                   help="weight bits, each 1..8, 16 (fp16) or 32 (float); default 1 2 4 8 16 32")
-    p.add_argument("--act-bits", type=int, nargs="+", metavar="BITS",
-                   help="activation bits, each 1..8, 16 or 32; default 1 2 4 8 32")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="ptq: post-training quantization of the float model; qat: training from scratch")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--epochs", type=int, help="epochs per QAT run (default 20; 1 with --quick)")
-    p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
-    p.add_argument("--pretrained", metavar="MODEL.npz",
-                   help="a trained float model of --arch for PTQ to start from, instead of training one")
-    add_clipping_arguments(p)
-    p.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
-                   help="QAT points train from scratch (default) or fine-tune each point's PTQ model "
-                        "(then give a small --lr and few --epochs)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default by arch: 1e-2 MLPs, 1e-3 CNN)")
-    p.add_argument("--lr-end", type=float, help="final learning rate (default lr / 100)")
-    # dest differs from "schedule": main()'s check that an exponential schedule has --lr-end is for
-    # ``train``; the sweep's --lr-end has a default.
-    p.add_argument("--schedule", dest="sweep_schedule", default="exponential", choices=SCHEDULE_NAMES)
-    p.add_argument("--loss", default="cross_entropy", choices=list(LOSSES))
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--init", help="latent-weight init of the MLPs (default glorot; Brevitas: uniform)")
-    p.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
-    p.add_argument("--limit", type=int, help="train on the first N images only")
-    p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--calibrate", type=int, help="training images calibrating PTQ (default 1000)")
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep finished runs' checkpoint.npz and model.npz (default: best.npz only)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sweep for CI: 1 epoch, 2000 images, W {1, 32} x A {1, 32}")
+    add_sweep_arguments(p)
     p.add_argument("--out", help="output folder (default experiments/results/sweep_<arch>[_quick])")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)

@@ -327,7 +327,11 @@ class DoReFaActivation(Quantizer):
         return cfg
 
     def forward(self, x, train=False, channel_axis=None):
-        xp = _check_array(self, x)
+        return self._quantize(_check_array(self, x), x)
+
+    def _quantize(self, xp, x):
+        """The forward on an already checked ``x`` (:func:`mse_activation_range` checks its sample
+        once, then quantizes it at every candidate range)."""
         one = x.dtype.type(1)
         scaled = self.max_value != 1.0
         if scaled:
@@ -570,7 +574,7 @@ def mse_activation_range(x, bits, signed=False, candidates=128):
     bits = _check_bits("mse_activation_range", bits, 1, 8)
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    _check_array("mse_activation_range", x)
+    xp = _check_array("mse_activation_range", x)
     x = x.reshape(-1)
     # The top of the representable side: negatives of an unsigned quantizer clip to 0 whatever
     # the range, so they add the same error to every candidate.
@@ -579,7 +583,7 @@ def mse_activation_range(x, bits, signed=False, candidates=128):
         return 1.0
 
     def error(value):
-        q = DoReFaActivation(bits, signed=signed, max_value=value).forward(x)
+        q = DoReFaActivation(bits, signed=signed, max_value=value)._quantize(xp, x)
         return float(((q - x).astype(np.float64) ** 2).sum())
 
     best_value, best_error = top, error(top)

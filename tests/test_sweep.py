@@ -221,6 +221,46 @@ def test_cli_sweep(tmp_path, monkeypatch, capsys):
     assert "invalid choice: 'vgg'" in capsys.readouterr().err
 
 
+
+def test_wrapper_and_cli_pass_the_same_options(tmp_path, monkeypatch):
+    """``experiments/bitwidth_sweep.py`` and ``lowbit sweep`` share their options: the same flags reach
+    :func:`run_sweep` as the same keyword arguments (only the output folder differs)."""
+    import importlib.util
+    import sys
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    monkeypatch.syspath_prepend(here)
+    spec = importlib.util.spec_from_file_location("bitwidth_sweep_under_test",
+                                                  os.path.join(here, "bitwidth_sweep.py"))
+    wrapper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrapper)
+    calls = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(arch, **kwargs):
+        calls.append((arch, kwargs))
+        raise Recorded  # stop before any report is read
+
+    monkeypatch.setattr(wrapper, "run_sweep", record)
+    monkeypatch.setattr(sweep, "run_sweep", record)
+    flags = ["--arch", "sfc", "--seeds", "1", "2", "--methods", "qat", "--weight-bits", "1", "--act-bits", "2",
+             "--epochs", "3", "--lr", "0.02", "--lr-end", "0.001", "--schedule", "cosine", "--limit", "500",
+             "--val", "100", "--init", "uniform", "--loss", "squared_hinge", "--qat-init", "ptq",
+             "--activation-clipping", "max", "--quiet"]
+    for run in (lambda: wrapper.main(flags + ["--results", str(tmp_path)]),
+                lambda: cli_main(["sweep"] + flags + ["--out", str(tmp_path / "sweep_sfc")])):
+        with pytest.raises(Recorded):
+            run()
+    (arch_w, wrapped), (arch_c, direct) = calls
+    assert arch_w == arch_c == "sfc"
+    assert wrapped["out_dir"] == direct["out_dir"] == str(tmp_path / "sweep_sfc")
+    assert wrapped == direct
+    assert direct["schedule"] == "cosine" and direct["lr_end"] == 0.001 and direct["train_limit"] == 500
+    assert direct["init"] == "uniform" and direct["seeds"] == [1, 2] and direct["progress"] is False
+    assert "bitwidth_sweep_under_test" not in sys.modules
+
 def test_ptq_of_a_pretrained_model(tmp_path):
     """``pretrained``: PTQ starts from the given file; its 32/32 point is that model, nothing is trained."""
     import lowbit
