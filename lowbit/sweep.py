@@ -723,11 +723,15 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                            f"{record['size_bytes'] / 1024:.1f} KiB, {record['wall_seconds']:.1f} s")
     except KeyboardInterrupt:
         bar.close()
+        records = _load_points(points_path, settings["key"], repair=False)
         write_reports(out_dir, records, settings)
         print(f"\nsweep interrupted: {len(records)} points done in {out_dir}; rerun the same command to "
               "continue (an unfinished training run resumes from its last epoch)")
         raise
     bar.close()
+    # The reports cover every point in points.jsonl, also those that another sweep process on the
+    # same folder (other cells of the grid) appended while this one ran.
+    records = _load_points(points_path, settings["key"], repair=False)
     files = write_reports(out_dir, records, settings)
     return SweepResult(sorted(records, key=_sort_key), new, skipped, files)
 

@@ -101,6 +101,27 @@ def test_quick_sweep_writes_every_report_and_resumes(tmp_path):
         sweep.report_sweep(tmp_path / "runs")
 
 
+
+def test_reports_include_points_of_another_process(tmp_path, monkeypatch):
+    """Two sweeps on one folder, each on its own cells: the reports written at the end of one include
+    the points the other appended meanwhile, with no ``sweep-report`` needed."""
+    first = quick(tmp_path, methods=["ptq"], weight_bits=[32], act_bits=[32])
+    (other,) = first.records
+    other_line = json.dumps(dict(other, seed=7)) + "\n"  # a point "another process" finishes
+    real_append = sweep._append_point
+
+    def append_then_other(path, record):
+        real_append(path, record)
+        with open(path, "a") as fh:
+            fh.write(other_line)
+
+    monkeypatch.setattr(sweep, "_append_point", append_then_other)
+    result = quick(tmp_path, methods=["ptq"], weight_bits=[32], act_bits=[1])
+    assert result.new_points == 1
+    points = json.loads((tmp_path / "results.json").read_text())["points"]
+    assert sorted((p["act_bits"], p["seed"]) for p in points) == [(1, 0), (32, 0), (32, 7)]
+    assert len(result.records) == 3
+
 def test_interrupted_sweep_resumes_mid_training(tmp_path, monkeypatch):
     """Interrupted in the second epoch of the first QAT run: the rerun skips the finished points and
     continues that run from its checkpoint."""
