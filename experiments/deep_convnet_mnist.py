@@ -75,7 +75,8 @@ def precision_pair(args, data, command):
     ``results/precision_cosine/<precision>_seed<S>.json``."""
     precision = "mixed16" if args.mode == "mixed16" else "fp32"
     x_test, y_test = data[2], data[3]
-    name = f"deep_convnet_{precision}_cosine_e{args.epochs}_seed{args.seed}"
+    name = (f"deep_convnet_{precision}_cosine_e{args.epochs}" + (f"_limit{args.limit}" if args.limit else "")
+            + f"_seed{args.seed}")
     model, history, wall = train_one(name, args.seed, args.epochs, None, "cosine", args, data,
                                      precision=precision)
     acc = model.evaluate(x_test, y_test)
@@ -105,9 +106,12 @@ def precision_report(args, command):
     if not seeds:
         raise SystemExit(f"no seed has both an fp32 and a mixed16 run in {folder}; found "
                          f"fp32 seeds {sorted(runs['fp32'])}, mixed16 seeds {sorted(runs['mixed16'])}")
-    epochs = {runs[p][s]["epochs"] for p in runs for s in seeds}
-    if len(epochs) != 1:
-        raise SystemExit(f"the runs in {folder} differ in epochs ({sorted(epochs)}); compare like with like")
+    for field in ("epochs", "train_images", "lr"):
+        values = {runs[p][s][field] for p in runs for s in seeds}
+        if len(values) != 1:
+            raise SystemExit(f"the runs in {folder} differ in {field} ({sorted(values)}); "
+                             "compare like with like")
+    epochs = {runs["fp32"][seeds[0]]["epochs"]}
     acc = {p: np.array([runs[p][s]["test_acc"] for s in seeds]) for p in runs}
     skipped = [sum(h.get("skipped_steps", 0) for h in runs["mixed16"][s]["history"]) for s in seeds]
     summary = {"experiment": "deep_convnet_mnist_precision_cosine_summary", "epochs": epochs.pop(),
