@@ -111,10 +111,9 @@ def precision_report(args, command):
         if len(values) != 1:
             raise SystemExit(f"the runs in {folder} differ in {field} ({sorted(values)}); "
                              "compare like with like")
-    epochs = {runs["fp32"][seeds[0]]["epochs"]}
     acc = {p: np.array([runs[p][s]["test_acc"] for s in seeds]) for p in runs}
     skipped = [sum(h.get("skipped_steps", 0) for h in runs["mixed16"][s]["history"]) for s in seeds]
-    summary = {"experiment": "deep_convnet_mnist_precision_cosine_summary", "epochs": epochs.pop(),
+    summary = {"experiment": "deep_convnet_mnist_precision_cosine_summary", "epochs": runs["fp32"][seeds[0]]["epochs"],
                "seeds": seeds,
                "test_acc": {p: [float(a) for a in acc[p]] for p in acc},
                "mean": {p: float(acc[p].mean()) for p in acc},

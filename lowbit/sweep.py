@@ -557,7 +557,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"schedule must be one of {list(SCHEDULE_NAMES)}, got {schedule!r}")
     if loss not in LOSSES:
-        raise ValueError(f"loss must be 'cross_entropy' or 'squared_hinge', got {loss!r}")
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     batch_size = _check_int("batch_size", batch_size, 1)
     if arch in FC_WIDTHS:
         init = init or recipe["init"]
@@ -620,8 +620,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     os.makedirs(out_dir, exist_ok=True)
     _check_settings(out_dir, settings)
     points_path = os.path.join(out_dir, "points.jsonl")
-    records = _load_points(points_path, settings["key"])
-    done = {_point_key(r) for r in records}
+    done = {_point_key(r) for r in _load_points(points_path, settings["key"])}
 
     grid = [(method, wb, ab, seed) for seed in seeds for method in methods
             for wb in weight_bits for ab in act_bits]
@@ -715,7 +714,6 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                 "settings_key": settings["key"],
             }
             _append_point(points_path, record)
-            records.append(record)
             new += 1
             bar.update(1)
             if progress:
