@@ -67,6 +67,20 @@ def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32
     return model, history, wall
 
 
+def train_and_save(args, data, name, seed, model_file, model_meta, *, augment=None, schedule="constant",
+                   precision="fp32"):
+    """What every training mode does: train (or resume) run ``name`` for ``--epochs``, evaluate it on
+    the test set, save it as ``--models/model_file`` with ``model_meta`` (plus its test accuracy and
+    seed).  Returns the model and the fields every result file has: seed, test_acc, wall_seconds,
+    history and the model's path relative to the repository."""
+    model, history, wall = train_one(name, seed, args.epochs, augment, schedule, args, data, precision)
+    acc = model.evaluate(data[2], data[3])
+    path = os.path.join(args.models, model_file)
+    lowbit.save_model(model, path, {"test_acc": acc, "seed": seed, **model_meta})
+    return model, {"seed": seed, "test_acc": acc, "wall_seconds": wall, "history": history,
+                   "model": os.path.relpath(path, os.path.dirname(HERE))}
+
+
 PRECISION_DIR = "precision_cosine"
 
 
@@ -74,21 +88,16 @@ def precision_pair(args, data, command):
     """One ``single`` or ``mixed16`` run with cosine decay; its result goes to
     ``results/precision_cosine/<precision>_seed<S>.json``."""
     precision = "mixed16" if args.mode == "mixed16" else "fp32"
-    x_test, y_test = data[2], data[3]
     name = (f"deep_convnet_{precision}_cosine_e{args.epochs}" + (f"_limit{args.limit}" if args.limit else "")
             + f"_seed{args.seed}")
-    model, history, wall = train_one(name, args.seed, args.epochs, None, "cosine", args, data,
-                                     precision=precision)
-    acc = model.evaluate(x_test, y_test)
-    path = os.path.join(args.models, f"deep_convnet_mnist_cosine_{precision}_seed{args.seed}.npz")
-    lowbit.save_model(model, path, {"test_acc": acc, "seed": args.seed, "epochs": args.epochs,
-                                    "precision": precision, "schedule": "cosine"})
+    _, run = train_and_save(args, data, name, args.seed, f"deep_convnet_mnist_cosine_{precision}_seed{args.seed}.npz",
+                            {"epochs": args.epochs, "precision": precision, "schedule": "cosine"},
+                            schedule="cosine", precision=precision)
+    acc, wall = run["test_acc"], run["wall_seconds"]
     result = {"experiment": "deep_convnet_mnist_precision_cosine", "precision": precision,
               "recipe": "book network and batch, Adam with cosine decay from --lr to 0, no augmentation",
-              "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "train_images": len(data[0]),
-              "test_acc": acc, "wall_seconds": wall, "history": history,
-              "model": os.path.relpath(path, os.path.dirname(HERE)), "command": command,
-              "environment": environment()}
+              "epochs": args.epochs, "lr": args.lr, "train_images": len(data[0]), **run,
+              "command": command, "environment": environment()}
     write_json_atomic(os.path.join(args.results, PRECISION_DIR, f"{precision}_seed{args.seed}.json"), result)
     print(f"{precision}, cosine decay, seed {args.seed}: test accuracy {acc:.4%}, {wall:.0f} s")
     return result
@@ -185,33 +194,22 @@ def main(argv=None):
         return result
 
     if args.mode == "mixed16":
-        name = f"deep_convnet_mixed16_seed{args.seed}"
-        model, history, wall = train_one(name, args.seed, args.epochs, None, "constant", args, data,
-                                         precision="mixed16")
-        acc = model.evaluate(x_test, y_test)
-        path = os.path.join(args.models, "deep_convnet_mnist_mixed16.npz")
-        lowbit.save_model(model, path, {"test_acc": acc, "seed": args.seed, "precision": "mixed16"})
-        result = {"experiment": "deep_convnet_mnist_mixed16", "seed": args.seed, "epochs": args.epochs,
-                  "test_acc": acc, "wall_seconds": wall, "history": history,
-                  "model": os.path.relpath(path, os.path.dirname(HERE)), "command": command,
-                  "environment": environment()}
+        _, run = train_and_save(args, data, f"deep_convnet_mixed16_seed{args.seed}", args.seed,
+                                "deep_convnet_mnist_mixed16.npz", {"precision": "mixed16"}, precision="mixed16")
+        result = {"experiment": "deep_convnet_mnist_mixed16", "epochs": args.epochs, **run,
+                  "command": command, "environment": environment()}
         write_json_atomic(os.path.join(args.results, "deep_convnet_mnist_mixed16.json"), result)
-        print(f"mixed-precision test accuracy {acc:.4%}, {wall:.0f} s")
+        print(f"mixed-precision test accuracy {run['test_acc']:.4%}, {run['wall_seconds']:.0f} s")
         return result
 
     if args.mode == "single":
-        name = f"deep_convnet_seed{args.seed}"
-        model, history, wall = train_one(name, args.seed, args.epochs, None, "constant", args, data)
-        acc = model.evaluate(x_test, y_test)
-        model_path = os.path.join(args.models, "deep_convnet_mnist.npz")
-        lowbit.save_model(model, model_path, {"test_acc": acc, "seed": args.seed, "epochs": args.epochs})
+        _, run = train_and_save(args, data, f"deep_convnet_seed{args.seed}", args.seed, "deep_convnet_mnist.npz",
+                                {"epochs": args.epochs})
         result = {"experiment": "deep_convnet_mnist", "recipe": "book: Adam 0.001, batch 100, no augmentation",
-                  "seed": args.seed, "epochs": args.epochs, "train_images": len(x_train),
-                  "test_acc": acc, "target": 0.9938, "wall_seconds": wall, "history": history,
-                  "model": os.path.relpath(model_path, os.path.dirname(HERE)), "command": command,
-                  "environment": environment()}
+                  "epochs": args.epochs, "train_images": len(x_train), "target": 0.9938, **run,
+                  "command": command, "environment": environment()}
         write_json_atomic(os.path.join(args.results, "deep_convnet_mnist.json"), result)
-        print(f"test accuracy {acc:.4%} (target 99.38%), {wall:.0f} s")
+        print(f"test accuracy {run['test_acc']:.4%} (target 99.38%), {run['wall_seconds']:.0f} s")
         return result
 
     from lowbit.augment import Augment
@@ -221,16 +219,13 @@ def main(argv=None):
     member_results = []
     for i in range(args.members):
         seed = args.seed + i
-        name = f"deep_convnet_aug_seed{seed}"
-        model, history, wall = train_one(name, seed, args.epochs, augment, "cosine", args, data)
-        acc = model.evaluate(x_test, y_test)
-        path = os.path.join(args.models, f"deep_convnet_mnist_aug_seed{seed}.npz")
-        lowbit.save_model(model, path, {"test_acc": acc, "seed": seed, "epochs": args.epochs,
-                                        "augment": augment.config()})
+        model, run = train_and_save(args, data, f"deep_convnet_aug_seed{seed}", seed,
+                                    f"deep_convnet_mnist_aug_seed{seed}.npz",
+                                    {"epochs": args.epochs, "augment": augment.config()},
+                                    augment=augment, schedule="cosine")
         members.append(model)
-        member_results.append({"seed": seed, "test_acc": acc, "wall_seconds": wall, "history": history,
-                               "model": os.path.relpath(path, os.path.dirname(HERE))})
-        print(f"member {i} (seed {seed}): {acc:.4%}")
+        member_results.append(run)
+        print(f"member {i} (seed {seed}): {run['test_acc']:.4%}")
     ens_acc = lowbit.Ensemble(members).evaluate(x_test, y_test)
     result = {"experiment": "deep_convnet_mnist_ensemble", "augment": augment.config(),
               "schedule": "cosine", "epochs": args.epochs, "members": member_results,
