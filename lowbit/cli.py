@@ -201,6 +201,9 @@ def add_sweep_arguments(parser):
     p.add_argument("--calibrate", type=int, help="training images calibrating PTQ (default 1000)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep finished runs' checkpoint.npz and model.npz (default: best.npz only)")
+    p.add_argument("--track-test", action="store_true",
+                   help="also test after every epoch and report each trained point's best test epoch "
+                        "(Brevitas' selection) beside the validation-chosen accuracy")
     p.add_argument("--quick", action="store_true",
                    help="tiny sweep for CI: 1 epoch, 2000 images, W {1, 32} x A {1, 32}")
 
@@ -214,7 +217,7 @@ def sweep_options(args):
                 test_limit=args.test_limit, calibration=args.calibrate,
                 keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
                 weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
-                qat_init=args.qat_init)
+                qat_init=args.qat_init, track_test=args.track_test)
 
 
 def build_parser():

@@ -145,6 +145,8 @@ CSV_FIELDS = ("arch", "method", "weight_bits", "act_bits", "seed", "accuracy", "
               "val_accuracy", "best_epoch", "epochs", "size_bytes", "float_file_bytes", "float32_bytes",
               "parameters", "train_seconds", "wall_seconds", "test_images", "source", "packed_file",
               "run_dir", "finished_at", "settings_key")
+#: The columns a ``track_test`` sweep adds (only then, so the reports of other sweeps stay as they were).
+CSV_TRACK_TEST_FIELDS = ("best_test_accuracy", "best_test_epoch")
 
 
 class SweepResult(NamedTuple):
@@ -355,12 +357,16 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
     trainer = Trainer(model, settings["loss"], Adam(settings["lr"]), _schedule(settings, epochs),
                       epochs=epochs, batch_size=settings["batch_size"], seed=seed, out_dir=run_dir,
                       progress=progress)
-    history = trainer.fit(split.x_train, split.y_train, split.x_val, split.y_val, resume=True)
+    test = (split.x_test, split.y_test) if settings.get("track_test") else (None, None)
+    history = trainer.fit(split.x_train, split.y_train, split.x_val, split.y_val, *test, resume=True)
     best_index = int(np.argmax([record["val_acc"] for record in history]))  # first best, as Trainer
     info = {"epochs": epochs, "best_epoch": best_index + 1,
             "val_accuracy": float(history[best_index]["val_acc"]),
             "train_seconds": float(sum(record["seconds"] for record in history)),
             "settings_key": settings["key"], "history": history}
+    if settings.get("track_test"):  # Brevitas' selection: the epoch of best test accuracy
+        best_test = int(np.argmax([record["test_acc"] for record in history]))
+        info.update(best_test_accuracy=float(history[best_test]["test_acc"]), best_test_epoch=best_test + 1)
     write_json_atomic(done, info)
     if not keep_checkpoints:
         for name in ("checkpoint.npz", "model.npz"):  # best.npz is the one the sweep uses
@@ -464,7 +470,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
               float_epochs=None, out_dir=None, quick=False, progress=True, lr=None, lr_end=None,
               schedule="exponential", loss="cross_entropy", batch_size=100, init=None, val_size=None,
               train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None,
-              pretrained=None, weight_clipping="mse", activation_clipping="mse", qat_init="scratch"):
+              pretrained=None, weight_clipping="mse", activation_clipping="mse", qat_init="scratch",
+              track_test=False):
     """Run (or resume) a bit-width sweep of ``arch`` and write its reports; see the module docstring.
 
     Parameters
@@ -525,6 +532,12 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         ``weight_clipping`` and ``activation_clipping`` shape the start, and the settings record
         them even for a QAT-only sweep).  With "ptq" the 32/32 QAT point fine-tunes the float model
         too, rather than being it.
+    track_test : bool
+        Also evaluate the test set after every training epoch and record, for each trained point,
+        ``best_test_accuracy`` and ``best_test_epoch``: the selection Brevitas' BNN-PYNQ figures use
+        (the epoch of best *test* accuracy), reported beside the validation-chosen ``accuracy`` so the
+        two protocols can be compared.  It changes no training step and no chosen model; it enters the
+        settings (a new folder) only when on.
 
     Returns
     -------
@@ -612,6 +625,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         settings["ptq_weight_clipping"] = weight_clipping
         if activation_clipping != "max":  # the keys of sweeps made before the option stay valid
             settings["ptq_activation_clipping"] = activation_clipping
+    if track_test:  # only then, so that the keys of earlier sweeps stay valid
+        settings["track_test"] = True
     if pretrained is not None:  # only then, so that the keys of earlier sweeps stay valid
         with open(pretrained, "rb") as fh:
             settings["pretrained"] = {"file": os.path.basename(pretrained),
@@ -700,11 +715,14 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                 float_file = os.path.join(run_dir, "best.npz")
             packed_path = os.path.join(out_dir, "points", f"{name}.npz")
             measured = _evaluate_point(point_model, packed_path, split, metadata)
+            trained = baseline or method == "qat"  # the point is the model of its own training run
             record = {
                 "arch": arch, "method": method, "weight_bits": wb, "act_bits": ab, "seed": seed,
                 **measured,
-                "val_accuracy": info["val_accuracy"] if baseline or method == "qat" else None,
+                "val_accuracy": info["val_accuracy"] if trained else None,
                 "best_epoch": info["best_epoch"], "epochs": trained_epochs,
+                **({field: info.get(field) if trained else None for field in ("best_test_accuracy", "best_test_epoch")}
+                   if settings.get("track_test") else {}),
                 "float_file_bytes": os.path.getsize(float_file),
                 "train_seconds": info["train_seconds"], "wall_seconds": time.perf_counter() - t0,
                 "test_images": int(len(split.y_test)), "source": source,
@@ -752,7 +770,8 @@ def _bits_label(bits):
 
 def _aggregate(records):
     """``{(method, wb, ab): {"mean", "std", "n", "seeds", "size_bytes"}}``; accuracies in percent,
-    std the sample standard deviation (ddof 1; 0 for one seed)."""
+    std the sample standard deviation (ddof 1; 0 for one seed).  Groups whose every point has a
+    ``best_test_accuracy`` (``track_test``) also get ``"best_test": {"mean", "std", "n"}``."""
     groups = {}
     for record in records:
         groups.setdefault((record["method"], record["weight_bits"], record["act_bits"]), []).append(record)
@@ -765,6 +784,11 @@ def _aggregate(records):
             "n": len(group), "seeds": sorted(r["seed"] for r in group),
             "size_bytes": float(np.mean([r["size_bytes"] for r in group])),
         }
+        best_test = [r.get("best_test_accuracy") for r in group]
+        if all(value is not None for value in best_test):  # a track_test sweep's trained points
+            best_test = np.array(best_test) * 100
+            summary[key]["best_test"] = {"mean": float(best_test.mean()), "n": len(group),
+                                         "std": float(best_test.std(ddof=1)) if len(group) > 1 else 0.0}
     return summary
 
 
@@ -848,16 +872,23 @@ def _markdown(records, settings, summary):
     lines.append("")
     reference = BREVITAS_MNIST.get(arch)
     if reference:
+        tracked = [m for m in methods if any("best_test" in e for (mm, _, _), e in summary.items() if mm == m)]
         lines += [f"## Against Brevitas BNN-PYNQ ({arch.upper()}, MNIST)", "",
                   "Brevitas (bnn_pynq_train.py's defaults) trains on all 60,000 training images with "
                   "Adam 0.02 halved every 40 epochs and squared hinge loss, up to 1000 epochs, and keeps "
                   "the epoch of best *test* accuracy; the cells here are this sweep's, chosen by its "
-                  "held-out validation images.", "",
-                  "| W/A | brevitas | " + " | ".join(f"lowbit {m.upper()}" for m in methods) + " |",
-                  "|---|---|" + "---|" * len(methods)]
+                  "held-out validation images."
+                  + (" The 'best test epoch' columns apply Brevitas' selection to the same training runs "
+                     "(test accuracy of the simulated model at its best test epoch): a like-for-like "
+                     "comparison with the reference, optimistic as a measure of the model." if tracked else ""),
+                  "",
+                  "| W/A | brevitas | " + " | ".join(f"lowbit {m.upper()}" for m in methods)
+                  + "".join(f" | lowbit {m.upper()}, best test epoch" for m in tracked) + " |",
+                  "|---|---|" + "---|" * (len(methods) + len(tracked))]
         for wb, ab in _REFERENCE_CELLS:
             ref = reference.get((wb, ab))
             cells = [_cell(summary.get((m, wb, ab)), len(seeds)) for m in methods]
+            cells += [_cell(summary.get((m, wb, ab), {}).get("best_test"), len(seeds)) for m in tracked]
             ref_text = "-" if ref is None else f"{ref:.2f}"
             lines.append(f"| {wb}W{ab}A | {ref_text} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -865,11 +896,12 @@ def _markdown(records, settings, summary):
 
 
 def _csv(records):
+    fields = CSV_FIELDS + (CSV_TRACK_TEST_FIELDS if any("best_test_accuracy" in r for r in records) else ())
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in CSV_FIELDS})
+        writer.writerow({k: ("" if record.get(k) is None else record.get(k)) for k in fields})
     return buffer.getvalue()
 
 
@@ -970,7 +1002,9 @@ def write_reports(out_dir, records, settings):
     document = {
         "arch": settings["arch"], "settings": settings, "brevitas_reference": reference,
         "summary": [{"method": m, "weight_bits": wb, "act_bits": ab, "accuracy_mean_percent": e["mean"],
-                     "accuracy_std_percent": e["std"], "seeds": e["seeds"], "size_bytes": e["size_bytes"]}
+                     "accuracy_std_percent": e["std"], "seeds": e["seeds"], "size_bytes": e["size_bytes"],
+                     **({"best_test_accuracy_mean_percent": e["best_test"]["mean"],
+                         "best_test_accuracy_std_percent": e["best_test"]["std"]} if "best_test" in e else {})}
                     for (m, wb, ab), e in sorted(summary.items(), key=lambda kv: (METHODS.index(kv[0][0]),)
                                                  + kv[0][1:])],
         "points": records,

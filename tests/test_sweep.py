@@ -269,7 +269,7 @@ def test_wrapper_and_cli_pass_the_same_options(tmp_path, monkeypatch):
     flags = ["--arch", "sfc", "--seeds", "1", "2", "--methods", "qat", "--weight-bits", "1", "--act-bits", "2",
              "--epochs", "3", "--lr", "0.02", "--lr-end", "0.001", "--schedule", "cosine", "--limit", "500",
              "--val", "100", "--init", "uniform", "--loss", "squared_hinge", "--qat-init", "ptq",
-             "--activation-clipping", "max", "--quiet"]
+             "--activation-clipping", "max", "--track-test", "--quiet"]
     for run in (lambda: wrapper.main(flags + ["--results", str(tmp_path)]),
                 lambda: cli_main(["sweep"] + flags + ["--out", str(tmp_path / "sweep_sfc")])):
         with pytest.raises(Recorded):
@@ -280,6 +280,7 @@ def test_wrapper_and_cli_pass_the_same_options(tmp_path, monkeypatch):
     assert wrapped == direct
     assert direct["schedule"] == "cosine" and direct["lr_end"] == 0.001 and direct["train_limit"] == 500
     assert direct["init"] == "uniform" and direct["seeds"] == [1, 2] and direct["progress"] is False
+    assert direct["track_test"] is True
     assert "bitwidth_sweep_under_test" not in sys.modules
 
 def test_ptq_of_a_pretrained_model(tmp_path):
@@ -375,3 +376,37 @@ def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
     with pytest.raises(ValueError, match="activation_clipping must be one of"):
         quick(tmp_path / "bad", activation_clipping="none")
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_track_test_reports_the_best_test_epoch_and_changes_nothing_else(tmp_path):
+    """``track_test`` adds Brevitas' selection (the epoch of best test accuracy) beside the
+    validation-chosen accuracy: same points, same accuracies, a new settings key and table column."""
+    grid = dict(seeds=(0,), weight_bits=(1, 32), act_bits=(1,), epochs=3)
+    plain = quick(tmp_path / "plain", **grid)
+    tracked = quick(tmp_path / "tracked", track_test=True, **grid)
+    settings = json.loads((tmp_path / "tracked" / "sweep.json").read_text())
+    assert settings["track_test"] is True
+    assert "track_test" not in json.loads((tmp_path / "plain" / "sweep.json").read_text())
+    assert settings["key"] != json.loads((tmp_path / "plain" / "sweep.json").read_text())["key"]
+    for a, b in zip(plain.records, tracked.records):
+        assert (a["method"], a["weight_bits"], a["accuracy"], a["best_epoch"], a["val_accuracy"]) == \
+            (b["method"], b["weight_bits"], b["accuracy"], b["best_epoch"], b["val_accuracy"])
+        assert "best_test_accuracy" not in a
+        if b["method"] == "ptq":  # quantized after training (no 32/32 point here): no epochs of its own
+            assert b["best_test_accuracy"] is None and b["best_test_epoch"] is None
+            continue
+        run = json.loads((tmp_path / "tracked" / b["run_dir"] / "result.json").read_text())
+        tests = [record["test_acc"] for record in run["history"]]
+        assert b["best_test_accuracy"] == max(tests)
+        assert b["best_test_epoch"] == tests.index(max(tests)) + 1
+    table = (tmp_path / "tracked" / "table.md").read_text()
+    assert "lowbit QAT, best test epoch" in table and "best test epoch" not in (tmp_path / "plain" / "table.md").read_text()
+    ptq, qat = (next(r for r in tracked.records if r["method"] == m and r["weight_bits"] == 1) for m in ("ptq", "qat"))
+    assert (f"| 1W1A | 93.17 | {ptq['accuracy'] * 100:.2f} | {qat['accuracy'] * 100:.2f} | "
+            f"{qat['best_test_accuracy'] * 100:.2f} |") in table
+    with open(tmp_path / "tracked" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {row["best_test_epoch"] for row in rows if row["method"] == "ptq"} == {""}
+    assert all(row["best_test_epoch"] for row in rows if row["method"] == "qat")
+    summary = json.loads((tmp_path / "tracked" / "results.json").read_text())["summary"]
+    assert any("best_test_accuracy_mean_percent" in entry for entry in summary)
