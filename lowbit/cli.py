@@ -84,7 +84,7 @@ def cmd_eval(args):
     from .data import float_images as _float_images
     from .data import load_mnist
     from .ensemble import Ensemble
-    from .io import load_model
+    from .packed import load_any
 
     mnist = load_mnist(progress=not args.quiet)
     x_test, y_test = _float_images(mnist.x_test), mnist.y_test
@@ -92,7 +92,7 @@ def cmd_eval(args):
         x_test, y_test = x_test[:args.limit], y_test[:args.limit]
     models = []
     for path in args.models:
-        model = load_model(path)
+        model = load_any(path)  # a trained model file or a packed one
         acc = model.evaluate(x_test, y_test)
         print(f"{path}: test accuracy {acc:.4%} on {len(y_test)} images")
         models.append(model)
@@ -255,7 +255,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="test accuracy of saved models (and of their ensemble)")
+    p = sub.add_parser("eval", help="test accuracy of saved or packed models (and of their ensemble)")
     p.add_argument("models", nargs="+", metavar="MODEL.npz")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
     p.add_argument("--quiet", action="store_true")

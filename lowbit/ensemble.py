@@ -49,8 +49,8 @@ class Ensemble(Classifier):
 
 
 def ensemble(models):
-    """An :class:`Ensemble` of models or of paths to saved model files."""
-    from .io import load_model
+    """An :class:`Ensemble` of models or of paths to saved model files (trained or packed)."""
+    from .packed import load_any
 
-    loaded = [load_model(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+    loaded = [load_any(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
     return Ensemble(loaded)

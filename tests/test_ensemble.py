@@ -38,3 +38,33 @@ def test_bad_members():
         Ensemble([])
     with pytest.raises(TypeError, match=r"members\[0\] has no predict_scores"):
         Ensemble([object()])
+
+
+def test_eval_reads_trained_and_packed_files(tmp_path, monkeypatch, capsys):
+    """``lowbit eval`` and ``lowbit.ensemble`` take packed files as well as trained ones: each
+    member's accuracy and the ensemble's are those of the loaded models."""
+    import types
+
+    from lowbit import data
+    from lowbit.cli import main as cli_main
+    from lowbit.zoo import tfc
+
+    rng = np.random.default_rng(0)
+    fake = types.SimpleNamespace(x_test=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+                                 y_test=rng.integers(0, 10, 40))
+    monkeypatch.setattr(data, "load_mnist", lambda **kwargs: fake)
+    x = data.float_images(fake.x_test)
+    trained = tfc(seed=1)
+    trained.forward(x, train=True)  # BatchNorm statistics other than the initial ones
+    float_path = lowbit.save_model(trained, tmp_path / "float.npz")
+    packed = lowbit.convert(tfc(seed=2))
+    packed_path = tmp_path / "packed.npz"
+    packed.save(packed_path)
+    assert cli_main(["eval", str(float_path), str(packed_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    members = [lowbit.load_model(float_path), lowbit.load_packed(packed_path)]
+    assert f"float.npz: test accuracy {members[0].evaluate(x, fake.y_test):.4%} on 40 images" in out
+    assert f"packed.npz: test accuracy {members[1].evaluate(x, fake.y_test):.4%} on 40 images" in out
+    expected = Ensemble(members).evaluate(x, fake.y_test)
+    assert f"ensemble of 2 (mean softmax): test accuracy {expected:.4%}" in out
+    assert lowbit.ensemble([float_path, packed_path]).evaluate(x, fake.y_test) == expected
