@@ -16,7 +16,9 @@ What it measures (median of repeats; every method runs with the same number of t
 3. Packing throughput: ``pack_signs`` of float32 (GB/s of float32 read), ``unpack_signs`` (GB/s of
    float32 written) and ``threshold_pack`` (GB/s of int32 read).
 4. On a CUDA device (when CuPy finds one): 8192^3 ``xnor_gemm`` against cuBLAS float32 and float16
-   (``cupy.matmul``), timed with CUDA events.
+   (``cupy.matmul``), timed with CUDA events.  ``--gpu-only`` runs the GPU part alone (GEMM at 1024,
+   4096 and 8192, the shared-memory stage depth ``LOWBIT_TILE_K`` in {4, 8, 16}, ``pack_signs``
+   GB/s) without PyTorch or the CPU baselines, and writes ``results/bench_kernels_gpu.json``.
 
 Targets (issue 4; 2-core AMD EPYC Zen 4 with AVX-512 VPOPCNTDQ): GEMM >= 15x PyTorch float32 and
 >= 1.0e12 binary MAC/s (the ceiling here is about 1.9e12-2.4e12: xor, vpopcntq and add share two
@@ -302,6 +304,38 @@ def bench_packing(rows, columns, repeats, rng):
     }
 
 
+def gpu_time(function, repeats):
+    """Median of ``repeats`` CUDA-event timings of ``function()`` after one warm-up call."""
+    function()
+    cupy.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        function()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return {"median_s": float(np.median(times)), "times_s": times}
+
+
+def gpu_device():
+    """Name, multiprocessors and clock of the current CUDA device, and the 64-bit popcount ceiling."""
+    properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = properties["name"]
+    sms, clock_hz = properties["multiProcessorCount"], properties["clockRate"] * 1e3
+    return {
+        "device": name.decode() if isinstance(name, bytes) else str(name),
+        "compute_capability": f"{properties['major']}.{properties['minor']}",
+        "multiprocessors": sms,
+        "max_clock_hz": clock_hz,
+        # 16 32-bit POPC per clock per multiprocessor (compute capability 7.x-9.0, CUDA programming
+        # guide's throughput table): 8 64-bit words per clock, the bound of an XNOR-popcount GEMM.
+        "popc64_words_per_s_ceiling": sms * clock_hz * 8,
+        "cupy_tf32": os.environ.get("CUPY_TF32", "0"),
+    }
+
+
 def bench_gpu(size, repeats):
     if cupy is None:
         return {"available": False}
@@ -312,35 +346,115 @@ def bench_gpu(size, repeats):
     b32 = cupy.asarray(rng.standard_normal((size, size), dtype=np.float32))
     a16, b16 = a32.astype(cupy.float16), b32.astype(cupy.float16)
 
-    def gpu_time(function):
-        function()
-        cupy.cuda.Device().synchronize()
-        times = []
-        for _ in range(repeats):
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            function()
-            stop.record()
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-        return {"median_s": float(np.median(times)), "times_s": times}
-
     timings = {
-        "binary_xnor_gemm": gpu_time(lambda: kernels.xnor_gemm(a_packed, b_packed, size)),
-        "cublas_float32": gpu_time(lambda: cupy.matmul(a32, b32)),
-        "cublas_float16": gpu_time(lambda: cupy.matmul(a16, b16)),
+        "binary_xnor_gemm": gpu_time(lambda: kernels.xnor_gemm(a_packed, b_packed, size), repeats),
+        "cublas_float32": gpu_time(lambda: cupy.matmul(a32, b32), repeats),
+        "cublas_float16": gpu_time(lambda: cupy.matmul(a16, b16), repeats),
     }
     t = {name: value["median_s"] for name, value in timings.items()}
-    properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    device = gpu_device()
+    words_per_s = float(size) ** 2 * a_packed.shape[1] / t["binary_xnor_gemm"]
     return {
         "available": True,
-        "device": name.decode() if isinstance(name := properties["name"], bytes) else str(name),
+        **device,
         "size": size,
         "timings": timings,
         "ratios": {"vs_cublas_float32": t["cublas_float32"] / t["binary_xnor_gemm"],
                    "vs_cublas_float16": t["cublas_float16"] / t["binary_xnor_gemm"]},
         "binary_mac_per_s": float(size) ** 3 / t["binary_xnor_gemm"],
+        "cublas_float32_flop_per_s": 2 * float(size) ** 3 / t["cublas_float32"],
+        "fraction_of_popc_ceiling": words_per_s / device["popc64_words_per_s_ceiling"],
     }
+
+
+def bench_gpu_tile_k(size, repeats, tile_ks=(4, 8, 16)):
+    """xnor_gemm.cu built with each ``LOWBIT_TILE_K`` (words of K per shared-memory stage): equal
+    output to the shipped build, and its time.  Says whether the shipped value is the right one."""
+    from lowbit.kernels import _cuda as cuda_path
+
+    rng = np.random.default_rng(1)
+    a = cupy.asarray(kernels.pack_signs(rng.standard_normal((size, size), dtype=np.float32)))
+    b = cupy.asarray(kernels.pack_signs(rng.standard_normal((size, size), dtype=np.float32)))
+    reference = kernels.xnor_gemm(a, b, size)
+    source = (cuda_path.SOURCE_DIR / "xnor_gemm.cu").read_text()
+    grid = ((size + cuda_path._GEMM_TILE - 1) // cuda_path._GEMM_TILE,) * 2
+    rows = []
+    for tile_k in tile_ks:
+        function = cupy.RawModule(code=source, options=(f"-DLOWBIT_TILE_K={tile_k}",)).get_function("xnor_gemm")
+        out = cupy.empty((size, size), dtype=np.int32)
+
+        def run():
+            function(grid, (cuda_path._GEMM_THREADS,),
+                     (a, b, out, np.int64(size), np.int64(size), np.int64(a.shape[1]), np.int32(size)))
+
+        timing = gpu_time(run, repeats)
+        rows.append({"tile_k": tile_k, "equal_to_shipped": bool((out == reference).all()), **timing})
+    return rows
+
+
+def bench_gpu_packing(rows, columns, repeats):
+    """pack_signs on the GPU: GB/s of float32 read."""
+    values = cupy.asarray(np.random.default_rng(2).standard_normal((rows, columns), dtype=np.float32))
+    timing = gpu_time(lambda: kernels.pack_signs(values), repeats)
+    return {"shape": [rows, columns], **timing, "gb_per_s": values.nbytes / timing["median_s"] / 1e9}
+
+
+def main_gpu(args):
+    """``--gpu-only``: the GPU part alone (no PyTorch, no CPU baselines), for the lent GPU machines."""
+    if cupy is None:
+        raise SystemExit("--gpu-only needs CuPy and a CUDA device; lowbit.backend found none")
+    started = time.time()
+    sizes = [1024, 2048] if args.quick else [1024, 4096, 8192]
+    repeats = 5 if args.quick else 20
+    gemm = []
+    for size in sizes:
+        row = bench_gpu(size, repeats)
+        gemm.append(row)
+        t, r = {k: v["median_s"] * 1e3 for k, v in row["timings"].items()}, row["ratios"]
+        print(f"GPU GEMM {size}^3 on {row['device']}: binary {t['binary_xnor_gemm']:.3f} ms "
+              f"({row['binary_mac_per_s']:.3g} MAC/s, {row['fraction_of_popc_ceiling']:.0%} of the popcount "
+              f"ceiling), cuBLAS f32 {t['cublas_float32']:.3f} ms ({row['cublas_float32_flop_per_s'] / 1e12:.1f} "
+              f"TFLOP/s), f16 {t['cublas_float16']:.3f} ms -> {r['vs_cublas_float32']:.2f}x f32, "
+              f"{r['vs_cublas_float16']:.2f}x f16", flush=True)
+    tile_k = bench_gpu_tile_k(sizes[-1], repeats)
+    for row in tile_k:
+        print(f"  xnor_gemm.cu with LOWBIT_TILE_K={row['tile_k']}: {row['median_s'] * 1e3:.3f} ms, "
+              f"output equal to the shipped build: {row['equal_to_shipped']}", flush=True)
+    packing = bench_gpu_packing(8192 if not args.quick else 2048, 8192, repeats)
+    print(f"GPU pack_signs float32 {packing['shape']}: {packing['gb_per_s']:.0f} GB/s", flush=True)
+    largest = max(gemm, key=lambda row: row["size"])
+    summary = {
+        "device": largest["device"],
+        "gemm_ratio_vs_cublas_float32": {row["size"]: round(row["ratios"]["vs_cublas_float32"], 2) for row in gemm},
+        "gemm_ratio_vs_cublas_float16": {row["size"]: round(row["ratios"]["vs_cublas_float16"], 2) for row in gemm},
+        "gemm_binary_mac_per_s": {row["size"]: float(f"{row['binary_mac_per_s']:.3g}") for row in gemm},
+        "gemm_fraction_of_popc_ceiling": {row["size"]: round(row["fraction_of_popc_ceiling"], 3) for row in gemm},
+        "pack_gb_per_s": round(packing["gb_per_s"], 1),
+        "targets_met": {"gpu_vs_cublas_float32": largest["ratios"]["vs_cublas_float32"]
+                        >= TARGETS["gpu_vs_cublas_float32"]},
+    }
+    result = {
+        "script": "experiments/bench_kernels.py",
+        "arguments": vars(args),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine_info(),
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "cupy": cupy.__version__,
+                     "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+                     "cuda_driver": cupy.cuda.runtime.driverGetVersion()},
+        "targets": {"gpu_vs_cublas_float32": TARGETS["gpu_vs_cublas_float32"]},
+        "summary": summary,
+        "gemm": gemm,
+        "tile_k": tile_k,
+        "packing": packing,
+    }
+    output = args.output or RESULTS.replace(".json", "_gpu_quick.json" if args.quick else "_gpu.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {output}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +517,12 @@ def main(argv=None):
     parser.add_argument("--max-load", type=float, default=1.0, help="wait while the 1-min load is above")
     parser.add_argument("--load-retries", type=int, default=5)
     parser.add_argument("--load-wait", type=float, default=60.0, help="seconds per wait")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the CUDA part (no PyTorch or CPU baselines); default output "
+                             "results/bench_kernels_gpu[_quick].json")
     args = parser.parse_args(argv)
+    if args.gpu_only:
+        return main_gpu(args)
 
     import torch
 

@@ -10,7 +10,9 @@
 
 #define LOWBIT_TILE_M 128
 #define LOWBIT_TILE_N 128
+#ifndef LOWBIT_TILE_K  // words of K per shared-memory stage; -DLOWBIT_TILE_K=N overrides (bench_kernels.py --gpu-only)
 #define LOWBIT_TILE_K 8
+#endif
 #define LOWBIT_THREADS 256
 #define LOWBIT_SUB 8
 
