@@ -23,9 +23,12 @@ are read back, not retrained.
 Writes ``experiments/results/ablation_<arch>.json`` and ``ablation_<arch>.md``, and each run's best
 model to ``experiments/models/ablation/<arch>_<variant>_seed<S>.npz``: the float model for
 deep_convnet (0.5 MB), the packed model for binary_cnn (its labels are checked against the
-simulation's), so ``lowbit eval`` reproduces every cell and ensemble of the table.
+simulation's), so ``lowbit eval`` reproduces every cell and ensemble of the table.  Model files are
+named by arch, variant and seed only: a run with other ``--epochs`` into the same ``--models`` folder
+replaces them, so give such runs their own ``--models``.
 
-Cost on 2 cores: deep_convnet about 80 s per epoch, binary_cnn about 140 s (each alone).
+Cost on 2 cores: deep_convnet about 80 s per epoch, binary_cnn about 140 s (each alone).  ``--device
+gpu`` trains (and evaluates) with CuPy; the runs are the same recipe, so a run resumes on either device.
 
 Usage::
 
@@ -68,7 +71,7 @@ def train(arch, variant, seed, args, data):
                            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + f"_seed{seed}")
     trainer = Trainer(build(arch, seed), "cross_entropy", Adam(lr), schedule, epochs=args.epochs, batch_size=100,
                       augment=augment, seed=seed, out_dir=run_dir, progress=not args.quiet,
-                      bn_recalibrate=args.bn_recalibrate)
+                      bn_recalibrate=args.bn_recalibrate, device=args.device)
     start = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
     best = lowbit.load_model(os.path.join(run_dir, "best.npz"))
@@ -123,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--bn-recalibrate", type=int, default=None,
                         help="after every epoch set the BatchNorm statistics from this many training images "
                              "(default: 10000 for binary_cnn, 0 for deep_convnet)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -144,6 +149,8 @@ def main(argv=None):
             data = mnist_splits(mnist, 10000, seed, args.limit)
             x_test, y_test = data[4:]
             model, run = train(args.arch, variant, seed, args, data)
+            if args.device == "gpu":  # evaluate, and ensemble, where it trained (conversion reads it back)
+                model.to_device("gpu")
             run["test_acc"] = model.evaluate(x_test, y_test)
             run.update(save_best(args.arch, variant, seed, model, args, x_test))
             print(f"{args.arch} {variant} seed {seed}: {run['test_acc']:.2%} (best epoch {run['best_epoch']})")
@@ -155,7 +162,8 @@ def main(argv=None):
     result = {"experiment": f"ablation_{args.arch}", "arch": args.arch, "epochs": args.epochs, "seeds": args.seeds,
               "limit": args.limit, "lr": args.lr or LEARNING_RATES[args.arch],
               "bn_recalibrate": args.bn_recalibrate,
-              "augment": {"shift": 2, "rotate": 10.0, "scale": 0.1}, "decay": "cosine to 0", "variants": rows,
+              "augment": {"shift": 2, "rotate": 10.0, "scale": 0.1}, "decay": "cosine to 0", "device": args.device,
+              "variants": rows,
               "command": command_line(__file__, argv), "environment": environment()}
     suffix = f"_smoke" if args.limit else ""
     write_json_atomic(os.path.join(args.results, f"ablation_{args.arch}{suffix}.json"), result)

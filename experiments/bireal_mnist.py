@@ -68,7 +68,12 @@ def main(argv=None):
                         help="channels per stage (default 16 32 64)")
     parser.add_argument("--blocks", type=int, default=2, help="Bi-Real blocks per stage (default 2)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-end", type=float, default=1e-5)
+    parser.add_argument("--lr-end", type=float, default=1e-5,
+                        help="last epoch's learning rate of --schedule exponential (default 1e-5)")
+    parser.add_argument("--schedule", choices=("exponential", "cosine"), default="exponential",
+                        help="exponential: --lr to --lr-end (default); cosine: --lr to 0 over --epochs")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
     parser.add_argument("--augment", default="", type=augment_option,
                         help="training augmentation, e.g. 'shift=2,rotate=10,scale=0.1' (default none)")
     parser.add_argument("--bn-recalibrate", type=int, default=10000,
@@ -80,6 +85,9 @@ def main(argv=None):
                         help="training images in the gradient-flow probe (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
+    parser.add_argument("--name", default=None,
+                        help="results file name without .json (default bireal_mnist[_smoke]); models are "
+                             "saved as <name>_<variant>.npz when given")
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     if args.bn_recalibrate < 0:
@@ -92,7 +100,7 @@ def main(argv=None):
 
     import lowbit
     from lowbit.data import load_mnist, mnist_splits
-    from lowbit.optimizers import Adam, ExponentialLR
+    from lowbit.optimizers import Adam, CosineLR, ExponentialLR
     from lowbit.trainer import Trainer, write_json_atomic
     from lowbit.zoo import bireal_resnet
 
@@ -104,6 +112,7 @@ def main(argv=None):
 
     tag = ("w" + "-".join(map(str, args.widths)) + f"_b{args.blocks}" + ("_aug" if augment else "")
            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + f"_e{args.epochs}"
+           + ("_cos" if args.schedule == "cosine" else "") + (f"_lr{args.lr:g}" if args.lr != 1e-3 else "")
            + (f"_limit{args.limit}" if args.limit else ""))
     rows = {}
     for variant in args.variants:
@@ -116,16 +125,18 @@ def main(argv=None):
         grads = gradient_norms(build(), x_train[:probe], y_train[:probe])
         model = build()
         run_dir = os.path.join(args.runs, f"bireal_{variant}_{tag}_seed{args.seed}")
-        trainer = Trainer(model, "cross_entropy", Adam(args.lr), ExponentialLR(args.lr, args.lr_end, args.epochs),
+        schedule = (CosineLR(args.lr, args.epochs) if args.schedule == "cosine"
+                    else ExponentialLR(args.lr, args.lr_end, args.epochs))
+        trainer = Trainer(model, "cross_entropy", Adam(args.lr), schedule,
                           epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                          progress=not args.quiet, bn_recalibrate=args.bn_recalibrate)
+                          progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device)
         t0 = time.perf_counter()
         history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
         wall = time.perf_counter() - t0
         best_path = os.path.join(run_dir, "best.npz")
         best = lowbit.load_model(best_path)
         test_acc = best.evaluate(x_test, y_test)
-        model_path = os.path.join(args.models, f"{best.name}.npz")
+        model_path = os.path.join(args.models, f"{args.name}_{variant}.npz" if args.name else f"{best.name}.npz")
         if not args.limit:
             os.makedirs(args.models, exist_ok=True)
             shutil.copyfile(best_path, model_path)
@@ -141,13 +152,15 @@ def main(argv=None):
 
     result = {
         "experiment": "bireal_mnist", "widths": args.widths, "blocks_per_stage": args.blocks,
-        "epochs": args.epochs, "lr": args.lr, "lr_end": args.lr_end, "seed": args.seed, "limit": args.limit,
+        "epochs": args.epochs, "lr": args.lr, "schedule": args.schedule,
+        "lr_end": args.lr_end if args.schedule == "exponential" else 0.0, "device": args.device,
+        "seed": args.seed, "limit": args.limit,
         "augment": augment.config() if augment else None, "probe_batch": probe,
         "bn_recalibrate": args.bn_recalibrate, "target": 0.995,
         "variants": rows,
         "command": command_line(__file__, argv), "environment": environment(),
     }
-    name = "bireal_mnist" + ("_smoke" if args.limit else "")
+    name = args.name or ("bireal_mnist" + ("_smoke" if args.limit else ""))
     write_json_atomic(os.path.join(args.results, f"{name}.json"), result)
     return result
 

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -90,15 +92,28 @@ def cmd_eval(args):
     x_test, y_test = _float_images(mnist.x_test), mnist.y_test
     if args.limit:
         x_test, y_test = x_test[:args.limit], y_test[:args.limit]
-    models = []
+    models, rows = [], []
     for path in args.models:
         model = load_any(path)  # a trained model file or a packed one
         acc = model.evaluate(x_test, y_test)
         print(f"{path}: test accuracy {acc:.4%} on {len(y_test)} images")
         models.append(model)
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        rows.append({"file": path, "sha256": digest, "bytes": os.path.getsize(path), "test_accuracy": acc,
+                     "metadata": getattr(model, "metadata", None) or {}})
+    ensemble_acc = None
     if len(models) > 1:
-        acc = Ensemble(models).evaluate(x_test, y_test)
-        print(f"ensemble of {len(models)} (mean softmax): test accuracy {acc:.4%}")
+        ensemble_acc = Ensemble(models).evaluate(x_test, y_test)
+        print(f"ensemble of {len(models)} (mean softmax): test accuracy {ensemble_acc:.4%}")
+    if args.json:
+        from .trainer import write_json_atomic
+
+        command = ["lowbit", "eval", *args.models] + (["--limit", str(args.limit)] if args.limit else [])
+        write_json_atomic(args.json, {"command": " ".join(shlex.quote(a) for a in command + ["--json", args.json]),
+                                      "test_images": int(len(y_test)), "models": rows,
+                                      "ensemble_test_accuracy": ensemble_acc})
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -206,6 +221,9 @@ def add_sweep_arguments(parser):
                         "(Brevitas' selection) beside the validation-chosen accuracy")
     p.add_argument("--quick", action="store_true",
                    help="tiny sweep for CI: 1 epoch, 2000 images, W {1, 32} x A {1, 32}")
+    p.add_argument("--device", dest="sweep_device", default="cpu", choices=["cpu", "gpu"],
+                   help="train on the CPU (numpy, default) or a CUDA GPU (CuPy); the recipe, and so the "
+                        "sweep's settings key, is the same on both, and a run resumes on either")
 
 
 def sweep_options(args):
@@ -217,7 +235,7 @@ def sweep_options(args):
                 test_limit=args.test_limit, calibration=args.calibrate,
                 keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
                 weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
-                qat_init=args.qat_init, track_test=args.track_test)
+                qat_init=args.qat_init, track_test=args.track_test, device=args.sweep_device)
 
 
 def build_parser():
@@ -258,6 +276,7 @@ def build_parser():
     p = sub.add_parser("eval", help="test accuracy of saved or packed models (and of their ensemble)")
     p.add_argument("models", nargs="+", metavar="MODEL.npz")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
+    p.add_argument("--json", metavar="PATH", help="also write the accuracies (and each file's sha256) to PATH")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -336,7 +336,7 @@ def _schedule(settings, epochs):
     return get_schedule("constant", lr=settings["lr"])
 
 
-def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpoints=False):
+def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpoints=False, device="cpu"):
     """Train ``model`` with the sweep's recipe in ``run_dir``, resumably; returns ``(best, info)``.
 
     ``best`` is the model of the best validation epoch; ``info`` (also ``run_dir/result.json``) has
@@ -356,7 +356,7 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
             return load_model(best_path), info
     trainer = Trainer(model, settings["loss"], Adam(settings["lr"]), _schedule(settings, epochs),
                       epochs=epochs, batch_size=settings["batch_size"], seed=seed, out_dir=run_dir,
-                      progress=progress)
+                      progress=progress, device=device)
     test = (split.x_test, split.y_test) if settings.get("track_test") else (None, None)
     history = trainer.fit(split.x_train, split.y_train, split.x_val, split.y_val, *test, resume=True)
     best_index = int(np.argmax([record["val_acc"] for record in history]))  # first best, as Trainer
@@ -471,7 +471,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
               schedule="exponential", loss="cross_entropy", batch_size=100, init=None, val_size=None,
               train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None,
               pretrained=None, weight_clipping="mse", activation_clipping="mse", qat_init="scratch",
-              track_test=False):
+              track_test=False, device="cpu"):
     """Run (or resume) a bit-width sweep of ``arch`` and write its reports; see the module docstring.
 
     Parameters
@@ -538,6 +538,10 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         (the epoch of best *test* accuracy), reported beside the validation-chosen ``accuracy`` so the
         two protocols can be compared.  It changes no training step and no chosen model; it enters the
         settings (a new folder) only when on.
+    device : 'cpu' or 'gpu'
+        Where the training runs go (:class:`lowbit.trainer.Trainer`'s ``device``); not part of the
+        settings, so a sweep may be continued on the other device.  Points trained on the GPU record
+        ``"device": "gpu"``.  Quantization and evaluation run on the CPU.
 
     Returns
     -------
@@ -590,6 +594,13 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     _check_activation_clipping(activation_clipping)
     if qat_init not in QAT_INITS:
         raise ValueError(f"qat_init must be one of {list(QAT_INITS)}, got {qat_init!r}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu":
+        from .backend import cupy
+
+        if cupy is None:
+            raise RuntimeError("device='gpu' needs CuPy and a CUDA device; neither was found")
     out_dir = os.fspath(out_dir if out_dir is not None else default_out_dir(arch, quick))
 
     if data is None:
@@ -673,7 +684,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         if seed not in floats:
             run_dir = os.path.join(out_dir, "runs", f"float_seed{seed}")
             model, info = _train(float_model(arch, seed, init), run_dir, split_for(seed), settings,
-                                 float_epochs, seed, progress, keep_checkpoints)
+                                 float_epochs, seed, progress, keep_checkpoints, device)
             floats.clear()
             floats[seed] = (model, info, run_dir, os.path.join(run_dir, "best.npz"))
         return floats[seed]
@@ -710,7 +721,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                     start = qat_model(arch, wb, ab, seed, init)
                     source = "quantization-aware training from scratch"
                 point_model, info = _train(start, run_dir, split, settings, epochs, seed, progress,
-                                           keep_checkpoints)
+                                           keep_checkpoints, device)
                 trained_epochs = epochs
                 float_file = os.path.join(run_dir, "best.npz")
             packed_path = os.path.join(out_dir, "points", f"{name}.npz")
@@ -730,6 +741,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                 "run_dir": os.path.relpath(run_dir, out_dir),
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "settings_key": settings["key"],
+                **({"device": device} if device != "cpu" else {}),  # where its training ran, when not here
             }
             _append_point(points_path, record)
             new += 1

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,20 @@ def test_eval_reads_trained_and_packed_files(tmp_path, monkeypatch, capsys):
     expected = Ensemble(members).evaluate(x, fake.y_test)
     assert f"ensemble of 2 (mean softmax): test accuracy {expected:.4%}" in out
     assert lowbit.ensemble([float_path, packed_path]).evaluate(x, fake.y_test) == expected
+
+    # --json writes the same figures, with each file's digest and size, and the command that made it
+    import hashlib
+    import json
+
+    report_path = tmp_path / "eval.json"
+    assert cli_main(["eval", str(float_path), str(packed_path), "--quiet", "--limit", "30",
+                     "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["test_images"] == 30
+    assert [row["file"] for row in report["models"]] == [str(float_path), str(packed_path)]
+    for row, member in zip(report["models"], members):
+        assert row["test_accuracy"] == member.evaluate(x[:30], fake.y_test[:30])
+        assert row["sha256"] == hashlib.sha256(open(row["file"], "rb").read()).hexdigest()
+        assert row["bytes"] == os.path.getsize(row["file"])
+    assert report["ensemble_test_accuracy"] == Ensemble(members).evaluate(x[:30], fake.y_test[:30])
+    assert report["command"] == f"lowbit eval {float_path} {packed_path} --limit 30 --json {report_path}"

@@ -194,11 +194,21 @@ def test_changed_settings_are_refused(tmp_path):
     ({"epochs": 0}, r"epochs must be an int >= 1, got 0"),
     ({"schedule": "step"}, r"schedule must be one of"),
     ({"val_size": 5000}, r"val_size must be in \[1, 1100\), got 5000"),
+    ({"device": "tpu"}, r"device must be 'cpu' or 'gpu', got 'tpu'"),
 ])
 def test_bad_arguments_are_clear(tmp_path, options, message):
     arch = options.pop("arch", "tfc")
     with pytest.raises(ValueError, match=message):
         sweep.run_sweep(arch, out_dir=str(tmp_path), quick=True, data=DATA, progress=False, **options)
+    assert not os.path.exists(tmp_path / "points.jsonl")
+
+
+def test_gpu_device_without_cupy_is_refused_before_any_training(tmp_path, monkeypatch):
+    from lowbit import backend
+
+    monkeypatch.setattr(backend, "cupy", None)
+    with pytest.raises(RuntimeError, match="device='gpu' needs CuPy and a CUDA device"):
+        sweep.run_sweep("tfc", out_dir=str(tmp_path), quick=True, data=DATA, progress=False, device="gpu")
     assert not os.path.exists(tmp_path / "points.jsonl")
 
 
@@ -337,7 +347,7 @@ def test_qat_fine_tuned_from_the_ptq_model(tmp_path, monkeypatch):
     lowbit.save_model(model, str(path), {"epoch": 1})
     starts = []
 
-    def no_training(start, run_dir, split, settings, epochs, seed, progress, keep_checkpoints=False):
+    def no_training(start, run_dir, split, settings, epochs, seed, progress, keep_checkpoints=False, device="cpu"):
         starts.append((os.path.basename(run_dir), epochs))
         os.makedirs(run_dir, exist_ok=True)
         lowbit.save_model(start, os.path.join(run_dir, "best.npz"))
