@@ -102,16 +102,19 @@ def inception_block(in_channels, c1, c3_reduce, c3, c5_reduce, c5, pool_proj, se
 
 
 def bireal_block(in_channels, out_channels, stride=1, seed=0, shortcut=True, weight_bits=1,
-                 activation_bits=1):
+                 activation_bits=1, pre_bn=False):
     """Bi-Real Net block (Liu et al. 2018): ``BN(binconv3x3(sign(x))) + x``.
 
     A real-valued identity shortcut around every binary convolution, so real-valued activations flow
     through the network and the gradient passes the shortcut unchanged.  When the block changes the
     shape, the shortcut is ``AvgPool2D(2) -> conv1x1 (real) -> BN`` (Bi-Real Net's downsampling).
     ``shortcut=False`` gives the same network without skip connections (for the ablation).
+    ``pre_bn=True`` puts a BatchNorm in front of the sign (``BN(binconv3x3(sign(BN(x)))) + x``), so
+    each channel's sign threshold and the scale it sees are learned (the real-valued stream itself is
+    left as it is).
     """
     seeds = _seed_stream(seed)
-    body = [conv(in_channels, out_channels, 3, stride=stride, seed=next(seeds), init="glorot",
+    body = ([BatchNorm(in_channels)] if pre_bn else []) + [conv(in_channels, out_channels, 3, stride=stride, seed=next(seeds), init="glorot",
                  weight_bits=weight_bits, activation_bits=activation_bits),
             BatchNorm(out_channels)]
     if not shortcut:

@@ -316,7 +316,8 @@ def inception_mnist(seed=0, weight_bits=32, activation_bits=32):
     return Model(layers, input_shape=(1, 28, 28), name="inception_mnist").seed(seed)
 
 
-def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=True):
+def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=True, head="gap",
+                  pre_bn=False):
     """A binary ResNet in the Bi-Real Net style for MNIST.
 
     Stem: float conv3x3(1 -> widths[0]) - BN (the first layer stays real, as in BNN papers); then per
@@ -324,9 +325,14 @@ def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=Tru
     activations in every inner convolution (stride 2 at the start of each later stage: 28 -> 14 -> 7,
     with a real AvgPool - conv1x1 - BN shortcut); global average pooling and a float affine 10 (the last
     layer stays real).  ``shortcut=False`` removes every skip connection (the ablation of chapter 8's
-    argument).
+    argument).  ``head="flatten"`` replaces the global average pooling by a flatten, so the float
+    affine layer sees every position of the last feature map (``widths[-1] * 7 * 7`` inputs).
+    ``pre_bn=True``: a BatchNorm before every block's sign (see :func:`lowbit.blocks.bireal_block`).
     """
     from .blocks import bireal_block
+
+    if head not in ("gap", "flatten"):
+        raise ValueError(f"head must be 'gap' or 'flatten', got {head!r}")
 
     s = _seeds(seed, 2 + len(widths) * blocks_per_stage)
     layers = [Conv2D(1, widths[0], 3, padding=1, bias=False, seed=s[0]), BatchNorm(widths[0])]
@@ -335,10 +341,12 @@ def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=Tru
     for stage, width in enumerate(widths):
         for b in range(blocks_per_stage):
             stride = 2 if stage > 0 and b == 0 else 1
-            layers += bireal_block(c, width, stride, seed=s[i], shortcut=shortcut)
+            layers += bireal_block(c, width, stride, seed=s[i], shortcut=shortcut, pre_bn=pre_bn)
             c = width
             i += 1
-    layers += [GlobalAvgPool2D(), Affine(c, 10, seed=s[-1])]
+    side = 28 // 2 ** (len(widths) - 1)
+    layers += ([GlobalAvgPool2D(), Affine(c, 10, seed=s[-1])] if head == "gap"
+               else [Flatten(), Affine(c * side * side, 10, seed=s[-1])])
     name = "bireal_resnet" if shortcut else "bireal_resnet_noshortcut"
     return Model(layers, input_shape=(1, 28, 28), name=name).seed(seed)
 

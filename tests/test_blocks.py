@@ -58,8 +58,21 @@ def test_bireal_shortcut_passes_the_gradient():
     assert not np.any(no_skip.backward(dout))
 
 
+def test_bireal_options():
+    from lowbit.layers import BatchNorm, Flatten, GlobalAvgPool2D
+
+    gap, flat = bireal_resnet(0, widths=(4, 8, 16)), bireal_resnet(0, widths=(4, 8, 16), head="flatten")
+    assert isinstance(gap.layers[-2], GlobalAvgPool2D) and gap.layers[-1].W.shape == (16, 10)
+    assert isinstance(flat.layers[-2], Flatten) and flat.layers[-1].W.shape == (16 * 7 * 7, 10)
+    (block,) = bireal_block(4, 4, seed=0, pre_bn=True)
+    assert isinstance(block.body.layers[0], BatchNorm) and isinstance(block.body.layers[1], QuantConv2D)
+    with pytest.raises(ValueError, match="head must be 'gap' or 'flatten', got 'max'"):
+        bireal_resnet(0, head="max")
+
+
 @pytest.mark.parametrize("build", [vgg_mnist, resnet_mnist, inception_mnist, bireal_resnet,
                                    lambda seed=0: bireal_resnet(seed, shortcut=False),
+                                   lambda seed=0: bireal_resnet(seed, widths=(4, 8), head="flatten", pre_bn=True),
                                    lambda seed=0: resnet_mnist(seed, weight_bits=1, activation_bits=1)])
 def test_deeper_networks_run_forward_and_backward(build):
     model = build(seed=0)
