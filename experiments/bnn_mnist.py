@@ -76,6 +76,8 @@ def main(argv=None):
                         help="after every epoch set the BatchNorm statistics from this many training images "
                              "(lowbit.trainer.recalibrate_batchnorm; default 0: the running averages)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
@@ -104,7 +106,7 @@ def main(argv=None):
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
                       epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                      progress=not args.quiet, bn_recalibrate=args.bn_recalibrate)
+                      progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
     wall = time.perf_counter() - t0

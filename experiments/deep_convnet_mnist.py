@@ -60,7 +60,7 @@ def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32
     run_dir = os.path.join(args.runs, name)
     trainer = Trainer(model, "cross_entropy", optimizer, sched, epochs=epochs, batch_size=100,
                       augment=augment, seed=seed, out_dir=run_dir, progress=not args.quiet,
-                      precision=precision)
+                      precision=precision, device=args.device)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_test=x_test, y_test=y_test, resume=True)
     wall = time.perf_counter() - t0
@@ -152,6 +152,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["single", "fp16", "mixed16", "ensemble", "precision-report"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--members", type=int, default=3)
