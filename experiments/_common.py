@@ -31,6 +31,29 @@ def add_output_arguments(parser, *outputs):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _positive_seconds(text):
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_budget_arguments(parser):
+    """``--time-budget`` and ``--checkpoint-every``, passed to :class:`lowbit.Trainer` as
+    ``time_budget`` and ``checkpoint_every``."""
+    parser.add_argument("--time-budget", type=_positive_seconds, default=None, metavar="SECONDS",
+                        help="train as many epochs as fit in SECONDS (at most --epochs), fixed after the "
+                             "first epoch, the schedule stretched to them; the results record the number, "
+                             "and --epochs N without this option repeats the run (default: --epochs)")
+    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                        help="write the resumable checkpoint every N epochs and after the last (default 1)")
+
+
 def command_line(script, argv=None):
     """The command that reproduces this run, as the results quote it:
     ``python experiments/<script> <arguments, shell-quoted>``."""

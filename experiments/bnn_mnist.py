@@ -33,17 +33,19 @@ import time
 import lowbit
 from lowbit.augment import augment_option
 from lowbit.data import load_mnist, mnist_splits
+from lowbit.draws import DRAWS
 from lowbit.optimizers import Adam, ExponentialLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import binary_cnn, bnn_mlp
 
-from _common import HERE, add_output_arguments, command_line, environment
+from _common import HERE, add_budget_arguments, add_output_arguments, command_line, environment
 
 
 def _paper_mlp(stochastic):
     """The paper's MLP recipe; ``stochastic``: which binarizations are stochastic in training."""
-    return {"build": lambda seed, width, init, dropout: bnn_mlp(seed, hidden=(width,) * 3, stochastic=stochastic,
-                                                                init=init),
+    return {"build": lambda seed, width, init, dropout, draws: bnn_mlp(seed, hidden=(width,) * 3,
+                                                                       stochastic=stochastic, init=init,
+                                                                       draws=draws),
             "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
             "init": "uniform"}
 
@@ -51,7 +53,7 @@ def _paper_mlp(stochastic):
 CONFIGS = {
     "mlp_det": _paper_mlp(False),
     "mlp_stoch": _paper_mlp("weights"),
-    "cnn": {"build": lambda seed, width, init, dropout: binary_cnn(seed, init=init, dropout=dropout),
+    "cnn": {"build": lambda seed, width, init, dropout, draws: binary_cnn(seed, init=init, dropout=dropout),
             "loss": "cross_entropy", "lr": 1e-3,
             "lr_end": 1e-5, "target": 0.993, "width": None, "init": "glorot"},
 }
@@ -75,12 +77,22 @@ def main(argv=None):
     parser.add_argument("--bn-recalibrate", type=int, default=0,
                         help="after every epoch set the BatchNorm statistics from this many training images "
                              "(lowbit.trainer.recalibrate_batchnorm; default 0: the running averages)")
+    parser.add_argument("--draws", choices=DRAWS, default="generator",
+                        help="MLPs: random numbers of dropout and stochastic binarization from the host "
+                             "generator (default) or computed on the device from one key per step "
+                             "('counter', lowbit.draws: for --device gpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
     parser.add_argument("--limit", type=int, default=0, help="train on N images only (smoke runs)")
+    parser.add_argument("--name", default=None,
+                        help="name of the run, its model and results files (default: from the config and "
+                             "options, e.g. bnn_mlp_det)")
+    add_budget_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     cfg = CONFIGS[args.config]
     lr = args.lr or cfg["lr"]
     lr_end = args.lr_end or cfg["lr_end"]
@@ -98,15 +110,20 @@ def main(argv=None):
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
                                                                    args.seed, args.limit)
 
-    model = cfg["build"](args.seed, width, init, args.dropout)
+    if args.draws != "generator" and args.config == "cnn":
+        parser.error(f"--draws applies to the MLP configs, got --config {args.config}")
+    model = cfg["build"](args.seed, width, init, args.dropout, args.draws)
     name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
             + (f"_{init}" if init != cfg["init"] else "") + ("_aug" if augment else "")
             + (f"_drop{args.dropout:g}" if args.dropout else "")
-            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else ""))
+            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "")
+            + (f"_{args.draws}" if args.draws != "generator" else ""))
+    name = args.name or name
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
                       epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                      progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device)
+                      progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device,
+                      time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
     wall = time.perf_counter() - t0
@@ -121,10 +138,11 @@ def main(argv=None):
     packed.save(packed_path)
     float_path = os.path.join(run_dir, "best.npz")
     result = {
-        "experiment": name, "config": args.config, "seed": args.seed, "epochs": args.epochs,
+        "experiment": name, "config": args.config, "seed": args.seed, "epochs": trainer.epochs,
+        "max_epochs": args.epochs, "time_budget": args.time_budget,
         "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width, "init": init,
         "augment": augment.config() if augment else None, "dropout": args.dropout,
-        "bn_recalibrate": args.bn_recalibrate,
+        "bn_recalibrate": args.bn_recalibrate, "draws": args.draws,
         "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
         "test_acc": sim_acc, "target": cfg["target"],
         "packed_test_acc": float((packed_labels == y_test).mean()),

@@ -13,19 +13,7 @@ epochs=${1:?usage: gpu_ablation.sh EPOCHS [OUT_DIR]}
 out=${2:-${OUT:-gpu_ablation_out}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1
-# CUDA MPS lets the 12 processes' kernels run side by side instead of time-sliced; used when its
-# daemon starts and a CuPy call works under it, else the processes share the GPU without it.
-if command -v nvidia-cuda-mps-control > /dev/null; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-  mkdir -p /tmp/mps_pipe /tmp/mps_log
-  if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import cupy; assert int(cupy.arange(4).sum()) == 6"; then
-    echo "CUDA MPS on" | tee "$out/mps.log"
-  else
-    echo quit | nvidia-cuda-mps-control
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-    echo "CUDA MPS did not start; without it" | tee "$out/mps.log"
-  fi
-fi
+source experiments/gpu_mps.sh "$out/mps.log"
 common=(--arch binary_cnn --device gpu --epochs "$epochs" --quiet)
 for variant in base decay aug aug+decay; do
   for seed in 0 1 2; do

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_array_module, to_device
+from .draws import check_draws, uniform
 from .functions import col2im, conv_output_size, im2col, matmul, pool_backward, pool_forward
 from .initializers import initialize
 
@@ -582,26 +583,33 @@ class Dropout(Layer):
     ``1 / (1 - ratio)``; identity at evaluation.
 
     The mask comes from the layer's own ``numpy.random.Generator`` (``self.rng``, seeded by ``seed`` or by
-    :meth:`Sequential.seed`), so runs repeat exactly and checkpoints can save its state.  The mask is
-    drawn on the host and copied to the device when the model runs on CuPy.
+    :meth:`Sequential.seed`), so runs repeat exactly and checkpoints can save its state.  With
+    ``draws="generator"`` (default) the mask is drawn on the host and copied to the device when the
+    model runs on CuPy; with ``draws="counter"`` it is computed on the device from one 64-bit key per
+    step (:mod:`lowbit.draws`), the same values on numpy and CuPy.
     """
 
-    def __init__(self, ratio=0.5, seed=None):
+    def __init__(self, ratio=0.5, seed=None, draws="generator"):
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         self.ratio = float(ratio)
         self.rng = np.random.default_rng(seed)
+        self.draws = check_draws(draws)
         self._cache_mask = None
 
     def config(self):
-        return {"ratio": self.ratio}
+        cfg = {"ratio": self.ratio}
+        if self.draws != "generator":  # files of the default stay byte-identical
+            cfg["draws"] = self.draws
+        return cfg
 
     def forward(self, x, train=False):
         if not train or self.ratio == 0.0:
             self._cache_mask = None
             return x
         xp = get_array_module(x)
-        keep = self.rng.random(x.shape, dtype=np.float32) >= self.ratio
+        u = uniform(self.rng, self.draws, x.shape, np if self.draws == "generator" else xp)
+        keep = u >= self.ratio
         mask = xp.asarray((keep * np.float32(1.0 / (1.0 - self.ratio))).astype(x.dtype, copy=False))
         self._cache_mask = mask
         return x * mask

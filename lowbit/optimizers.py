@@ -182,6 +182,13 @@ class Schedule:
     def config(self):
         return {"name": self.name, "lr": self.lr}
 
+    def with_epochs(self, epochs):
+        """This schedule stretched or shrunk to ``epochs`` epochs in all (the same one when its rates do
+        not depend on the run's length).  :class:`~lowbit.trainer.Trainer` uses it when a
+        ``time_budget`` fixes the number of epochs after the first one; every schedule here gives the
+        first epoch (index 0) its starting ``lr`` whatever the length, so that epoch is the same either way."""
+        return self
+
 
 class ConstantLR(Schedule):
     name = "constant"
@@ -234,6 +241,9 @@ class ExponentialLR(Schedule):
         frac = min(epoch, self.epochs - 1) / (self.epochs - 1)
         return self.lr * (self.lr_end / self.lr) ** frac
 
+    def with_epochs(self, epochs):
+        return ExponentialLR(self.lr, self.lr_end, epochs)
+
 
 class CosineLR(Schedule):
     """``lr_min + (lr - lr_min) * (1 + cos(pi * epoch / epochs)) / 2``."""
@@ -252,6 +262,9 @@ class CosineLR(Schedule):
 
     def __call__(self, epoch):
         return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+
+    def with_epochs(self, epochs):
+        return CosineLR(self.lr, epochs, self.lr_min)
 
 
 SCHEDULES = {"constant": ConstantLR, "step": StepLR, "exponential": ExponentialLR, "cosine": CosineLR}

@@ -34,7 +34,9 @@ Conventions
   next to the matrix product that follows, though on CuPy it waits for the device.  Infinities are
   allowed (``sign(inf) = +1``, clipped by the k-bit quantizers, kept by :class:`Fp16`).
 * Random draws (:class:`StochasticBinary`) come from a host ``numpy.random.Generator`` and are moved
-  to the device with ``xp.asarray``, so numpy and CuPy runs draw the same values.
+  to the device with ``xp.asarray``, so numpy and CuPy runs draw the same values; with
+  ``draws="counter"`` they are computed on the device from one key per call, again the same values on
+  both (:mod:`lowbit.draws`).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module
+from .draws import check_draws, uniform
 
 __all__ = [
     "QUANTIZERS",
@@ -257,27 +260,33 @@ class StochasticBinary(Quantizer):
     ``rng`` is a ``numpy.random.Generator`` the quantizer owns.  The layer that holds the quantizer
     exposes it as its own ``rng`` attribute, so :meth:`lowbit.Model.seed` reseeds it and
     ``Model.rng_states`` (training checkpoints) saves it.  ``seed`` is not part of ``config()``.
+    ``draws="counter"`` computes ``u`` on the array's device from one 64-bit key per call instead of
+    copying it from the host (:mod:`lowbit.draws`; for GPU training).
     """
 
     name = "stochastic_binary"
     precision = 1
 
-    def __init__(self, clip=1.0, deterministic_eval=True, seed=None):
+    def __init__(self, clip=1.0, deterministic_eval=True, seed=None, draws="generator"):
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0 \
                 or not math.isfinite(clip):
             raise ValueError(f"clip must be a positive finite number, got {clip!r}")
         self.clip = float(clip)
         self.deterministic_eval = bool(deterministic_eval)
         self.rng = np.random.default_rng(seed)
+        self.draws = check_draws(draws)
 
     def config(self):
-        return {"name": self.name, "clip": self.clip, "deterministic_eval": self.deterministic_eval}
+        cfg = {"name": self.name, "clip": self.clip, "deterministic_eval": self.deterministic_eval}
+        if self.draws != "generator":  # files of the default stay byte-identical
+            cfg["draws"] = self.draws
+        return cfg
 
     def forward(self, x, train=False, channel_axis=None):
         xp = _check_array(self, x)
         if not train and self.deterministic_eval:
             return _sign(x)
-        u = xp.asarray(self.rng.random(x.shape, dtype=np.float32))
+        u = uniform(self.rng, self.draws, x.shape, xp)
         q = (u < hard_sigmoid(x)).astype(x.dtype)
         q *= 2
         q -= 1
@@ -649,10 +658,10 @@ def get_quantizer(spec):
         raise TypeError(f"bad arguments for quantizer {name!r}: {exc}") from None
 
 
-def quantizer_for_bits(bits, kind="weight", stochastic=False):
+def quantizer_for_bits(bits, kind="weight", stochastic=False, draws="generator"):
     """The default quantizer for a bit width.
 
-    ``1`` -> :class:`SteSign` (:class:`StochasticBinary` when ``stochastic``), ``2..8`` ->
+    ``1`` -> :class:`SteSign` (:class:`StochasticBinary` with ``draws`` when ``stochastic``), ``2..8`` ->
     :class:`DoReFaWeight` or :class:`DoReFaActivation` (by ``kind``), ``16`` -> :class:`Fp16`,
     ``32`` -> :class:`Identity`.  ``kind`` is ``"weight"`` or ``"activation"``.
     """
@@ -663,7 +672,7 @@ def quantizer_for_bits(bits, kind="weight", stochastic=False):
         raise ValueError(f"bits must be one of 1..8, 16, 32, got {bits!r}")
     bits = int(bits)
     if bits == 1:
-        return StochasticBinary() if stochastic else SteSign()
+        return StochasticBinary(draws=draws) if stochastic else SteSign()
     if bits == 16:
         return Fp16()
     if bits == 32:

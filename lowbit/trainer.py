@@ -31,6 +31,8 @@ from .optimizers import Adam, ConstantLR, Optimizer
 
 __all__ = ["Trainer", "recalibrate_batchnorm", "write_json_atomic"]
 
+_clock = time.perf_counter  # module-level so that tests can drive the time budget with a fake clock
+
 
 def write_json_atomic(path, obj):
     folder = os.path.dirname(os.path.abspath(path))
@@ -160,11 +162,25 @@ class Trainer:
         After every epoch, before evaluating, set the BatchNorm running statistics from this many
         (unaugmented) training images with :func:`recalibrate_batchnorm`; 0 (default) keeps the
         running averages of training.  Binary networks with real-valued shortcuts need it.
+    time_budget : float or None
+        Seconds for the whole of :meth:`fit`.  ``epochs`` is then the most it may train: after the first
+        epoch the trainer times it (the second half of its batches, which excludes one-off costs such as
+        compiling GPU kernels, plus evaluation and the checkpoint), fixes the number of epochs to what
+        fits in the rest of the budget (at least 1, at most ``epochs``) and stretches the schedule to it
+        (``schedule.with_epochs``).  The first epoch's learning rate does not depend on the length, so
+        the run is the one ``epochs=N`` would give with the N it chose (``trainer.epochs`` after
+        :meth:`fit`, also in the checkpoint and the history's first record as ``epochs_fixed``).  None
+        (default): train exactly ``epochs``.
+    checkpoint_every : int
+        Write ``checkpoint.npz`` after every this many epochs and after the last (default 1: every
+        epoch).  A large model on a fast device spends a good part of each epoch writing it; an
+        interrupted run resumes from the last one written.
     """
 
     def __init__(self, model, loss="cross_entropy", optimizer=None, schedule=None, epochs=10,
                  batch_size=100, augment=None, seed=0, out_dir=None, device="cpu", progress=True,
-                 eval_batch_size=100, precision="fp32", loss_scaler=None, bn_recalibrate=0):
+                 eval_batch_size=100, precision="fp32", loss_scaler=None, bn_recalibrate=0,
+                 time_budget=None, checkpoint_every=1):
         if not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -179,6 +195,16 @@ class Trainer:
                 or bn_recalibrate < 0:
             raise ValueError(f"bn_recalibrate must be an int >= 0 (training images; 0: off), got {bn_recalibrate!r}")
         self.bn_recalibrate = int(bn_recalibrate)
+        if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+                                        or not time_budget > 0 or not np.isfinite(time_budget)):
+            raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget!r}")
+        self.time_budget = None if time_budget is None else float(time_budget)
+        self.budget_fixed = False  # True once the time budget has fixed self.epochs
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) \
+                or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int (epochs), got {checkpoint_every!r}")
+        self.checkpoint_every = int(checkpoint_every)
+        self._marks = {}
         self.precision = precision
         self.scaler = (loss_scaler or LossScaler()) if precision == "mixed16" else None
         self.model = model
@@ -188,7 +214,7 @@ class Trainer:
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(f"optimizer must be a lowbit Optimizer, got {type(self.optimizer).__name__}")
         self.schedule = schedule if schedule is not None else ConstantLR(self.optimizer.lr)
-        self.epochs = int(epochs)
+        self.epochs = self.max_epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.augment = None if isinstance(augment, Augment) and augment == Augment() else augment
         self.seed = int(seed)
@@ -224,6 +250,8 @@ class Trainer:
         }
         if self.bn_recalibrate:  # only when on, so that older checkpoints still resume
             config["bn_recalibrate"] = self.bn_recalibrate
+        if self.time_budget is not None:  # likewise
+            config["time_budget"] = {"seconds": self.time_budget, "max_epochs": self.max_epochs}
         return config
 
     def save_checkpoint(self):
@@ -236,6 +264,7 @@ class Trainer:
             "optimizer_steps": self.optimizer.steps,
             "history": self.history,
             "best_val": self.best_val,
+            "budget_fixed": self.budget_fixed,
             "loss_scaler": self.scaler.state() if self.scaler else None,
             "rng": {
                 "data": self.rng.bit_generator.state,
@@ -248,6 +277,8 @@ class Trainer:
     def load_checkpoint(self, path=None):
         path = path or self._path("checkpoint.npz")
         manifest, arrays = read_archive(path, "lowbit.checkpoint")
+        if self.time_budget is not None and manifest.get("budget_fixed") and not self.budget_fixed:
+            self._fix_epochs(int(manifest["epochs"]))
         saved = json.loads(json.dumps(manifest["run"]))
         current = json.loads(json.dumps(self.run_config()))
         if saved.get("augment") == json.loads(json.dumps(Augment().config())):
@@ -275,6 +306,29 @@ class Trainer:
         self.model.set_rng_states(manifest["rng"]["layers"])
         return self.epoch
 
+    # -- the time budget -------------------------------------------------------------------------
+    def _fix_epochs(self, epochs):
+        self.epochs = int(epochs)
+        if hasattr(self.schedule, "with_epochs"):
+            self.schedule = self.schedule.with_epochs(self.epochs)
+        self.budget_fixed = True
+
+    def _apply_time_budget(self, elapsed):
+        """After the first epoch of this call of :meth:`fit` (``elapsed`` seconds into it): fix
+        ``self.epochs`` to what fits in the rest of the budget."""
+        marks = self._marks
+        train = marks["train_end"] - marks["train_start"]
+        if marks.get("half") is not None:  # the second half of the batches: no one-off warm-up costs
+            train = 2.0 * (marks["train_end"] - marks["half"])
+        per_epoch = train + (marks["epoch_end"] - marks["train_end"])
+        more = int(max(0.0, self.time_budget - elapsed) // max(per_epoch, 1e-9))
+        self._fix_epochs(min(self.max_epochs, self.epoch + more))
+        self.history[-1]["epochs_fixed"] = self.epochs
+        self.history[-1]["epoch_seconds_estimate"] = per_epoch
+        if self.progress:
+            tqdm.write(f"time budget {self.time_budget:g} s: {self.epochs} epochs "
+                       f"(about {per_epoch:.3g} s each, {elapsed:.3g} s spent on the first)")
+
     # -- the loop ---------------------------------------------------------------------------------
     def _to_device(self, x):
         return cupy.asarray(x) if self.device == "gpu" else x
@@ -288,7 +342,11 @@ class Trainer:
         seen = 0
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
                    disable=not self.progress, unit="batch")
-        for start in bar:
+        half = len(batches) // 2 if len(batches) >= 4 else None
+        self._marks = {"train_start": _clock(), "half": None}
+        for number, start in enumerate(bar):
+            if number == half:
+                self._marks["half"] = _clock()
             idx = order[start:start + self.batch_size]
             xb = x[idx]
             if self.augment is not None:
@@ -321,6 +379,7 @@ class Trainer:
             seen += len(idx)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
+        self._marks["train_end"] = _clock()
         if seen == 0:
             raise FloatingPointError("every step of the epoch overflowed in float16")
         return total_loss / seen, correct / seen
@@ -341,12 +400,13 @@ class Trainer:
                     print(f"resuming from {self._path('checkpoint.npz')} after epoch {self.epoch}")
         epoch_bar = tqdm(total=self.epochs, initial=self.epoch, desc="training", unit="epoch",
                          disable=not self.progress)
+        fit_start = _clock()
         try:
             while self.epoch < self.epochs:
                 lr = float(self.schedule(self.epoch))
-                t0 = time.perf_counter()
+                t0 = _clock()
                 loss, train_acc = self.train_epoch(x_train, y_train, lr)
-                seconds = time.perf_counter() - t0
+                seconds = _clock() - t0
                 record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc,
                           "seconds": seconds}
                 if self.scaler is not None:
@@ -366,8 +426,16 @@ class Trainer:
                         save_model(self.model, self._path("best.npz"),
                                    {"epoch": self.epoch, "val_acc": record["val_acc"],
                                     "test_acc": record.get("test_acc")})
-                    self.save_checkpoint()
+                    if self.epoch % self.checkpoint_every == 0 or self.epoch >= self.epochs:
+                        self.save_checkpoint()
                     write_json_atomic(self._path("history.json"), self.history)
+                if self.time_budget is not None and not self.budget_fixed:
+                    self._marks["epoch_end"] = _clock()
+                    self._apply_time_budget(self._marks["epoch_end"] - fit_start)
+                    epoch_bar.total = self.epochs
+                    if self.out_dir is not None:  # the fixed length is part of the resumable state
+                        self.save_checkpoint()
+                        write_json_atomic(self._path("history.json"), self.history)
                 epoch_bar.update(1)
                 epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
                                        if k.endswith("acc")})

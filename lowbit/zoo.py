@@ -80,7 +80,8 @@ __all__ += ["bnn_mlp", "binary_cnn", "brevitas_fc", "tfc", "sfc", "lfc"]
 
 
 def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2, dropout_hidden=0.5,
-            bn_eps=1e-4, bn_momentum=0.9, init="uniform", glorot_lr_scale=True, input_bits=8):
+            bn_eps=1e-4, bn_momentum=0.9, init="uniform", glorot_lr_scale=True, input_bits=8,
+            draws="generator"):
     """The MNIST multilayer perceptron of Binarized Neural Networks (Courbariaux, Hubara et al. 2016).
 
     ``PixelCodes(input_bits)`` (8-bit pixels to (-1, 1) on the grid k/256, so the first layer's float32
@@ -101,13 +102,15 @@ def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2,
       :class:`~lowbit.quantizers.StochasticBinary` in training (deterministic at evaluation).  The
       paper's code makes only the weights stochastic ("weights").
     * BatchNorm momentum 0.9 is Lasagne's ``alpha = 0.1``.
+    * ``draws``: where the dropout masks' and stochastic binarizations' random numbers come from
+      (:mod:`lowbit.draws`); ``"counter"`` computes them on the GPU instead of copying them from the host.
     """
     kinds = stochastic_kinds(stochastic)
     hidden = [int(h) for h in hidden]
     s = _seeds(seed, len(hidden) + 1)
 
     def kernel_q():
-        return quantizer_for_bits(1, "weight", "weight" in kinds)
+        return quantizer_for_bits(1, "weight", "weight" in kinds, draws)
 
     def dense(n_in, n_out, i):
         return QuantAffine(n_in, n_out, bias=False, init=init, seed=s[i], kernel_quantizer=kernel_q(),
@@ -115,13 +118,13 @@ def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2,
 
     layers = [Rescale(2.0, -1.0) if input_bits is None else PixelCodes(input_bits), Flatten()]
     if dropout_in:
-        layers.append(Dropout(dropout_in))
+        layers.append(Dropout(dropout_in, draws=draws))
     width = 28 * 28
     for i, h in enumerate(hidden):
         layers += [dense(width, h, i), BatchNorm(h, momentum=bn_momentum, eps=bn_eps),
-                   QuantActivation(quantizer_for_bits(1, "activation", "activation" in kinds))]
+                   QuantActivation(quantizer_for_bits(1, "activation", "activation" in kinds, draws))]
         if dropout_hidden:
-            layers.append(Dropout(dropout_hidden))
+            layers.append(Dropout(dropout_hidden, draws=draws))
         width = h
     layers += [dense(width, 10, len(hidden)), BatchNorm(10, momentum=bn_momentum, eps=bn_eps)]
     return Model(layers, input_shape=(1, 28, 28), name="bnn_mlp").seed(seed)

@@ -239,3 +239,90 @@ def test_identity_augment_is_off_and_resumes_old_checkpoints(tmp_path, monkeypat
                       out_dir=tmp_path)
     with pytest.raises(ValueError, match="'augment' setting differs"):
         shifted.load_checkpoint()
+
+
+class _StepClock:
+    """A clock that reads the number of optimizer steps taken: one step = one second."""
+
+    def __init__(self, monkeypatch, trainer, stop_after=None):
+        self.steps = 0
+        step = trainer.optimizer.step
+
+        def counted(*args, **kwargs):
+            if stop_after is not None and self.steps == stop_after:
+                raise KeyboardInterrupt
+            self.steps += 1
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(trainer.optimizer, "step", counted)
+        monkeypatch.setattr(lowbit.trainer, "_clock", lambda: float(self.steps))
+
+
+def _budget_trainer(out_dir=None, budget=25.0, epochs=6, model=None):
+    return Trainer(model or small_cnn(), optimizer=Adam(0.01), schedule=CosineLR(0.01, epochs), epochs=epochs,
+                   batch_size=25, seed=5, progress=False, out_dir=out_dir, time_budget=budget)
+
+
+def _assert_same_as_plain_3_epochs(model, x, y):
+    """``model`` has the weights of a plain 3-epoch run with the budget trainers' other settings."""
+    plain = small_cnn()
+    Trainer(plain, optimizer=Adam(0.01), schedule=CosineLR(0.01, 3), epochs=3, batch_size=25, seed=5,
+            progress=False).fit(x, y)
+    a, b = _weights(model), _weights(plain)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_time_budget_fixes_epochs_and_equals_the_plain_run(monkeypatch, tmp_path):
+    # 200 images in batches of 25: 8 steps (seconds) an epoch, timed on its second half (4 s, x2);
+    # after the first epoch 8 s are spent, so a 25 s budget leaves room for 2 more: 3 epochs in all.
+    x, y = blobs(200)
+    budget = _budget_trainer(tmp_path / "budget")
+    _StepClock(monkeypatch, budget)
+    history = budget.fit(x, y)
+    assert budget.epochs == 3 and len(history) == 3 and budget.budget_fixed
+    assert history[0]["epochs_fixed"] == 3 and history[0]["epoch_seconds_estimate"] == 8.0
+    assert budget.schedule.config() == CosineLR(0.01, 3).config()
+    assert [h["lr"] for h in history] == [CosineLR(0.01, 3)(e) for e in range(3)]
+    monkeypatch.undo()
+    _assert_same_as_plain_3_epochs(budget.model, x, y)
+
+
+def test_time_budget_bounds(monkeypatch):
+    x, y = blobs(200)
+    for budget, epochs in ((1.0, 1), (1e9, 6)):  # spent on the first epoch; room for more than the most
+        trainer = _budget_trainer(budget=budget)
+        _StepClock(monkeypatch, trainer)
+        assert len(trainer.fit(x, y)) == epochs and trainer.epochs == epochs
+    for bad in (0, -1.0, float("nan"), True, "60"):
+        with pytest.raises(ValueError, match="time_budget must be a positive number of seconds"):
+            _budget_trainer(budget=bad)
+
+
+def test_time_budget_resumes_with_the_fixed_length(monkeypatch, tmp_path):
+    x, y = blobs(200)
+    interrupted = _budget_trainer(tmp_path)
+    _StepClock(monkeypatch, interrupted, stop_after=12)  # during the second of the 3 epochs it fixes
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(x, y)
+    monkeypatch.undo()
+    resumed = _budget_trainer(tmp_path)  # real clock: the saved length holds, not a new estimate
+    history = resumed.fit(x, y, resume=True)
+    assert resumed.epochs == 3 and [h["epoch"] for h in history] == [1, 2, 3]
+    _assert_same_as_plain_3_epochs(resumed.model, x, y)
+    # another budget is another run
+    with pytest.raises(ValueError, match="'time_budget' setting differs"):
+        _budget_trainer(tmp_path, budget=50.0).fit(x, y, resume=True)
+
+
+def test_checkpoint_every(tmp_path, monkeypatch):
+    x, y = blobs(100)
+    saved = []
+    trainer = Trainer(small_cnn(), epochs=5, batch_size=25, progress=False, out_dir=tmp_path, checkpoint_every=2)
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: saved.append(trainer.epoch))
+    trainer.fit(x, y)
+    assert saved == [2, 4, 5]  # every second epoch and the last
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 5  # the history after every epoch
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+            Trainer(small_cnn(), checkpoint_every=bad)
