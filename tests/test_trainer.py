@@ -326,3 +326,16 @@ def test_checkpoint_every(tmp_path, monkeypatch):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
             Trainer(small_cnn(), checkpoint_every=bad)
+
+
+def test_adam_fused_changes_nothing_on_the_cpu():
+    # the fused kernel is CuPy-only; on numpy both settings take the same path, and it is no setting
+    runs = []
+    for fused in (False, True):
+        model = small_cnn()
+        Trainer(model, optimizer=Adam(0.01, fused=fused), epochs=1, batch_size=25, seed=2,
+                progress=False).fit(*blobs(100))
+        runs.append(_weights(model))
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[0][key], runs[1][key], err_msg=key)
+    assert Adam(0.01, fused=True).config() == Adam(0.01).config()
