@@ -24,8 +24,10 @@ Writes ``experiments/results/ablation_<arch>.json`` and ``ablation_<arch>.md``, 
 model to ``experiments/models/ablation/<arch>_<variant>_seed<S>.npz``: the float model for
 deep_convnet (0.5 MB), the packed model for binary_cnn (its labels are checked against the
 simulation's), so ``lowbit eval`` reproduces every cell and ensemble of the table.  Model files are
-named by arch, variant and seed only: a run with other ``--epochs`` into the same ``--models`` folder
-replaces them, so give such runs their own ``--models``.
+named by arch, variant and seed only (the committed tables point to those names) and record their
+``epochs``: a run with other ``--epochs`` into a ``--models`` folder that holds them is refused before
+any training (files written before this check, without ``epochs``, are replaced as before), so give
+such runs their own ``--models``.
 
 Cost on 2 cores: deep_convnet about 80 s per epoch, binary_cnn about 140 s (each alone).  ``--device
 gpu`` trains (and evaluates) with CuPy; the runs are the same recipe, so a run resumes on either device.
@@ -80,22 +82,38 @@ def train(arch, variant, seed, args, data):
                   "run_dir": os.path.relpath(run_dir, os.path.dirname(HERE))}
 
 
+def model_path(arch, variant, seed, args):
+    return os.path.join(args.models, "ablation", f"{arch}_{variant.replace('+', '_')}"
+                        + (f"_limit{args.limit}" if args.limit else "") + f"_seed{seed}.npz")
+
+
+def other_epochs(path, epochs):
+    """The epochs recorded in the model file at ``path`` when they differ from ``epochs``, else None
+    (no file, the same epochs, or a file written before models recorded them)."""
+    from lowbit.packed import load_any
+
+    if not os.path.exists(path):
+        return None
+    recorded = load_any(path).metadata.get("epochs")
+    return recorded if recorded is not None and recorded != epochs else None
+
+
 def save_best(arch, variant, seed, model, args, x_test):
     """Save a run's best model under ``--models/ablation/`` (packed for binary_cnn); returns the fields
     the run's summary gains."""
     import lowbit
 
-    path = os.path.join(args.models, "ablation", f"{arch}_{variant.replace('+', '_')}"
-                        + (f"_limit{args.limit}" if args.limit else "") + f"_seed{seed}.npz")
+    path = model_path(arch, variant, seed, args)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    metadata = {"arch": arch, "variant": variant, "seed": seed, "epochs": args.epochs,
+                "epoch": model.metadata["epoch"], "val_acc": model.metadata["val_acc"]}
     fields = {"model": os.path.relpath(path, os.path.dirname(HERE))}
     if arch == "binary_cnn":
         packed = lowbit.convert(model)
-        packed.save(path)
+        packed.save(path, metadata)
         fields["packed_labels_equal"] = int((packed.predict(x_test) == model.predict(x_test)).sum())
     else:
-        lowbit.save_model(model, path, {"arch": arch, "variant": variant, "seed": seed,
-                                        "epoch": model.metadata["epoch"], "val_acc": model.metadata["val_acc"]})
+        lowbit.save_model(model, path, metadata)
     return fields
 
 
@@ -140,6 +158,17 @@ def main(argv=None):
     from lowbit.data import load_mnist, mnist_splits
     from lowbit.ensemble import Ensemble
     from lowbit.trainer import write_json_atomic
+
+    clashes = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            path = model_path(args.arch, variant, seed, args)
+            found = other_epochs(path, args.epochs)
+            if found is not None:
+                clashes.append(f"{path} ({found} epochs)")
+    if clashes:
+        parser.error(f"--models {args.models} holds models of runs with other --epochs: {', '.join(clashes)}; "
+                     f"this run trains {args.epochs}; give it its own --models folder")
 
     mnist = load_mnist(progress=not args.quiet)
     rows = {}
