@@ -43,6 +43,18 @@ def _positive_seconds(text):
     return value
 
 
+def _positive_int(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def add_budget_arguments(parser):
     """``--time-budget`` and ``--checkpoint-every``, passed to :class:`lowbit.Trainer` as
     ``time_budget`` and ``checkpoint_every``."""
@@ -50,8 +62,33 @@ def add_budget_arguments(parser):
                         help="train as many epochs as fit in SECONDS (at most --epochs), fixed after the "
                              "first epoch, the schedule stretched to them; the results record the number, "
                              "and --epochs N without this option repeats the run (default: --epochs)")
-    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
                         help="write the resumable checkpoint every N epochs and after the last (default 1)")
+
+
+def interleaved_step_times(trainers, x, y, lr, repeats, device):
+    """Seconds per step of ``Trainer.train_epoch(x, y, lr)`` for each of ``trainers`` (a dict), timed
+    ``repeats`` times in turn (so that drifts of a shared machine hit all alike), synchronising the GPU
+    around each pass when ``device == "gpu"``; returns ``{key: [seconds per step, ...]}``.  Warm the
+    trainers up first: the first pass compiles kernels."""
+    import time
+
+    def sync():
+        if device == "gpu":
+            from lowbit.backend import cupy
+
+            cupy.cuda.Device().synchronize()
+
+    steps = -(-len(x) // next(iter(trainers.values())).batch_size)
+    times = {key: [] for key in trainers}
+    for _ in range(repeats):
+        for key, trainer in trainers.items():
+            sync()
+            t0 = time.perf_counter()
+            trainer.train_epoch(x, y, lr)
+            sync()
+            times[key].append((time.perf_counter() - t0) / steps)
+    return times
 
 
 def command_line(script, argv=None):

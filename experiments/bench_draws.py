@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from _common import HERE, command_line, environment
+from _common import HERE, command_line, environment, interleaved_step_times
 
 
 def _sync(device):
@@ -62,14 +62,7 @@ def main(argv=None):
                                         device=args.device, progress=False)
         trainers[kind, draws].train_epoch(x[:300], y[:300], 3e-3)  # warm-up: kernels compile here
     steps = -(-args.images // 100)
-    times = {setting: [] for setting in settings}
-    for _ in range(args.repeats):
-        for setting in settings:  # interleaved, so that drifts of a shared machine hit all alike
-            _sync(args.device)
-            t0 = time.perf_counter()
-            trainers[setting].train_epoch(x, y, 3e-3)
-            _sync(args.device)
-            times[setting].append((time.perf_counter() - t0) / steps)
+    times = interleaved_step_times(trainers, x, y, 3e-3, args.repeats, args.device)
     n_weights = 784 * args.width + 2 * args.width ** 2 + args.width * 10
     draw_times = {}
     for draws in ("generator", "counter"):

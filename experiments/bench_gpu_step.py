@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 
-from _common import HERE, command_line, environment
+from _common import HERE, command_line, environment, interleaved_step_times
 
 
 def networks():
@@ -62,14 +61,7 @@ def main(argv=None):
             trainers[fused] = Trainer(build(), loss, Adam(1e-3, fused=fused), epochs=1, batch_size=100,
                                       device="gpu", progress=False)
             trainers[fused].train_epoch(x[:300], y[:300], 1e-3)  # warm-up: kernels compile here
-        times = {True: [], False: []}
-        for _ in range(args.repeats):
-            for fused in (True, False):  # interleaved: drifts of a shared machine hit both alike
-                cupy.cuda.Device().synchronize()
-                t0 = time.perf_counter()
-                trainers[fused].train_epoch(x, y, 1e-3)
-                cupy.cuda.Device().synchronize()
-                times[fused].append((time.perf_counter() - t0) / steps)
+        times = interleaved_step_times(trainers, x, y, 1e-3, args.repeats, "gpu")
         fused, unfused = statistics.median(times[True]), statistics.median(times[False])
         params = sum(1 for _ in trainers[True].model.named_arrays(buffers=False))
         rows[name] = {"fused_s_per_step": fused, "unfused_s_per_step": unfused, "speedup": unfused / fused,

@@ -111,8 +111,6 @@ def main(argv=None):
     add_budget_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
-    if args.checkpoint_every < 1:
-        parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate must be >= 0, got {args.bn_recalibrate}")
     for name in ("epochs", "blocks", "probe_batch"):

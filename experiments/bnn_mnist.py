@@ -91,8 +91,6 @@ def main(argv=None):
     add_budget_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
-    if args.checkpoint_every < 1:
-        parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     cfg = CONFIGS[args.config]
     lr = args.lr or cfg["lr"]
     lr_end = args.lr_end or cfg["lr_end"]
@@ -105,13 +103,13 @@ def main(argv=None):
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate must be >= 0, got {args.bn_recalibrate}")
+    if args.draws != "generator" and args.config == "cnn":
+        parser.error(f"--draws applies to the MLP configs, got --config {args.config}")
     augment = args.augment
 
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
                                                                    args.seed, args.limit)
 
-    if args.draws != "generator" and args.config == "cnn":
-        parser.error(f"--draws applies to the MLP configs, got --config {args.config}")
     model = cfg["build"](args.seed, width, init, args.dropout, args.draws)
     name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
             + (f"_{init}" if init != cfg["init"] else "") + ("_aug" if augment else "")

@@ -169,7 +169,8 @@ class Trainer:
         fits in the rest of the budget (at least 1, at most ``epochs``) and stretches the schedule to it
         (``schedule.with_epochs``).  The first epoch's learning rate does not depend on the length, so
         the run is the one ``epochs=N`` would give with the N it chose (``trainer.epochs`` after
-        :meth:`fit`, also in the checkpoint and the history's first record as ``epochs_fixed``).  None
+        :meth:`fit`, also in the checkpoint and, as ``epochs_fixed``, in the record of the epoch that
+        fixed it).  None
         (default): train exactly ``epochs``.
     checkpoint_every : int
         Write ``checkpoint.npz`` after every this many epochs and after the last (default 1: every
