@@ -66,6 +66,14 @@ def add_budget_arguments(parser):
                         help="write the resumable checkpoint every N epochs and after the last (default 1)")
 
 
+def add_eval_limit_argument(parser):
+    """``--eval-limit N``: validate and test on the first N images of each set (smoke runs; the results
+    record it), passed to :func:`lowbit.data.mnist_splits` as ``eval_limit``."""
+    parser.add_argument("--eval-limit", type=_positive_int, default=0, metavar="N",
+                        help="validate and test on the first N images of each set only (smoke runs; "
+                             "default: all 10,000 of each)")
+
+
 def interleaved_step_times(trainers, x, y, lr, repeats, device):
     """Seconds per step of ``Trainer.train_epoch(x, y, lr)`` for each of ``trainers`` (a dict), timed
     ``repeats`` times in turn (so that drifts of a shared machine hit all alike), synchronising the GPU

@@ -45,7 +45,7 @@ import os
 import statistics
 import time
 
-from _common import HERE, add_output_arguments, command_line, environment
+from _common import HERE, add_eval_limit_argument, add_output_arguments, command_line, environment
 VARIANTS = ("base", "decay", "aug", "aug+decay")
 LEARNING_RATES = {"deep_convnet": 1e-3, "binary_cnn": 1e-3}
 BN_RECALIBRATE = {"deep_convnet": 0, "binary_cnn": 10000}  # deep_convnet has no BatchNorm
@@ -70,6 +70,7 @@ def train(arch, variant, seed, args, data):
     augment = Augment(shift=2, rotate=10.0, scale=0.1) if "aug" in variant else None
     run_dir = os.path.join(args.runs, f"ablation_{arch}_{variant.replace('+', '_')}_e{args.epochs}"
                                       + (f"_limit{args.limit}" if args.limit else "")
+                                      + (f"_eval{args.eval_limit}" if args.eval_limit else "")
                            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + f"_seed{seed}")
     trainer = Trainer(build(arch, seed), "cross_entropy", Adam(lr), schedule, epochs=args.epochs, batch_size=100,
                       augment=augment, seed=seed, out_dir=run_dir, progress=not args.quiet,
@@ -84,7 +85,8 @@ def train(arch, variant, seed, args, data):
 
 def model_path(arch, variant, seed, args):
     return os.path.join(args.models, "ablation", f"{arch}_{variant.replace('+', '_')}"
-                        + (f"_limit{args.limit}" if args.limit else "") + f"_seed{seed}.npz")
+                        + (f"_limit{args.limit}" if args.limit else "")
+                        + (f"_eval{args.eval_limit}" if args.eval_limit else "") + f"_seed{seed}.npz")
 
 
 def other_epochs(path, epochs):
@@ -122,6 +124,7 @@ def table(arch, args, rows):
              f"Test accuracy (%) at the best validation epoch; {args.epochs} epochs, Adam, batch 100, "
              f"seeds {' '.join(map(str, args.seeds))}"
              + (f", first {args.limit} training images only" if args.limit else "")
+             + (f", first {args.eval_limit} validation and test images only" if args.eval_limit else "")
              + (f", BatchNorm recalibrated on up to {args.bn_recalibrate} training images after every epoch"
                 if args.bn_recalibrate else "") + ".", "",
              "| variant | mean | std | min | max | ensemble of the seeds |", "|---|---|---|---|---|---|"]
@@ -146,6 +149,7 @@ def main(argv=None):
                              "(default: 10000 for binary_cnn, 0 for deep_convnet)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
+    add_eval_limit_argument(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -175,7 +179,7 @@ def main(argv=None):
     for variant in args.variants:
         models, runs = [], []
         for seed in args.seeds:
-            data = mnist_splits(mnist, 10000, seed, args.limit)
+            data = mnist_splits(mnist, 10000, seed, args.limit, args.eval_limit)
             x_test, y_test = data[4:]
             model, run = train(args.arch, variant, seed, args, data)
             if args.device == "gpu":  # evaluate, and ensemble, where it trained (conversion reads it back)
@@ -189,12 +193,12 @@ def main(argv=None):
         rows[variant] = {"runs": runs, "test_acc": [r["test_acc"] for r in runs], "ensemble_acc": ensemble_acc}
     text = table(args.arch, args, rows)
     result = {"experiment": f"ablation_{args.arch}", "arch": args.arch, "epochs": args.epochs, "seeds": args.seeds,
-              "limit": args.limit, "lr": args.lr or LEARNING_RATES[args.arch],
+              "limit": args.limit, "eval_limit": args.eval_limit, "lr": args.lr or LEARNING_RATES[args.arch],
               "bn_recalibrate": args.bn_recalibrate,
               "augment": {"shift": 2, "rotate": 10.0, "scale": 0.1}, "decay": "cosine to 0", "device": args.device,
               "variants": rows,
               "command": command_line(__file__, argv), "environment": environment()}
-    suffix = f"_smoke" if args.limit else ""
+    suffix = "_smoke" if args.limit or args.eval_limit else ""
     write_json_atomic(os.path.join(args.results, f"ablation_{args.arch}{suffix}.json"), result)
     with open(os.path.join(args.results, f"ablation_{args.arch}{suffix}.md"), "w") as fh:
         fh.write(text)

@@ -57,7 +57,8 @@ import numpy as np
 
 from lowbit.augment import augment_option
 
-from _common import HERE, add_budget_arguments, add_output_arguments, command_line, environment
+from _common import (HERE, add_budget_arguments, add_eval_limit_argument, add_output_arguments, command_line,
+                     environment)
 VARIANTS = ("shortcut", "noshortcut")
 
 
@@ -108,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--name", default=None,
                         help="results file name without .json (default bireal_mnist[_smoke]); models are "
                              "saved as <name>_<variant>.npz when given")
+    add_eval_limit_argument(parser)
     add_budget_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
@@ -128,7 +130,7 @@ def main(argv=None):
     augment = args.augment
 
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
-                                                                   args.seed, args.limit)
+                                                                   args.seed, args.limit, args.eval_limit)
     probe = min(args.probe_batch, len(x_train))
 
     tag = ("w" + "-".join(map(str, args.widths)) + f"_b{args.blocks}" + ("_aug" if augment else "")
@@ -136,7 +138,8 @@ def main(argv=None):
            + ("_cos" if args.schedule == "cosine" else "") + ("_flat" if args.head == "flatten" else "")
            + ("_prebn" if args.pre_bn else "") + (f"_lr{args.lr:g}" if args.lr != 1e-3 else "")
            + (f"_tb{args.time_budget:g}" if args.time_budget else "")
-           + (f"_limit{args.limit}" if args.limit else ""))
+           + (f"_limit{args.limit}" if args.limit else "")
+           + (f"_eval{args.eval_limit}" if args.eval_limit else ""))
     rows = {}
     for variant in args.variants:
         shortcut = variant == "shortcut"
@@ -161,14 +164,15 @@ def main(argv=None):
         best = lowbit.load_model(best_path)
         test_acc = best.evaluate(x_test, y_test)
         model_path = os.path.join(args.models, f"{args.name}_{variant}.npz" if args.name else f"{best.name}.npz")
-        if not args.limit:
+        smoke = bool(args.limit or args.eval_limit)
+        if not smoke:
             os.makedirs(args.models, exist_ok=True)
             shutil.copyfile(best_path, model_path)
         rows[variant] = {
             "test_acc": test_acc, "epochs_trained": trainer.epochs, "best_epoch": best.metadata["epoch"], "val_acc_at_best": best.metadata["val_acc"],
             "final_train_acc": history[-1]["train_acc"], "parameters": best.num_parameters(),
             "grad_norms_at_init": grads, "history": history, "wall_seconds_this_run": wall,
-            "model": os.path.relpath(model_path, os.path.dirname(HERE)) if not args.limit else None,
+            "model": None if smoke else os.path.relpath(model_path, os.path.dirname(HERE)),
         }
         first, last = next(iter(grads.values())), list(grads.values())[-1]
         print(f"bireal {variant}: test accuracy {test_acc:.2%} at the best validation epoch "
@@ -179,13 +183,13 @@ def main(argv=None):
         "pre_bn": args.pre_bn,
         "epochs": args.epochs, "time_budget": args.time_budget, "lr": args.lr, "schedule": args.schedule,
         "lr_end": args.lr_end if args.schedule == "exponential" else 0.0, "device": args.device,
-        "seed": args.seed, "limit": args.limit,
+        "seed": args.seed, "limit": args.limit, "eval_limit": args.eval_limit,
         "augment": augment.config() if augment else None, "probe_batch": probe,
         "bn_recalibrate": args.bn_recalibrate, "target": 0.995,
         "variants": rows,
         "command": command_line(__file__, argv), "environment": environment(),
     }
-    name = args.name or ("bireal_mnist" + ("_smoke" if args.limit else ""))
+    name = args.name or ("bireal_mnist" + ("_smoke" if args.limit or args.eval_limit else ""))
     write_json_atomic(os.path.join(args.results, f"{name}.json"), result)
     return result
 

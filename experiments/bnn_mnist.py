@@ -38,7 +38,8 @@ from lowbit.optimizers import Adam, ExponentialLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import binary_cnn, bnn_mlp
 
-from _common import HERE, add_budget_arguments, add_output_arguments, command_line, environment
+from _common import (HERE, add_budget_arguments, add_eval_limit_argument, add_output_arguments, command_line,
+                     environment)
 
 
 def _paper_mlp(stochastic):
@@ -88,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--name", default=None,
                         help="name of the run, its model and results files (default: from the config and "
                              "options, e.g. bnn_mlp_det)")
+    add_eval_limit_argument(parser)
     add_budget_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
@@ -108,14 +110,16 @@ def main(argv=None):
     augment = args.augment
 
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
-                                                                   args.seed, args.limit)
+                                                                   args.seed, args.limit, args.eval_limit)
 
     model = cfg["build"](args.seed, width, init, args.dropout, args.draws)
     name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
             + (f"_{init}" if init != cfg["init"] else "") + ("_aug" if augment else "")
             + (f"_drop{args.dropout:g}" if args.dropout else "")
             + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "")
-            + (f"_{args.draws}" if args.draws != "generator" else ""))
+            + (f"_{args.draws}" if args.draws != "generator" else "")
+            + (f"_limit{args.limit}" if args.limit else "")
+            + (f"_eval{args.eval_limit}" if args.eval_limit else ""))
     name = args.name or name
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
     trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
@@ -140,7 +144,8 @@ def main(argv=None):
         "max_epochs": args.epochs, "time_budget": args.time_budget,
         "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width, "init": init,
         "augment": augment.config() if augment else None, "dropout": args.dropout,
-        "bn_recalibrate": args.bn_recalibrate, "draws": args.draws,
+        "bn_recalibrate": args.bn_recalibrate, "draws": args.draws, "limit": args.limit,
+        "eval_limit": args.eval_limit,
         "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
         "test_acc": sim_acc, "target": cfg["target"],
         "packed_test_acc": float((packed_labels == y_test).mean()),

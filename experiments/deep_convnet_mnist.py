@@ -88,9 +88,10 @@ def precision_pair(args, data, command):
     """One ``single`` or ``mixed16`` run with cosine decay; its result goes to
     ``results/precision_cosine/<precision>_seed<S>.json``."""
     precision = "mixed16" if args.mode == "mixed16" else "fp32"
-    name = (f"deep_convnet_{precision}_cosine_e{args.epochs}" + (f"_limit{args.limit}" if args.limit else "")
-            + f"_seed{args.seed}")
-    _, run = train_and_save(args, data, name, args.seed, f"deep_convnet_mnist_cosine_{precision}_seed{args.seed}.npz",
+    smoke = f"_limit{args.limit}" if args.limit else ""  # smoke runs keep out of the full runs' files
+    name = f"deep_convnet_{precision}_cosine_e{args.epochs}{smoke}_seed{args.seed}"
+    _, run = train_and_save(args, data, name, args.seed,
+                            f"deep_convnet_mnist_cosine_{precision}{smoke}_seed{args.seed}.npz",
                             {"epochs": args.epochs, "precision": precision, "schedule": "cosine"},
                             schedule="cosine", precision=precision)
     acc, wall = run["test_acc"], run["wall_seconds"]
@@ -98,7 +99,7 @@ def precision_pair(args, data, command):
               "recipe": "book network and batch, Adam with cosine decay from --lr to 0, no augmentation",
               "epochs": args.epochs, "lr": args.lr, "train_images": len(data[0]), **run,
               "command": command, "environment": environment()}
-    write_json_atomic(os.path.join(args.results, PRECISION_DIR, f"{precision}_seed{args.seed}.json"), result)
+    write_json_atomic(os.path.join(args.results, PRECISION_DIR + smoke, f"{precision}_seed{args.seed}.json"), result)
     print(f"{precision}, cosine decay, seed {args.seed}: test accuracy {acc:.4%}, {wall:.0f} s")
     return result
 
@@ -175,11 +176,14 @@ def main(argv=None):
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     data = (x_train, y_train, x_test, y_test)
+    # A smoke run (--limit) has its own runs, models and results, so it neither resumes nor replaces
+    # those of the full runs.
+    smoke = f"_limit{args.limit}" if args.limit else ""
     if args.schedule == "cosine":
         return precision_pair(args, data, command)
 
     if args.mode == "fp16":
-        model_path = os.path.join(args.models, "deep_convnet_mnist.npz")
+        model_path = os.path.join(args.models, f"deep_convnet_mnist{smoke}.npz")
         model = lowbit.load_model(model_path)
         acc32 = model.evaluate(x_test, y_test)
         labels32 = model.predict(x_test)
@@ -190,27 +194,28 @@ def main(argv=None):
                   "test_acc_fp32": acc32, "test_acc_fp16": acc16,
                   "labels_changed": int((labels16 != labels32).sum()), "command": command,
                   "environment": environment()}
-        write_json_atomic(os.path.join(args.results, "deep_convnet_mnist_fp16.json"), result)
+        write_json_atomic(os.path.join(args.results, f"deep_convnet_mnist_fp16{smoke}.json"), result)
         print(f"fp32 {acc32:.4%}, fp16 inference {acc16:.4%} "
               f"({result['labels_changed']} of {len(y_test)} labels changed)")
         return result
 
     if args.mode == "mixed16":
-        _, run = train_and_save(args, data, f"deep_convnet_mixed16_seed{args.seed}", args.seed,
-                                "deep_convnet_mnist_mixed16.npz", {"precision": "mixed16"}, precision="mixed16")
+        _, run = train_and_save(args, data, f"deep_convnet_mixed16{smoke}_seed{args.seed}", args.seed,
+                                f"deep_convnet_mnist_mixed16{smoke}.npz", {"precision": "mixed16"},
+                                precision="mixed16")
         result = {"experiment": "deep_convnet_mnist_mixed16", "epochs": args.epochs, **run,
                   "command": command, "environment": environment()}
-        write_json_atomic(os.path.join(args.results, "deep_convnet_mnist_mixed16.json"), result)
+        write_json_atomic(os.path.join(args.results, f"deep_convnet_mnist_mixed16{smoke}.json"), result)
         print(f"mixed-precision test accuracy {run['test_acc']:.4%}, {run['wall_seconds']:.0f} s")
         return result
 
     if args.mode == "single":
-        _, run = train_and_save(args, data, f"deep_convnet_seed{args.seed}", args.seed, "deep_convnet_mnist.npz",
-                                {"epochs": args.epochs})
+        _, run = train_and_save(args, data, f"deep_convnet{smoke}_seed{args.seed}", args.seed,
+                                f"deep_convnet_mnist{smoke}.npz", {"epochs": args.epochs})
         result = {"experiment": "deep_convnet_mnist", "recipe": "book: Adam 0.001, batch 100, no augmentation",
                   "epochs": args.epochs, "train_images": len(x_train), "target": 0.9938, **run,
                   "command": command, "environment": environment()}
-        write_json_atomic(os.path.join(args.results, "deep_convnet_mnist.json"), result)
+        write_json_atomic(os.path.join(args.results, f"deep_convnet_mnist{smoke}.json"), result)
         print(f"test accuracy {run['test_acc']:.4%} (target 99.38%), {run['wall_seconds']:.0f} s")
         return result
 
@@ -221,8 +226,8 @@ def main(argv=None):
     member_results = []
     for i in range(args.members):
         seed = args.seed + i
-        model, run = train_and_save(args, data, f"deep_convnet_aug_seed{seed}", seed,
-                                    f"deep_convnet_mnist_aug_seed{seed}.npz",
+        model, run = train_and_save(args, data, f"deep_convnet_aug{smoke}_seed{seed}", seed,
+                                    f"deep_convnet_mnist_aug{smoke}_seed{seed}.npz",
                                     {"epochs": args.epochs, "augment": augment.config()},
                                     augment=augment, schedule="cosine")
         members.append(model)
@@ -234,7 +239,7 @@ def main(argv=None):
               "best_member_acc": max(m["test_acc"] for m in member_results),
               "ensemble_acc": ens_acc, "target": 0.995, "command": command,
               "environment": environment()}
-    write_json_atomic(os.path.join(args.results, "deep_convnet_mnist_ensemble.json"), result)
+    write_json_atomic(os.path.join(args.results, f"deep_convnet_mnist_ensemble{smoke}.json"), result)
     print(f"ensemble of {len(members)}: {ens_acc:.4%} (best member {result['best_member_acc']:.4%})")
     return result
 

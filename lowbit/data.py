@@ -353,23 +353,29 @@ def train_val_split(x: np.ndarray, y: np.ndarray, n_val: int, seed: int):
     return x[train_mask], y[train_mask], x[val_rows], y[val_rows]
 
 
-def mnist_splits(mnist: MNIST, val_size: int, seed: int, limit: int = 0):
+def mnist_splits(mnist: MNIST, val_size: int, seed: int, limit: int = 0, eval_limit: int = 0):
     """The float images of ``mnist`` split for a training run with a held-out validation set.
 
     ``val_size`` training images are held out by :func:`train_val_split` (repeatably by ``seed``);
-    with ``limit`` > 0 only the first ``limit`` of the remaining training images are kept (smoke runs).
+    with ``limit`` > 0 only the first ``limit`` of the remaining training images are kept, and with
+    ``eval_limit`` > 0 only the first ``eval_limit`` validation and test images (smoke runs).
 
     Returns
     -------
     x_train, y_train, x_val, y_val, x_test, y_test
         images float32 (N, 1, 28, 28) in [0, 1] (:func:`float_images`), labels int arrays.
     """
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
-        raise ValueError(f"mnist_splits: limit must be an int >= 0 (0: all), got {limit!r}")
+    for name, value in (("limit", limit), ("eval_limit", eval_limit)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"mnist_splits: {name} must be an int >= 0 (0: all), got {value!r}")
     x_train, y_train, x_val, y_val = train_val_split(float_images(mnist.x_train), mnist.y_train, val_size, seed)
+    x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
     if limit:
         x_train, y_train = x_train[:limit], y_train[:limit]
-    return x_train, y_train, x_val, y_val, float_images(mnist.x_test), np.asarray(mnist.y_test)
+    if eval_limit:
+        x_val, y_val = x_val[:eval_limit], y_val[:eval_limit]
+        x_test, y_test = x_test[:eval_limit], y_test[:eval_limit]
+    return x_train, y_train, x_val, y_val, x_test, y_test
 
 
 # --------------------------------------------------------------------------------------------------

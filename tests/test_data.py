@@ -596,7 +596,19 @@ def test_mnist_splits_float_images_held_out_by_seed_and_limited():
     np.testing.assert_array_equal(limited[3], y_va)
 
 
+def test_mnist_splits_eval_limit_cuts_validation_and_test_only():
+    mnist = fake_mnist()
+    full = data.mnist_splits(mnist, 5, seed=1)
+    cut = data.mnist_splits(mnist, 5, seed=1, eval_limit=3)
+    np.testing.assert_array_equal(cut[0], full[0])  # training images untouched
+    np.testing.assert_array_equal(cut[1], full[1])
+    for index in (2, 3, 4, 5):
+        assert len(cut[index]) == 3
+        np.testing.assert_array_equal(cut[index], full[index][:3])
+
+
 @pytest.mark.parametrize("limit", [-1, 2.5, True])
-def test_mnist_splits_bad_limit(limit):
-    with pytest.raises(ValueError, match="limit must be an int >= 0"):
-        data.mnist_splits(fake_mnist(), 5, seed=0, limit=limit)
+@pytest.mark.parametrize("name", ["limit", "eval_limit"])
+def test_mnist_splits_bad_limit(name, limit):
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 0"):
+        data.mnist_splits(fake_mnist(), 5, seed=0, **{name: limit})
