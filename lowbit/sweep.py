@@ -67,6 +67,10 @@ Files in ``out_dir``
 ``table.md``          accuracy tables (rows weight bits, columns activation bits), one per method,
                       mean +- sample standard deviation over seeds; sizes; Brevitas comparison.
 ``accuracy_vs_bits.png``, ``accuracy_vs_size.png``   the plots.
+``histories/``        each point's per-epoch history (``<method>_w<W>a<A>_seed<s>.json``: loss, train,
+                      validation and, with ``track_test``, test accuracy, lr and seconds per epoch),
+                      copied from ``runs/`` whenever the reports are written; small, and the only
+                      record of the trajectory once ``runs/`` is gone (it is not committed).
 ``points/``           the packed model of every point.
 ``runs/``             training runs (``float_seed<s>``, ``qat_w<W>a<A>_seed<s>``): ``best.npz``,
                       ``history.json``, ``result.json``; the checkpoint while a run is unfinished.
@@ -1000,7 +1004,8 @@ def _plot_size(path, summary, settings):
 def write_reports(out_dir, records, settings):
     """Write ``results.csv``, ``results.json``, ``table.md`` and the two PNGs for ``records``.
 
-    Returns the paths by name (``csv``, ``json``, ``table``, ``bits_plot``, ``size_plot``).
+    Returns the paths by name (``csv``, ``json``, ``table``, ``bits_plot``, ``size_plot``, and
+    ``histories``, the folder of per-epoch histories, when there are any: see :func:`_write_histories`).
     """
     # each record's keys sorted, as points.jsonl stores them: a resumed sweep's reports equal a fresh one's
     records = [dict(sorted(record.items())) for record in sorted(records, key=_sort_key)]
@@ -1026,7 +1031,43 @@ def write_reports(out_dir, records, settings):
     if summary:
         _plot_bits(files["bits_plot"], summary, settings)
         _plot_size(files["size_plot"], summary, settings)
+    if _write_histories(out_dir, records):
+        files["histories"] = os.path.join(out_dir, "histories")
     return files
+
+
+def _history_name(record):
+    return f"{record['method']}_w{record['weight_bits']}a{record['act_bits']}_seed{record['seed']}.json"
+
+
+def _write_histories(out_dir, records):
+    """Copy each point's per-epoch history from its training run (``runs/<run>/result.json``, which
+    is not committed) to ``histories/<point>.json``, which is small and meant to be committed, so the
+    trajectory behind ``best_epoch`` and ``best_test_epoch`` outlives the run folder.  A history
+    whose run folder is gone (a fresh checkout) is left as it is.  PTQ points share their float
+    model's history.  Returns the number of history files present."""
+    present = 0
+    for record in records:
+        target = os.path.join(out_dir, "histories", _history_name(record))
+        source = os.path.join(out_dir, record.get("run_dir") or "", "result.json")
+        if record.get("run_dir") and os.path.exists(source):
+            with open(source) as fh:
+                info = json.load(fh)
+            if info.get("settings_key") == record.get("settings_key") and "history" in info:
+                document = {"point": {key: record[key] for key in ("arch", "method", "weight_bits",
+                                                                   "act_bits", "seed", "settings_key")},
+                            "run_dir": record["run_dir"], "best_epoch": info.get("best_epoch"),
+                            **({"best_test_epoch": info["best_test_epoch"]} if "best_test_epoch" in info else {}),
+                            "history": info["history"]}
+                payload = json.dumps(document, indent=1, sort_keys=True) + "\n"
+                current = None
+                if os.path.exists(target):
+                    with open(target, encoding="utf-8") as fh:
+                        current = fh.read()
+                if current != payload:
+                    _write_atomic(target, payload)
+        present += os.path.exists(target)
+    return present
 
 
 def report_sweep(out_dir):

@@ -6,6 +6,7 @@ A {1, 32} and both methods: 8 points per seed.
 import csv
 import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -386,6 +387,30 @@ def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
     with pytest.raises(ValueError, match="activation_clipping must be one of"):
         quick(tmp_path / "bad", activation_clipping="none")
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_histories_are_copied_beside_the_reports_and_outlive_the_runs(tmp_path):
+    """Each point's per-epoch history goes to ``histories/<point>.json`` (committed with the results),
+    equal to its run's; a fresh checkout, where ``runs/`` is gone, keeps the copies as they are."""
+    result = quick(tmp_path, seeds=(0,), weight_bits=(1,), act_bits=(1,), epochs=2, track_test=True)
+    assert result.files["histories"] == os.path.join(str(tmp_path), "histories")
+    names = sorted(p.name for p in (tmp_path / "histories").iterdir())
+    assert names == ["ptq_w1a1_seed0.json", "qat_w1a1_seed0.json"]
+    for record in result.records:
+        copy = json.loads((tmp_path / "histories" / f"{record['method']}_w1a1_seed0.json").read_text())
+        run = json.loads((tmp_path / record["run_dir"] / "result.json").read_text())
+        assert copy["history"] == run["history"] and len(copy["history"]) == 2
+        assert copy["point"]["settings_key"] == record["settings_key"] == run["settings_key"]
+        assert copy["best_epoch"] == record["best_epoch"]
+        if record["method"] == "qat":
+            assert copy["best_test_epoch"] == record["best_test_epoch"]
+            tests = [epoch["test_acc"] for epoch in copy["history"]]
+            assert max(tests) == record["best_test_accuracy"]
+    before = {name: (tmp_path / "histories" / name).read_bytes() for name in names}
+    shutil.rmtree(tmp_path / "runs")
+    again = sweep.report_sweep(tmp_path)
+    assert again.files["histories"] == os.path.join(str(tmp_path), "histories")
+    assert {name: (tmp_path / "histories" / name).read_bytes() for name in names} == before
 
 
 def test_track_test_reports_the_best_test_epoch_and_changes_nothing_else(tmp_path):
