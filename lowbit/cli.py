@@ -210,7 +210,8 @@ def add_sweep_arguments(parser):
     p.add_argument("--loss", default="cross_entropy", choices=list(LOSSES))
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--init", help="latent-weight init of the MLPs (default glorot; Brevitas: uniform)")
-    p.add_argument("--val", type=int, help="training images held out for validation (default 10000)")
+    p.add_argument("--val", type=int, help="training images held out for validation (default 10000; 0: train on all of them and "
+                   "report each run's last epoch)")
     p.add_argument("--limit", type=int, help="train on the first N images only")
     p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
     p.add_argument("--calibrate", type=int, help="training images calibrating PTQ (default 1000)")

@@ -45,7 +45,8 @@ The recipe (every point of one sweep alike)
 Adam, an exponential learning-rate decay from ``lr`` to ``lr_end`` over the epochs (``schedule`` may
 be ``"cosine"`` or ``"constant"``), batch 100, cross-entropy loss, ``val_size`` (10,000) training
 images held out (:func:`lowbit.data.train_val_split`, split by the seed); the reported model is the
-one of the best validation epoch (``best.npz``), as the BinaryNet paper reports.  Defaults per
+one of the best validation epoch (``best.npz``), as the BinaryNet paper reports (``val_size=0``:
+every training image is trained on and the last epoch's model is reported).  Defaults per
 architecture are in :data:`RECIPES`: for the MLPs Adam 1e-2 -> 1e-4 with Glorot-initialised latent
 weights (Brevitas initialises U(-1, 1) and trains 500-1000 epochs; in short runs the scale of the
 initial weights against the step size matters most), for deep_convnet the book's Adam 1e-3,
@@ -78,7 +79,7 @@ Files in ``out_dir``
 Columns of ``results.csv`` (one row per point and seed)
 -------------------------------------------------------
 ``accuracy`` (test, packed model, 0..1), ``simulation_accuracy`` (the quantized model's own forward;
-equal by construction), ``val_accuracy`` (best validation epoch of the run; empty for PTQ),
+equal by construction), ``val_accuracy`` (best validation epoch of the run; empty for PTQ and when ``val_size=0``),
 ``best_epoch``, ``epochs`` (of the run the point comes from: the float model's for PTQ),
 ``size_bytes`` (packed file), ``float_file_bytes`` (the training-format ``best.npz`` it came from:
 float32 latent weights and BatchNorm statistics), ``float32_bytes`` (4 bytes per parameter and
@@ -101,6 +102,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -343,9 +345,11 @@ def _schedule(settings, epochs):
 def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpoints=False, device="cpu"):
     """Train ``model`` with the sweep's recipe in ``run_dir``, resumably; returns ``(best, info)``.
 
-    ``best`` is the model of the best validation epoch; ``info`` (also ``run_dir/result.json``) has
-    ``best_epoch``, ``val_accuracy``, ``epochs``, ``train_seconds`` (sum of the epochs' times, across
-    interruptions) and ``history``.  A finished run (``result.json`` present) is only loaded.
+    ``best`` is the model of the best validation epoch, or of the last epoch when the split holds no
+    validation images (``val_size=0``; ``val_accuracy`` is then None); ``info`` (also
+    ``run_dir/result.json``) has ``best_epoch``, ``val_accuracy``, ``epochs``, ``train_seconds`` (sum
+    of the epochs' times, across interruptions) and ``history``.  A finished run (``result.json``
+    present) is only loaded.
     """
     from .io import load_model
     from .optimizers import Adam
@@ -362,10 +366,16 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
                       epochs=epochs, batch_size=settings["batch_size"], seed=seed, out_dir=run_dir,
                       progress=progress, device=device)
     test = (split.x_test, split.y_test) if settings.get("track_test") else (None, None)
-    history = trainer.fit(split.x_train, split.y_train, split.x_val, split.y_val, *test, resume=True)
-    best_index = int(np.argmax([record["val_acc"] for record in history]))  # first best, as Trainer
+    validated = len(split.y_val) > 0
+    val = (split.x_val, split.y_val) if validated else (None, None)
+    history = trainer.fit(split.x_train, split.y_train, *val, *test, resume=True)
+    if validated:
+        best_index = int(np.argmax([record["val_acc"] for record in history]))  # first best, as Trainer
+    else:  # nothing to choose by: the last epoch's model is the run's
+        best_index = len(history) - 1
+        shutil.copyfile(os.path.join(run_dir, "model.npz"), best_path)
     info = {"epochs": epochs, "best_epoch": best_index + 1,
-            "val_accuracy": float(history[best_index]["val_acc"]),
+            "val_accuracy": float(history[best_index]["val_acc"]) if validated else None,
             "train_seconds": float(sum(record["seconds"] for record in history)),
             "settings_key": settings["key"], "history": history}
     if settings.get("track_test"):  # Brevitas' selection: the epoch of best test accuracy
@@ -508,7 +518,9 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         Latent-weight initialiser of the MLPs (default "glorot"; Brevitas' is "uniform"); ignored
         for deep_convnet.
     val_size : int
-        Training images held out for validation (default 10000, 500 when ``quick``).
+        Training images held out for validation (default 10000, 500 when ``quick``).  0 trains on
+        every training image and reports each run's last-epoch model (no validation accuracy);
+        with ``track_test`` that is Brevitas' protocol exactly (all 60,000 images, best test epoch).
     train_limit, test_limit : int
         Use only the first so many training / test images (0 or None: all).
     calibration : int
@@ -588,7 +600,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
             raise ValueError(f"init must be one of {sorted(INITIALIZERS)}, got {init!r}")
     else:
         init = None
-    val_size = _check_int("val_size", pick(val_size, "val_size", 10000), 1)
+    val_size = _check_int("val_size", pick(val_size, "val_size", 10000), 0)
     train_limit = _check_int("train_limit", pick(train_limit, "train_limit", 0) or 0, 0)
     test_limit = _check_int("test_limit", pick(test_limit, "test_limit", 0) or 0, 0)
     calibration = _check_int("calibration", pick(calibration, "calibration", 1000), 1)
@@ -614,8 +626,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     for name in ("x_train", "y_train", "x_test", "y_test"):
         if not hasattr(data, name):
             raise TypeError(f"data must have x_train, y_train, x_test, y_test; it has no {name}")
-    if not 0 < val_size < len(data.x_train):
-        raise ValueError(f"val_size must be in [1, {len(data.x_train)}), got {val_size}")
+    if not 0 <= val_size < len(data.x_train):
+        raise ValueError(f"val_size must be in [0, {len(data.x_train)}), got {val_size}")
     pretrained_model = None
     if pretrained is not None:
         from .io import load_model
@@ -841,8 +853,9 @@ def _recipe_text(settings, trained):
                 f"{_epochs(settings['epochs'])} per QAT run, "
                 + (source if pretrained else f"{_epochs(settings['float_epochs'])} for the float model"
                    + clipping)
-                + f"; {settings['val_size']} training images held out, the model of the best validation "
-                "epoch reported")
+                + (f"; {settings['val_size']} training images held out, the model of the best validation "
+                   "epoch reported" if settings["val_size"] else
+                   "; trained on every training image (no validation), the last epoch's model reported"))
     return training + (f"; latent weights initialised '{settings['init']}'" if settings["init"] else "")
 
 

@@ -194,7 +194,8 @@ def test_changed_settings_are_refused(tmp_path):
     ({"seeds": (-1,)}, r"seeds must be an int >= 0, got -1"),
     ({"epochs": 0}, r"epochs must be an int >= 1, got 0"),
     ({"schedule": "step"}, r"schedule must be one of"),
-    ({"val_size": 5000}, r"val_size must be in \[1, 1100\), got 5000"),
+    ({"val_size": 5000}, r"val_size must be in \[0, 1100\), got 5000"),
+    ({"val_size": -1}, r"val_size must be an int >= 0, got -1"),
     ({"device": "tpu"}, r"device must be 'cpu' or 'gpu', got 'tpu'"),
 ])
 def test_bad_arguments_are_clear(tmp_path, options, message):
@@ -387,6 +388,37 @@ def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
     with pytest.raises(ValueError, match="activation_clipping must be one of"):
         quick(tmp_path / "bad", activation_clipping="none")
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_val_size_zero_trains_on_every_image_and_reports_the_last_epoch(tmp_path, monkeypatch):
+    """``val_size=0`` (Brevitas' protocol with ``track_test``): no validation, every training image in
+    each epoch, and each point is its run's last-epoch model."""
+    seen = []
+    fit = Trainer.fit
+
+    def recording_fit(self, x_train, y_train, x_val=None, y_val=None, *rest, **options):
+        seen.append((len(x_train), x_val))
+        return fit(self, x_train, y_train, x_val, y_val, *rest, **options)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    grid = dict(seeds=(0,), weight_bits=(1,), act_bits=(1,), epochs=2, val_size=0, track_test=True,
+                keep_checkpoints=True)
+    result = quick(tmp_path, **grid)
+    assert seen == [(len(DATA.x_train), None)] * 2  # the float model (for PTQ) and the QAT run
+    for record in result.records:
+        assert record["val_accuracy"] is None and record["best_epoch"] == 2 and record["epochs"] == 2
+        run = tmp_path / record["run_dir"]
+        history = json.loads((run / "result.json").read_text())["history"]
+        assert len(history) == 2 and all("val_acc" not in epoch for epoch in history)
+        assert (run / "best.npz").read_bytes() == (run / "model.npz").read_bytes()  # the last epoch's
+        if record["method"] == "qat":
+            assert record["best_test_accuracy"] == max(epoch["test_acc"] for epoch in history)
+            assert record["simulation_accuracy"] == history[-1]["test_acc"]
+    assert json.loads((tmp_path / "sweep.json").read_text())["val_size"] == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "trained on every training image (no validation), the last epoch's model reported" in table
+    again = quick(tmp_path, **grid)
+    assert (again.new_points, again.skipped_points) == (0, 2) and len(seen) == 2
 
 
 def test_histories_are_copied_beside_the_reports_and_outlive_the_runs(tmp_path):
