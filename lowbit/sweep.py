@@ -905,8 +905,9 @@ def _markdown(records, settings, summary):
         lines += [f"## Against Brevitas BNN-PYNQ ({arch.upper()}, MNIST)", "",
                   "Brevitas (bnn_pynq_train.py's defaults) trains on all 60,000 training images with "
                   "Adam 0.02 halved every 40 epochs and squared hinge loss, up to 1000 epochs, and keeps "
-                  "the epoch of best *test* accuracy; the cells here are this sweep's, chosen by its "
-                  "held-out validation images."
+                  "the epoch of best *test* accuracy; the cells here are this sweep's, "
+                  + ("chosen by its held-out validation images." if settings["val_size"] else
+                     "each run's last-epoch model (no images held out).")
                   + (" The 'best test epoch' columns apply Brevitas' selection to the same training runs "
                      "(test accuracy of the simulated model at its best test epoch): a like-for-like "
                      "comparison with the reference, optimistic as a measure of the model." if tracked else ""),

@@ -417,6 +417,7 @@ def test_val_size_zero_trains_on_every_image_and_reports_the_last_epoch(tmp_path
     assert json.loads((tmp_path / "sweep.json").read_text())["val_size"] == 0
     table = (tmp_path / "table.md").read_text()
     assert "trained on every training image (no validation), the last epoch's model reported" in table
+    assert "each run's last-epoch model (no images held out)" in table and "held-out" not in table
     again = quick(tmp_path, **grid)
     assert (again.new_points, again.skipped_points) == (0, 2) and len(seen) == 2
 
