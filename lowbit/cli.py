@@ -317,7 +317,7 @@ def build_parser():
     p.add_argument("--arch", required=True, choices=ARCHS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     add_sweep_arguments(p)
-    p.add_argument("--out", help="output folder (default experiments/results/sweep_<arch>[_quick])")
+    p.add_argument("--out", help="output folder (default runs/sweep_<arch>[_quick]; committed results live in experiments/results/sweep_*)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 

@@ -235,8 +235,9 @@ def _check_seeds(seeds):
 
 
 def default_out_dir(arch, quick=False):
-    """``experiments/results/sweep_<arch>`` (``..._quick`` for quick runs), relative to the cwd."""
-    return os.path.join("experiments", "results", f"sweep_{arch}{'_quick' if quick else ''}")
+    """``runs/sweep_<arch>`` (``..._quick`` for quick runs), relative to the cwd: git ignores
+    ``runs/``, so a sweep rewrites committed results only when ``out_dir`` names them."""
+    return os.path.join("runs", f"sweep_{arch}{'_quick' if quick else ''}")
 
 
 # -- models ----------------------------------------------------------------------------------------
