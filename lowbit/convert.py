@@ -26,6 +26,12 @@ How exactness is obtained
 * Where no sign follows (the scores at the end), the accumulators become float32
   (``acc * alpha + bias``, exactly the simulation's values) and the remaining layers run as a float
   stage, so the logits are equal, not merely close.
+* A :class:`~lowbit.layers.Residual` block is converted body and shortcut apart, each from the
+  block's float input: a binary convolution in the body runs on bits, its accumulators come back as
+  the simulation's float32 values (``acc * alpha + bias``, exact as above), the rest of the body and
+  the real-valued shortcut run as float stages, and their sum is the simulation's float32 addition
+  (a ``residual`` stage).  ``notes`` say which parts of each block stay float; a block with no binary
+  layer on +-1 input stays one float stage (and a note says so).
 * Every other layer runs as a float stage: the same layer code on the same values.  Their kernels
   are stored compactly (sign bits, k-bit codes, float16) and rebuilt bit for bit.
 
@@ -49,14 +55,14 @@ from .data import float_images
 from .functions import conv_output_size
 from .io import assign_model_arrays, load_model, model_arrays
 from .layers import (
-    Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, PixelCodes, ReLU, Rescale, Sequential,
-    layer_from_config,
+    Affine, BatchNorm, Concat, Conv2D, Dropout, Flatten, MaxPool2D, PixelCodes, ReLU, Rescale, Residual,
+    Sequential, layer_from_config,
 )
 from .model import Model
 from .packed import (
     AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FlattenStage, FloatStage,
-    PackedMaxPoolStage, PackedModel, PackStage, ThresholdMaxPoolStage, ThresholdStage, UnpackStage,
-    kernel_channel_axis, make_spec, sim_shape,
+    PackedMaxPoolStage, PackedModel, PackStage, ResidualStage, ThresholdMaxPoolStage, ThresholdStage,
+    UnpackStage, kernel_channel_axis, make_spec, sim_shape,
 )
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
@@ -100,6 +106,17 @@ def _cpu_copy(model):
     copy = layer_from_config(model.spec())
     assign_model_arrays(copy, model_arrays(model), source="model")
     return copy
+
+
+def _float_parts(stages):
+    """Names of the layers that ``stages`` run in float (for the notes)."""
+    names = []
+    for stage in stages:
+        if isinstance(stage, FloatStage):
+            names += [type(layer).__name__ for layer in stage.layers]
+        elif isinstance(stage, AccToFloatStage):
+            names.append("accumulators to float32")
+    return names
 
 
 def _check_deterministic(model):
@@ -299,7 +316,42 @@ class _Converter:
                                      bits, threshold, direction))
         return next_index
 
+    def residual(self, index, layer):
+        """A Residual block: its body and shortcut converted on their own (binary convolutions on
+        bits, see :class:`~lowbit.packed.ResidualStage`), or the whole block as a float stage when
+        nothing in it runs on bits."""
+        shape = sim_shape(self.spec)
+        path = self.paths[index]
+        parts = []
+        for part, inner in (("body", layer.body), ("shortcut", layer.shortcut)):
+            if inner is None:
+                parts.append(([], []))
+                continue
+            # a copy: conversion replaces quantized kernels by their decoded encodings in place, and
+            # the block may still become one float stage of the original layers
+            copy = layer_from_config(inner.spec())
+            assign_model_arrays(copy, model_arrays(inner), source=f"layer {path}.{part}")
+            converter = _Converter(_flat_layers(copy, f"{path}.{part}."), shape, self.allow_inexact)
+            parts.append((converter.run(), converter.notes))
+        (body, body_notes), (shortcut, shortcut_notes) = parts
+        self.notes += body_notes + shortcut_notes
+        if all(isinstance(stage, FloatStage) for stage in body + shortcut):
+            self.note(index, "no binary layer on +-1 input inside the block: it runs as a float stage")
+            self.add_float(layer)
+            return index + 1
+        self.flush()
+        self.push(ResidualStage(self.spec, body, shortcut))
+        floats = _float_parts(body)
+        skip = _float_parts(shortcut) if layer.shortcut is not None else ["identity"]
+        self.note(index, f"binary convolution on bits; in float32 as in the simulation: body "
+                         f"{', '.join(floats) or 'nothing'}; shortcut {', '.join(skip)}; then the sum")
+        return index + 1
+
     def float_step(self, index, layer):
+        if isinstance(layer, Residual):
+            return self.residual(index, layer)
+        if isinstance(layer, Concat):
+            self.note(index, "parallel branches: the block runs as a float stage")
         if isinstance(layer, (QuantAffine, QuantConv2D)) and _sign_quantizer(layer.input_quantizer) \
                 and self.binary(index) is not None:
             self.pack(nhwc=isinstance(layer, Conv2D), terminal=layer.input_quantizer)

@@ -567,7 +567,7 @@ def _download(url: str, dest: Path, sha256: str, progress: bool) -> None:
 
 
 def _progress_bar(total, desc, enabled):
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
                 leave=False, file=sys.stderr)

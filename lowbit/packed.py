@@ -31,6 +31,8 @@ Stages
 ``flatten``        packed -> packed NHWC relabelled as the simulation's flattened NCHW (no work)
 ``acc_to_float``   acc -> float    ``acc * scale + bias`` in float32, in the simulation's layout
 ``unpack``         packed -> float ``unpack_signs`` to +-1 (NHWC -> NCHW)
+``residual``       float -> float  ``body(x) + shortcut(x)``, each an inner chain of stages (a Residual block
+                                   whose binary convolution runs on bits)
 =================  =============  ==========================================================
 
 Every stage names its input and output as ``[domain, layout, dims]`` (``dims`` per example:
@@ -54,7 +56,7 @@ import numpy as np
 from .backend import get_array_module, is_cupy_array, to_device, to_numpy
 from .io import ModelFileError, read_archive, write_archive
 from .layers import Affine, Conv2D, PixelCodes, Sequential, layer_from_config
-from .model import Classifier
+from .model import Classifier, check_no_nan
 from .quantizers import get_quantizer
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "AccToFloatStage",
     "UnpackStage",
     "FlattenStage",
+    "ResidualStage",
     "encode_kernel",
     "decode_kernel",
     "pack_codes",
@@ -1011,6 +1014,91 @@ class UnpackStage(Stage):
         return cls(input_spec, output_spec)
 
 
+@register_stage
+class ResidualStage(Stage):
+    """A :class:`~lowbit.layers.Residual` block: ``body(x) + shortcut(x)`` on float input.
+
+    ``body`` and ``shortcut`` are stage chains of their own (``shortcut`` empty: the identity) that
+    each map the block's float input to its float output.  The body of a Bi-Real block is
+    ``pack`` -> ``binary_conv`` -> ``acc_to_float`` -> ``float`` (its BatchNorm): the binary
+    convolution runs on bits, its integer accumulators come back as the simulation's float32 values
+    (exactly, see :class:`AccToFloatStage`), and the real-valued shortcut is added to them with the
+    same float32 addition as the simulation's, so the block's output is equal, not merely close.
+    In the file, the inner stages' arrays are named ``body.<i>.<name>`` and ``shortcut.<i>.<name>``.
+    """
+
+    kind = "residual"
+
+    def __init__(self, input_spec, body, shortcut=()):
+        body, shortcut = list(body), list(shortcut)
+        if input_spec[0] != "float":
+            raise ValueError(f"a residual stage takes float input, got {describe_spec(input_spec)}")
+        out = _chain_output(body, input_spec, "body")
+        skip = _chain_output(shortcut, input_spec, "shortcut")
+        if out != skip or out[0] != "float":
+            raise ValueError(f"the residual body gives {describe_spec(out)}, the shortcut "
+                             f"{describe_spec(skip)}: they must be the same float shape")
+        super().__init__(input_spec, out)
+        self.body, self.shortcut = body, shortcut
+
+    def run(self, x):
+        out = x
+        for stage in self.body:
+            out = stage.run(out)
+        skip = x
+        for stage in self.shortcut:
+            skip = stage.run(skip)
+        return out + skip
+
+    def config(self):
+        def entries(stages):
+            return [{"type": st.kind, "config": st.config(), "arrays": sorted(st.arrays())} for st in stages]
+
+        return {**super().config(), "body": entries(self.body), "shortcut": entries(self.shortcut)}
+
+    def arrays(self):
+        out = {}
+        for part, stages in (("body", self.body), ("shortcut", self.shortcut)):
+            for index, stage in enumerate(stages):
+                for name, arr in stage.arrays().items():
+                    out[f"{part}.{index}.{name}"] = arr
+        return out
+
+    def inner_stages(self):
+        return self.body + self.shortcut
+
+    @classmethod
+    def from_parts(cls, config, arrays):
+        input_spec, output_spec = _specs(config)
+        body, used = _build_stages(config.get("body"), arrays, "body.", "residual", "body.")
+        shortcut, used_skip = _build_stages(config.get("shortcut", []), arrays, "shortcut.", "residual",
+                                            "shortcut.")
+        unused = sorted(set(arrays) - used - used_skip)
+        if unused:
+            raise ValueError(f"arrays {unused[:3]} belong to no inner stage")
+        stage = cls(input_spec, body, shortcut)
+        if stage.output_spec != output_spec:
+            raise ValueError(f"the block gives {describe_spec(stage.output_spec)}, the stage says "
+                             f"{describe_spec(output_spec)}")
+        return stage
+
+    def to_device(self, device):
+        for stage in self.inner_stages():
+            stage.to_device(device)
+        return self
+
+
+def _chain_output(stages, input_spec, what):
+    """The output spec of ``stages`` run in order on ``input_spec``; ValueError where two disagree."""
+    expected = input_spec
+    for index, stage in enumerate(stages):
+        if stage.input_spec != expected:
+            raise ValueError(f"{what} stage {index} ({stage.kind}) takes {describe_spec(stage.input_spec)} "
+                             f"but receives {describe_spec(expected)}")
+        expected = stage.output_spec
+    return expected
+
+
 # -- the model ------------------------------------------------------------------------------------
 class PackedModel(Classifier):
     """A converted model: a chain of :class:`Stage` objects that runs on numpy (Numba) or CuPy.
@@ -1082,7 +1170,7 @@ class PackedModel(Classifier):
         if arr.dtype.kind != "f":
             raise TypeError(f"x must be float images in [0, 1] (float32), got dtype {arr.dtype}; "
                             "divide uint8 images by 255 first")
-        return arr.astype(np.float32, copy=False)
+        return check_no_nan(arr).astype(np.float32, copy=False)
 
     def predict_scores(self, x, batch_size=100, blas_threads="auto"):
         """Scores (N, classes) float32, in batches.
@@ -1114,7 +1202,7 @@ class PackedModel(Classifier):
     @property
     def device(self):
         """'cpu' or 'gpu': where the stages' arrays live."""
-        for stage in self.stages:
+        for stage in _all_stages(self.stages):
             held = [getattr(stage, name) for name in stage._array_names]
             if getattr(stage, "weights", None) is not None:
                 held.append(stage.weights)
@@ -1183,11 +1271,59 @@ class PackedModel(Classifier):
         return f"PackedModel(name={self.name!r}, stages=[\n  {inner}\n])"
 
 
+def _all_stages(stages):
+    """``stages`` and, depth first, the stages inside residual stages."""
+    out = []
+    for stage in stages:
+        out.append(stage)
+        if isinstance(stage, ResidualStage):
+            out.extend(_all_stages(stage.inner_stages()))
+    return out
+
+
 def _synchronize(value):
     if is_cupy_array(value):
         from .backend import cupy
 
         cupy.cuda.get_current_stream().synchronize()
+
+
+def _build_stages(entries, arrays, prefix, source, label=""):
+    """Stages from manifest ``entries`` (``{"type", "config", "arrays"}`` each) whose arrays are
+    ``arrays[prefix + "<index>." + name]`` (``label`` prefixes the index in messages).  Returns ``(stages, used array keys)``; raises
+    :class:`~lowbit.io.ModelFileError` naming the stage and what is wrong."""
+    if not isinstance(entries, list):
+        raise ModelFileError(f"{source}: the stage list must be a list, got {type(entries).__name__}")
+    stages = []
+    used = set()
+    for index, entry in enumerate(entries):
+        where = f"{source}: stage {label}{index}"
+        if not isinstance(entry, dict):
+            raise ModelFileError(f"{where} is not a dict")
+        kind = entry.get("type")
+        if not isinstance(kind, str) or kind not in STAGES:
+            raise ModelFileError(f"{where} has unknown type {kind!r}; known: {sorted(STAGES)}")
+        names = entry.get("arrays", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ModelFileError(f"{where} ({kind}) must list its arrays by name")
+        stage_prefix = f"{prefix}{index}."
+        missing = [n for n in names if stage_prefix + n not in arrays]
+        if missing:
+            raise ModelFileError(f"{where} ({kind}) lacks arrays {missing[:3]}")
+        stage_arrays = {n: arrays[stage_prefix + n] for n in names}
+        used.update(stage_prefix + n for n in names)
+        config = entry.get("config")
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{where} ({kind}) has no config dict")
+        try:
+            stage = STAGES[kind].from_parts(config, stage_arrays)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ModelFileError(f"{where} ({kind}) is invalid: {exc}") from None
+        if sorted(stage.arrays()) != sorted(names):
+            raise ModelFileError(f"{where} ({kind}) lists arrays {sorted(names)[:4]}, "
+                                 f"its config needs {sorted(stage.arrays())[:4]}")
+        stages.append(stage)
+    return stages, used
 
 
 def packed_from_manifest(doc, arrays, source="file"):
@@ -1200,35 +1336,7 @@ def packed_from_manifest(doc, arrays, source="file"):
     input_shape = doc.get("input_shape")
     if not isinstance(input_shape, list) or not all(isinstance(s, int) and s > 0 for s in input_shape):
         raise ModelFileError(f"{source}: input_shape must be a list of positive ints, got {input_shape!r}")
-    stages = []
-    used = set()
-    for index, entry in enumerate(doc["stages"]):
-        if not isinstance(entry, dict):
-            raise ModelFileError(f"{source}: stage {index} is not a dict")
-        kind = entry.get("type")
-        if kind not in STAGES:
-            raise ModelFileError(f"{source}: stage {index} has unknown type {kind!r}; "
-                                 f"known: {sorted(STAGES)}")
-        names = entry.get("arrays", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ModelFileError(f"{source}: stage {index} ({kind}) must list its arrays by name")
-        prefix = f"stages.{index}."
-        missing = [n for n in names if prefix + n not in arrays]
-        if missing:
-            raise ModelFileError(f"{source}: stage {index} ({kind}) lacks arrays {missing[:3]}")
-        stage_arrays = {n: arrays[prefix + n] for n in names}
-        used.update(prefix + n for n in names)
-        config = entry.get("config")
-        if not isinstance(config, dict):
-            raise ModelFileError(f"{source}: stage {index} ({kind}) has no config dict")
-        try:
-            stage = STAGES[kind].from_parts(config, stage_arrays)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{source}: stage {index} ({kind}) is invalid: {exc}") from None
-        if sorted(stage.arrays()) != sorted(names):
-            raise ModelFileError(f"{source}: stage {index} ({kind}) lists arrays {sorted(names)[:4]}, "
-                                 f"its config needs {sorted(stage.arrays())[:4]}")
-        stages.append(stage)
+    stages, used = _build_stages(doc["stages"], arrays, "stages.", source)
     unused = sorted(set(arrays) - used)
     if unused:
         raise ModelFileError(f"{source}: arrays {unused[:3]} belong to no stage")

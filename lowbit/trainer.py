@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .augment import Augment
 from .backend import cupy, to_numpy
@@ -32,6 +33,29 @@ from .optimizers import Adam, ConstantLR, Optimizer
 __all__ = ["Trainer", "recalibrate_batchnorm", "write_json_atomic"]
 
 _clock = time.perf_counter  # module-level so that tests can drive the time budget with a fake clock
+
+
+def _short(value, width=60):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def config_differences(saved, current, path=""):
+    """``["key.sub: <saved> in the checkpoint, <current> now", ...]``: only the entries that differ,
+    walking into nested dicts (and lists of equal length), each value shortened to 60 characters."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in list(current) + [k for k in saved if k not in current]:
+            out += config_differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        out = []
+        for index, (a, b) in enumerate(zip(saved, current)):
+            out += config_differences(a, b, f"{path}[{index}]")
+        return out
+    if saved == current:
+        return []
+    return [f"{path or 'settings'}: {_short(saved)} in the checkpoint, {_short(current)} now"]
 
 
 def write_json_atomic(path, obj):
@@ -285,11 +309,11 @@ class Trainer:
         if saved.get("augment") == json.loads(json.dumps(Augment().config())):
             saved["augment"] = False  # saved by a Trainer that ran the identity Augment: off
         for key in current:
-            if saved.get(key) != current[key]:
-                raise ValueError(
-                    f"cannot resume from {path}: its {key!r} setting differs from this run's "
-                    f"({saved.get(key)!r} in the checkpoint, {current[key]!r} now)"
-                )
+            differences = config_differences(saved.get(key), current[key], key)
+            if differences:  # only the entries that differ, not the whole (model) config twice
+                more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+                raise ValueError(f"cannot resume from {path}: its {key!r} setting differs from this run's ("
+                                 + "; ".join(differences[:5]) + more + ")")
         assign_model_arrays(self.model, {k[len("model/"):]: v for k, v in arrays.items()
                                          if k.startswith("model/")}, source=path)
         self.optimizer.load_state_arrays(
@@ -447,7 +471,8 @@ class Trainer:
             epoch_bar.close()
             if self.out_dir is not None:
                 print(f"\ninterrupted during epoch {self.epoch + 1}; the checkpoint after epoch "
-                      f"{self.epoch} is in {self.out_dir}: rerun with resume to continue")
+                      f"{self.epoch} is in {self.out_dir}: to continue, run again with resume "
+                      "(lowbit train --resume; the experiment scripts resume by themselves)", file=sys.stderr)
             raise
         epoch_bar.close()
         if self.out_dir is not None:
