@@ -104,6 +104,8 @@ def _flat_layers(container, prefix=""):
 
 def _cpu_copy(model):
     copy = layer_from_config(model.spec())
+    if np.dtype(model.compute_dtype) != np.float32:
+        copy.astype(model.compute_dtype)  # a half-precision model stays one
     assign_model_arrays(copy, model_arrays(model), source="model")
     return copy
 
@@ -187,8 +189,9 @@ class _NotFusable(Exception):
 class _Converter:
     """One left-to-right pass over the flattened layer list, emitting stages (see the module doc)."""
 
-    def __init__(self, named_layers, input_shape, allow_inexact):
+    def __init__(self, named_layers, input_shape, allow_inexact, dtype=np.float32):
         self.input_shape = tuple(input_shape)
+        self.dtype = np.dtype(dtype)  # float16: a half-precision model's float stages compute in it
         self.paths = [path for path, _ in named_layers]
         self.layers = [layer for _, layer in named_layers]
         self.allow_inexact = allow_inexact
@@ -228,7 +231,7 @@ class _Converter:
         if self.pending:
             layers = self.pending
             encodings = FloatStage.prepare_layers(layers)
-            self.stages.append(FloatStage(layers, self.pending_shape, encodings))
+            self.stages.append(FloatStage(layers, self.pending_shape, encodings, self.dtype))
             self.pending = []
 
     def add_float(self, layer):
@@ -330,8 +333,10 @@ class _Converter:
             # a copy: conversion replaces quantized kernels by their decoded encodings in place, and
             # the block may still become one float stage of the original layers
             copy = layer_from_config(inner.spec())
+            for _, owner, attr in copy.named_arrays(buffers=False):  # as Model.astype does
+                setattr(owner, attr, getattr(owner, attr).astype(self.dtype))
             assign_model_arrays(copy, model_arrays(inner), source=f"layer {path}.{part}")
-            converter = _Converter(_flat_layers(copy, f"{path}.{part}."), shape, self.allow_inexact)
+            converter = _Converter(_flat_layers(copy, f"{path}.{part}."), shape, self.allow_inexact, self.dtype)
             parts.append((converter.run(), converter.notes))
         (body, body_notes), (shortcut, shortcut_notes) = parts
         self.notes += body_notes + shortcut_notes
@@ -792,7 +797,7 @@ def convert(model, allow_inexact=False, name=None):
         raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
     _check_deterministic(model)
     cpu = _cpu_copy(model)
-    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact))
+    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact), cpu.compute_dtype)
     stages = converter.run()
     return PackedModel(stages, cpu.input_shape, name=name or model.name, notes=converter.notes,
                        source=_source_info(model))

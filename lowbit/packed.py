@@ -395,13 +395,17 @@ class FloatStage(Stage):
 
     kind = "float"
 
-    def __init__(self, layers, input_shape, encodings=None):
+    def __init__(self, layers, input_shape, encodings=None, dtype=np.float32):
         self.layers = list(layers)
         input_shape = tuple(int(s) for s in input_shape)
         shape = Sequential(self.layers).output_shape((1,) + input_shape)[1:]
         super().__init__(make_spec("float", None, input_shape), make_spec("float", None, shape))
         # path -> (info, arrays) of every encoded kernel; computed by prepare_layers at conversion.
         self.encodings = dict(encodings or {})
+        # float16: the layers of a half-precision model (Model.astype(np.float16)), run in float16
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float16, np.float32):
+            raise ValueError(f"a float stage computes in float32 or float16, got {self.dtype}")
 
     @staticmethod
     def prepare_layers(layers):
@@ -421,16 +425,20 @@ class FloatStage(Stage):
                 w_eff = np.asarray(layer.quantized_kernel(train=False), dtype=np.float32)
             else:
                 w_eff = layer.W
-            info, arrays = encode_kernel(w_eff, axis, quantizer, latent=layer.W)
+            dtype = layer.W.dtype  # float16 in a half-precision model: stored exactly as float32 values
+            info, arrays = encode_kernel(np.asarray(w_eff, dtype=np.float32), axis, quantizer,
+                                         latent=np.asarray(layer.W, dtype=np.float32))
             encodings[f"{path}.W"] = (info, arrays)
             if quantizer is not None:
                 layer.kernel_quantizer = Identity()
                 layer.kernel_constraint = None
                 layer._cache_weight = None
-            layer.W = decode_kernel(info, arrays)
+            layer.W = decode_kernel(info, arrays).astype(dtype, copy=False)
         return encodings
 
     def run(self, x):
+        if x.dtype != self.dtype:
+            x = x.astype(self.dtype)  # as Model.predict_scores casts its input to the compute dtype
         for layer in self.layers:
             x = layer.forward(x, train=False)
         return x
@@ -440,8 +448,11 @@ class FloatStage(Stage):
                 for layer in self.layers]
 
     def config(self):
-        return {**super().config(), "layers": [layer.spec() for layer in self.layers],
-                "weights": {path: info for path, (info, _) in self.encodings.items()}}
+        out = {**super().config(), "layers": [layer.spec() for layer in self.layers],
+               "weights": {path: info for path, (info, _) in self.encodings.items()}}
+        if self.dtype != np.float32:
+            out["dtype"] = self.dtype.name
+        return out
 
     def arrays(self):
         out = {}
@@ -465,27 +476,48 @@ class FloatStage(Stage):
         weights = config.get("weights", {})
         if not isinstance(specs, list) or not isinstance(weights, dict):
             raise ValueError("a float stage needs a 'layers' list and a 'weights' dict")
+        dtype = config.get("dtype", "float32")
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        from .io import check_declared_shapes
+
+        # Decode the kernels first (each encoding's arrays are checked against its shape), then check
+        # every size the layer specs declare against what is stored, and only then build the layers.
+        decoded, encodings = {}, {}
+        for path, info in weights.items():
+            if not isinstance(path, str):
+                raise ValueError(f"weights must be keyed by array path, got {path!r}")
+            prefix = f"{path}."
+            sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            decoded[path] = decode_kernel(info, sub)
+            encodings[path] = (info, sub)
+        stored = {**{k: v for k, v in arrays.items() if not any(k.startswith(f"{p}.") for p in weights)},
+                  **decoded}
+        tree = {"type": "Sequential", "children": [[str(i), spec] for i, spec in enumerate(specs)]}
+        check_declared_shapes(tree, stored, "the float stage")
         layers = [layer_from_config(spec) for spec in specs]
-        encodings = {}
-        for path, layer, attr in Sequential(layers).named_arrays():
+        if dtype == "float16":  # as Model.astype: parameters in float16, buffers stay float32
+            for _, layer, attr in Sequential(layers).named_arrays(buffers=False):
+                setattr(layer, attr, getattr(layer, attr).astype(np.float16))
+        expected = {path: (layer, attr) for path, layer, attr in Sequential(layers).named_arrays()}
+        unknown = sorted(set(stored) - set(expected))
+        if unknown:
+            raise ValueError(f"arrays or weights {unknown[:3]} belong to no array of the stage's layers")
+        for path, (layer, attr) in expected.items():
             current = getattr(layer, attr)
-            if path in weights:
-                prefix = f"{path}."
-                sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-                value = decode_kernel(weights[path], sub)
-                encodings[path] = (weights[path], sub)
-            else:
-                if path not in arrays:
-                    raise ValueError(f"array {path!r} of layer {type(layer).__name__} is missing")
-                value = np.array(arrays[path])
+            if path not in stored:
+                raise ValueError(f"array {path!r} of layer {type(layer).__name__} is missing")
+            value = np.array(stored[path])
+            if current.dtype == np.float16 and value.dtype == np.float32 and path in decoded:
+                half = value.astype(np.float16)
+                if not np.array_equal(half.astype(np.float32), value):
+                    raise ValueError(f"kernel {path!r} of a float16 stage is not made of float16 values")
+                value = half
             if tuple(value.shape) != tuple(current.shape) or value.dtype != current.dtype:
                 raise ValueError(f"array {path!r} is {value.dtype}{tuple(value.shape)}, the layer needs "
                                  f"{current.dtype}{tuple(current.shape)}")
             setattr(layer, attr, value)
-        unknown = sorted(set(weights) - set(encodings))
-        if unknown:
-            raise ValueError(f"weights {unknown[:3]} name no kernel of the stage's layers")
-        stage = cls(layers, sim_shape(input_spec), encodings)
+        stage = cls(layers, sim_shape(input_spec), encodings, dtype)
         if stage.input_spec != input_spec or stage.output_spec != output_spec:
             raise ValueError(f"the layers map {describe_spec(stage.input_spec)} to "
                              f"{describe_spec(stage.output_spec)}, the stage says "
@@ -1194,7 +1226,7 @@ class PackedModel(Classifier):
                     batch = to_device(batch, "gpu")
                 elif not on_gpu and is_cupy_array(batch):
                     batch = to_numpy(batch)
-                outs.append(to_numpy(self.forward(batch)))
+                outs.append(to_numpy(self.forward(batch)).astype(np.float32, copy=False))
         if not outs:
             return np.zeros((0,) + tuple(self.output_shape), dtype=np.float32)
         return np.concatenate(outs, axis=0)

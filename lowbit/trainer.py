@@ -25,14 +25,18 @@ from .progress import tqdm
 
 from .augment import Augment
 from .backend import cupy, to_numpy
-from .io import _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
+from .io import ModelFileError, _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
 
-__all__ = ["Trainer", "recalibrate_batchnorm", "write_json_atomic"]
+__all__ = ["ResumeMismatchError", "Trainer", "config_differences", "recalibrate_batchnorm", "write_json_atomic"]
 
 _clock = time.perf_counter  # module-level so that tests can drive the time budget with a fake clock
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint's run settings differ from the run that would resume from it."""
 
 
 def _short(value, width=60):
@@ -300,8 +304,21 @@ class Trainer:
         write_archive(self._path("checkpoint.npz"), "lowbit.checkpoint", arrays, manifest)
 
     def load_checkpoint(self, path=None):
+        """Restore the run from a checkpoint; returns its epoch.
+
+        Raises :class:`ResumeMismatchError` (a ValueError) when the checkpoint's settings differ from
+        this run's, :class:`~lowbit.io.ModelFileError` when the file is not a valid checkpoint.
+        """
         path = path or self._path("checkpoint.npz")
         manifest, arrays = read_archive(path, "lowbit.checkpoint")
+        try:
+            return self._restore(manifest, arrays, path)
+        except (ModelFileError, ResumeMismatchError):
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            raise ModelFileError(f"{path}: not a valid checkpoint ({type(exc).__name__}: {exc})") from None
+
+    def _restore(self, manifest, arrays, path):
         if self.time_budget is not None and manifest.get("budget_fixed") and not self.budget_fixed:
             self._fix_epochs(int(manifest["epochs"]))
         saved = json.loads(json.dumps(manifest["run"]))
@@ -312,7 +329,7 @@ class Trainer:
             differences = config_differences(saved.get(key), current[key], key)
             if differences:  # only the entries that differ, not the whole (model) config twice
                 more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
-                raise ValueError(f"cannot resume from {path}: its {key!r} setting differs from this run's ("
+                raise ResumeMismatchError(f"cannot resume from {path}: its {key!r} setting differs from this run's ("
                                  + "; ".join(differences[:5]) + more + ")")
         assign_model_arrays(self.model, {k[len("model/"):]: v for k, v in arrays.items()
                                          if k.startswith("model/")}, source=path)
