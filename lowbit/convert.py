@@ -53,7 +53,7 @@ import numpy as np
 from .backend import to_numpy
 from .data import float_images
 from .functions import conv_output_size
-from .io import assign_model_arrays, load_model, model_arrays
+from .io import assign_model_arrays, check_output_path, load_model, model_arrays
 from .layers import (
     Affine, BatchNorm, Concat, Conv2D, Dropout, Flatten, MaxPool2D, PixelCodes, ReLU, Rescale, Residual,
     Sequential, layer_from_config,
@@ -64,6 +64,7 @@ from .packed import (
     PackedMaxPoolStage, PackedModel, PackStage, ResidualStage, ThresholdMaxPoolStage, ThresholdStage,
     UnpackStage, kernel_channel_axis, make_spec, sim_shape,
 )
+from .progress import batched_scores, step
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
     ACTIVATION_CLIPPINGS, DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight,
@@ -861,6 +862,11 @@ class _RangeRecorder(Quantizer):
 _ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
 
 
+def _check_limit(limit):
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+        raise ValueError(f"limit must be an int >= 0 (0: all test images), got {limit!r}")
+
+
 def _check_bits(name, bits):
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in _ALLOWED_BITS:
         raise ValueError(f"{name} must be one of 1..8, 16, 32, got {bits!r}")
@@ -1040,7 +1046,7 @@ def _human(n):
 
 def quantize_command(model_path, weight_bits, activation_bits, out_path, calibrate=1000, per_channel=True,
                      keep_first=True, keep_last=True, percentile=100.0, limit=0, seed=0, verify=True,
-                     data=None, out=print, weight_clipping="mse", activation_clipping="mse"):
+                     data=None, out=print, weight_clipping="mse", activation_clipping="mse", progress=True):
     """``lowbit quantize``: post-training quantization of a saved float model to a packed file.
 
     Loads ``model_path``, quantizes it (:func:`post_training_quantize`, activation ranges on
@@ -1064,6 +1070,8 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         Preloaded data set (default :func:`lowbit.data.load_mnist`).
     out : callable
         Where the report lines go (default ``print``).
+    progress : bool
+        Announce each step on stderr and show progress bars over the test images.
 
     Returns
     -------
@@ -1075,11 +1083,15 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
 
     _check_weight_clipping(weight_clipping)  # before the data set is loaded
     _check_activation_clipping(activation_clipping, percentile)
+    _check_limit(limit)
+    check_output_path(out_path, "output")  # before the work, not after it
     model = load_model(model_path)
     mnist = data if data is not None else load_mnist(progress=False)
     x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
     if limit:
         x_test, y_test = x_test[:limit], y_test[:limit]
+    step(f"quantizing {os.fspath(model_path)} to w{weight_bits}a{activation_bits}"
+         + (f" (activation ranges from {calibrate} training images)" if calibrate else ""), progress)
     calibration = None
     if calibrate:
         rng = np.random.default_rng(seed)
@@ -1090,6 +1102,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
                                   keep_first=keep_first, keep_last=keep_last, percentile=percentile,
                                   seed=seed, weight_clipping=weight_clipping,
                                   activation_clipping=activation_clipping)
+    step("converting the quantized model to a packed one", progress)
     packed = convert(twin)
     settings = {"weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
                 "per_channel": bool(per_channel), "calibration_images": int(calibrate),
@@ -1097,8 +1110,9 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
                 "activation_clipping": activation_clipping}
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path)),
                                     "post_training_quantization": settings})
-    before = model.evaluate(x_test, y_test)
-    scores = packed.predict_scores(x_test)
+    before = float((batched_scores(model, x_test, desc="float model", progress=progress).argmax(axis=1)
+                    == y_test).mean())
+    scores = batched_scores(packed, x_test, desc="packed model", progress=progress)
     after = float((scores.argmax(axis=1) == y_test).mean())
     size_before, size_after = _size(model_path), _size(out_path)
     result = {"accuracy_before": before, "accuracy_after": after, "size_before": size_before,
@@ -1109,7 +1123,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     out(f"w{weight_bits}a{activation_bits} packed     {os.fspath(out_path)}: test accuracy {after:.2%}, "
         f"{_human(size_after)} ({size_before / size_after:.1f}x smaller)")
     if verify:
-        sim = twin.predict(x_test)
+        sim = batched_scores(twin, x_test, desc="quantized simulation", progress=progress).argmax(axis=1)
         result["labels_equal"] = int((sim == scores.argmax(axis=1)).sum())
         out(f"packed vs quantized simulation: {result['labels_equal']}/{len(y_test)} labels equal")
     for line in packed.notes:
@@ -1117,13 +1131,28 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     return result
 
 
-def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print):
+def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print,
+                    progress=True):
     """``lowbit convert``: convert a trained quantized model file to a packed file and check it.
 
     Prints both files' sizes and, with ``verify``, the MNIST test accuracy of both and how many of
     the labels agree (all of them) and the largest score difference.  Returns a dict of those.
+    A float model (no quantized layer) is refused: it has nothing to pack, ``lowbit quantize`` is
+    the command for it.  ``progress``: steps on stderr and progress bars over the test images.
     """
+    _check_limit(limit)
+    check_output_path(out_path, "output")  # before the work, not after it
     model = load_model(model_path)
+    if not any(isinstance(layer, (QuantAffine, QuantConv2D, QuantActivation)) for _, layer in model.named_layers()):
+        raise ValueError(f"{os.fspath(model_path)} is a float model (no quantized layer): convert has nothing to "
+                         f"pack; quantize it instead: lowbit quantize {os.fspath(model_path)} -o OUT.npz "
+                         "--weights 1 --activations 1 (or other bits)")
+    mnist = None
+    if verify:  # before the work: without MNIST it stops here, having written nothing
+        from .data import load_mnist
+
+        mnist = data if data is not None else load_mnist(progress=False)
+    step(f"converting {os.fspath(model_path)}", progress)
     packed = convert(model, allow_inexact=allow_inexact)
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path))})
     size_before, size_after = _size(model_path), _size(out_path)
@@ -1132,14 +1161,11 @@ def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=Fa
     out(f"{os.fspath(model_path)}: {_human(size_before)} -> {os.fspath(out_path)}: {_human(size_after)} "
         f"({size_before / size_after:.1f}x smaller)")
     if verify:
-        from .data import load_mnist
-
-        mnist = data if data is not None else load_mnist(progress=False)
         x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
         if limit:
             x_test, y_test = x_test[:limit], y_test[:limit]
-        sim = model.predict_scores(x_test)
-        got = packed.predict_scores(x_test)
+        sim = batched_scores(model, x_test, desc="simulation", progress=progress)
+        got = batched_scores(packed, x_test, desc="packed model", progress=progress)
         result.update({
             "count": int(len(y_test)),
             "accuracy_simulation": float((sim.argmax(axis=1) == y_test).mean()),

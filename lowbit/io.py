@@ -42,6 +42,7 @@ __all__ = [
     "model_from_manifest",
     "assign_model_arrays",
     "check_declared_shapes",
+    "check_output_path",
     "declared_shapes",
 ]
 
@@ -155,13 +156,19 @@ def _read_member(zf, info, path, shape=None, dtype=None):
     """Read one ``.npy`` member; with ``shape``/``dtype`` the header must declare them (checked
     before any array is allocated), and the header's size must match the member's."""
     with zf.open(info) as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            header_shape, fortran, header_dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version == (2, 0):
-            header_shape, fortran, header_dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ModelFileError(f"{path}: array {info.filename!r} has .npy version {version}")
+        try:  # numpy parses the header with tokenize and literal_eval: any of their errors means damage
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                header_shape, fortran, header_dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                header_shape, fortran, header_dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+        except (zipfile.BadZipFile, zlib.error, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - see above
+            raise ModelFileError(f"{path}: array {info.filename!r} has a damaged .npy header "
+                                 f"({type(exc).__name__}: {exc})") from None
         key = info.filename[:-4]
         if header_dtype.hasobject:
             raise ModelFileError(f"{path}: array {key!r} has dtype object, which lowbit files never store")
@@ -262,6 +269,40 @@ def read_archive(path, kind: str | tuple):
 def _is_shape(value):
     return isinstance(value, list) and all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+
+
+def check_output_path(path, argument, folder=False):
+    """Refuse (ValueError naming ``argument``) an output that cannot be written, before any work.
+
+    ``path`` is a file to write (``folder=False``: an existing folder there is refused) or a folder
+    to write into (created later if missing).  The nearest existing folder on the way must be a
+    folder in which a file can be created: this is tried (a temporary file, removed at once), so
+    read-only file systems count too.  Returns ``path``.
+    """
+    target = os.path.abspath(os.fspath(path))
+    if folder:
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise ValueError(f"{argument}: {path} is a file, expected a folder to write into")
+        probe = target
+    else:
+        if os.path.isdir(target):
+            raise ValueError(f"{argument}: {path} is a folder, expected a file name")
+        probe = os.path.dirname(target)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{argument}: cannot write {path}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lowbit-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ValueError(f"{argument}: cannot write {path}: folder {probe} is not writable "
+                         f"({exc.strerror or exc})") from None
+    return path
 
 
 def model_arrays(model) -> dict:
