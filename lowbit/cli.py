@@ -397,9 +397,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
-        if os.environ.get("LOWBIT_DEBUG"):
-            raise
+    except Exception as exc:  # noqa: BLE001 - a bug: one line on the command line, the traceback on request
+        if argv is not None or os.environ.get("LOWBIT_DEBUG"):
+            raise  # main([...]) called from Python: the caller sees the exception
         print(f"lowbit: internal error: {type(exc).__name__}: {_one_line(exc)} (set LOWBIT_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return 1

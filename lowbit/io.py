@@ -180,7 +180,10 @@ def _read_member(zf, info, path, shape=None, dtype=None):
             raise ModelFileError(f"{path}: array {key!r} declares {list(header_shape)} {header_dtype.str}, "
                                  f"which does not fit its {info.file_size}-byte member (truncated or "
                                  "crafted file)")
-        data = fh.read(count * header_dtype.itemsize)
+        data = bytearray(count * header_dtype.itemsize)  # writable, read in place: one copy only
+        got = fh.readinto(data)
+        if got != len(data):
+            raise ModelFileError(f"{path}: array {key!r} is truncated ({got} of {len(data)} bytes)")
     arr = np.frombuffer(data, dtype=header_dtype)
     arr = arr.reshape(header_shape, order="F" if fortran else "C")
     return np.ascontiguousarray(arr) if not fortran else np.array(arr, order="C")
