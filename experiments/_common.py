@@ -112,3 +112,16 @@ def environment():
 
     return {"python": platform.python_version(), "numpy": np.__version__, "lowbit": lowbit.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def run_main(main):
+    """Run a script's ``main()``; Ctrl-C ends it with one line on stderr and exit status 130 instead of
+    a traceback.  The training scripts keep a checkpoint after every epoch (``--checkpoint-every``)
+    and resume from it by themselves: running the same command again continues the run."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue from the last checkpoint "
+              "(the scripts resume by themselves)", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)

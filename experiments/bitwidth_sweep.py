@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from lowbit.cli import add_sweep_arguments, sweep_options
 from lowbit.sweep import ARCHS, report_sweep, run_sweep
@@ -88,7 +87,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from _common import run_main
+
+    run_main(main)

@@ -37,6 +37,31 @@ def _model_options(pairs):
     return options
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr (``lowbit train: error: ... (see lowbit train --help)``)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text):
+    """argparse type of ``--limit`` and the like: an int >= 0 (0: all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (0: all), got {value}")
+    return value
+
+
+def _one_line(exc) -> str:
+    """An error as one line: MNIST's list of sources folded, any other newlines too."""
+    one_line = getattr(exc, "one_line", None)
+    text = one_line() if callable(one_line) else str(exc)
+    return "; ".join(part.strip(" -") for part in text.splitlines() if part.strip())
+
+
 def _schedule(args, epochs):
     from .optimizers import get_schedule
 
@@ -56,6 +81,9 @@ def cmd_train(args):
     from .trainer import Trainer, write_json_atomic
     from .zoo import build_model
 
+    from .io import check_output_path
+
+    check_output_path(args.out, "--out", folder=True)  # before training, not after it
     augment = args.augment  # an Augment, or None for none (lowbit.augment.augment_option)
     model = build_model(args.model, seed=args.seed, **_model_options(args.model_option))
     optimizer = get_optimizer(args.optimizer, lr=args.lr)
@@ -86,18 +114,23 @@ def cmd_eval(args):
     from .data import float_images as _float_images
     from .data import load_mnist
     from .ensemble import Ensemble
+    from .io import check_output_path
     from .packed import load_any
+    from .progress import batched_scores
 
+    if args.json:
+        check_output_path(args.json, "--json")  # before the work, not after it
+    loaded = [load_any(path) for path in args.models]  # every file checked before any is evaluated
     mnist = load_mnist(progress=not args.quiet)
     x_test, y_test = _float_images(mnist.x_test), mnist.y_test
     if args.limit:
         x_test, y_test = x_test[:args.limit], y_test[:args.limit]
     models, rows = [], []
-    for path in args.models:
-        model = load_any(path)  # a trained model file or a packed one
-        acc = model.evaluate(x_test, y_test)
+    for path, model in zip(args.models, loaded):  # trained model files or packed ones
+        scores = batched_scores(model, x_test, desc=os.path.basename(path), progress=not args.quiet)
+        acc = float((scores.argmax(axis=1) == y_test).mean())
         print(f"{path}: test accuracy {acc:.4%} on {len(y_test)} images")
-        models.append(model)
+        models.append(_Scored(scores))
         with open(path, "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
         rows.append({"file": path, "sha256": digest, "bytes": os.path.getsize(path), "test_accuracy": acc,
@@ -117,20 +150,32 @@ def cmd_eval(args):
     return 0
 
 
+class _Scored:
+    """A model's scores on the test images, computed once: the ensemble reuses them."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def predict_scores(self, x, batch_size=100):
+        return self.scores
+
+
 def cmd_quantize(args):
     from .convert import quantize_command
 
     quantize_command(args.model, args.weights, args.activations, args.output,
                      calibrate=args.calibrate, per_channel=not args.per_tensor,
                      percentile=args.percentile, limit=args.limit, seed=args.seed,
-                     weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping)
+                     weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
+                     progress=not args.quiet)
     return 0
 
 
 def cmd_convert(args):
     from .convert import convert_command
 
-    convert_command(args.model, args.output, limit=args.limit, allow_inexact=args.allow_inexact)
+    convert_command(args.model, args.output, limit=args.limit, allow_inexact=args.allow_inexact,
+                    progress=not args.quiet)
     return 0
 
 
@@ -145,7 +190,10 @@ def cmd_summary(args):
 def cmd_sweep(args):
     from .sweep import default_out_dir, run_sweep
 
+    from .io import check_output_path
+
     out = args.out or default_out_dir(args.arch, args.quick)
+    check_output_path(out, "--out", folder=True)  # before the sweep, not after it
     result = run_sweep(args.arch, seeds=args.seeds, out_dir=out, progress=not args.quiet,
                        **sweep_options(args))
     print(f"{result.new_points} new points, {result.skipped_points} already done; "
@@ -245,7 +293,10 @@ def build_parser():
     from .optimizers import OPTIMIZERS, SCHEDULES
     from .zoo import MODELS
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="Binarized and low-precision networks.")
+    from . import __version__
+
+    parser = _Parser(prog="lowbit", description="Binarized and low-precision networks.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on MNIST")
@@ -263,8 +314,8 @@ def build_parser():
     p.add_argument("--gamma", type=float, default=0.1, help="decay factor (step schedule)")
     p.add_argument("--augment", type=augment_option, default=None,
                    help='e.g. "shift=2,rotate=10,scale=0.1" (off by default; "none" also means off)')
-    p.add_argument("--val", type=int, default=0, help="hold out this many training images for validation")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke runs)")
+    p.add_argument("--val", type=_count, default=0, help="hold out this many training images for validation")
+    p.add_argument("--limit", type=_count, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "mixed16"],
@@ -276,7 +327,7 @@ def build_parser():
 
     p = sub.add_parser("eval", help="test accuracy of saved or packed models (and of their ensemble)")
     p.add_argument("models", nargs="+", metavar="MODEL.npz")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
+    p.add_argument("--limit", type=_count, default=0, help="evaluate the first N test images only")
     p.add_argument("--json", metavar="PATH", help="also write the accuracies (and each file's sha256) to PATH")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -286,22 +337,24 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
     p.add_argument("--weights", type=int, required=True, help="weight bits: 1..8, 16 or 32")
     p.add_argument("--activations", type=int, required=True, help="activation bits: 1..8, 16 or 32")
-    p.add_argument("--calibrate", type=int, default=1000,
+    p.add_argument("--calibrate", type=_count, default=1000,
                    help="training images used to calibrate activation ranges")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer, not per channel")
     p.add_argument("--percentile", type=float, default=100.0,
                    help="with --activation-clipping max: this percentile of |activation| (100 = max)")
     add_clipping_arguments(p, "the --percentile of |activation|")
-    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--limit", type=_count, default=0, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", help="trained quantized model -> packed model (checked exact)")
     p.add_argument("model", metavar="MODEL.npz")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
-    p.add_argument("--limit", type=int, default=0, help="check on the first N test images only")
+    p.add_argument("--limit", type=_count, default=0, help="check on the first N test images only")
     p.add_argument("--allow-inexact", action="store_true",
                    help="fuse scaled binary layers whose float rounding may differ in rare cases")
+    p.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("summary", help="per-layer table of a trained or packed model")
@@ -333,15 +386,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "schedule", None) == "exponential" and not args.lr_end:
         parser.error("--schedule exponential needs --lr-end")
+    from .data import MNISTUnavailableError
     from .io import ModelFileError
 
     try:
         return args.func(args)
-    except (FileNotFoundError, ModelFileError, ValueError) as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+    except (OSError, ModelFileError, ValueError, TypeError, MNISTUnavailableError, MemoryError) as exc:
+        print(f"lowbit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line on the command line, the traceback on request
+        if argv is not None or os.environ.get("LOWBIT_DEBUG"):
+            raise  # main([...]) called from Python: the caller sees the exception
+        print(f"lowbit: internal error: {type(exc).__name__}: {_one_line(exc)} (set LOWBIT_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

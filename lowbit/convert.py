@@ -26,6 +26,12 @@ How exactness is obtained
 * Where no sign follows (the scores at the end), the accumulators become float32
   (``acc * alpha + bias``, exactly the simulation's values) and the remaining layers run as a float
   stage, so the logits are equal, not merely close.
+* A :class:`~lowbit.layers.Residual` block is converted body and shortcut apart, each from the
+  block's float input: a binary convolution in the body runs on bits, its accumulators come back as
+  the simulation's float32 values (``acc * alpha + bias``, exact as above), the rest of the body and
+  the real-valued shortcut run as float stages, and their sum is the simulation's float32 addition
+  (a ``residual`` stage).  ``notes`` say which parts of each block stay float; a block with no binary
+  layer on +-1 input stays one float stage (and a note says so).
 * Every other layer runs as a float stage: the same layer code on the same values.  Their kernels
   are stored compactly (sign bits, k-bit codes, float16) and rebuilt bit for bit.
 
@@ -47,17 +53,18 @@ import numpy as np
 from .backend import to_numpy
 from .data import float_images
 from .functions import conv_output_size
-from .io import assign_model_arrays, load_model, model_arrays
+from .io import assign_model_arrays, check_output_path, load_model, model_arrays
 from .layers import (
-    Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, PixelCodes, ReLU, Rescale, Sequential,
-    layer_from_config,
+    Affine, BatchNorm, Concat, Conv2D, Dropout, Flatten, MaxPool2D, PixelCodes, ReLU, Rescale, Residual,
+    Sequential, layer_from_config,
 )
 from .model import Model
 from .packed import (
     AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FlattenStage, FloatStage,
-    PackedMaxPoolStage, PackedModel, PackStage, ThresholdMaxPoolStage, ThresholdStage, UnpackStage,
-    kernel_channel_axis, make_spec, sim_shape,
+    PackedMaxPoolStage, PackedModel, PackStage, ResidualStage, ThresholdMaxPoolStage, ThresholdStage,
+    UnpackStage, kernel_channel_axis, make_spec, sim_shape,
 )
+from .progress import batched_scores, step
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from .quantizers import (
     ACTIVATION_CLIPPINGS, DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight,
@@ -98,8 +105,21 @@ def _flat_layers(container, prefix=""):
 
 def _cpu_copy(model):
     copy = layer_from_config(model.spec())
+    if np.dtype(model.compute_dtype) != np.float32:
+        copy.astype(model.compute_dtype)  # a half-precision model stays one
     assign_model_arrays(copy, model_arrays(model), source="model")
     return copy
+
+
+def _float_parts(stages):
+    """Names of the layers that ``stages`` run in float (for the notes)."""
+    names = []
+    for stage in stages:
+        if isinstance(stage, FloatStage):
+            names += [type(layer).__name__ for layer in stage.layers]
+        elif isinstance(stage, AccToFloatStage):
+            names.append("accumulators to float32")
+    return names
 
 
 def _check_deterministic(model):
@@ -170,8 +190,9 @@ class _NotFusable(Exception):
 class _Converter:
     """One left-to-right pass over the flattened layer list, emitting stages (see the module doc)."""
 
-    def __init__(self, named_layers, input_shape, allow_inexact):
+    def __init__(self, named_layers, input_shape, allow_inexact, dtype=np.float32):
         self.input_shape = tuple(input_shape)
+        self.dtype = np.dtype(dtype)  # float16: a half-precision model's float stages compute in it
         self.paths = [path for path, _ in named_layers]
         self.layers = [layer for _, layer in named_layers]
         self.allow_inexact = allow_inexact
@@ -211,7 +232,7 @@ class _Converter:
         if self.pending:
             layers = self.pending
             encodings = FloatStage.prepare_layers(layers)
-            self.stages.append(FloatStage(layers, self.pending_shape, encodings))
+            self.stages.append(FloatStage(layers, self.pending_shape, encodings, self.dtype))
             self.pending = []
 
     def add_float(self, layer):
@@ -299,7 +320,44 @@ class _Converter:
                                      bits, threshold, direction))
         return next_index
 
+    def residual(self, index, layer):
+        """A Residual block: its body and shortcut converted on their own (binary convolutions on
+        bits, see :class:`~lowbit.packed.ResidualStage`), or the whole block as a float stage when
+        nothing in it runs on bits."""
+        shape = sim_shape(self.spec)
+        path = self.paths[index]
+        parts = []
+        for part, inner in (("body", layer.body), ("shortcut", layer.shortcut)):
+            if inner is None:
+                parts.append(([], []))
+                continue
+            # a copy: conversion replaces quantized kernels by their decoded encodings in place, and
+            # the block may still become one float stage of the original layers
+            copy = layer_from_config(inner.spec())
+            for _, owner, attr in copy.named_arrays(buffers=False):  # as Model.astype does
+                setattr(owner, attr, getattr(owner, attr).astype(self.dtype))
+            assign_model_arrays(copy, model_arrays(inner), source=f"layer {path}.{part}")
+            converter = _Converter(_flat_layers(copy, f"{path}.{part}."), shape, self.allow_inexact, self.dtype)
+            parts.append((converter.run(), converter.notes))
+        (body, body_notes), (shortcut, shortcut_notes) = parts
+        self.notes += body_notes + shortcut_notes
+        if all(isinstance(stage, FloatStage) for stage in body + shortcut):
+            self.note(index, "no binary layer on +-1 input inside the block: it runs as a float stage")
+            self.add_float(layer)
+            return index + 1
+        self.flush()
+        self.push(ResidualStage(self.spec, body, shortcut))
+        floats = _float_parts(body)
+        skip = _float_parts(shortcut) if layer.shortcut is not None else ["identity"]
+        self.note(index, f"binary convolution on bits; in float32 as in the simulation: body "
+                         f"{', '.join(floats) or 'nothing'}; shortcut {', '.join(skip)}; then the sum")
+        return index + 1
+
     def float_step(self, index, layer):
+        if isinstance(layer, Residual):
+            return self.residual(index, layer)
+        if isinstance(layer, Concat):
+            self.note(index, "parallel branches: the block runs as a float stage")
         if isinstance(layer, (QuantAffine, QuantConv2D)) and _sign_quantizer(layer.input_quantizer) \
                 and self.binary(index) is not None:
             self.pack(nhwc=isinstance(layer, Conv2D), terminal=layer.input_quantizer)
@@ -740,7 +798,7 @@ def convert(model, allow_inexact=False, name=None):
         raise TypeError(f"model must be a lowbit Model, got {type(model).__name__}")
     _check_deterministic(model)
     cpu = _cpu_copy(model)
-    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact))
+    converter = _Converter(_flat_layers(cpu), cpu.input_shape, bool(allow_inexact), cpu.compute_dtype)
     stages = converter.run()
     return PackedModel(stages, cpu.input_shape, name=name or model.name, notes=converter.notes,
                        source=_source_info(model))
@@ -802,6 +860,11 @@ class _RangeRecorder(Quantizer):
 
 
 _ALLOWED_BITS = tuple(range(1, 9)) + (16, 32)
+
+
+def _check_limit(limit):
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+        raise ValueError(f"limit must be an int >= 0 (0: all test images), got {limit!r}")
 
 
 def _check_bits(name, bits):
@@ -983,7 +1046,7 @@ def _human(n):
 
 def quantize_command(model_path, weight_bits, activation_bits, out_path, calibrate=1000, per_channel=True,
                      keep_first=True, keep_last=True, percentile=100.0, limit=0, seed=0, verify=True,
-                     data=None, out=print, weight_clipping="mse", activation_clipping="mse"):
+                     data=None, out=print, weight_clipping="mse", activation_clipping="mse", progress=True):
     """``lowbit quantize``: post-training quantization of a saved float model to a packed file.
 
     Loads ``model_path``, quantizes it (:func:`post_training_quantize`, activation ranges on
@@ -1007,6 +1070,8 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
         Preloaded data set (default :func:`lowbit.data.load_mnist`).
     out : callable
         Where the report lines go (default ``print``).
+    progress : bool
+        Announce each step on stderr and show progress bars over the test images.
 
     Returns
     -------
@@ -1018,11 +1083,15 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
 
     _check_weight_clipping(weight_clipping)  # before the data set is loaded
     _check_activation_clipping(activation_clipping, percentile)
+    _check_limit(limit)
+    check_output_path(out_path, "output")  # before the work, not after it
     model = load_model(model_path)
     mnist = data if data is not None else load_mnist(progress=False)
     x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
     if limit:
         x_test, y_test = x_test[:limit], y_test[:limit]
+    step(f"quantizing {os.fspath(model_path)} to w{weight_bits}a{activation_bits}"
+         + (f" (activation ranges from {calibrate} training images)" if calibrate else ""), progress)
     calibration = None
     if calibrate:
         rng = np.random.default_rng(seed)
@@ -1033,6 +1102,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
                                   keep_first=keep_first, keep_last=keep_last, percentile=percentile,
                                   seed=seed, weight_clipping=weight_clipping,
                                   activation_clipping=activation_clipping)
+    step("converting the quantized model to a packed one", progress)
     packed = convert(twin)
     settings = {"weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
                 "per_channel": bool(per_channel), "calibration_images": int(calibrate),
@@ -1040,8 +1110,9 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
                 "activation_clipping": activation_clipping}
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path)),
                                     "post_training_quantization": settings})
-    before = model.evaluate(x_test, y_test)
-    scores = packed.predict_scores(x_test)
+    before = float((batched_scores(model, x_test, desc="float model", progress=progress).argmax(axis=1)
+                    == y_test).mean())
+    scores = batched_scores(packed, x_test, desc="packed model", progress=progress)
     after = float((scores.argmax(axis=1) == y_test).mean())
     size_before, size_after = _size(model_path), _size(out_path)
     result = {"accuracy_before": before, "accuracy_after": after, "size_before": size_before,
@@ -1052,7 +1123,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     out(f"w{weight_bits}a{activation_bits} packed     {os.fspath(out_path)}: test accuracy {after:.2%}, "
         f"{_human(size_after)} ({size_before / size_after:.1f}x smaller)")
     if verify:
-        sim = twin.predict(x_test)
+        sim = batched_scores(twin, x_test, desc="quantized simulation", progress=progress).argmax(axis=1)
         result["labels_equal"] = int((sim == scores.argmax(axis=1)).sum())
         out(f"packed vs quantized simulation: {result['labels_equal']}/{len(y_test)} labels equal")
     for line in packed.notes:
@@ -1060,13 +1131,28 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     return result
 
 
-def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print):
+def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=False, data=None, out=print,
+                    progress=True):
     """``lowbit convert``: convert a trained quantized model file to a packed file and check it.
 
     Prints both files' sizes and, with ``verify``, the MNIST test accuracy of both and how many of
     the labels agree (all of them) and the largest score difference.  Returns a dict of those.
+    A float model (no quantized layer) is refused: it has nothing to pack, ``lowbit quantize`` is
+    the command for it.  ``progress``: steps on stderr and progress bars over the test images.
     """
+    _check_limit(limit)
+    check_output_path(out_path, "output")  # before the work, not after it
     model = load_model(model_path)
+    if not any(isinstance(layer, (QuantAffine, QuantConv2D, QuantActivation)) for _, layer in model.named_layers()):
+        raise ValueError(f"{os.fspath(model_path)} is a float model (no quantized layer): convert has nothing to "
+                         f"pack; quantize it instead: lowbit quantize {os.fspath(model_path)} -o OUT.npz "
+                         "--weights 1 --activations 1 (or other bits)")
+    mnist = None
+    if verify:  # before the work: without MNIST it stops here, having written nothing
+        from .data import load_mnist
+
+        mnist = data if data is not None else load_mnist(progress=False)
+    step(f"converting {os.fspath(model_path)}", progress)
     packed = convert(model, allow_inexact=allow_inexact)
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path))})
     size_before, size_after = _size(model_path), _size(out_path)
@@ -1075,14 +1161,11 @@ def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=Fa
     out(f"{os.fspath(model_path)}: {_human(size_before)} -> {os.fspath(out_path)}: {_human(size_after)} "
         f"({size_before / size_after:.1f}x smaller)")
     if verify:
-        from .data import load_mnist
-
-        mnist = data if data is not None else load_mnist(progress=False)
         x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
         if limit:
             x_test, y_test = x_test[:limit], y_test[:limit]
-        sim = model.predict_scores(x_test)
-        got = packed.predict_scores(x_test)
+        sim = batched_scores(model, x_test, desc="simulation", progress=progress)
+        got = batched_scores(packed, x_test, desc="packed model", progress=progress)
         result.update({
             "count": int(len(y_test)),
             "accuracy_simulation": float((sim.argmax(axis=1) == y_test).mean()),

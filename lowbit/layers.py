@@ -372,9 +372,19 @@ class _Pool2D(Layer):
 
 @register_layer
 class MaxPool2D(_Pool2D):
-    """Max pooling; padding counts as -inf; on ties the first position in the window gets the gradient."""
+    """Max pooling; padding counts as -inf; on ties the first position in the window gets the gradient.
+
+    ``padding`` must be smaller than ``kernel_size`` (as the packed kernels require): otherwise a
+    window can hold padding only, and its maximum is -inf.
+    """
 
     mode = "max"
+
+    def __init__(self, kernel_size=2, stride=None, padding=0):
+        super().__init__(kernel_size, stride, padding)
+        if self.padding >= self.kernel_size:
+            raise ValueError(f"MaxPool2D padding must be smaller than kernel_size {self.kernel_size} (a window "
+                             f"of padding only has the maximum -inf), got padding {self.padding}")
 
 
 @register_layer

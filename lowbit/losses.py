@@ -27,7 +27,12 @@ def softmax(x):
 
 
 class SoftmaxCrossEntropy:
-    """Mean over the batch of ``-log softmax(scores)[label]``; gradient ``(softmax - onehot) / N``."""
+    """Mean over the batch of ``-log softmax(scores)[label]``; gradient ``(softmax - onehot) / N``.
+
+    The loss is ``logsumexp(scores) - scores[label]`` (with the row maximum subtracted first), so it
+    has no ceiling: logits ``[1000, -1000, 0]`` with label 1 give 2000, as PyTorch does, where
+    ``-log(max(p, 1e-30))`` would stop at 69.08.
+    """
 
     name = "cross_entropy"
 
@@ -35,10 +40,12 @@ class SoftmaxCrossEntropy:
         _check(scores, labels)
         xp = get_array_module(scores)
         n = scores.shape[0]
-        p = softmax(scores)
-        self._cache = (p, labels)
-        picked = p[xp.arange(n), labels]
-        return float(-xp.log(xp.maximum(picked, 1e-30)).mean())
+        z = scores - scores.max(axis=1, keepdims=True)
+        e = xp.exp(z)
+        total = e.sum(axis=1, keepdims=True)
+        self._cache = (e / total, labels)
+        picked = z[xp.arange(n), labels]
+        return float((xp.log(total[:, 0]) - picked).mean())
 
     def backward(self):
         p, labels = self._cache

@@ -11,7 +11,23 @@ import numpy as np
 from .backend import get_array_module, is_cupy_array, to_numpy
 from .layers import Dropout, Sequential, register_layer
 
-__all__ = ["Classifier", "Model"]
+__all__ = ["Classifier", "Model", "check_no_nan"]
+
+
+def check_no_nan(arr, name="x"):
+    """Raise ValueError naming ``name`` when the float array ``arr`` (numpy or CuPy) holds a NaN.
+
+    Every inference entry point (:class:`Model`, :class:`~lowbit.packed.PackedModel`, and so the CLI)
+    refuses NaN the same way, as the binary simulation's sign does, instead of returning labels for it.
+    """
+    if arr.size and arr.dtype.kind == "f":
+        xp = get_array_module(arr)
+        bad = xp.isnan(arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr[:, None]).any(axis=1)
+        if bool(bad.any()):
+            rows = to_numpy(xp.flatnonzero(bad))
+            raise ValueError(f"{name} holds NaN in {len(rows)} of {arr.shape[0]} images (first: index "
+                             f"{int(rows[0])}); images must be numbers in [0, 1]")
+    return arr
 
 
 class Classifier:
@@ -119,7 +135,7 @@ class Model(Classifier, Sequential):
                 f"x must be float images in [0, 1] (float32), got dtype {arr.dtype}; "
                 "divide uint8 images by 255 first"
             )
-        return arr.astype(self.compute_dtype, copy=False)
+        return check_no_nan(arr).astype(self.compute_dtype, copy=False)
 
     def predict_scores(self, x, batch_size=100):
         """Class scores (N, classes) float32 for images ``x``, computed in batches (evaluation mode)."""
@@ -131,8 +147,8 @@ class Model(Classifier, Sequential):
             if xp_model is not np and not is_cupy_array(batch):
                 batch = xp_model.asarray(batch)
             outs.append(to_numpy(self.forward(batch, train=False)).astype(np.float32, copy=False))
-        if not outs:
-            return np.zeros((0, 0), dtype=np.float32)
+        if not outs:  # an empty batch: no scores, of the model's output width
+            return np.zeros((0,) + tuple(self.output_shape((1,) + self.input_shape)[1:]), dtype=np.float32)
         return np.concatenate(outs, axis=0)
 
     def _array_module(self):

@@ -31,6 +31,8 @@ Stages
 ``flatten``        packed -> packed NHWC relabelled as the simulation's flattened NCHW (no work)
 ``acc_to_float``   acc -> float    ``acc * scale + bias`` in float32, in the simulation's layout
 ``unpack``         packed -> float ``unpack_signs`` to +-1 (NHWC -> NCHW)
+``residual``       float -> float  ``body(x) + shortcut(x)``, each an inner chain of stages (a Residual block
+                                   whose binary convolution runs on bits)
 =================  =============  ==========================================================
 
 Every stage names its input and output as ``[domain, layout, dims]`` (``dims`` per example:
@@ -54,7 +56,7 @@ import numpy as np
 from .backend import get_array_module, is_cupy_array, to_device, to_numpy
 from .io import ModelFileError, read_archive, write_archive
 from .layers import Affine, Conv2D, PixelCodes, Sequential, layer_from_config
-from .model import Classifier
+from .model import Classifier, check_no_nan
 from .quantizers import get_quantizer
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "AccToFloatStage",
     "UnpackStage",
     "FlattenStage",
+    "ResidualStage",
     "encode_kernel",
     "decode_kernel",
     "pack_codes",
@@ -392,13 +395,17 @@ class FloatStage(Stage):
 
     kind = "float"
 
-    def __init__(self, layers, input_shape, encodings=None):
+    def __init__(self, layers, input_shape, encodings=None, dtype=np.float32):
         self.layers = list(layers)
         input_shape = tuple(int(s) for s in input_shape)
         shape = Sequential(self.layers).output_shape((1,) + input_shape)[1:]
         super().__init__(make_spec("float", None, input_shape), make_spec("float", None, shape))
         # path -> (info, arrays) of every encoded kernel; computed by prepare_layers at conversion.
         self.encodings = dict(encodings or {})
+        # float16: the layers of a half-precision model (Model.astype(np.float16)), run in float16
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float16, np.float32):
+            raise ValueError(f"a float stage computes in float32 or float16, got {self.dtype}")
 
     @staticmethod
     def prepare_layers(layers):
@@ -418,16 +425,20 @@ class FloatStage(Stage):
                 w_eff = np.asarray(layer.quantized_kernel(train=False), dtype=np.float32)
             else:
                 w_eff = layer.W
-            info, arrays = encode_kernel(w_eff, axis, quantizer, latent=layer.W)
+            dtype = layer.W.dtype  # float16 in a half-precision model: stored exactly as float32 values
+            info, arrays = encode_kernel(np.asarray(w_eff, dtype=np.float32), axis, quantizer,
+                                         latent=np.asarray(layer.W, dtype=np.float32))
             encodings[f"{path}.W"] = (info, arrays)
             if quantizer is not None:
                 layer.kernel_quantizer = Identity()
                 layer.kernel_constraint = None
                 layer._cache_weight = None
-            layer.W = decode_kernel(info, arrays)
+            layer.W = decode_kernel(info, arrays).astype(dtype, copy=False)
         return encodings
 
     def run(self, x):
+        if x.dtype != self.dtype:
+            x = x.astype(self.dtype)  # as Model.predict_scores casts its input to the compute dtype
         for layer in self.layers:
             x = layer.forward(x, train=False)
         return x
@@ -437,8 +448,11 @@ class FloatStage(Stage):
                 for layer in self.layers]
 
     def config(self):
-        return {**super().config(), "layers": [layer.spec() for layer in self.layers],
-                "weights": {path: info for path, (info, _) in self.encodings.items()}}
+        out = {**super().config(), "layers": [layer.spec() for layer in self.layers],
+               "weights": {path: info for path, (info, _) in self.encodings.items()}}
+        if self.dtype != np.float32:
+            out["dtype"] = self.dtype.name
+        return out
 
     def arrays(self):
         out = {}
@@ -462,27 +476,48 @@ class FloatStage(Stage):
         weights = config.get("weights", {})
         if not isinstance(specs, list) or not isinstance(weights, dict):
             raise ValueError("a float stage needs a 'layers' list and a 'weights' dict")
+        dtype = config.get("dtype", "float32")
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        from .io import check_declared_shapes
+
+        # Decode the kernels first (each encoding's arrays are checked against its shape), then check
+        # every size the layer specs declare against what is stored, and only then build the layers.
+        decoded, encodings = {}, {}
+        for path, info in weights.items():
+            if not isinstance(path, str):
+                raise ValueError(f"weights must be keyed by array path, got {path!r}")
+            prefix = f"{path}."
+            sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            decoded[path] = decode_kernel(info, sub)
+            encodings[path] = (info, sub)
+        stored = {**{k: v for k, v in arrays.items() if not any(k.startswith(f"{p}.") for p in weights)},
+                  **decoded}
+        tree = {"type": "Sequential", "children": [[str(i), spec] for i, spec in enumerate(specs)]}
+        check_declared_shapes(tree, stored, "the float stage")
         layers = [layer_from_config(spec) for spec in specs]
-        encodings = {}
-        for path, layer, attr in Sequential(layers).named_arrays():
+        if dtype == "float16":  # as Model.astype: parameters in float16, buffers stay float32
+            for _, layer, attr in Sequential(layers).named_arrays(buffers=False):
+                setattr(layer, attr, getattr(layer, attr).astype(np.float16))
+        expected = {path: (layer, attr) for path, layer, attr in Sequential(layers).named_arrays()}
+        unknown = sorted(set(stored) - set(expected))
+        if unknown:
+            raise ValueError(f"arrays or weights {unknown[:3]} belong to no array of the stage's layers")
+        for path, (layer, attr) in expected.items():
             current = getattr(layer, attr)
-            if path in weights:
-                prefix = f"{path}."
-                sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-                value = decode_kernel(weights[path], sub)
-                encodings[path] = (weights[path], sub)
-            else:
-                if path not in arrays:
-                    raise ValueError(f"array {path!r} of layer {type(layer).__name__} is missing")
-                value = np.array(arrays[path])
+            if path not in stored:
+                raise ValueError(f"array {path!r} of layer {type(layer).__name__} is missing")
+            value = np.array(stored[path])
+            if current.dtype == np.float16 and value.dtype == np.float32 and path in decoded:
+                half = value.astype(np.float16)
+                if not np.array_equal(half.astype(np.float32), value):
+                    raise ValueError(f"kernel {path!r} of a float16 stage is not made of float16 values")
+                value = half
             if tuple(value.shape) != tuple(current.shape) or value.dtype != current.dtype:
                 raise ValueError(f"array {path!r} is {value.dtype}{tuple(value.shape)}, the layer needs "
                                  f"{current.dtype}{tuple(current.shape)}")
             setattr(layer, attr, value)
-        unknown = sorted(set(weights) - set(encodings))
-        if unknown:
-            raise ValueError(f"weights {unknown[:3]} name no kernel of the stage's layers")
-        stage = cls(layers, sim_shape(input_spec), encodings)
+        stage = cls(layers, sim_shape(input_spec), encodings, dtype)
         if stage.input_spec != input_spec or stage.output_spec != output_spec:
             raise ValueError(f"the layers map {describe_spec(stage.input_spec)} to "
                              f"{describe_spec(stage.output_spec)}, the stage says "
@@ -1011,6 +1046,91 @@ class UnpackStage(Stage):
         return cls(input_spec, output_spec)
 
 
+@register_stage
+class ResidualStage(Stage):
+    """A :class:`~lowbit.layers.Residual` block: ``body(x) + shortcut(x)`` on float input.
+
+    ``body`` and ``shortcut`` are stage chains of their own (``shortcut`` empty: the identity) that
+    each map the block's float input to its float output.  The body of a Bi-Real block is
+    ``pack`` -> ``binary_conv`` -> ``acc_to_float`` -> ``float`` (its BatchNorm): the binary
+    convolution runs on bits, its integer accumulators come back as the simulation's float32 values
+    (exactly, see :class:`AccToFloatStage`), and the real-valued shortcut is added to them with the
+    same float32 addition as the simulation's, so the block's output is equal, not merely close.
+    In the file, the inner stages' arrays are named ``body.<i>.<name>`` and ``shortcut.<i>.<name>``.
+    """
+
+    kind = "residual"
+
+    def __init__(self, input_spec, body, shortcut=()):
+        body, shortcut = list(body), list(shortcut)
+        if input_spec[0] != "float":
+            raise ValueError(f"a residual stage takes float input, got {describe_spec(input_spec)}")
+        out = _chain_output(body, input_spec, "body")
+        skip = _chain_output(shortcut, input_spec, "shortcut")
+        if out != skip or out[0] != "float":
+            raise ValueError(f"the residual body gives {describe_spec(out)}, the shortcut "
+                             f"{describe_spec(skip)}: they must be the same float shape")
+        super().__init__(input_spec, out)
+        self.body, self.shortcut = body, shortcut
+
+    def run(self, x):
+        out = x
+        for stage in self.body:
+            out = stage.run(out)
+        skip = x
+        for stage in self.shortcut:
+            skip = stage.run(skip)
+        return out + skip
+
+    def config(self):
+        def entries(stages):
+            return [{"type": st.kind, "config": st.config(), "arrays": sorted(st.arrays())} for st in stages]
+
+        return {**super().config(), "body": entries(self.body), "shortcut": entries(self.shortcut)}
+
+    def arrays(self):
+        out = {}
+        for part, stages in (("body", self.body), ("shortcut", self.shortcut)):
+            for index, stage in enumerate(stages):
+                for name, arr in stage.arrays().items():
+                    out[f"{part}.{index}.{name}"] = arr
+        return out
+
+    def inner_stages(self):
+        return self.body + self.shortcut
+
+    @classmethod
+    def from_parts(cls, config, arrays):
+        input_spec, output_spec = _specs(config)
+        body, used = _build_stages(config.get("body"), arrays, "body.", "residual", "body.")
+        shortcut, used_skip = _build_stages(config.get("shortcut", []), arrays, "shortcut.", "residual",
+                                            "shortcut.")
+        unused = sorted(set(arrays) - used - used_skip)
+        if unused:
+            raise ValueError(f"arrays {unused[:3]} belong to no inner stage")
+        stage = cls(input_spec, body, shortcut)
+        if stage.output_spec != output_spec:
+            raise ValueError(f"the block gives {describe_spec(stage.output_spec)}, the stage says "
+                             f"{describe_spec(output_spec)}")
+        return stage
+
+    def to_device(self, device):
+        for stage in self.inner_stages():
+            stage.to_device(device)
+        return self
+
+
+def _chain_output(stages, input_spec, what):
+    """The output spec of ``stages`` run in order on ``input_spec``; ValueError where two disagree."""
+    expected = input_spec
+    for index, stage in enumerate(stages):
+        if stage.input_spec != expected:
+            raise ValueError(f"{what} stage {index} ({stage.kind}) takes {describe_spec(stage.input_spec)} "
+                             f"but receives {describe_spec(expected)}")
+        expected = stage.output_spec
+    return expected
+
+
 # -- the model ------------------------------------------------------------------------------------
 class PackedModel(Classifier):
     """A converted model: a chain of :class:`Stage` objects that runs on numpy (Numba) or CuPy.
@@ -1082,7 +1202,7 @@ class PackedModel(Classifier):
         if arr.dtype.kind != "f":
             raise TypeError(f"x must be float images in [0, 1] (float32), got dtype {arr.dtype}; "
                             "divide uint8 images by 255 first")
-        return arr.astype(np.float32, copy=False)
+        return check_no_nan(arr).astype(np.float32, copy=False)
 
     def predict_scores(self, x, batch_size=100, blas_threads="auto"):
         """Scores (N, classes) float32, in batches.
@@ -1106,7 +1226,7 @@ class PackedModel(Classifier):
                     batch = to_device(batch, "gpu")
                 elif not on_gpu and is_cupy_array(batch):
                     batch = to_numpy(batch)
-                outs.append(to_numpy(self.forward(batch)))
+                outs.append(to_numpy(self.forward(batch)).astype(np.float32, copy=False))
         if not outs:
             return np.zeros((0,) + tuple(self.output_shape), dtype=np.float32)
         return np.concatenate(outs, axis=0)
@@ -1114,7 +1234,7 @@ class PackedModel(Classifier):
     @property
     def device(self):
         """'cpu' or 'gpu': where the stages' arrays live."""
-        for stage in self.stages:
+        for stage in _all_stages(self.stages):
             held = [getattr(stage, name) for name in stage._array_names]
             if getattr(stage, "weights", None) is not None:
                 held.append(stage.weights)
@@ -1183,11 +1303,59 @@ class PackedModel(Classifier):
         return f"PackedModel(name={self.name!r}, stages=[\n  {inner}\n])"
 
 
+def _all_stages(stages):
+    """``stages`` and, depth first, the stages inside residual stages."""
+    out = []
+    for stage in stages:
+        out.append(stage)
+        if isinstance(stage, ResidualStage):
+            out.extend(_all_stages(stage.inner_stages()))
+    return out
+
+
 def _synchronize(value):
     if is_cupy_array(value):
         from .backend import cupy
 
         cupy.cuda.get_current_stream().synchronize()
+
+
+def _build_stages(entries, arrays, prefix, source, label=""):
+    """Stages from manifest ``entries`` (``{"type", "config", "arrays"}`` each) whose arrays are
+    ``arrays[prefix + "<index>." + name]`` (``label`` prefixes the index in messages).  Returns ``(stages, used array keys)``; raises
+    :class:`~lowbit.io.ModelFileError` naming the stage and what is wrong."""
+    if not isinstance(entries, list):
+        raise ModelFileError(f"{source}: the stage list must be a list, got {type(entries).__name__}")
+    stages = []
+    used = set()
+    for index, entry in enumerate(entries):
+        where = f"{source}: stage {label}{index}"
+        if not isinstance(entry, dict):
+            raise ModelFileError(f"{where} is not a dict")
+        kind = entry.get("type")
+        if not isinstance(kind, str) or kind not in STAGES:
+            raise ModelFileError(f"{where} has unknown type {kind!r}; known: {sorted(STAGES)}")
+        names = entry.get("arrays", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ModelFileError(f"{where} ({kind}) must list its arrays by name")
+        stage_prefix = f"{prefix}{index}."
+        missing = [n for n in names if stage_prefix + n not in arrays]
+        if missing:
+            raise ModelFileError(f"{where} ({kind}) lacks arrays {missing[:3]}")
+        stage_arrays = {n: arrays[stage_prefix + n] for n in names}
+        used.update(stage_prefix + n for n in names)
+        config = entry.get("config")
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{where} ({kind}) has no config dict")
+        try:
+            stage = STAGES[kind].from_parts(config, stage_arrays)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ModelFileError(f"{where} ({kind}) is invalid: {exc}") from None
+        if sorted(stage.arrays()) != sorted(names):
+            raise ModelFileError(f"{where} ({kind}) lists arrays {sorted(names)[:4]}, "
+                                 f"its config needs {sorted(stage.arrays())[:4]}")
+        stages.append(stage)
+    return stages, used
 
 
 def packed_from_manifest(doc, arrays, source="file"):
@@ -1200,35 +1368,7 @@ def packed_from_manifest(doc, arrays, source="file"):
     input_shape = doc.get("input_shape")
     if not isinstance(input_shape, list) or not all(isinstance(s, int) and s > 0 for s in input_shape):
         raise ModelFileError(f"{source}: input_shape must be a list of positive ints, got {input_shape!r}")
-    stages = []
-    used = set()
-    for index, entry in enumerate(doc["stages"]):
-        if not isinstance(entry, dict):
-            raise ModelFileError(f"{source}: stage {index} is not a dict")
-        kind = entry.get("type")
-        if kind not in STAGES:
-            raise ModelFileError(f"{source}: stage {index} has unknown type {kind!r}; "
-                                 f"known: {sorted(STAGES)}")
-        names = entry.get("arrays", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ModelFileError(f"{source}: stage {index} ({kind}) must list its arrays by name")
-        prefix = f"stages.{index}."
-        missing = [n for n in names if prefix + n not in arrays]
-        if missing:
-            raise ModelFileError(f"{source}: stage {index} ({kind}) lacks arrays {missing[:3]}")
-        stage_arrays = {n: arrays[prefix + n] for n in names}
-        used.update(prefix + n for n in names)
-        config = entry.get("config")
-        if not isinstance(config, dict):
-            raise ModelFileError(f"{source}: stage {index} ({kind}) has no config dict")
-        try:
-            stage = STAGES[kind].from_parts(config, stage_arrays)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{source}: stage {index} ({kind}) is invalid: {exc}") from None
-        if sorted(stage.arrays()) != sorted(names):
-            raise ModelFileError(f"{source}: stage {index} ({kind}) lists arrays {sorted(names)[:4]}, "
-                                 f"its config needs {sorted(stage.arrays())[:4]}")
-        stages.append(stage)
+    stages, used = _build_stages(doc["stages"], arrays, "stages.", source)
     unused = sorted(set(arrays) - used)
     if unused:
         raise ModelFileError(f"{source}: arrays {unused[:3]} belong to no stage")

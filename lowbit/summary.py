@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import os
 
+import types
+
 import numpy as np
 
 from .layers import Affine, Concat, Conv2D, Dropout, Flatten, MaxPool2D, Residual, Sequential
 from .model import Model
 from .packed import (
-    AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FloatStage, PackedModel, describe_spec, kernel_bits,
+    AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FloatStage, PackedModel, ResidualStage,
+    describe_spec, kernel_bits,
     load_any,
 )
 from .quant_layers import QuantActivation
@@ -222,6 +225,15 @@ def _nbytes(arrays):
 def _packed_rows(packed):
     rows = []
     for index, stage in enumerate(packed.stages):
+        if isinstance(stage, ResidualStage):  # one row (one profiled step): the sums of its inner stages
+            inner = _packed_rows(types.SimpleNamespace(stages=stage.inner_stages()))
+            binary = sum(r["binary_macs"] for r in inner)
+            rows.append({"index": str(index), "layer": "residual", "kind": "binary" if binary else "float",
+                         "output": describe_spec(stage.output_spec),
+                         "params": sum(r["params"] for r in inner), "bits": 1 if binary else None,
+                         "memory": sum(r["memory"] for r in inner), "binary_macs": binary,
+                         "float_macs": sum(r["float_macs"] for r in inner)})
+            continue
         if isinstance(stage, FloatStage):
             shape = stage.input_spec[2]
             for i, layer in enumerate(stage.layers):

@@ -670,7 +670,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     todo = [point for point in grid if point not in done]
     skipped = len(grid) - len(todo)
 
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     bar = tqdm(total=len(grid), initial=skipped, desc=f"sweep {arch}", unit="point", disable=not progress)
     splits = {}

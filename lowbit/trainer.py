@@ -16,22 +16,50 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .augment import Augment
 from .backend import cupy, to_numpy
-from .io import _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
+from .io import ModelFileError, _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
 
-__all__ = ["Trainer", "recalibrate_batchnorm", "write_json_atomic"]
+__all__ = ["ResumeMismatchError", "Trainer", "config_differences", "recalibrate_batchnorm", "write_json_atomic"]
 
 _clock = time.perf_counter  # module-level so that tests can drive the time budget with a fake clock
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint's run settings differ from the run that would resume from it."""
+
+
+def _short(value, width=60):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def config_differences(saved, current, path=""):
+    """``["key.sub: <saved> in the checkpoint, <current> now", ...]``: only the entries that differ,
+    walking into nested dicts (and lists of equal length), each value shortened to 60 characters."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in list(current) + [k for k in saved if k not in current]:
+            out += config_differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        out = []
+        for index, (a, b) in enumerate(zip(saved, current)):
+            out += config_differences(a, b, f"{path}[{index}]")
+        return out
+    if saved == current:
+        return []
+    return [f"{path or 'settings'}: {_short(saved)} in the checkpoint, {_short(current)} now"]
 
 
 def write_json_atomic(path, obj):
@@ -276,8 +304,21 @@ class Trainer:
         write_archive(self._path("checkpoint.npz"), "lowbit.checkpoint", arrays, manifest)
 
     def load_checkpoint(self, path=None):
+        """Restore the run from a checkpoint; returns its epoch.
+
+        Raises :class:`ResumeMismatchError` (a ValueError) when the checkpoint's settings differ from
+        this run's, :class:`~lowbit.io.ModelFileError` when the file is not a valid checkpoint.
+        """
         path = path or self._path("checkpoint.npz")
         manifest, arrays = read_archive(path, "lowbit.checkpoint")
+        try:
+            return self._restore(manifest, arrays, path)
+        except (ModelFileError, ResumeMismatchError):
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            raise ModelFileError(f"{path}: not a valid checkpoint ({type(exc).__name__}: {exc})") from None
+
+    def _restore(self, manifest, arrays, path):
         if self.time_budget is not None and manifest.get("budget_fixed") and not self.budget_fixed:
             self._fix_epochs(int(manifest["epochs"]))
         saved = json.loads(json.dumps(manifest["run"]))
@@ -285,11 +326,11 @@ class Trainer:
         if saved.get("augment") == json.loads(json.dumps(Augment().config())):
             saved["augment"] = False  # saved by a Trainer that ran the identity Augment: off
         for key in current:
-            if saved.get(key) != current[key]:
-                raise ValueError(
-                    f"cannot resume from {path}: its {key!r} setting differs from this run's "
-                    f"({saved.get(key)!r} in the checkpoint, {current[key]!r} now)"
-                )
+            differences = config_differences(saved.get(key), current[key], key)
+            if differences:  # only the entries that differ, not the whole (model) config twice
+                more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+                raise ResumeMismatchError(f"cannot resume from {path}: its {key!r} setting differs from this run's ("
+                                 + "; ".join(differences[:5]) + more + ")")
         assign_model_arrays(self.model, {k[len("model/"):]: v for k, v in arrays.items()
                                          if k.startswith("model/")}, source=path)
         self.optimizer.load_state_arrays(
@@ -447,7 +488,8 @@ class Trainer:
             epoch_bar.close()
             if self.out_dir is not None:
                 print(f"\ninterrupted during epoch {self.epoch + 1}; the checkpoint after epoch "
-                      f"{self.epoch} is in {self.out_dir}: rerun with resume to continue")
+                      f"{self.epoch} is in {self.out_dir}: to continue, run again with resume "
+                      "(lowbit train --resume; the experiment scripts resume by themselves)", file=sys.stderr)
             raise
         epoch_bar.close()
         if self.out_dir is not None:

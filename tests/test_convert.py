@@ -334,7 +334,7 @@ def test_files_with_separate_int_maxpool_and_threshold_stages_still_run(packed_f
     np.testing.assert_array_equal(old.predict_scores(x), packed.predict_scores(x))
 
 
-def test_residual_and_first_layer_stay_float():
+def test_residual_binary_conv_runs_on_bits_and_first_layer_stays_float(tmp_path):
     block = Residual([QuantConv2D(4, 4, 3, padding=1, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
                                   bias=False), BatchNorm(4)])
     model = stress_batchnorm(Model([
@@ -342,9 +342,41 @@ def test_residual_and_first_layer_stay_float():
         QuantAffine(4 * 6 * 6, 3, input_quantizer="ste_sign", kernel_quantizer="ste_sign"), BatchNorm(3),
     ], input_shape=(1, 6, 6)))
     packed = convert(model)
-    assert kinds(packed) == ["float", "pack", "binary_dense", "acc_to_float", "float"]
+    assert kinds(packed) == ["float", "residual", "float", "pack", "binary_dense", "acc_to_float", "float"]
+    assert [s.kind for s in packed.stages[1].body] == ["pack", "binary_conv", "acc_to_float", "float"]
     assert packed.stages[0].encodings["0.W"][0]["encoding"] == "signs"  # first layer: bits, run in float
+    assert any("layer 2 (Residual)" in note and "BatchNorm" in note for note in packed.notes)
     assert_exact(model, packed, images(20, shape=(1, 6, 6)))
+    reloaded = load_packed(packed.save(tmp_path / "residual.npz"))
+    np.testing.assert_array_equal(reloaded.predict_scores(images(20, shape=(1, 6, 6))),
+                                  packed.predict_scores(images(20, shape=(1, 6, 6))))
+
+
+def test_bireal_resnet_packs_every_block_and_equals_the_simulation(tmp_path):
+    """Issue 22 item 3: a Bi-Real ResNet used to convert to one float stage with empty notes."""
+    from lowbit.zoo import bireal_resnet
+
+    model = stress_batchnorm(bireal_resnet(seed=3, widths=(8, 16), blocks_per_stage=1))
+    packed = convert(model)
+    residuals = [s for s in packed.stages if s.kind == "residual"]
+    assert len(residuals) == 2
+    assert all("binary_conv" in [inner.kind for inner in s.body] for s in residuals)
+    assert len(packed.notes) == 2 and "shortcut AvgPool2D, Conv2D, BatchNorm" in packed.notes[1]
+    x = images(30)
+    assert_exact(model, packed, x)
+    np.testing.assert_array_equal(load_packed(packed.save(tmp_path / "b.npz")).predict_scores(x),
+                                  model.predict_scores(x))
+
+
+def test_float_residual_block_stays_one_float_stage_with_a_note():
+    from lowbit.blocks import resnet_block
+
+    model = Model([Conv2D(1, 4, 3, padding=1)] + resnet_block(4, 4) + [Flatten(), Affine(4 * 6 * 6, 3)],
+                  input_shape=(1, 6, 6))
+    packed = convert(model)
+    assert kinds(packed) == ["float"]
+    assert any("no binary layer" in note for note in packed.notes)
+    assert_exact(model, packed, images(10, shape=(1, 6, 6)))
 
 
 def test_convert_refuses_what_it_cannot_reproduce():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lowbit import data
 from lowbit.data import MNIST, MNISTUnavailableError, NumpyOnlyUnpickler, load_mnist, read_idx
@@ -612,3 +613,62 @@ def test_mnist_splits_eval_limit_cuts_validation_and_test_only():
 def test_mnist_splits_bad_limit(name, limit):
     with pytest.raises(ValueError, match=f"{name} must be an int >= 0"):
         data.mnist_splits(fake_mnist(), 5, seed=0, **{name: limit})
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache is checked against the pinned content on every load (issue 22, item 1)
+# --------------------------------------------------------------------------------------------------
+
+def _shift_labels(m):
+    y = m.y_train.copy()
+    y[:10] = (y[:10] + 1) % 10
+    return m._replace(y_train=y)
+
+
+def _overwrite_images(m):
+    x = m.x_train.copy()
+    x[:2] = x[2:4]
+    return m._replace(x_train=x)
+
+
+ALTERATIONS = {
+    "train_labels_shifted": _shift_labels,
+    "train_images_overwritten": _overwrite_images,
+    "test_labels_all_3": lambda m: m._replace(y_test=np.full_like(m.y_test, 3)),
+    "test_images_blanked": lambda m: m._replace(x_test=np.zeros_like(m.x_test)),
+}
+
+
+@pytest.mark.parametrize("alteration", sorted(ALTERATIONS))
+def test_mnist_cache_altered_after_build_is_refused(tmp_path, monkeypatch, mnist, alteration):
+    monkeypatch.setattr(data, "PINS", pins_for(mnist))
+    folder = tmp_path / "cache"
+    data._write_cache(folder / data.CACHE_FILE, mnist)
+    assert_same(data.load_mnist(folder, download=False), mnist)  # the intact cache loads
+    data._write_cache(folder / data.CACHE_FILE, ALTERATIONS[alteration](mnist))
+    with pytest.raises(data.MNISTUnavailableError) as info:
+        data.load_mnist(folder, download=False)
+    message = str(info.value)
+    assert str(folder / data.CACHE_FILE) in message
+    assert "altered after it was built" in message or "mean pixel" in message
+    assert "to work offline" in message and "delete a damaged" in message
+    assert "\n" not in info.value.one_line() and str(folder) in info.value.one_line()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_mnist_cache_loads_identically_or_is_refused(tmp_path, monkeypatch, mnist, draw):
+    """Issue 22: every mutated cache either loads to the same arrays or is refused with
+    MNISTUnavailableError (offline), never another exception, never other data."""
+    from lowbit.fuzzing import hypothesis_chooser, mutate_file
+
+    monkeypatch.setattr(data, "PINS", pins_for(mnist))
+    folder = tmp_path / f"fuzz-{draw.draw(st.integers(0, 2 ** 32))}"
+    path = folder / data.CACHE_FILE
+    data._write_cache(path, mnist)
+    path.write_bytes(mutate_file(path.read_bytes(), hypothesis_chooser(draw)).data)
+    try:
+        loaded = data.load_mnist(folder, download=False, progress=False)
+    except data.MNISTUnavailableError:
+        return
+    assert_same(loaded, mnist)
