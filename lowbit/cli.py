@@ -7,6 +7,8 @@
 ``lowbit summary``   per-layer table of a trained or packed model (``--profile`` times each layer).
 ``lowbit sweep``     accuracy and model size over a grid of weight x activation bits, PTQ and QAT
                      (:mod:`lowbit.sweep`; resumable).
+``lowbit import``    an ONNX model -> a lowbit model file (every command also takes the .onnx itself).
+``lowbit export``    a trained, quantized or packed model -> ONNX (standard ops; :mod:`lowbit.onnx_io`).
 """
 from __future__ import annotations
 
@@ -162,6 +164,27 @@ def cmd_sweep_report(args):
     print(f"{len(result.records)} points in {args.folder}")
     for path in result.files.values():
         print(f"  {path}")
+    return 0
+
+
+def cmd_import(args):
+    from .io import save_model
+    from .onnx_io import load_onnx
+
+    model = load_onnx(args.model)
+    save_model(model, args.output, metadata=model.metadata)
+    print(f"{args.model}: {len(model.layers)} top-level layers, {model.num_parameters():,} parameters, "
+          f"input {model.input_shape}; saved to {args.output}")
+    return 0
+
+
+def cmd_export(args):
+    from .onnx_io import export_onnx
+    from .packed import load_any
+
+    model = load_any(args.model)
+    export_onnx(model, args.output, opset=args.opset, batchnorm=args.batchnorm)
+    print(f"{args.model} -> {args.output} (ONNX opset {args.opset}, {os.path.getsize(args.output):,} bytes)")
     return 0
 
 
@@ -325,6 +348,20 @@ def build_parser():
                                             "(trains nothing)")
     p.add_argument("folder", metavar="SWEEP_DIR", help="a folder written by lowbit sweep")
     p.set_defaults(func=cmd_sweep_report)
+
+    p = sub.add_parser("import", help="an ONNX model (NCHW, float32) -> a lowbit model file")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="a trained, quantized or packed model -> ONNX (standard ops)")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("--opset", type=int, default=13, help="ONNX opset, 13..21 (default 13)")
+    p.add_argument("--batchnorm", choices=["folded", "op"], default="folded",
+                   help="BatchNorm as Sub/Mul/Mul/Add, bit for bit lowbit's arithmetic (folded, default), "
+                        "or as one BatchNormalization node (op)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -337,7 +374,7 @@ def main(argv=None):
 
     try:
         return args.func(args)
-    except (FileNotFoundError, ModelFileError, ValueError) as exc:
+    except (FileNotFoundError, ModelFileError, ValueError, ImportError) as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -73,21 +73,9 @@ def write_archive(path, kind: str, arrays: dict, manifest: dict | None = None):
     doc = dict(manifest or {})
     doc.update({"format": kind, "version": FORMAT_VERSION, "arrays": described})
     blob = np.frombuffer(json.dumps(doc, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{MANIFEST_KEY: blob}, **host)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **{MANIFEST_KEY: blob}, **host)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_archive(path, kind: str | tuple):
@@ -176,7 +164,7 @@ def save_model(model, path, metadata: dict | None = None):
 
 
 def load_model(path):
-    """Load a model saved by :func:`save_model` onto the CPU.
+    """Load a model saved by :func:`save_model` onto the CPU (or import an ``.onnx`` file).
 
     Raises
     ------
@@ -185,6 +173,12 @@ def load_model(path):
     ModelFileError
         The file is not a lowbit model, is truncated, or its arrays do not match the manifest.
     """
+    from .onnx_io import is_onnx_path
+
+    if is_onnx_path(path):  # an ONNX graph imports as a float Model (lowbit.onnx_io)
+        from .onnx_io import load_onnx
+
+        return load_onnx(path)
     manifest, arrays = read_archive(path, "lowbit.model")
     return model_from_manifest(manifest, arrays, path)
 
@@ -200,3 +194,24 @@ def model_from_manifest(manifest: dict, arrays: dict, path):
     assign_model_arrays(model, arrays, source=os.fspath(path))
     model.metadata = manifest.get("metadata", {})
     return model
+
+
+def write_bytes_atomic(path, data: bytes):
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then renamed), with
+    the usual permissions.  Returns the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
