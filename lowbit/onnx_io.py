@@ -58,6 +58,7 @@ from .layers import (
     PixelCodes, ReLU, Rescale, Residual, Sequential,
 )
 from .model import Model
+from .quant_layers import QuantActivation
 from .onnx_layers import ChannelOp, Clip, FakeQuantize, LeakyReLU, LogSoftmax, Pad2D, Sigmoid, Sign, Softmax, Tanh
 
 __all__ = ["OnnxImportError", "OnnxExportError", "SUPPORTED_OPS", "MAX_DIM", "MAX_ELEMENTS",
@@ -234,6 +235,7 @@ class _Importer:
         self.node_layers = {}         # node index -> list of layers (layer nodes)
         self.merges = {}              # node index -> "add" or "concat"
         self.quantized = {}           # output of an activation QuantizeLinear -> its parameters
+        self.half = set()             # outputs of a Cast to float16 (to be cast back)
         self.nodes = [_Node(i, p) for i, p in enumerate(graph.node)]
         self.uses = {}  # tensor -> how many node inputs name it
         for node in self.nodes:
@@ -508,9 +510,13 @@ class _Importer:
         raise node.error("Unsqueeze of a tensor is not supported")
 
     def _op_Cast(self, node, x, shape, attrs):
-        if _onnx().helper.tensor_dtype_to_np_dtype(attrs["to"]) == np.float32:
+        to = _onnx().helper.tensor_dtype_to_np_dtype(attrs["to"])
+        if to == np.float16 and self.uses.get(node.outputs[0]) == 1:
+            self.half.add(node.outputs[0])  # float16 and back: lowbit's fp16 quantizer
             return []
-        raise node.error("Cast of a tensor to a type other than float32 is not supported")
+        if to == np.float32:
+            return [QuantActivation("fp16")] if x in self.half else []
+        raise node.error("Cast of a tensor to a type other than float32 (or float16 and back) is not supported")
 
     def _op_Neg(self, node, x, shape, attrs):
         return [Rescale(-1.0, 0.0)]
@@ -1040,7 +1046,7 @@ class _Exporter:
                                                     b.const(levels, "levels")])], "codes")
             centred = b.node("Sub", [b.node("Mul", [codes, b.const(2.0, "two")]), b.const(levels, "levels")])
             return b.node("Mul", [centred, b.const(2.0 ** -layer.bits, "step")], "pixels"), out_shape
-        if type(layer).__name__ == "QuantActivation":
+        if isinstance(layer, QuantActivation):
             return self.activation(layer.quantizer, x, where), out_shape
         simple = {LeakyReLU: "LeakyRelu", Sigmoid: "Sigmoid", Tanh: "Tanh", Sign: "Sign"}
         if type(layer) in simple:
@@ -1057,11 +1063,17 @@ class _Exporter:
             pads = b.const([0, 0, top, left, 0, 0, bottom, right], "pads", np.int64)
             return b.node("Pad", [x, pads, b.const(layer.value, "pad_value")], mode="constant"), out_shape
         if isinstance(layer, FakeQuantize):
-            dtype = {(0, 255): np.uint8, (-128, 127): np.int8}.get((layer.qmin, layer.qmax))
-            if dtype is None:
-                raise OnnxExportError(f"{where}: FakeQuantize range [{layer.qmin}, {layer.qmax}] is not uint8/int8")
+            if 0 <= layer.qmin and layer.qmax <= 255:
+                dtype, full = np.uint8, (0, 255)
+            elif -128 <= layer.qmin and layer.qmax <= 127:
+                dtype, full = np.int8, (-128, 127)
+            else:
+                raise OnnxExportError(f"{where}: FakeQuantize range [{layer.qmin}, {layer.qmax}] fits no 8-bit type")
             s, z = b.const(layer.scale, "scale"), b.const(layer.zero_point, "zero_point", dtype)
-            return b.node("DequantizeLinear", [b.node("QuantizeLinear", [x, s, z]), s, z]), out_shape
+            q = b.node("QuantizeLinear", [x, s, z])
+            if (layer.qmin, layer.qmax) != full:
+                q = b.node("Clip", [q, b.const(layer.qmin, "code_min", dtype), b.const(layer.qmax, "code_max", dtype)])
+            return b.node("DequantizeLinear", [q, s, z]), out_shape
         raise OnnxExportError(f"layer {where} ({name}) has no ONNX form in lowbit's exporter")
 
     # -- packed stages ------------------------------------------------------------------------------
