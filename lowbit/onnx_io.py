@@ -973,7 +973,21 @@ class _Exporter:
         w_eff = np.asarray(to_numpy(layer.quantized_kernel(train=False)), np.float32)
         if isinstance(q, Fp16):
             return b.node("Cast", [b.const(w_eff, "weight", np.float16)], to=b.onnx.TensorProto.FLOAT)
-        return b.const(w_eff, "weight")  # binary: +-1 or +-alpha, the values the layer multiplies by
+        return self.signs_or_float(w_eff, axis)
+
+    def signs_or_float(self, w, axis):
+        """A kernel whose every output unit is ``+-alpha_c`` (binary) as int8 signs and a ``Cast`` (all
+        ``alpha_c = 1``) or a per-channel ``DequantizeLinear`` (exact: ``+-1 * alpha_c``); else float32."""
+        b = self.b
+        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        alpha = np.abs(moved).max(axis=1) if moved.size else np.ones(w.shape[axis], np.float32)
+        if not moved.size or not np.array_equal(np.abs(moved).min(axis=1), alpha) or not np.all(alpha > 0):
+            return b.const(w, "weight")
+        signs = b.const(np.where(w >= 0, 1, -1), "binary_weight", np.int8)
+        if np.all(alpha == 1):
+            return b.node("Cast", [signs], to=b.onnx.TensorProto.FLOAT)
+        return b.node("DequantizeLinear", [signs, b.const(alpha, "binary_scale"),
+                                           b.const(np.zeros(alpha.shape), "zero", np.int8)], axis=axis)
 
     # -- layers -------------------------------------------------------------------------------------
     def layer(self, layer, x, shape, where):
@@ -1115,7 +1129,7 @@ class _Exporter:
                 c = stage.input_spec[2][0]
                 k = stage.kernel_size
                 w = kernels.unpack_signs(np.ascontiguousarray(canonical), c * k * k, np.float32)
-                w = b.const(w.reshape(-1, c, k, k), "binary_weight")
+                w = self.signs_or_float(w.reshape(-1, c, k, k), 0)
                 p = stage.padding
                 return b.node("Conv", [x, w], "binary_conv", kernel_shape=[k, k], strides=[stage.stride] * 2,
                               pads=[p] * 4)
@@ -1123,11 +1137,11 @@ class _Exporter:
             if len(in_dims) > 1:
                 x = b.node("Flatten", [x], axis=1)
             if kind == "binary_dense":
-                return b.node("MatMul", [x, b.const(np.ascontiguousarray(w.T), "binary_weight")], "binary_dense")
+                return b.node("MatMul", [x, self.signs_or_float(np.ascontiguousarray(w.T), 1)], "binary_dense")
             levels = 2 ** stage.bits - 1
             codes = b.node("Round", [b.node("Mul", [b.node("Clip", [x, b.const(0.0, "zero"), b.const(1.0, "one")]),
                                                     b.const(levels, "levels")])], "codes")
-            dot = b.node("MatMul", [codes, b.const(np.ascontiguousarray(w.T), "binary_weight")])
+            dot = b.node("MatMul", [codes, self.signs_or_float(np.ascontiguousarray(w.T), 1)])
             offset = np.float32(levels) * w.sum(axis=1)  # exact: integers below 2^24
             total = b.node("Sub", [b.node("Mul", [dot, b.const(2.0, "two")]), b.const(offset, "code_offset")])
             return self.threshold(total, 2, stage.threshold, stage.direction)
