@@ -257,7 +257,8 @@ class _Importer:
                                      "topological order, or an undeclared input)")
             dynamic = [n for n in node.inputs if n and n in self.shapes]
             if node.op == "Shape" and dynamic:
-                self.consts[node.outputs[0]] = np.array((0,) + self.shapes[dynamic[0]], dtype=np.int64)
+                full = np.array((0,) + self.shapes[dynamic[0]], dtype=np.int64)
+                self.consts[node.outputs[0]] = full[node.attrs.get("start", 0):node.attrs.get("end", len(full))]
             elif not dynamic:
                 self._fold(node)
             else:

@@ -476,3 +476,25 @@ def test_channel_op_gradients():
         layer = lowbit.onnx_layers.ChannelOp(op, 3)
         layer.value = np.array([0.5, 2.0, -1.5])
         check_layer_gradients(layer, RNG.standard_normal((2, 3, 2, 2)))
+
+
+def test_sweep_from_an_imported_onnx_model(tmp_path):
+    """``sweep --pretrained model.onnx --methods ptq qat --qat-init ptq``: PTQ and QAT fine-tuning start
+    from the imported weights (the ONNX model may carry any name; --arch then picks the recipe)."""
+    from test_sweep import DATA
+
+    from lowbit import sweep
+    from lowbit.data import float_images
+
+    model = sweep.float_model("tfc", seed=3)
+    model.name = "my_torch_mlp"
+    path = os.path.join(str(tmp_path), "mine.onnx")
+    lowbit.export_onnx(model, path, batchnorm="op")
+    imported = load_onnx(path)
+    x_test = float_images(DATA.x_test[:300])
+    np.testing.assert_array_equal(imported.predict(x_test), model.predict(x_test))
+    result = sweep.run_sweep("tfc", out_dir=str(tmp_path / "sweep"), quick=True, data=DATA, methods=("ptq", "qat"),
+                             weight_bits=(2, 32), act_bits=(32,), pretrained=path, qat_init="ptq", progress=False)
+    points = {(r["method"], r["weight_bits"]): r for r in result.records}
+    assert points[("ptq", 32)]["accuracy"] == model.evaluate(x_test, DATA.y_test[:300])
+    assert "mine.onnx" in points[("ptq", 2)]["source"] and "fine-tuning" in points[("qat", 2)]["source"]
