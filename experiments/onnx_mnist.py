@@ -138,7 +138,8 @@ def run_import(args, mnist, x_test, y_test, results):
         if not args.reuse:
             import torch
 
-            net, seconds = train_torch(kind, float_images(mnist.x_train), np.asarray(mnist.y_train),
+            count = args.train_limit or len(mnist.x_train)
+            net, seconds = train_torch(kind, float_images(mnist.x_train[:count]), np.asarray(mnist.y_train[:count]),
                                        args.epochs, args.seed, args.quiet)
             export_torch(net, path)
             with torch.no_grad():
@@ -213,6 +214,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2, help="torch training epochs of each model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="test on the first N images only (smoke runs)")
+    parser.add_argument("--train-limit", type=int, default=0, help="train torch on the first N images only")
     parser.add_argument("--work", default=os.path.join(_common.HERE, "runs", "onnx"),
                         help="folder of the exported .onnx files (default experiments/runs/onnx)")
     parser.add_argument("--parts", nargs="+", choices=["import", "export"], default=["import", "export"])
@@ -232,10 +234,11 @@ def main(argv=None):
         run_import(args, mnist, x_test, y_test, results)
     if "export" in args.parts:
         run_export(args, mnist, x_test, y_test, results)
-    out = os.path.join(args.results, "onnx", "onnx_mnist.json" if not args.limit else "onnx_mnist_smoke.json")
+    smoke = args.limit or args.train_limit
+    out = os.path.join(args.results, "onnx", "onnx_mnist.json" if not smoke else "onnx_mnist_smoke.json")
     write_json_atomic(out, results)
     print(f"wrote {out}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from lowbit.onnx_io import SUPPORTED_OPS, OnnxImportError, load_onnx, model_to_o
 from lowbit.quant_layers import QuantActivation, QuantConv2D
 
 from gradcheck import check_layer_gradients
+from test_experiments import fake_mnist, script  # noqa: F401  (fixtures)
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'lowbit[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (dev extra)")
@@ -498,3 +499,19 @@ def test_sweep_from_an_imported_onnx_model(tmp_path):
     points = {(r["method"], r["weight_bits"]): r for r in result.records}
     assert points[("ptq", 32)]["accuracy"] == model.evaluate(x_test, DATA.y_test[:300])
     assert "mine.onnx" in points[("ptq", 2)]["source"] and "fine-tuning" in points[("qat", 2)]["source"]
+
+
+@needs_torch
+@pytest.mark.slow
+def test_onnx_mnist_experiment_smoke_run(script, tmp_path):
+    """experiments/onnx_mnist.py end to end on the fabricated MNIST of test_experiments (smoke file names)."""
+    argv = ["--epochs", "1", "--train-limit", "200", "--limit", "50", "--work", str(tmp_path / "work"),
+            "--results", str(tmp_path / "results"), "--models", str(tmp_path / "models"), "--quiet"]
+    result = script("onnx_mnist").main(argv)
+    assert os.path.exists(tmp_path / "results" / "onnx" / "onnx_mnist_smoke.json")
+    for row in result["import"].values():
+        assert row["lowbit_vs_onnxruntime"]["labels_equal"] == 50
+        assert row["lowbit_vs_onnxruntime"]["max_abs_diff"] < 1e-4
+    for row in result["export"].values():
+        assert row["onnxruntime"]["labels_equal"] == 50
+        assert row.get("round_trip", {"labels_equal": 50})["labels_equal"] == 50
