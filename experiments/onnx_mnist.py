@@ -20,8 +20,7 @@ What it measures (all 10,000 MNIST test images)
             (``session.disable_quant_qdq``; the graph's float semantics, which lowbit simulates) and with
             its defaults (its fused integer kernels, which also re-quantize the float first layer's
             weights to int8, so a few labels may differ).  Round trip: ``load_onnx(export(m))`` predicts
-            like ``m`` (every Model export; a packed model's export uses threshold ops the importer does
-            not read).
+            like ``m`` (packed model included).
 
 Results: ``experiments/results/onnx/onnx_mnist.json``.  Exported .onnx files go to ``--work``
 (default ``experiments/runs/onnx``, not committed).
@@ -195,9 +194,8 @@ def run_export(args, mnist, x_test, y_test, results):
                "onnxruntime": compare(ours, ort_scores(path, x_test), y_test)}
         if "QuantizeLinear" in ops:
             row["onnxruntime_integer_qdq_fusions"] = compare(ours, ort_scores(path, x_test, float_qdq=False), y_test)
-        if isinstance(model, lowbit.Model):
-            again = lowbit.load_onnx(path)
-            row["round_trip"] = compare(ours, again.predict_scores(x_test), y_test)
+        again = lowbit.load_onnx(path)
+        row["round_trip"] = compare(ours, again.predict_scores(x_test), y_test)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = row
         check = row["onnxruntime"]

@@ -59,7 +59,9 @@ from .layers import (
 )
 from .model import Model
 from .quant_layers import QuantActivation
-from .onnx_layers import ChannelOp, Clip, FakeQuantize, LeakyReLU, LogSoftmax, Pad2D, Sigmoid, Sign, Softmax, Tanh
+from .onnx_layers import (
+    ChannelOp, Clip, FakeQuantize, LeakyReLU, LogSoftmax, Pad2D, Round, Sigmoid, Sign, Softmax, Tanh, Threshold,
+)
 
 __all__ = ["OnnxImportError", "OnnxExportError", "SUPPORTED_OPS", "MAX_DIM", "MAX_ELEMENTS",
            "load_onnx", "model_from_onnx", "export_onnx", "model_to_onnx", "is_onnx_path"]
@@ -67,10 +69,10 @@ __all__ = ["OnnxImportError", "OnnxExportError", "SUPPORTED_OPS", "MAX_DIM", "MA
 #: Ops :func:`load_onnx` imports (the default ONNX domain).
 SUPPORTED_OPS = (
     "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
-    "DequantizeLinear", "Div", "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity",
-    "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "QuantizeLinear", "Relu",
-    "Reshape", "Shape", "Sigmoid", "Sign", "Softmax", "Squeeze", "Sub", "Tanh", "Transpose",
-    "Unsqueeze",
+    "DequantizeLinear", "Div", "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool",
+    "GreaterOrEqual", "Identity", "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "Pad",
+    "QuantizeLinear", "Relu", "Reshape", "Round", "Shape", "Sigmoid", "Sign", "Softmax", "Squeeze", "Sub",
+    "Tanh", "Transpose", "Unsqueeze", "Where",
 )
 #: Largest size of one tensor axis, and largest element count of one tensor (one example's
 #: activations, or a constant), that an imported graph may declare.
@@ -236,6 +238,7 @@ class _Importer:
         self.merges = {}              # node index -> "add" or "concat"
         self.quantized = {}           # output of an activation QuantizeLinear -> its parameters
         self.half = set()             # outputs of a Cast to float16 (to be cast back)
+        self.masks = {}               # output of GreaterOrEqual(tensor, constant) -> the thresholds
         self.nodes = [_Node(i, p) for i, p in enumerate(graph.node)]
         self.uses = {}  # tensor -> how many node inputs name it
         for node in self.nodes:
@@ -423,6 +426,34 @@ class _Importer:
         if ratio is None:
             ratio = self._number(node, self._const(node, 1, np.array(0.5)), "ratio")
         return [Dropout(float(ratio))] if ratio > 0 else []
+
+    def _op_Round(self, node, x, shape, attrs):
+        return [Round()]
+
+    def _op_GreaterOrEqual(self, node, x, shape, attrs):
+        """``x >= t`` (per channel or scalar) feeding one ``Where(mask, high, low)``: a Threshold."""
+        if node.inputs[0] != x or self.uses.get(node.outputs[0]) != 1:
+            raise node.error("GreaterOrEqual must compare the tensor (first) with a constant and feed one Where")
+        t = np.asarray(self._const(node, 1), np.float32)
+        channels = shape[0]
+        flat = t.reshape(-1)
+        if flat.size == 1:
+            flat = np.full(channels, flat[0], np.float32)
+        elif t.size != channels or t.reshape(-1).shape != (channels,) or \
+                t.shape not in ((channels,) + (1,) * (len(shape) - 1), (1, channels) + (1,) * (len(shape) - 1)):
+            raise node.error(f"GreaterOrEqual with a constant of shape {t.shape}: a scalar or one value per "
+                             "channel is supported")
+        self.masks[node.outputs[0]] = np.ascontiguousarray(flat, np.float32)
+        return []
+
+    def _op_Where(self, node, x, shape, attrs):
+        if x not in self.masks or node.inputs[0] != x:
+            raise node.error("Where is supported only on the mask of a GreaterOrEqual with a constant")
+        high = self._number(node, self._const(node, 1), "the value where true")
+        low = self._number(node, self._const(node, 2), "the value where false")
+        layer = Threshold(shape[0], high, low)
+        layer.threshold = self.masks[x]
+        return [layer]
 
     def _op_Relu(self, node, x, shape, attrs):
         return [ReLU()]
@@ -1063,7 +1094,11 @@ class _Exporter:
             return b.node("Mul", [centred, b.const(2.0 ** -layer.bits, "step")], "pixels"), out_shape
         if isinstance(layer, QuantActivation):
             return self.activation(layer.quantizer, x, where), out_shape
-        simple = {LeakyReLU: "LeakyRelu", Sigmoid: "Sigmoid", Tanh: "Tanh", Sign: "Sign"}
+        if isinstance(layer, Threshold):
+            t = np.asarray(to_numpy(layer.threshold), np.float32).reshape(_channel_shape(len(shape) + 1, layer.channels))
+            mask = b.node("GreaterOrEqual", [x, b.const(t, "threshold")])
+            return b.node("Where", [mask, b.const(layer.high, "high"), b.const(layer.low, "low")]), out_shape
+        simple = {LeakyReLU: "LeakyRelu", Sigmoid: "Sigmoid", Tanh: "Tanh", Sign: "Sign", Round: "Round"}
         if type(layer) in simple:
             attrs = {"alpha": layer.alpha} if isinstance(layer, LeakyReLU) else {}
             return b.node(simple[type(layer)], [x], **attrs), out_shape

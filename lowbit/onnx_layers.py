@@ -15,7 +15,7 @@ from .backend import get_array_module
 from .layers import Layer, _check_nonnegative_int, register_layer
 
 __all__ = ["LeakyReLU", "Sigmoid", "Tanh", "Clip", "Softmax", "LogSoftmax", "Sign", "Pad2D",
-           "FakeQuantize", "ChannelOp"]
+           "FakeQuantize", "ChannelOp", "Threshold", "Round"]
 
 
 def _check_float(name, value, allow_inf=False):
@@ -294,3 +294,46 @@ class ChannelOp(Layer):
         if self.op == "rsub":
             return -dout
         return dout * v if self.op == "mul" else dout / v
+
+
+@register_layer
+class Threshold(Layer):
+    """``y = high`` where ``x >= threshold[c]``, else ``low``, per channel on axis 1 (ONNX
+    ``GreaterOrEqual`` + ``Where``; lowbit's export of a packed model's thresholds, ``high = 1``,
+    ``low = -1``).  ``threshold`` (C,) float32 is a saved buffer; NaN never passes.  Gradient:
+    straight-through (``dx = dout``).
+    """
+
+    buffer_names = ("threshold",)
+
+    def __init__(self, channels=1, high=1.0, low=-1.0):
+        self.channels = int(channels)
+        if self.channels <= 0:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.high = _check_float("high", high)
+        self.low = _check_float("low", low)
+        self.threshold = np.zeros(self.channels, np.float32)
+
+    def config(self):
+        return {"channels": self.channels, "high": self.high, "low": self.low}
+
+    def forward(self, x, train=False):
+        if x.ndim < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"Threshold expects {self.channels} channels on axis 1, got shape {x.shape}")
+        t = self.threshold.astype(x.dtype, copy=False).reshape((self.channels,) + (1,) * (x.ndim - 2))
+        dtype = x.dtype.type
+        return get_array_module(x).where(x >= t, dtype(self.high), dtype(self.low))
+
+    def backward(self, dout):
+        return dout
+
+
+@register_layer
+class Round(Layer):
+    """ONNX ``Round``: to the nearest integer, halves to even (``rint``).  Gradient: straight-through."""
+
+    def forward(self, x, train=False):
+        return get_array_module(x).rint(x)
+
+    def backward(self, dout):
+        return dout

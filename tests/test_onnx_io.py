@@ -143,6 +143,11 @@ OP_GRAPHS = {
     "Pad": ([helper.make_node("Pad", ["x", "pads", "value"], ["y"])],
             {"pads": np.array([0, 0, 1, 2, 0, 0, 0, 1], np.int64), "value": np.float32(0.5)}, (2, 3, 3),
             (2, 4, 6)),
+    "GreaterOrEqual+Where+Round": ([helper.make_node("Round", ["x"], ["r"]),
+                                    helper.make_node("GreaterOrEqual", ["r", "t"], ["m"]),
+                                    helper.make_node("Where", ["m", "hi", "lo"], ["y"])],
+                                   {"t": np.array([0.5, 1.5, -0.5], np.float32).reshape(3, 1, 1),
+                                    "hi": np.float32(2.0), "lo": np.float32(-3.0)}, (3, 2, 2), (3, 2, 2)),
     "Sign+Neg": ([helper.make_node("Neg", ["x"], ["t"]), helper.make_node("Sign", ["t"], ["y"])], {}, (5,), (5,)),
     "QuantizeLinear+DequantizeLinear": ([
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
@@ -427,6 +432,8 @@ def test_export_binary_and_packed_models(tmp_path):
     assert weights and np.all(np.abs(weights[0]) == 1)  # +-1 binary kernel
     again = load_onnx(save(model_to_onnx(model), str(tmp_path)))
     np.testing.assert_array_equal(again.predict_scores(x), sim)
+    again = load_onnx(save(model_to_onnx(packed), str(tmp_path), "packed.onnx"))
+    np.testing.assert_array_equal(again.predict_scores(x), packed.predict_scores(x))
 
 
 def test_bnn_sign_of_zero_is_plus_one():
