@@ -220,7 +220,8 @@ def add_sweep_arguments(parser):
     p.add_argument("--epochs", type=int, help="epochs per QAT run (default 20; 1 with --quick)")
     p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
     p.add_argument("--pretrained", metavar="MODEL.npz",
-                   help="a trained float model of --arch for PTQ to start from, instead of training one")
+                   help="a trained float model of --arch for PTQ to start from, instead of training one "
+                        "(or any imported .onnx model; --arch then picks the training recipe)")
     add_clipping_arguments(p)
     p.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
                    help="QAT points train from scratch (default) or fine-tune each point's PTQ model "

@@ -315,6 +315,8 @@ class _Importer:
             out = np.squeeze(args[0], axis=None if axes is None else tuple(int(a) for a in axes))
         elif op == "Concat":
             out = np.concatenate(args, axis=attrs["axis"])
+        elif op == "Shape":
+            out = np.array(args[0].shape, np.int64)[attrs.get("start", 0):attrs.get("end", args[0].ndim)]
         elif op == "Gather":
             out = np.take(args[0], args[1], axis=attrs.get("axis", 0))
         elif op in ("Add", "Sub", "Mul", "Div"):
@@ -799,10 +801,10 @@ class _Importer:
         return [FakeQuantize(q_scale, q_zero, qmin, qmax)]
 
     # -- pass 2: structure ---------------------------------------------------------------------------
-    def _chain(self, tensor, end, first=None):
-        """The layers from ``tensor`` to ``end`` (starting with node ``first`` when given)."""
+    def _chain(self, tensor, end):
+        """The layers that map ``tensor`` to ``end``."""
         layers = []
-        node = first
+        node = None
         while True:
             if node is None:
                 if tensor == end:
