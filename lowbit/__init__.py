@@ -6,6 +6,8 @@ from .convert import convert, post_training_quantize
 from .ensemble import Ensemble, ensemble
 from .io import ModelFileError, load_model, save_model
 from .model import Model
+from . import onnx_layers  # noqa: F401  (registers the layers imported ONNX models use)
+from .onnx_io import export_onnx, load_onnx
 from .packed import PackedModel, load_any, load_packed
 from .summary import summarize
 
@@ -13,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Ensemble", "Model", "ModelFileError", "PackedModel", "convert", "ensemble", "load_any",
-    "load_model", "load_packed", "post_training_quantize", "save_model", "summarize", "__version__",
+    "load_model", "load_onnx", "export_onnx", "load_packed", "post_training_quantize", "save_model", "summarize", "__version__",
 ]

@@ -7,6 +7,8 @@
 ``lowbit summary``   per-layer table of a trained or packed model (``--profile`` times each layer).
 ``lowbit sweep``     accuracy and model size over a grid of weight x activation bits, PTQ and QAT
                      (:mod:`lowbit.sweep`; resumable).
+``lowbit import``    an ONNX model -> a lowbit model file (every command also takes the .onnx itself).
+``lowbit export``    a trained, quantized or packed model -> ONNX (standard ops; :mod:`lowbit.onnx_io`).
 """
 from __future__ import annotations
 
@@ -213,6 +215,30 @@ def cmd_sweep_report(args):
     return 0
 
 
+def cmd_import(args):
+    from .io import check_output_path, save_model
+    from .onnx_io import load_onnx
+
+    check_output_path(args.output, "-o/--output")
+    model = load_onnx(args.model)
+    save_model(model, args.output, metadata=model.metadata)
+    print(f"{args.model}: {len(model.layers)} top-level layers, {model.num_parameters():,} parameters, "
+          f"input {model.input_shape}; saved to {args.output}")
+    return 0
+
+
+def cmd_export(args):
+    from .io import check_output_path
+    from .onnx_io import export_onnx
+    from .packed import load_any
+
+    check_output_path(args.output, "-o/--output")
+    model = load_any(args.model)
+    export_onnx(model, args.output, opset=args.opset, batchnorm=args.batchnorm)
+    print(f"{args.model} -> {args.output} (ONNX opset {args.opset}, {os.path.getsize(args.output):,} bytes)")
+    return 0
+
+
 def add_clipping_arguments(parser, act_max="the maximum"):
     """``--weight-clipping`` and ``--activation-clipping``, the ranges of post-training quantization
     (:func:`lowbit.convert.post_training_quantize`); ``act_max`` says what "max" means for the
@@ -245,7 +271,8 @@ def add_sweep_arguments(parser):
     p.add_argument("--epochs", type=int, help="epochs per QAT run (default 20; 1 with --quick)")
     p.add_argument("--float-epochs", type=int, help="epochs of the float model (default: --epochs)")
     p.add_argument("--pretrained", metavar="MODEL.npz",
-                   help="a trained float model of --arch for PTQ to start from, instead of training one")
+                   help="a trained float model of --arch for PTQ to start from, instead of training one "
+                        "(or any imported .onnx model; --arch then picks the training recipe)")
     add_clipping_arguments(p)
     p.add_argument("--qat-init", choices=QAT_INITS, default="scratch",
                    help="QAT points train from scratch (default) or fine-tune each point's PTQ model "
@@ -378,6 +405,20 @@ def build_parser():
                                             "(trains nothing)")
     p.add_argument("folder", metavar="SWEEP_DIR", help="a folder written by lowbit sweep")
     p.set_defaults(func=cmd_sweep_report)
+
+    p = sub.add_parser("import", help="an ONNX model (NCHW, float32) -> a lowbit model file")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="a trained, quantized or packed model -> ONNX (standard ops)")
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("--opset", type=int, default=13, help="ONNX opset, 13..21 (default 13)")
+    p.add_argument("--batchnorm", choices=["folded", "op"], default="folded",
+                   help="BatchNorm as Sub/Mul/Mul/Add, bit for bit lowbit's arithmetic (folded, default), "
+                        "or as one BatchNormalization node (op)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -391,7 +432,8 @@ def main(argv=None):
 
     try:
         return args.func(args)
-    except (OSError, ModelFileError, ValueError, TypeError, MNISTUnavailableError, MemoryError) as exc:
+    except (OSError, ModelFileError, ValueError, TypeError, MNISTUnavailableError, MemoryError,
+            ImportError) as exc:
         print(f"lowbit: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

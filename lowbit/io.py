@@ -90,21 +90,9 @@ def write_archive(path, kind: str, arrays: dict, manifest: dict | None = None):
     doc.update({"format": kind, "version": FORMAT_VERSION, "arrays": described})
     doc[MANIFEST_DIGEST_KEY] = _manifest_digest(doc)
     blob = np.frombuffer(json.dumps(doc, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{MANIFEST_KEY: blob}, **host)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **{MANIFEST_KEY: blob}, **host)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 #: Deepest nesting of lists and dicts a manifest may have (lowbit's deepest models use about 20).
@@ -349,7 +337,7 @@ def save_model(model, path, metadata: dict | None = None):
 
 
 def load_model(path):
-    """Load a model saved by :func:`save_model` onto the CPU.
+    """Load a model saved by :func:`save_model` onto the CPU (or import an ``.onnx`` file).
 
     Raises
     ------
@@ -358,6 +346,12 @@ def load_model(path):
     ModelFileError
         The file is not a lowbit model, is truncated, or its arrays do not match the manifest.
     """
+    from .onnx_io import is_onnx_path
+
+    if is_onnx_path(path):  # an ONNX graph imports as a float Model (lowbit.onnx_io)
+        from .onnx_io import load_onnx
+
+        return load_onnx(path)
     manifest, arrays = read_archive(path, "lowbit.model")
     return model_from_manifest(manifest, arrays, path)
 
@@ -448,3 +442,24 @@ def model_from_manifest(manifest: dict, arrays: dict, path):
     metadata = manifest.get("metadata", {})
     model.metadata = metadata if isinstance(metadata, dict) else {}
     return model
+
+
+def write_bytes_atomic(path, data: bytes):
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then renamed), with
+    the usual permissions.  Returns the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1398,8 +1398,15 @@ def load_packed(path):
 
 
 def load_any(path):
-    """Load a trained model (``lowbit.model``) or a packed model (``lowbit.packed``) by its format."""
+    """Load a trained model (``lowbit.model``) or a packed model (``lowbit.packed``) by its format;
+    an ``.onnx`` file is imported (:func:`lowbit.onnx_io.load_onnx`)."""
     from .io import model_from_manifest
+    from .onnx_io import is_onnx_path
+
+    if is_onnx_path(path):
+        from .onnx_io import load_onnx
+
+        return load_onnx(path)
 
     manifest, arrays = read_archive(path, ("lowbit.model", PACKED_FORMAT))
     if manifest["format"] != PACKED_FORMAT:

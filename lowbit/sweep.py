@@ -636,7 +636,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         pretrained = os.fspath(pretrained)
         pretrained_model = load_model(pretrained)
         expected = float_model(arch, 0, init).name
-        if pretrained_model.name != expected:
+        # An imported ONNX model has its own architecture: --arch then only picks the recipe.
+        if pretrained_model.name != expected and not pretrained.lower().endswith(".onnx"):
             raise ValueError(f"pretrained must be a float {arch} model (name {expected!r}); "
                              f"{pretrained} holds {pretrained_model.name!r}")
 
