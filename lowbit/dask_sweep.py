@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["run_points", "point_task", "local_cluster"]
+__all__ = ["run_points", "point_task", "local_cluster", "kill_a_busy_worker"]
 
 #: The record fields that depend on when and how long a point ran, not on what it computed.
 TIMING_FIELDS = ("wall_seconds", "train_seconds", "finished_at")
@@ -216,3 +216,27 @@ def run_points(arch, todo, call, settings, out_dir, data, pretrained, uses_float
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def kill_a_busy_worker(scheduler, after=2.0, timeout=600.0):
+    """A fault drill: once a worker of ``scheduler`` is running a point, wait ``after`` seconds and
+    SIGKILL its process (a nanny restarts it).  The worker must run on this machine.  Returns
+    ``{"worker", "pid", "points_running", "seconds_after_start"}``, or None when no worker got busy
+    within ``timeout`` seconds."""
+    import signal
+    import time
+
+    distributed = _dask()
+    with distributed.Client(scheduler) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = {worker: tasks for worker, tasks in client.processing().items() if tasks}
+            if busy:
+                worker = sorted(busy)[0]
+                time.sleep(after)
+                running = sorted(client.processing().get(worker, ()))
+                pid = client.run(os.getpid, workers=[worker])[worker]
+                os.kill(pid, signal.SIGKILL)
+                return {"worker": worker, "pid": pid, "points_running": running, "seconds_after_start": after}
+            time.sleep(0.05)
+    return None

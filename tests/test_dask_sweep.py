@@ -2,9 +2,7 @@
 resumption, and a worker killed mid-point.  Skipped where dask[distributed] is missing."""
 import json
 import os
-import signal
 import threading
-import time
 
 import pytest
 
@@ -13,7 +11,7 @@ from lowbit.cli import main as cli_main
 
 distributed = pytest.importorskip("distributed", reason="needs dask[distributed]: pip install -e \".[dist]\"")
 
-from lowbit.dask_sweep import TIMING_FIELDS, local_cluster  # noqa: E402
+from lowbit.dask_sweep import TIMING_FIELDS, kill_a_busy_worker, local_cluster  # noqa: E402
 from test_sweep import DATA, GRID_POINTS, read_lines  # noqa: E402
 
 
@@ -42,32 +40,16 @@ def test_two_workers_write_what_one_process_writes_and_resume(tmp_path):
     assert len(read_lines(tmp_path / "dask" / "points.jsonl")) == GRID_POINTS
 
 
-def kill_a_busy_worker(scheduler, killed, after=0.5):
-    """Wait until a worker is running a point, then SIGKILL its process (the nanny restarts it)."""
-    with distributed.Client(scheduler) as client:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            busy = {worker: tasks for worker, tasks in client.processing().items() if tasks}
-            if busy:
-                worker, tasks = sorted(busy.items())[0]
-                time.sleep(after)
-                pid = client.run(os.getpid, workers=[worker])[worker]
-                killed.append({"worker": worker, "pid": pid, "points": list(tasks)})
-                os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_a_worker_killed_mid_point_is_retried_and_recorded_once(tmp_path):
     with local_cluster(2) as cluster:
         killed = []
-        killer = threading.Thread(target=kill_a_busy_worker, args=(cluster.scheduler_address, killed))
+        killer = threading.Thread(target=lambda: killed.append(kill_a_busy_worker(cluster.scheduler_address, 0.5)))
         killer.start()
         result = sweep.run_sweep("tfc", out_dir=str(tmp_path), quick=True, data=DATA, progress=False,
                                  scheduler=cluster.scheduler_address)
         killer.join()
-    assert killed, "no worker was killed"
+    assert killed[0] is not None, "no worker was killed"
     lines = read_lines(tmp_path / "points.jsonl")
     keys = [(r["method"], r["weight_bits"], r["act_bits"], r["seed"]) for r in lines]
     assert len(keys) == len(set(keys)) == GRID_POINTS == result.new_points
