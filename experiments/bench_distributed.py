@@ -377,6 +377,11 @@ def model_markdown(model, document):
                  f"(`{document.get('command', '')}`"
                  + ("; a check of the script, not a measurement" if document.get("small") else "")
                  + f"); global batch {model['batch']}.")
+    busy = max(loads.get("loadavg_start", [0])[:1] + loads.get("loadavg_end", [0])[:1])
+    if loads.get("cpus") and busy > 0.5 * loads["cpus"]:
+        lines.append(f"**The machine was shared (load average up to {busy:.1f} on {loads['cpus']} cores): "
+                     "the timings, speed-ups and efficiencies below are not representative; rerun on a quiet "
+                     "machine.**")
     lines += ["", measured_markdown(document), "#### The model for 8 and 64 machines", ""]
     for name, net in model["networks"].items():
         lines.append(f"**{name}**: {net['gradient_bytes'] / 2**20:.2f} MiB of float32 gradients per step, "

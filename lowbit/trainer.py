@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .augment import Augment
 from .backend import cupy, to_numpy
-from .distributed import Communicator, GradientReducer, SingleComm, broadcast_model, synchronize_batchnorm
+from .distributed import Communicator, GradientReducer, broadcast_model, get_comm, synchronize_batchnorm
 from .io import _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
@@ -185,7 +185,10 @@ class Trainer:
     comm : lowbit.distributed.Communicator or None
         Data-parallel training over the ranks of ``comm`` (:mod:`lowbit.distributed`):
         ``batch_size`` is then the *global* batch, split between the ranks; one gradient allreduce
-        per step; rank 0 evaluates and writes the files.  None (default): one process.
+        per step; rank 0 evaluates and writes the files; :meth:`fit` returns rank 0's model on every
+        rank.  None (default): MPI when the process was started by ``mpiexec`` with several ranks
+        (so ``mpiexec -n N python3 experiments/<script>.py`` trains data-parallel), else one process;
+        ``lowbit.distributed.SingleComm()`` forces one process.
     sync_batchnorm : bool
         With ``comm``: BatchNorm layers normalise with the statistics of the global batch instead
         of each rank's shard (:func:`lowbit.distributed.synchronize_batchnorm`).
@@ -218,7 +221,7 @@ class Trainer:
                 or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int (epochs), got {checkpoint_every!r}")
         self.checkpoint_every = int(checkpoint_every)
-        self.comm = SingleComm() if comm is None else comm
+        self.comm = get_comm("auto") if comm is None else comm
         if not isinstance(self.comm, Communicator):
             raise TypeError(f"comm must be a lowbit.distributed.Communicator or None, got {type(comm).__name__}")
         distributed = self.comm.size > 1
@@ -570,6 +573,8 @@ class Trainer:
                       f"{self.epoch} is in {self.out_dir}: rerun with resume to continue")
             raise
         epoch_bar.close()
+        if self.comm.size > 1:  # every rank returns rank 0's model, BatchNorm statistics included
+            broadcast_model(self.model, self.comm)
         if self.out_dir is not None and root:
             save_model(self.model, self._path("model.npz"),
                        {"epochs": self.epoch, "history": self.history})

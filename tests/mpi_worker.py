@@ -51,8 +51,9 @@ def trainer(mode, out_dir, comm=None, epochs=3):
 
 def main():
     mode, out_dir = sys.argv[1], sys.argv[2]
-    timeout = float(os.environ.get("LOWBIT_TEST_TIMEOUT", "60"))
-    comm = MPIComm(timeout=timeout)
+    comm = MPIComm(timeout=120)
+    comm.barrier()  # the ranks start together, however loaded the machine: then the test's timeout
+    comm.timeout = float(os.environ.get("LOWBIT_TEST_TIMEOUT", "60"))
     run = trainer(mode, out_dir, comm, epochs=int(os.environ.get("EPOCHS", "3")))
     if mode in ("hang", "kill") and comm.rank == 1:
         original = run.train_epoch

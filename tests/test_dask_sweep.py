@@ -28,7 +28,17 @@ def files_under(folder):
 
 @pytest.mark.slow
 def test_two_workers_write_what_one_process_writes_and_resume(tmp_path):
-    serial = sweep.run_sweep("tfc", out_dir=str(tmp_path / "serial"), quick=True, data=DATA, progress=False)
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(1):  # the numeric configuration of the workers: one thread each
+            serial = sweep.run_sweep("tfc", out_dir=str(tmp_path / "serial"), quick=True, data=DATA,
+                                     progress=False)
+    finally:
+        numba.set_num_threads(threads)
     parallel = sweep.run_sweep("tfc", out_dir=str(tmp_path / "dask"), quick=True, data=DATA, progress=False,
                                workers=2)
     assert parallel.new_points == GRID_POINTS

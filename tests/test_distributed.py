@@ -223,11 +223,11 @@ def test_two_ranks_resume_exactly_and_draw_per_rank_streams(tmp_path):
 @needs_mpi
 @pytest.mark.parametrize("mode", ["hang", "kill"])
 def test_a_lost_rank_ends_the_run_with_the_checkpoint_intact(tmp_path, mode):
-    done, seconds = run_ranks(mode, tmp_path, env={"LOWBIT_TEST_TIMEOUT": "4"})
+    done, seconds = run_ranks(mode, tmp_path, env={"LOWBIT_TEST_TIMEOUT": "8"})
     assert done.returncode != 0
     assert seconds < 60
     if mode == "hang":  # the waiting rank names the problem before the job is aborted
-        assert "did not complete within 4 s" in done.stderr and "aborting every rank" in done.stderr
+        assert "did not complete within 8 s" in done.stderr and "aborting every rank" in done.stderr
     # mpiexec may kill rank 0 while it writes epoch 2's checkpoint: the file is then epoch 1's (atomic writes)
     manifest, _ = read_archive(tmp_path / "checkpoint.npz", "lowbit.checkpoint")
     assert manifest["epoch"] == 2 if mode == "hang" else manifest["epoch"] in (1, 2)
