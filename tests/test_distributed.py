@@ -235,3 +235,39 @@ def test_a_lost_rank_ends_the_run_with_the_checkpoint_intact(tmp_path, mode):
 
 def test_comm_timeout_error_is_a_runtime_error():
     assert issubclass(CommTimeoutError, RuntimeError)
+
+
+def test_benchmark_report_computes_the_ring_model_into_the_docs_block(tmp_path):
+    """``experiments/bench_distributed.py --report`` on a fabricated measurement: the model's numbers
+    follow the ring formula, and the page's block between the markers is replaced (the rest kept)."""
+    import importlib.util
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    sys.path.insert(0, here)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_distributed_under_test",
+                                                      os.path.join(here, "bench_distributed.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(here)
+    assert bench.ring_seconds(1, 1e6, 1e-4, 1e9) == 0.0
+    assert bench.ring_seconds(4, 1e6, 1e-4, 1e9) == pytest.approx(6 * 1e-4 + 1.5 * 1e6 / 1e9)
+    network = {"parameters": 1000, "gradient_bytes": 4000, "images_per_second": {"1": 100.0, "2": 180.0},
+               "seconds_per_step": {"1": 1.0, "2": 0.55}, "speedup": 1.8, "efficiency": 0.9,
+               "allreduce_seconds_per_step": 0.01, "allreduce_bytes_per_step": 4000}
+    document = {"machine": {"cpu_model": "test", "cpus": 2, "loadavg_start": [0.1, 0, 0], "loadavg_end": [0.1]},
+                "train": {"batch": 100, "threads_per_rank": 1, "networks": {"net": network},
+                          "allreduce_2_ranks": {"fit": {"latency_seconds": 1e-5, "bandwidth_bytes_per_second": 1e9}}}}
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{bench.MARK_START}\nold\n{bench.MARK_END}\nafter\n")
+    bench.write_report(document, str(tmp_path), str(page))
+    text = page.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    rows = {(r["link"], r["machines"]): r for r in document["scaling_model"]["networks"]["net"]["rows"]}
+    row = rows[("10 Gbit/s Ethernet", 8)]
+    allreduce = 14 * 50e-6 + 2 * 7 / 8 * 4000 / 1.25e9
+    assert row["allreduce_seconds"] == pytest.approx(allreduce)
+    assert row["strong_step_seconds"] == pytest.approx(1.0 / 8 + allreduce)
+    assert "| net | 1,000 | 100 | 180 | 1.80 | 90% |" in text
+    assert json.loads((tmp_path / "bench_distributed.json").read_text())["scaling_model"]["batch"] == 100
