@@ -111,6 +111,8 @@ class Communicator:
     rank = 0
     size = 1
     name = "single"
+    #: Where the arrays it reduces may live (the trainer's ``device`` must be one of them).
+    devices = ("cpu", "gpu")
 
     def __init__(self):
         self.reset_stats()
@@ -230,6 +232,7 @@ class MPIComm(Communicator):
     """
 
     name = "mpi"
+    devices = ("cpu",)
 
     def __init__(self, comm=None, timeout=DEFAULT_TIMEOUT, abort_on_error=True):
         try:
@@ -297,6 +300,8 @@ class MPIComm(Communicator):
         return [_decode(received[offsets[i]:offsets[i + 1]]) for i in range(self.size)]
 
     def _bcast_array(self, buffer, root):
+        if get_array_module(buffer) is not np:
+            raise TypeError("MPIComm broadcasts host (numpy) buffers; use NCCLComm for CuPy arrays")
         self._wait(self.comm.Ibcast(buffer, root=root), "a parameter broadcast")
 
     def _barrier(self):
@@ -323,6 +328,7 @@ class NCCLComm(MPIComm):
     """
 
     name = "nccl"
+    devices = ("gpu",)
 
     def __init__(self, comm=None, timeout=DEFAULT_TIMEOUT, abort_on_error=True, nccl=None):
         super().__init__(comm, timeout, abort_on_error)

@@ -228,6 +228,9 @@ class Trainer:
         if distributed and precision != "fp32":
             raise ValueError(f"precision {precision!r} is not supported with more than one rank "
                              "(the ranks would have to agree on every skipped step); use 'fp32'")
+        if distributed and device not in self.comm.devices:
+            raise ValueError(f"device {device!r} needs another communicator: {type(self.comm).__name__} "
+                             f"reduces arrays on {' or '.join(self.comm.devices)} (MPIComm: cpu, NCCLComm: gpu)")
         if distributed and batch_size < self.comm.size:
             raise ValueError(f"batch_size is the global batch and must be at least the number of ranks "
                              f"({self.comm.size}), got {batch_size}")

@@ -74,6 +74,12 @@ def test_trainer_rejects_bad_comm_arguments():
     with pytest.raises(ValueError, match="precision 'mixed16' is not supported"):
         Trainer(model, precision="mixed16", comm=TwoRanks())
 
+    class TwoGpuRanks(TwoRanks):  # as NCCLComm
+        devices = ("gpu",)
+
+    with pytest.raises(ValueError, match="device 'cpu' needs another communicator"):
+        Trainer(model, device="cpu", comm=TwoGpuRanks())
+
 
 class _SumOfCopies(SingleComm):
     """A stand-in for N identical ranks: an allreduce multiplies by N."""
