@@ -4,8 +4,8 @@ scaling model of docs/distributed.md (issue 24).
 Sections (``--only`` runs some of them; each replaces its part of the JSON):
 
 ``sweep``
-    A sweep of 8 short QAT points (TFC, W {1, 2} x A {1, 2} x seeds {0, 1}, ``--sweep-epochs`` epochs on
-    ``--sweep-limit`` training images) on an embedded Dask cluster of 1 and of 2 single-threaded
+    A sweep of 8 short QAT points (``--sweep-arch``, default SFC; W {1, 2} x A {1, 2} x seeds {0, 1},
+    ``--sweep-epochs`` epochs on ``--sweep-limit`` training images, about 10 s each on one core) on an embedded Dask cluster of 1 and of 2 single-threaded
     workers, alternated ``--sweep-repeats`` times, each in a fresh folder.  Figures: wall-clock seconds
     of each (cluster start included, and the points alone), the speed-up (goal >= 1.8 on 2 cores), and
     whether the two runs wrote identical records (every field but the timings).
@@ -24,13 +24,14 @@ Sections (``--only`` runs some of them; each replaces its part of the JSON):
 ``experiments/results/bench_distributed_model.md`` and into docs/distributed.md between its
 ``scaling-model`` markers; it runs after the sections, or alone (``--report`` with ``--only`` none).
 
-Writes ``experiments/results/bench_distributed.json``.  The machine's CPU model, load average, BLAS
+Writes ``experiments/results/bench_distributed.json`` (``bench_distributed_small.json`` with ``--small``,
+which leaves the docs alone).  The machine's CPU model, load average, BLAS
 kernel and the variables unset for the workers are recorded; figures from a loaded machine say so
 there (``loadavg``).
 
 Usage::
 
-    python experiments/bench_distributed.py                      # everything, about 8 minutes on 2 quiet cores
+    python experiments/bench_distributed.py --report             # everything, about 6 minutes on 2 quiet cores
     python experiments/bench_distributed.py --small              # a check of the script (about 2 minutes)
     python experiments/bench_distributed.py --only none --report # the scaling model from the JSON
 """
@@ -90,7 +91,8 @@ def child_environment(threads):
 
 # -- the sweep sections ----------------------------------------------------------------------------
 def sweep_config(args):
-    return dict(weight_bits=(1, 2), act_bits=(1, 2), methods=("qat",), seeds=(0, 1), epochs=args.sweep_epochs,
+    return dict(arch=args.sweep_arch, weight_bits=(1, 2), act_bits=(1, 2), methods=("qat",), seeds=(0, 1),
+                epochs=args.sweep_epochs,
                 train_limit=args.sweep_limit, val_size=1000, test_limit=args.sweep_test_limit)
 
 
@@ -99,7 +101,7 @@ def run_sweep_timed(data, args, out_dir, **where):
     from lowbit.sweep import run_sweep
 
     start = time.perf_counter()
-    result = run_sweep("tfc", out_dir=out_dir, data=data, progress=False, reports=False, **sweep_config(args),
+    result = run_sweep(out_dir=out_dir, data=data, progress=False, reports=False, **sweep_config(args),
                        **where)
     return time.perf_counter() - start, result.records
 
@@ -338,7 +340,8 @@ def measured_markdown(document):
     sweep = document.get("sweep")
     if sweep:
         seconds = sweep["median_seconds"]
-        lines.append(f"- Sweep of {sweep['points']} points ({sweep['config']['epochs']} epoch(s) on "
+        lines.append(f"- Sweep of {sweep['points']} {sweep['config'].get('arch', 'tfc').upper()} QAT points "
+                     f"({sweep['config']['epochs']} epoch(s) on "
                      f"{sweep['config']['train_limit']} images each): {seconds['1']:.1f} s on 1 worker, "
                      f"{seconds['2']:.1f} s on 2; speed-up {sweep['speedup']:.2f}x (points alone, the cluster's "
                      f"start left out: {sweep['speedup_points_only']:.2f}x); identical records: "
@@ -406,14 +409,14 @@ def model_markdown(model, document):
     return "\n".join(lines) + "\n"
 
 
-def write_report(document, results, docs=None):
+def write_report(document, results, docs=None, name="bench_distributed"):
     from lowbit.trainer import write_json_atomic
 
     model = scaling_model(document)
     document["scaling_model"] = model
-    write_json_atomic(os.path.join(results, "bench_distributed.json"), document)
+    write_json_atomic(os.path.join(results, f"{name}.json"), document)
     text = model_markdown(model, document)
-    with open(os.path.join(results, "bench_distributed_model.md"), "w") as fh:
+    with open(os.path.join(results, f"{name}_model.md"), "w") as fh:
         fh.write(text)
     if docs is not None and os.path.exists(docs):
         with open(docs) as fh:
@@ -433,6 +436,7 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="write the scaling model from the JSON")
     parser.add_argument("--small", action="store_true",
                         help="a quick check of the script: 1 epoch on 1000 images per point, 4 timed steps")
+    parser.add_argument("--sweep-arch", default="sfc", choices=["tfc", "sfc", "lfc"])
     parser.add_argument("--sweep-epochs", type=int, default=2)
     parser.add_argument("--sweep-limit", type=int, default=50000, help="training images per point")
     parser.add_argument("--sweep-test-limit", type=int, default=10000)
@@ -455,10 +459,11 @@ def main(argv=None):
     if args.rank_allreduce:
         return rank_allreduce(args)
     if args.small:
-        args.sweep_epochs, args.sweep_limit, args.sweep_test_limit = 1, 1000, 500
+        args.sweep_arch, args.sweep_epochs, args.sweep_limit, args.sweep_test_limit = "tfc", 1, 1000, 500
         args.steps, args.train_repeats, args.allreduce_repeats, args.kill_after = 4, 1, 3, 0.5
 
-    path = os.path.join(args.results, "bench_distributed.json")
+    name = "bench_distributed_small" if args.small else "bench_distributed"  # a check never replaces a measurement
+    path = os.path.join(args.results, f"{name}.json")
     document = {}
     if os.path.exists(path):
         with open(path) as fh:
@@ -497,7 +502,8 @@ def main(argv=None):
             parser.error(f"--report needs the train section in {path}; run it first")
         default = os.path.abspath(args.results) == os.path.abspath(os.path.join(HERE, "results"))
         write_report(document, args.results,
-                     args.docs or (os.path.join(ROOT, "docs", "distributed.md") if default else None))
+                     args.docs or (os.path.join(ROOT, "docs", "distributed.md") if default and not args.small else None),
+                     name)
     return document
 
 
