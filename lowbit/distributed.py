@@ -85,7 +85,12 @@ def mpi_available() -> bool:
 def find_mpiexec():
     """Path of ``mpiexec``: the one next to this Python (the ``mpich`` wheel installs it in the
     environment's scripts folder), else the first on ``PATH``; None when there is none."""
-    for folder in (os.path.dirname(sys.executable), sysconfig.get_path("scripts")):
+    folders = [os.path.dirname(sys.executable), sysconfig.get_path("scripts")]
+    try:  # pip install --user puts the mpich wheel's scripts here
+        folders.append(sysconfig.get_path("scripts", f"{os.name}_user"))
+    except KeyError:
+        pass
+    for folder in folders:
         candidate = os.path.join(folder, "mpiexec")
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
