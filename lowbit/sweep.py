@@ -357,6 +357,7 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
     of the epochs' times, across interruptions) and ``history``.  A finished run (``result.json``
     present) is only loaded.
     """
+    from .distributed import SingleComm  # under mpiexec (e.g. dask-mpi workers) too: points are independent
     from .io import load_model
     from .optimizers import Adam
     from .trainer import Trainer, write_json_atomic
@@ -370,7 +371,7 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
             return load_model(best_path), info
     trainer = Trainer(model, settings["loss"], Adam(settings["lr"]), _schedule(settings, epochs),
                       epochs=epochs, batch_size=settings["batch_size"], seed=seed, out_dir=run_dir,
-                      progress=progress, device=device)
+                      progress=progress, device=device, comm=SingleComm())
     test = (split.x_test, split.y_test) if settings.get("track_test") else (None, None)
     validated = len(split.y_val) > 0
     val = (split.x_val, split.y_val) if validated else (None, None)
