@@ -56,7 +56,7 @@ def local_cluster(workers, threads=1, device="cpu"):
     limits = {name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                                "NUMBA_NUM_THREADS")}
     return distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                                    dashboard_address=None, env=limits,
+                                    dashboard_address=":0", env=limits,
                                     resources={"GPU": 1} if device == "gpu" else None)
 
 
