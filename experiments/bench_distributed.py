@@ -462,8 +462,8 @@ def main(argv=None):
         args.sweep_arch, args.sweep_epochs, args.sweep_limit, args.sweep_test_limit = "tfc", 1, 1000, 500
         args.steps, args.train_repeats, args.allreduce_repeats, args.kill_after = 4, 1, 3, 0.5
 
-    name = "bench_distributed_small" if args.small else "bench_distributed"  # a check never replaces a measurement
-    path = os.path.join(args.results, f"{name}.json")
+    stem = "bench_distributed_small" if args.small else "bench_distributed"  # a check never replaces a measurement
+    path = os.path.join(args.results, f"{stem}.json")
     document = {}
     if os.path.exists(path):
         with open(path) as fh:
@@ -503,7 +503,7 @@ def main(argv=None):
         default = os.path.abspath(args.results) == os.path.abspath(os.path.join(HERE, "results"))
         write_report(document, args.results,
                      args.docs or (os.path.join(ROOT, "docs", "distributed.md") if default and not args.small else None),
-                     name)
+                     stem)
     return document
 
 
