@@ -1,12 +1,13 @@
 """The ``lowbit`` command line.
 
-``lowbit train``     train a model from :data:`lowbit.zoo.MODELS` on MNIST (checkpoints, ``--resume``).
+``lowbit train``     train a model from :data:`lowbit.zoo.MODELS` on MNIST (checkpoints, ``--resume``);
+                     data-parallel under ``mpiexec -n N`` (:mod:`lowbit.distributed`).
 ``lowbit eval``      test accuracy of saved models (several files: each, and their ensemble).
 ``lowbit quantize``  post-training quantization of a float model (fp16, k-bit, binary) to a packed file.
 ``lowbit convert``   a trained quantized model to a packed model, checked against the simulation.
 ``lowbit summary``   per-layer table of a trained or packed model (``--profile`` times each layer).
 ``lowbit sweep``     accuracy and model size over a grid of weight x activation bits, PTQ and QAT
-                     (:mod:`lowbit.sweep`; resumable).
+                     (:mod:`lowbit.sweep`; resumable; ``--workers N`` / ``--scheduler`` on Dask).
 ``lowbit import``    an ONNX model -> a lowbit model file (every command also takes the .onnx itself).
 ``lowbit export``    a trained, quantized or packed model -> ONNX (standard ops; :mod:`lowbit.onnx_io`).
 """
@@ -81,15 +82,17 @@ def cmd_train(args):
     from .data import load_mnist
     from .optimizers import get_optimizer
     from .trainer import Trainer, write_json_atomic
+    from .distributed import get_comm
     from .zoo import build_model
 
     from .io import check_output_path
 
     check_output_path(args.out, "--out", folder=True)  # before training, not after it
+    comm = get_comm(args.comm, timeout=args.comm_timeout)  # before any work: NCCL picks the rank's GPU
     augment = args.augment  # an Augment, or None for none (lowbit.augment.augment_option)
     model = build_model(args.model, seed=args.seed, **_model_options(args.model_option))
     optimizer = get_optimizer(args.optimizer, lr=args.lr)
-    mnist = load_mnist(progress=not args.quiet)
+    mnist = load_mnist(progress=not args.quiet and comm.is_root)
     x_train, y_train = _float_images(mnist.x_train), mnist.y_train
     x_test, y_test = _float_images(mnist.x_test), mnist.y_test
     x_val = y_val = None
@@ -101,12 +104,16 @@ def cmd_train(args):
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     trainer = Trainer(model, args.loss, optimizer, _schedule(args, args.epochs), epochs=args.epochs,
                       batch_size=args.batch_size, augment=augment, seed=args.seed, out_dir=args.out,
-                      device=args.device, progress=not args.quiet, precision=args.precision)
+                      device=args.device, progress=not args.quiet, precision=args.precision,
+                      comm=comm, sync_batchnorm=args.sync_bn)
     t0 = time.perf_counter()
     history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=args.resume)
+    if not comm.is_root:  # rank 0 reports and writes
+        return 0
     acc = model.evaluate(x_test, y_test)
     summary = {"model": args.model, "epochs": args.epochs, "seed": args.seed, "test_acc": acc,
-               "seconds": time.perf_counter() - t0, "history": history}
+               "seconds": time.perf_counter() - t0, "history": history,
+               **({"ranks": comm.size, "communicator": comm.name, **comm.stats()} if comm.size > 1 else {})}
     write_json_atomic(os.path.join(args.out, "result.json"), summary)
     print(f"test accuracy {acc:.4%}; model saved to {os.path.join(args.out, 'model.npz')}")
     return 0
@@ -300,6 +307,13 @@ def add_sweep_arguments(parser):
     p.add_argument("--device", dest="sweep_device", default="cpu", choices=["cpu", "gpu"],
                    help="train on the CPU (numpy, default) or a CUDA GPU (CuPy); the recipe, and so the "
                         "sweep's settings key, is the same on both, and a run resumes on either")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, nargs="?", const=os.cpu_count() or 1, metavar="N",
+                       help="run the points in parallel on an embedded Dask cluster of N single-threaded "
+                            "worker processes (no N: one per core)")
+    where.add_argument("--scheduler", metavar="tcp://HOST:8786",
+                       help="run the points on an existing Dask cluster (workers need lowbit installed, "
+                            "not the output folder)")
 
 
 def sweep_options(args):
@@ -311,7 +325,8 @@ def sweep_options(args):
                 test_limit=args.test_limit, calibration=args.calibrate,
                 keep_checkpoints=args.keep_checkpoints, pretrained=args.pretrained,
                 weight_clipping=args.weight_clipping, activation_clipping=args.activation_clipping,
-                qat_init=args.qat_init, track_test=args.track_test, device=args.sweep_device)
+                qat_init=args.qat_init, track_test=args.track_test, device=args.sweep_device,
+                workers=args.workers, scheduler=args.scheduler)
 
 
 def build_parser():
@@ -350,6 +365,14 @@ def build_parser():
     p.add_argument("--out", default="runs/train", help="folder for checkpoints, history and model.npz")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--comm", default="auto", choices=["auto", "single", "mpi", "nccl"],
+                   help="data-parallel communicator: auto (MPI when started by mpiexec with several ranks), "
+                        "single, mpi (numpy), nccl (CuPy on GPUs); --batch-size is then the global batch")
+    p.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a rank waits for the others before ending the run with an error "
+                        "(longer than rank 0's evaluation and checkpoint)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="with several ranks: BatchNorm statistics of the global batch, not each rank's")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test accuracy of saved or packed models (and of their ensemble)")

@@ -88,6 +88,12 @@ for PTQ), ``wall_seconds`` (this point's own work in the call that finished it: 
 left of its training, for PTQ quantization and calibration; conversion and evaluation for both),
 ``test_images``, ``source``, ``packed_file``, ``run_dir``, ``finished_at``, ``settings_key``.
 
+Parallel and distributed sweeps
+-------------------------------
+``workers=N`` runs the points on an embedded Dask cluster of N single-threaded processes, and
+``scheduler="tcp://host:8786"`` on an existing Dask cluster of many machines; the client writes
+``points.jsonl``, the model files and the reports itself (:mod:`lowbit.dask_sweep`).
+
 Resuming
 --------
 Rerunning the same call continues: points already in ``points.jsonl`` are skipped, and an unfinished
@@ -352,6 +358,7 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
     of the epochs' times, across interruptions) and ``history``.  A finished run (``result.json``
     present) is only loaded.
     """
+    from .distributed import SingleComm  # under mpiexec (e.g. dask-mpi workers) too: points are independent
     from .io import load_model
     from .optimizers import Adam
     from .trainer import Trainer, write_json_atomic
@@ -365,7 +372,7 @@ def _train(model, run_dir, split, settings, epochs, seed, progress, keep_checkpo
             return load_model(best_path), info
     trainer = Trainer(model, settings["loss"], Adam(settings["lr"]), _schedule(settings, epochs),
                       epochs=epochs, batch_size=settings["batch_size"], seed=seed, out_dir=run_dir,
-                      progress=progress, device=device)
+                      progress=progress, device=device, comm=SingleComm())
     test = (split.x_test, split.y_test) if settings.get("track_test") else (None, None)
     validated = len(split.y_val) > 0
     val = (split.x_val, split.y_val) if validated else (None, None)
@@ -486,7 +493,8 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
               schedule="exponential", loss="cross_entropy", batch_size=100, init=None, val_size=None,
               train_limit=None, test_limit=None, calibration=None, keep_checkpoints=False, data=None,
               pretrained=None, weight_clipping="mse", activation_clipping="mse", qat_init="scratch",
-              track_test=False, device="cpu"):
+              track_test=False, device="cpu", workers=None, scheduler=None, reports=True,
+              only_points=None):
     """Run (or resume) a bit-width sweep of ``arch`` and write its reports; see the module docstring.
 
     Parameters
@@ -559,6 +567,17 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
         Where the training runs go (:class:`lowbit.trainer.Trainer`'s ``device``); not part of the
         settings, so a sweep may be continued on the other device.  Points trained on the GPU record
         ``"device": "gpu"``.  Quantization and evaluation run on the CPU.
+    workers : int, optional
+        Run the points in parallel on an embedded Dask LocalCluster of this many single-threaded
+        worker processes (:mod:`lowbit.dask_sweep`; needs the ``dist`` extra).  Not part of the
+        settings: a sweep may be continued with or without workers.
+    scheduler : str, optional
+        Address of an existing Dask scheduler (``"tcp://host:8786"``) to run the points on instead.
+    reports : bool
+        Write the reports at the end (default); False only appends to ``points.jsonl``.
+    only_points : sequence of (method, weight_bits, act_bits, seed), optional
+        Compute only these points of the grid (how a Dask worker runs one point under the sweep's
+        settings, which depend on ``methods``).
 
     Returns
     -------
@@ -618,6 +637,13 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
 
         if cupy is None:
             raise RuntimeError("device='gpu' needs CuPy and a CUDA device; neither was found")
+    if workers is not None and scheduler is not None:
+        raise ValueError(f"give workers (an embedded cluster) or scheduler (an existing one), not both; "
+                         f"got workers={workers!r} and scheduler={scheduler!r}")
+    if workers is not None:
+        _check_int("workers", workers, 1)
+    if scheduler is not None and (not isinstance(scheduler, str) or "://" not in scheduler):
+        raise ValueError(f"scheduler must be a Dask scheduler address such as 'tcp://host:8786', got {scheduler!r}")
     out_dir = os.fspath(out_dir if out_dir is not None else default_out_dir(arch, quick))
 
     if data is None:
@@ -669,7 +695,31 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
     grid = [(method, wb, ab, seed) for seed in seeds for method in methods
             for wb in weight_bits for ab in act_bits]
     todo = [point for point in grid if point not in done]
+    if only_points is not None:
+        only = {tuple(point) for point in only_points}
+        todo = [point for point in todo if point in only]
     skipped = len(grid) - len(todo)
+
+    def is_baseline(method, wb, ab):
+        return wb == 32 and ab == 32 and (
+            method == "ptq" or (qat_init == "scratch" and pretrained is None and float_epochs == epochs))
+
+    if workers is not None or scheduler is not None:
+        from .dask_sweep import run_points
+
+        call = dict(epochs=epochs, float_epochs=float_epochs, lr=lr, lr_end=lr_end, schedule=schedule,
+                    loss=loss, batch_size=batch_size, init=init, val_size=val_size, train_limit=train_limit,
+                    test_limit=test_limit, calibration=calibration, keep_checkpoints=keep_checkpoints,
+                    weight_clipping=weight_clipping, activation_clipping=activation_clipping,
+                    qat_init=qat_init, track_test=track_test, device=device, quick=quick, methods=methods)
+        try:
+            new = run_points(arch, todo, call, settings, out_dir, data, pretrained,
+                             lambda p: p[0] == "ptq" or is_baseline(*p[:3]) or qat_init == "ptq",
+                             workers=workers, scheduler=scheduler, progress=progress)
+        except KeyboardInterrupt:
+            _interrupted(out_dir, points_path, settings)
+            raise
+        return _finish(out_dir, points_path, settings, new, skipped, reports)
 
     from .progress import tqdm
 
@@ -715,8 +765,7 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
             name = f"{method}_w{wb}a{ab}_seed{seed}"
             metadata = {"sweep": {"arch": arch, "method": method, "weight_bits": wb, "act_bits": ab,
                                   "seed": seed, "settings_key": settings["key"]}}
-            baseline = wb == 32 and ab == 32 and (
-                method == "ptq" or (qat_init == "scratch" and pretrained is None and float_epochs == epochs))
+            baseline = is_baseline(method, wb, ab)
             if method == "ptq" or baseline:
                 model, info, run_dir, float_file = float_for(seed)
                 t0 = time.perf_counter()  # the float model's own training is its train_seconds
@@ -769,16 +818,24 @@ def run_sweep(arch, weight_bits=None, act_bits=None, methods=METHODS, seeds=(0,)
                            f"{record['size_bytes'] / 1024:.1f} KiB, {record['wall_seconds']:.1f} s")
     except KeyboardInterrupt:
         bar.close()
-        records = _load_points(points_path, settings["key"], repair=False)
-        write_reports(out_dir, records, settings)
-        print(f"\nsweep interrupted: {len(records)} points done in {out_dir}; rerun the same command to "
-              "continue (an unfinished training run resumes from its last epoch)")
+        _interrupted(out_dir, points_path, settings)
         raise
     bar.close()
+    return _finish(out_dir, points_path, settings, new, skipped, reports)
+
+
+def _interrupted(out_dir, points_path, settings):
+    records = _load_points(points_path, settings["key"], repair=False)
+    write_reports(out_dir, records, settings)
+    print(f"\nsweep interrupted: {len(records)} points done in {out_dir}; rerun the same command to "
+          "continue (an unfinished training run resumes from its last epoch)")
+
+
+def _finish(out_dir, points_path, settings, new, skipped, reports=True):
     # The reports cover every point in points.jsonl, also those that another sweep process on the
     # same folder (other cells of the grid) appended while this one ran.
     records = _load_points(points_path, settings["key"], repair=False)
-    files = write_reports(out_dir, records, settings)
+    files = write_reports(out_dir, records, settings) if reports else {}
     return SweepResult(sorted(records, key=_sort_key), new, skipped, files)
 
 

@@ -11,9 +11,14 @@ Files written to ``out_dir`` (each atomically: temporary file, then rename):
 ``model.npz``
     The final model (:func:`lowbit.save_model` format); ``best.npz`` too when a validation set is given
     (the model of the epoch with the best validation accuracy, as the BinaryNet paper reports).
+
+Data-parallel training (``comm=``, :mod:`lowbit.distributed`): every rank runs the same Trainer on
+its shard of each global batch; rank 0 alone evaluates and writes these files; ``resume=True``
+restarts every rank from rank 0's checkpoint (sent to the others, so no shared filesystem is needed).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -25,6 +30,7 @@ from .progress import tqdm
 
 from .augment import Augment
 from .backend import cupy, to_numpy
+from .distributed import Communicator, GradientReducer, broadcast_model, get_comm, synchronize_batchnorm
 from .io import ModelFileError, _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
@@ -204,12 +210,22 @@ class Trainer:
         Write ``checkpoint.npz`` after every this many epochs and after the last (default 1: every
         epoch).  A large model on a fast device spends a good part of each epoch writing it; an
         interrupted run resumes from the last one written.
+    comm : lowbit.distributed.Communicator or None
+        Data-parallel training over the ranks of ``comm`` (:mod:`lowbit.distributed`):
+        ``batch_size`` is then the *global* batch, split between the ranks; one gradient allreduce
+        per step; rank 0 evaluates and writes the files; :meth:`fit` returns rank 0's model on every
+        rank.  None (default): MPI when the process was started by ``mpiexec`` with several ranks
+        (so ``mpiexec -n N python3 experiments/<script>.py`` trains data-parallel), else one process;
+        ``lowbit.distributed.SingleComm()`` forces one process.
+    sync_batchnorm : bool
+        With ``comm``: BatchNorm layers normalise with the statistics of the global batch instead
+        of each rank's shard (:func:`lowbit.distributed.synchronize_batchnorm`).
     """
 
     def __init__(self, model, loss="cross_entropy", optimizer=None, schedule=None, epochs=10,
                  batch_size=100, augment=None, seed=0, out_dir=None, device="cpu", progress=True,
                  eval_batch_size=100, precision="fp32", loss_scaler=None, bn_recalibrate=0,
-                 time_budget=None, checkpoint_every=1):
+                 time_budget=None, checkpoint_every=1, comm=None, sync_batchnorm=False):
         if not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -233,6 +249,20 @@ class Trainer:
                 or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int (epochs), got {checkpoint_every!r}")
         self.checkpoint_every = int(checkpoint_every)
+        self.comm = get_comm("auto") if comm is None else comm
+        if not isinstance(self.comm, Communicator):
+            raise TypeError(f"comm must be a lowbit.distributed.Communicator or None, got {type(comm).__name__}")
+        distributed = self.comm.size > 1
+        if distributed and precision != "fp32":
+            raise ValueError(f"precision {precision!r} is not supported with more than one rank "
+                             "(the ranks would have to agree on every skipped step); use 'fp32'")
+        if distributed and device not in self.comm.devices:
+            raise ValueError(f"device {device!r} needs another communicator: {type(self.comm).__name__} "
+                             f"reduces arrays on {' or '.join(self.comm.devices)} (MPIComm: cpu, NCCLComm: gpu)")
+        if distributed and batch_size < self.comm.size:
+            raise ValueError(f"batch_size is the global batch and must be at least the number of ranks "
+                             f"({self.comm.size}), got {batch_size}")
+        self._reducer = GradientReducer(self.comm) if distributed else None
         self._marks = {}
         self.precision = precision
         self.scaler = (loss_scaler or LossScaler()) if precision == "mixed16" else None
@@ -249,17 +279,24 @@ class Trainer:
         self.seed = int(seed)
         self.out_dir = out_dir
         self.device = device
-        self.progress = progress
+        self.progress = bool(progress) and self.comm.is_root
         self.eval_batch_size = int(eval_batch_size)
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
+        # The data order is the same on every rank; augmentation and stochastic layers draw per rank.
         self.rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1]))
-        self.aug_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2]))
-        self.model.seed(np.random.SeedSequence([self.seed, 3]).generate_state(1)[0])
+        self._seed_rank_streams(() if not distributed else (self.comm.rank,))
+        self.sync_batchnorm = bool(sync_batchnorm)
+        if self.sync_batchnorm:
+            synchronize_batchnorm(self.model, self.comm)
         self.best_val = -1.0
         if device == "gpu":
             self.model.to_device("gpu")
             self.optimizer.to_device("gpu")
+
+    def _seed_rank_streams(self, key):
+        self.aug_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2, *key]))
+        self.model.seed(np.random.SeedSequence([self.seed, 3, *key]).generate_state(1)[0])
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _path(self, name):
@@ -281,9 +318,17 @@ class Trainer:
             config["bn_recalibrate"] = self.bn_recalibrate
         if self.time_budget is not None:  # likewise
             config["time_budget"] = {"seconds": self.time_budget, "max_epochs": self.max_epochs}
+        if self.sync_batchnorm and self.comm.size > 1:  # likewise
+            config["sync_batchnorm"] = True
         return config
 
     def save_checkpoint(self):
+        """Write ``checkpoint.npz`` (rank 0; every rank must call it: the ranks' random states are
+        gathered into it)."""
+        ranks = self.comm.gather_object({"augment": self.aug_rng.bit_generator.state,
+                                         "layers": self.model.rng_states()})
+        if not self.comm.is_root:
+            return
         arrays = {f"model/{k}": v for k, v in model_arrays(self.model).items()}
         arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.state_arrays().items()})
         manifest = {
@@ -299,6 +344,7 @@ class Trainer:
                 "data": self.rng.bit_generator.state,
                 "augment": self.aug_rng.bit_generator.state,
                 "layers": self.model.rng_states(),
+                **({"ranks": ranks} if self.comm.size > 1 else {}),
             },
         }
         write_archive(self._path("checkpoint.npz"), "lowbit.checkpoint", arrays, manifest)
@@ -346,6 +392,16 @@ class Trainer:
         self.rng.bit_generator.state = manifest["rng"]["data"]
         self.aug_rng.bit_generator.state = manifest["rng"]["augment"]
         self.model.set_rng_states(manifest["rng"]["layers"])
+        if self.comm.size > 1:
+            ranks = manifest["rng"].get("ranks")
+            if ranks is not None and len(ranks) == self.comm.size:
+                self.aug_rng.bit_generator.state = ranks[self.comm.rank]["augment"]
+                self.model.set_rng_states(ranks[self.comm.rank]["layers"])
+            else:  # saved by another number of ranks: fresh per-rank streams for the epochs to come
+                self._seed_rank_streams((self.comm.rank, self.comm.size, self.epoch))
+                if self.progress:
+                    print(f"{path} was written by {len(ranks) if ranks else 1} rank(s), this run has "
+                          f"{self.comm.size}: augmentation and stochastic layers draw new streams")
         return self.epoch
 
     # -- the time budget -------------------------------------------------------------------------
@@ -390,6 +446,12 @@ class Trainer:
             if number == half:
                 self._marks["half"] = _clock()
             idx = order[start:start + self.batch_size]
+            if self._reducer is not None:  # this rank's contiguous shard of the global batch
+                batch = len(idx)
+                if batch < self.comm.size:
+                    continue  # too few images for every rank to get one: left out on every rank
+                rank, size = self.comm.rank, self.comm.size
+                idx = idx[batch * rank // size:batch * (rank + 1) // size]
             xb = x[idx]
             if self.augment is not None:
                 xb = self.augment(xb, self.aug_rng)
@@ -415,12 +477,16 @@ class Trainer:
                         f"{start // self.batch_size}; lower the learning rate"
                     )
                 self.model.backward(self.loss.backward())
+                if self._reducer is not None:
+                    self._reducer.allreduce(self.model, len(idx) / batch)
                 self.optimizer.step(self.model, lr)
             total_loss += loss * len(idx)
             correct += int((to_numpy(scores.argmax(axis=1)) == yb).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
+        if self._reducer is not None:  # the epoch's loss and accuracy over every rank's images
+            total_loss, correct, seen = self.comm.allreduce_values([total_loss, correct, seen])
         self._marks["train_end"] = _clock()
         if seen == 0:
             raise FloatingPointError("every step of the epoch overflowed in float16")
@@ -436,10 +502,58 @@ class Trainer:
         if resume:
             if self.out_dir is None:
                 raise ValueError("resume=True needs out_dir, where the checkpoint lives")
-            if os.path.exists(self._path("checkpoint.npz")):
+            if self.comm.size > 1:
+                self._resume_ranks()
+            elif os.path.exists(self._path("checkpoint.npz")):
                 self.load_checkpoint()
-                if self.progress:
-                    print(f"resuming from {self._path('checkpoint.npz')} after epoch {self.epoch}")
+            if self.progress and self.epoch:
+                print(f"resuming from {self._path('checkpoint.npz')} after epoch {self.epoch}")
+        if self.comm.size > 1:
+            broadcast_model(self.model, self.comm)  # every rank starts from rank 0's weights
+        try:
+            return self._fit(x_train, y_train, x_val, y_val, x_test, y_test)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if self.comm.size > 1:
+                self.comm.fail(exc)  # MPI: abort every rank rather than leave them waiting
+            raise
+
+    def _resume_ranks(self):
+        """Rank 0 reads its checkpoint and sends the bytes; every rank loads them."""
+        path = self._path("checkpoint.npz")
+        payload = b""
+        if self.comm.is_root and os.path.exists(path):
+            with open(path, "rb") as fh:
+                payload = fh.read()
+        payload = self.comm.bcast_object(payload)
+        if not payload:
+            return
+        if self.comm.is_root:
+            self.load_checkpoint(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="lowbit-resume-") as folder:
+            copy = os.path.join(folder, "checkpoint.npz")
+            with open(copy, "wb") as fh:
+                fh.write(payload)
+            self.load_checkpoint(copy)
+
+    def _replica_digest(self):
+        digest = hashlib.sha256()
+        for _, layer, attr in self.model.named_arrays(buffers=False):
+            digest.update(np.ascontiguousarray(to_numpy(getattr(layer, attr))).tobytes())
+        return digest.hexdigest()
+
+    def _check_replicas(self):
+        """Every rank must hold the same weights after an epoch (one hash each, compared on rank 0)."""
+        digests = self.comm.gather_object(self._replica_digest())
+        if self.comm.is_root and len(set(digests)) > 1:
+            differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+            raise RuntimeError(f"after epoch {self.epoch} the weights of rank(s) {differ} differ from rank "
+                               "0's: the ranks ran different code or data")
+
+    def _fit(self, x_train, y_train, x_val, y_val, x_test, y_test):
+        root = self.comm.is_root
         epoch_bar = tqdm(total=self.epochs, initial=self.epoch, desc="training", unit="epoch",
                          disable=not self.progress)
         fit_start = _clock()
@@ -454,30 +568,42 @@ class Trainer:
                 if self.scaler is not None:
                     record["loss_scale"] = self.scaler.scale
                     record["skipped_steps"] = self.scaler.skipped_steps
-                if self.bn_recalibrate:
+                if self.bn_recalibrate:  # on every rank: synchronised BatchNorm takes part from each
                     recalibrate_batchnorm(self.model, x_train[:self.bn_recalibrate], self.batch_size)
-                if x_val is not None:
+                if x_val is not None and root:
                     record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
-                if x_test is not None:
+                if x_test is not None and root:
                     record["test_acc"] = self.model.evaluate(x_test, y_test, self.eval_batch_size)
+                if self.comm.size > 1:
+                    self._check_replicas()
+                    record = self.comm.bcast_object(record)  # rank 0's, with its evaluation
                 self.epoch += 1
                 self.history.append(record)
+                new_best = x_val is not None and record["val_acc"] > self.best_val
+                if new_best:
+                    self.best_val = record["val_acc"]
                 if self.out_dir is not None:
-                    if x_val is not None and record["val_acc"] > self.best_val:
-                        self.best_val = record["val_acc"]
+                    if new_best and root:
                         save_model(self.model, self._path("best.npz"),
                                    {"epoch": self.epoch, "val_acc": record["val_acc"],
                                     "test_acc": record.get("test_acc")})
                     if self.epoch % self.checkpoint_every == 0 or self.epoch >= self.epochs:
                         self.save_checkpoint()
-                    write_json_atomic(self._path("history.json"), self.history)
+                    if root:
+                        write_json_atomic(self._path("history.json"), self.history)
                 if self.time_budget is not None and not self.budget_fixed:
                     self._marks["epoch_end"] = _clock()
-                    self._apply_time_budget(self._marks["epoch_end"] - fit_start)
+                    if root:
+                        self._apply_time_budget(self._marks["epoch_end"] - fit_start)
+                    if self.comm.size > 1:  # rank 0's clock decides for every rank
+                        fixed = self.comm.bcast_object([self.epochs, self.history[-1]])
+                        self._fix_epochs(fixed[0])
+                        self.history[-1] = record = fixed[1]
                     epoch_bar.total = self.epochs
                     if self.out_dir is not None:  # the fixed length is part of the resumable state
                         self.save_checkpoint()
-                        write_json_atomic(self._path("history.json"), self.history)
+                        if root:
+                            write_json_atomic(self._path("history.json"), self.history)
                 epoch_bar.update(1)
                 epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
                                        if k.endswith("acc")})
@@ -486,13 +612,15 @@ class Trainer:
                                         for k, v in record.items()))
         except KeyboardInterrupt:
             epoch_bar.close()
-            if self.out_dir is not None:
+            if self.out_dir is not None and root:
                 print(f"\ninterrupted during epoch {self.epoch + 1}; the checkpoint after epoch "
                       f"{self.epoch} is in {self.out_dir}: to continue, run again with resume "
                       "(lowbit train --resume; the experiment scripts resume by themselves)", file=sys.stderr)
             raise
         epoch_bar.close()
-        if self.out_dir is not None:
+        if self.comm.size > 1:  # every rank returns rank 0's model, BatchNorm statistics included
+            broadcast_model(self.model, self.comm)
+        if self.out_dir is not None and root:
             save_model(self.model, self._path("model.npz"),
                        {"epochs": self.epoch, "history": self.history})
         return self.history
