@@ -27,7 +27,19 @@ import numpy as np
 
 from .backend import get_array_module, to_device
 from .draws import check_draws, uniform
-from .functions import col2im, conv_output_size, im2col, matmul, pool_backward, pool_forward
+from .functions import (
+    batchnorm_axes,
+    batchnorm_backward,
+    batchnorm_forward,
+    col2im,
+    conv_output_size,
+    im2col,
+    matmul,
+    pool_backward,
+    pool_forward,
+    relu,
+    relu_backward,
+)
 from .initializers import initialize
 
 __all__ = [
@@ -405,13 +417,12 @@ class GlobalAvgPool2D(Layer):
 @register_layer
 class ReLU(Layer):
     def forward(self, x, train=False):
-        mask = x > 0
-        self._cache_mask = mask
-        # a select, not x * mask: numpy has no vectorised float16 multiply, and where() copies bits
-        return get_array_module(x).where(mask, x, x.dtype.type(0))
+        out = relu(x)
+        self._cache_out = out
+        return out
 
     def backward(self, dout):
-        return get_array_module(dout).where(self._cache_mask, dout, dout.dtype.type(0))
+        return relu_backward(self._cache_out, dout)
 
 
 @register_layer
@@ -526,15 +537,8 @@ class BatchNorm(Layer):
     def config(self):
         return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
 
-    def _axes(self, x):
-        if x.ndim == 2:
-            return (0,), (1, -1)
-        if x.ndim == 4:
-            return (0, 2, 3), (1, -1, 1, 1)
-        raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W), got shape {x.shape}")
-
     def forward(self, x, train=False):
-        axes, bshape = self._axes(x)
+        axes, bshape = batchnorm_axes(x)
         out_dtype = x.dtype
         if x.dtype == np.float16:  # statistics and normalisation in float32 (mixed precision)
             x = x.astype(np.float32)
@@ -543,35 +547,31 @@ class BatchNorm(Layer):
                 f"BatchNorm expects {self.num_features} features on axis 1, got shape {x.shape}"
             )
         if train:
-            mean = x.mean(axis=axes)
-            xc = x - mean.reshape(bshape)
-            var = (xc * xc).mean(axis=axes)
+            out, xn, mean, var, inv_std = batchnorm_forward(x, self.gamma, self.beta, self.eps)
             m = self.momentum
             self.running_mean = (m * self.running_mean + (1 - m) * mean).astype(np.float32)
             self.running_var = (m * self.running_var + (1 - m) * var).astype(np.float32)
         else:
+            xp = get_array_module(x)
             xc = x - self.running_mean.reshape(bshape)
-            var = self.running_var
-        xp = get_array_module(x)
-        inv_std = (1.0 / xp.sqrt(var + np.float32(self.eps))).astype(x.dtype, copy=False)
-        xn = xc * inv_std.reshape(bshape)
+            inv_std = (1.0 / xp.sqrt(self.running_var + np.float32(self.eps))).astype(x.dtype, copy=False)
+            xn = xc * inv_std.reshape(bshape)
+            out = self.gamma.reshape(bshape) * xn + self.beta.reshape(bshape)
         self._cache = (xn, inv_std, axes, bshape, train)
-        out = self.gamma.reshape(bshape) * xn + self.beta.reshape(bshape)
         return out.astype(out_dtype, copy=False)
 
     def backward(self, dout):
         xn, inv_std, axes, bshape, train = self._cache
         out_dtype = dout.dtype
         dout = dout.astype(xn.dtype, copy=False)
+        if train:
+            dx, self.dgamma, self.dbeta = batchnorm_backward(dout, xn, self.gamma, inv_std)
+            return dx.astype(out_dtype, copy=False)
+        # running statistics are constants
         self.dbeta = dout.sum(axis=axes)
         self.dgamma = (dout * xn).sum(axis=axes)
         dxn = dout * self.gamma.reshape(bshape)
-        if not train:  # running statistics are constants
-            return (dxn * inv_std.reshape(bshape)).astype(out_dtype, copy=False)
-        # d/dx of (x - mean) * inv_std with batch statistics, in the compact form.
-        dx = (dxn - dxn.mean(axis=axes).reshape(bshape)
-              - xn * (dxn * xn).mean(axis=axes).reshape(bshape)) * inv_std.reshape(bshape)
-        return dx.astype(out_dtype, copy=False)
+        return (dxn * inv_std.reshape(bshape)).astype(out_dtype, copy=False)
 
     def _clear_cache(self):
         self._cache = None

@@ -103,9 +103,17 @@ class _QuantKernel(_StochasticRNG):
             self.rng = stochastic[0].rng  # one generator per layer: one state in checkpoints
         self._cache_weight = None
         self._cache_input = None
+        self.bounds_applied = set()
 
     def _quantizers(self):
         return [self.input_quantizer, self.kernel_quantizer]
+
+    @property
+    def param_bounds(self):
+        """``{"W": (-1, 1)}`` under the clip constraint.  Read by
+        :meth:`lowbit.optimizers.Optimizer.step`: an optimizer that clips in its update pass adds
+        "W" to ``bounds_applied``, and :meth:`constrain` then skips its own clip once."""
+        return {"W": (-1.0, 1.0)} if self.kernel_constraint == "clip" else {}
 
     def _quant_config(self):
         return {"input_quantizer": self.input_quantizer.config(),
@@ -140,9 +148,10 @@ class _QuantKernel(_StochasticRNG):
 
     def constrain(self):
         """Clip the latent weights to [-1, 1] (``kernel_constraint="clip"``); drop the cached kernel."""
-        if self.kernel_constraint == "clip":
+        if self.kernel_constraint == "clip" and "W" not in self.bounds_applied:
             xp = get_array_module(self.W)
             xp.clip(self.W, -1, 1, out=self.W)
+        self.bounds_applied.clear()
         self._cache_weight = None
 
 
