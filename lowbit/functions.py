@@ -40,6 +40,9 @@ __all__ = [
     "batchnorm_forward",
     "batchnorm_backward",
     "adam_update",
+    "binary_product_available",
+    "binary_conv2d_pm1",
+    "binary_matmul_pm1",
     "matmul",
     "conv_output_size",
     "pad2d",
@@ -346,3 +349,36 @@ def adam_update(param, grad, m, v, c1, c2, step, eps, bounds=None):
     param -= np.float32(step) * m / (xp.sqrt(v) + np.float32(eps))
     if bounds is not None:
         xp.clip(param, bounds[0], bounds[1], out=param)
+
+
+def binary_product_available(*arrays):
+    """True when :func:`binary_conv2d_pm1` / :func:`binary_matmul_pm1` take these arrays (fast ops on,
+    numpy float32); the caller still has to know that they hold only +-1."""
+    return _fast(*arrays)
+
+
+def binary_conv2d_pm1(xq, wq, stride: int, padding: int):
+    """Convolution of +-1 float32 ``xq`` (N, C, H, W) with +-1 float32 ``wq`` (O, C, KH, KW), zero
+    padding, through the XNOR-popcount kernel (``lowbit.kernels.binary_conv2d``).
+
+    Every value being +-1 and every sum an integer below 2^24, this equals the float convolution
+    (im2col and a float32 GEMM) bit for bit.  Returns C-contiguous float32 (N, O, OH, OW).
+    """
+    from lowbit.kernels import binary_conv2d, pack_signs, threshold_signs
+
+    channels = xq.shape[1]
+    packed_x = threshold_signs(xq, np.zeros(channels, np.float32), np.ones(channels, np.int8))
+    packed_w = pack_signs(np.ascontiguousarray(wq.transpose(0, 2, 3, 1)))
+    acc = binary_conv2d(packed_x, packed_w, channels, stride, padding)  # (N, OH, OW, O) int32
+    return np.ascontiguousarray(acc.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def binary_matmul_pm1(xq, wq):
+    """``xq @ wq`` of +-1 float32 ``xq`` (N, K) and ``wq`` (K, M) through the XNOR-popcount GEMM,
+    equal to the float32 product bit for bit (integer sums below 2^24); ``wq`` is packed by columns
+    in place of a transposed copy.  Returns float32 (N, M)."""
+    from lowbit.kernels import pack_sign_columns, pack_signs, xnor_gemm
+
+    k = xq.shape[1]
+    acc = xnor_gemm(pack_signs(np.ascontiguousarray(xq)), pack_sign_columns(np.ascontiguousarray(wq)), k)
+    return acc.astype(np.float32)

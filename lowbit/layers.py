@@ -29,6 +29,9 @@ from .backend import get_array_module, to_device
 from .draws import check_draws, uniform
 from .functions import (
     batchnorm_axes,
+    binary_conv2d_pm1,
+    binary_matmul_pm1,
+    binary_product_available,
     batchnorm_backward,
     batchnorm_forward,
     col2im,
@@ -227,6 +230,11 @@ class Affine(Layer):
     def input_grad(self, dx_eff):
         return dx_eff
 
+    def binary_operands(self):
+        """True when the effective input and weight hold only +-1 (binary twins override it): the
+        product may then run on the bit kernels, with the same result."""
+        return False
+
     def forward(self, x, train=False):
         if x.ndim < 2:
             raise ValueError(f"Affine expects (N, {self.in_features}), got an input of shape {x.shape}")
@@ -239,7 +247,11 @@ class Affine(Layer):
             )
         xq = self.effective_input(x, train)
         self._cache_x = xq
-        out = matmul(xq, self.effective_weight())
+        w = self.effective_weight()
+        if self.binary_operands() and binary_product_available(xq, w):
+            out = binary_matmul_pm1(xq, w)
+        else:
+            out = matmul(xq, w)
         if self.bias:
             out = out + self.b
         return out
@@ -296,6 +308,7 @@ class Conv2D(Layer):
     effective_input = Affine.effective_input
     weight_grad = Affine.weight_grad
     input_grad = Affine.input_grad
+    binary_operands = Affine.binary_operands
 
     def forward(self, x, train=False):
         _check_input(self, x, 4, f"(N, {self.in_channels}, H, W)")
@@ -304,6 +317,16 @@ class Conv2D(Layer):
                 f"Conv2D expects {self.in_channels} input channels, got {x.shape[1]} (shape {x.shape})"
             )
         xq = self.effective_input(x, train)
+        w = self.effective_weight()
+        self._cache_shape = x.shape
+        if self.binary_operands() and binary_product_available(xq, w):
+            # +-1 operands: the bit kernel, exact; the patches are built in backward, if it runs
+            out = binary_conv2d_pm1(xq, w, self.stride, self.padding)
+            if self.bias:
+                out += self.b[:, None, None]
+            self._cache_col = None
+            self._cache_binary_input = xq
+            return out
         if xq.dtype == np.float16 and get_array_module(xq) is np:
             # float16 on numpy: matmul multiplies in float32 anyway, so build (and cache) the 9x larger
             # patch buffer in float32 from the exact float16 values, cast once here instead of in
@@ -313,12 +336,11 @@ class Conv2D(Layer):
         col = im2col(xq, k, k, self.stride, self.padding)  # (C, K, K, N, OH, OW)
         n, oh, ow = col.shape[3:]
         col2d = col.reshape(-1, n * oh * ow)
-        w2d = self.effective_weight().reshape(self.out_channels, -1)
+        w2d = w.reshape(self.out_channels, -1)
         out = matmul(w2d, col2d)  # (O, N*OH*OW)
         if self.bias:
             out += self.b[:, None]
         self._cache_col = col2d
-        self._cache_shape = x.shape
         return out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
@@ -327,6 +349,10 @@ class Conv2D(Layer):
         d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
         k = self.kernel_size
         c = self.in_channels
+        if self._cache_col is None:  # the forward ran on the bit kernel
+            self._cache_col = im2col(self._cache_binary_input, k, k, self.stride, self.padding).reshape(
+                c * k * k, -1)
+            self._cache_binary_input = None
         # (col @ d2d.T).T, not d2d @ col.T: OpenBLAS runs the former several times faster for these
         # short-and-wide shapes (O x N*OH*OW times N*OH*OW x C*K*K).
         self.dW = self.weight_grad(matmul(self._cache_col, d2d.T).T.reshape(o, c, k, k))

@@ -37,7 +37,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .layers import Affine, Conv2D, Layer, register_layer
-from .quantizers import get_quantizer
+from .quantizers import SteSign, StochasticBinary, get_quantizer
 
 __all__ = ["QuantAffine", "QuantConv2D", "QuantActivation", "KERNEL_CONSTRAINTS", "glorot_lr_factor"]
 
@@ -51,6 +51,13 @@ def glorot_lr_factor(fan_in, fan_out):
     ``fan_in = C*KH*KW`` and ``fan_out = O*KH*KW``.)
     """
     return 1.0 / math.sqrt(1.5 / (fan_in + fan_out))
+
+
+def _plus_minus_one(quantizer):
+    """True when every output of ``quantizer`` is +1 or -1."""
+    if type(quantizer) is SteSign:
+        return quantizer.scale is None
+    return type(quantizer) is StochasticBinary
 
 
 class _StochasticRNG:
@@ -139,6 +146,11 @@ class _QuantKernel(_StochasticRNG):
     def effective_input(self, x, train):
         self._cache_input = x
         return self.input_quantizer(x, train)
+
+    def binary_operands(self):
+        """Both quantizers give only +-1 (an unscaled ``SteSign`` or a ``StochasticBinary``): the
+        float layer's product then runs on the XNOR-popcount kernels, bit for bit the same."""
+        return _plus_minus_one(self.input_quantizer) and _plus_minus_one(self.kernel_quantizer)
 
     def weight_grad(self, dW_eff):
         return self.kernel_quantizer.backward(self.W, dW_eff, channel_axis=self.kernel_channel_axis)

@@ -7,9 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowbit import functions as F
-from lowbit.kernels import float_ops
+from lowbit.kernels import float_ops, pack_sign_columns, pack_signs
 from lowbit.losses import SoftmaxCrossEntropy
 from lowbit.optimizers import Adam
+from lowbit.quant_layers import QuantAffine, QuantConv2D
 from lowbit.zoo import binary_cnn, bnn_mlp, deep_convnet
 
 # values with ties, signed zeros and infinities: where max, sign and select differ if done carelessly
@@ -190,3 +191,49 @@ def test_maxpool_nan_and_ties_bit_for_bit(k, stride, padding):
     (out, arg), (out_ref, arg_ref) = both(F.pool_forward, x, k, k, stride, padding, "max")
     assert_same_bits(out, out_ref)
     np.testing.assert_array_equal(arg, arg_ref)
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 70), o=st.integers(1, 9), h=st.integers(1, 8),
+       w=st.integers(1, 8), k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2),
+       padding=st.integers(0, 2), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_binary_conv_layer_on_bit_kernels_equals_float_simulation(n, c, o, h, w, k, stride, padding,
+                                                                  bias, seed):
+    if h + 2 * padding < k or w + 2 * padding < k:
+        return
+    rng = np.random.default_rng(seed)
+    layers = [QuantConv2D(c, o, k, stride=stride, padding=padding, bias=bias, seed=seed,
+                          input_quantizer="ste_sign", kernel_quantizer="ste_sign") for _ in range(2)]
+    if bias:
+        b = rng.standard_normal(o).astype(np.float32)
+        for layer in layers:
+            layer.b[:] = b
+    x = rng.choice(EDGE_VALUES[:-3], (n, c, h, w)).astype(np.float32)  # zeros: sign(+-0) = +1
+    out = layers[0].forward(x, train=True)
+    assert layers[0]._cache_col is None  # the bit kernel ran
+    with F.reference_ops():
+        out_ref = layers[1].forward(x, train=True)
+    assert_same_bits(out, out_ref)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dx = layers[0].backward(dout)
+    with F.reference_ops():
+        dx_ref = layers[1].backward(dout)
+    assert_same_bits(dx, dx_ref)
+    assert_same_bits(layers[0].dW, layers[1].dW)
+
+
+@pytest.mark.parametrize("n,k,m", [(1, 1, 1), (5, 63, 3), (7, 64, 65), (3, 130, 17), (100, 3136, 256)])
+def test_binary_affine_on_bit_kernels_equals_float_simulation(n, k, m):
+    rng = np.random.default_rng(k)
+    layers = [QuantAffine(k, m, bias=True, seed=k, input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+              for _ in range(2)]
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    x[0, 0] = -0.0
+    out = layers[0].forward(x, train=True)
+    with F.reference_ops():
+        out_ref = layers[1].forward(x, train=True)
+    assert_same_bits(out, out_ref)
+    w = rng.standard_normal((k, m)).astype(np.float32)
+    np.testing.assert_array_equal(pack_sign_columns(w), pack_signs(np.ascontiguousarray(w.T)))
+    w[k // 2, m // 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pack_sign_columns(w)
