@@ -36,6 +36,7 @@ Usage::
     python experiments/bench_training.py                      # 7 repeats x 10 steps, threads 1 2
     python experiments/bench_training.py --quick              # 3 repeats x 3 steps
     python experiments/bench_training.py --networks bnn_mlp --threads 1
+    python experiments/bench_training.py --retain-freed-memory    # no page faults (lowbit.memory)
 """
 from __future__ import annotations
 
@@ -362,6 +363,7 @@ def bench_network(name, threads, args, torch, progress):
 def markdown(result):
     lines = [f"# {result['benchmark']}", "",
              f"CPU: {result['machine']['cpu_model']}; BLAS: {result['blas_kernel']}; "
+             f"retain_freed_memory: {result['retain_freed_memory']}; "
              f"load average before/after: {result['machine']['loadavg_before']} / "
              f"{result['machine']['loadavg_after']}", "",
              f"Command: `{result['command']}`", "",
@@ -395,6 +397,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="3 repeats x 3 steps, 3 profiled steps")
     parser.add_argument("--unset-openblas-env", action="store_true")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="lowbit.memory.retain_freed_memory() first: freed blocks stay in the heap, "
+                             "no page faults for per-step buffers (applies to the whole process: torch too)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_training.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -417,6 +422,11 @@ def main(argv=None):
 
     from lowbit.trainer import write_json_atomic
 
+    retained = False
+    if args.retain_freed_memory:
+        from lowbit.memory import retain_freed_memory
+
+        retained = retain_freed_memory()
     load_before = os.getloadavg()
     started = time.perf_counter()
     runs = []
@@ -436,7 +446,7 @@ def main(argv=None):
                              "on binary weights and inputs; Adam, then latent binary weights clamp_(-1, 1)",
         "batch_size": args.batch_size, "steps_per_repeat": args.steps, "repeats": args.repeats,
         "warmup_steps": args.warmup, "profile_steps": args.profile_steps, "runs": runs,
-        "unset_env": unset, "blas": blas,
+        "unset_env": unset, "retain_freed_memory": retained, "blas": blas,
         "blas_kernel": ", ".join(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')}"
                                  for b in blas if b.get("internal_api") in ("openblas", "mkl", "blis")),
         "torch": torch.__version__, "numpy": np.__version__,
