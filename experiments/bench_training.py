@@ -18,7 +18,9 @@ gradient on both sides.
 
 Contenders, timed in one process and interleaved repeat by repeat (so both see the same machine
 load): ``lowbit`` (compiled kernels, ``lowbit.kernels.float_ops``), ``lowbit_reference`` (the
-numpy reference ops, ``lowbit.functions.use_fast_ops(False)``) and ``torch``.  Figures are medians
+numpy reference ops, ``lowbit.functions.use_fast_ops(False)``), ``torch``, and at 2 or more threads
+``lowbit_kernels_1thread`` (the compiled kernels held to one Numba thread while BLAS keeps all:
+whether their ``prange`` pays beside BLAS's threads).  Figures are medians
 over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
 Each thread count in ``--threads`` sets numpy's BLAS (threadpoolctl), Numba's and torch's threads.
 The per-op table times every layer type's forward and backward and the optimizer step for both
@@ -229,7 +231,7 @@ def lowbit_model(name):
 class LowbitRunner:
     """One lowbit model trained with the compiled kernels (``fast``) or the reference ops."""
 
-    def __init__(self, name, batches, fast):
+    def __init__(self, name, batches, fast, kernel_threads=None):
         from lowbit.losses import SoftmaxCrossEntropy
         from lowbit.optimizers import Adam
 
@@ -238,12 +240,18 @@ class LowbitRunner:
         self.opt = Adam(0.001)
         self.batches = batches
         self.fast = fast
+        self.kernel_threads = kernel_threads
         self.i = 0
 
     def steps(self, n):
+        import numba
+
         from lowbit.functions import use_fast_ops
 
         previous = use_fast_ops(self.fast)
+        threads = numba.get_num_threads()
+        if self.kernel_threads is not None:
+            numba.set_num_threads(self.kernel_threads)
         try:
             for _ in range(n):
                 x, y = self.batches[self.i % len(self.batches)]
@@ -253,6 +261,7 @@ class LowbitRunner:
                 self.opt.step(self.model)
         finally:
             use_fast_ops(previous)
+            numba.set_num_threads(threads)
 
     def profile(self, n):
         """Per-op milliseconds per step (median over ``n`` steps): every layer type's forward and
@@ -337,6 +346,9 @@ def bench_network(name, threads, args, torch, progress):
     runners = {"lowbit": LowbitRunner(name, batches, True),
                "lowbit_reference": LowbitRunner(name, batches, False),
                "torch": TorchRunner(torch, name, batches)}
+    if threads > 1:
+        # the compiled kernels on one thread while BLAS has all: whether their prange pays here
+        runners["lowbit_kernels_1thread"] = LowbitRunner(name, batches, True, kernel_threads=1)
     for runner in runners.values():
         runner.steps(args.warmup)
     rates = {key: [] for key in runners}
@@ -354,6 +366,9 @@ def bench_network(name, threads, args, torch, progress):
         "lowbit_over_lowbit_reference": statistics.median(
             a / b for a, b in zip(rates["lowbit"], rates["lowbit_reference"])),
     }
+    if "lowbit_kernels_1thread" in rates:
+        paired["lowbit_over_lowbit_kernels_1thread"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit"], rates["lowbit_kernels_1thread"]))
     ops = {"after": runners["lowbit"].profile(args.profile_steps),
            "before": runners["lowbit_reference"].profile(args.profile_steps)}
     return {"images_per_second": rates, "median_images_per_second": med,
@@ -368,14 +383,15 @@ def markdown(result):
              f"{result['machine']['loadavg_after']}", "",
              f"Command: `{result['command']}`", "",
              "| network | threads | lowbit img/s | reference ops img/s | PyTorch img/s | lowbit / PyTorch "
-             "| reference / PyTorch | lowbit / reference |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| reference / PyTorch | lowbit / reference | kernels on all threads / on one |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in result["runs"]:
         med, ratio = run["median_images_per_second"], run["median_paired_ratio"]
         lines.append(f"| {run['network']} | {run['threads']} | {med['lowbit']:.0f} | "
                      f"{med['lowbit_reference']:.0f} | {med['torch']:.0f} | "
                      f"{ratio['lowbit_over_torch']:.2f}x | {ratio['lowbit_reference_over_torch']:.2f}x | "
-                     f"{ratio['lowbit_over_lowbit_reference']:.2f}x |")
+                     f"{ratio['lowbit_over_lowbit_reference']:.2f}x | "
+                     f"{ratio.get('lowbit_over_lowbit_kernels_1thread', 1.0):.2f}x |")
     for run in result["runs"]:
         ops = run["op_ms_per_step"]
         lines += ["", f"## {run['network']}, {run['threads']} thread(s): ms per step, before (reference "
