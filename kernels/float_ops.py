@@ -13,6 +13,8 @@ reproduces the reference's float32 arithmetic:
   ``ste_grad`` and ``adam_update`` are **bit-exact** to the numpy expressions in
   ``lowbit.functions``, ``lowbit.layers``, ``lowbit.quantizers`` and ``lowbit.optimizers``
   (same float32 operations in the same order, no FMA contraction, no fast-math).
+* The elementwise kernels (ReLU, sign, STE) also take a permuted view of a C-contiguous array (a
+  convolution's NCHW view of its CNHW buffer) as it lies, and return the same layout.
 * ``batchnorm_forward`` / ``batchnorm_backward`` sum in float64 where numpy sums pairwise in float32,
   so they agree with the reference to float32 rounding, not bit for bit.
 
@@ -29,6 +31,7 @@ from numba import njit, prange
 from ._checks import check_contiguous, check_dtype, check_int, check_ndim
 
 __all__ = [
+    "dense_flat",
     "maxpool2d",
     "maxpool2d_backward",
     "relu",
@@ -291,22 +294,56 @@ def _run(seq, par, size, *arrays):
     return seq(*arrays)
 
 
+def dense_flat(arr):
+    """The 1-D view of ``arr``'s elements in memory order when they fill their memory without gaps
+    (C-contiguous, or a permuted view of such an array: a convolution's NCHW view of its CNHW
+    buffer), else None."""
+    if arr.flags.c_contiguous:
+        return arr.reshape(-1)
+    flat = arr.ravel(order="K")
+    return flat if np.may_share_memory(flat, arr) else None
+
+
+def _flat_operands(**arrays):
+    """Checked float32 operands of an elementwise kernel, as 1-D views in one memory order: all of
+    one shape and one layout (strides), C-contiguous or a permuted view of a C-contiguous array."""
+    names = list(arrays)
+    first = arrays[names[0]]
+    flats = []
+    for name in names:
+        arr = arrays[name]
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
+        check_dtype(name, arr, np.float32)
+        if name != names[0]:
+            _check_same_shape(name, arr, names[0], first)
+            both_c = arr.flags.c_contiguous and first.flags.c_contiguous  # strides of size-1 axes vary
+            if not both_c and arr.strides != first.strides:
+                raise ValueError(f"{name} must have the layout of {names[0]}: strides {first.strides}, "
+                                 f"got {arr.strides}")
+        flat = dense_flat(arr)
+        if flat is None:
+            raise ValueError(f"{name} must be C-contiguous or a permuted view of a C-contiguous array, "
+                             f"got strides {arr.strides} for shape {arr.shape}")
+        flats.append(flat)
+    return flats
+
+
 def relu(x):
-    """``where(x > 0, x, 0)`` of a float32 array (NaN and -0.0 give +0.0), one pass."""
-    _check_float32("x", x)
-    out = np.empty_like(x)
-    _run(_relu_seq, _relu_par, x.size, x.reshape(-1), out.reshape(-1))
+    """``where(x > 0, x, 0)`` of a float32 array (NaN and -0.0 give +0.0), one pass; the output has
+    the memory layout of ``x``, which may be a permuted view of a C-contiguous array."""
+    (flat,) = _flat_operands(x=x)
+    out = np.empty_like(x)  # the layout of x
+    _run(_relu_seq, _relu_par, x.size, flat, dense_flat(out))
     return out
 
 
 def relu_backward(y, dout):
     """``where(y > 0, dout, 0)`` with ``y`` the output of :func:`relu` (``y > 0`` exactly where its
-    input was ``> 0``), one pass."""
-    _check_float32("y", y)
-    _check_float32("dout", dout)
-    _check_same_shape("dout", dout, "y", y)
+    input was ``> 0``), one pass; ``y`` and ``dout`` share one layout (see :func:`relu`)."""
+    y_flat, dout_flat = _flat_operands(y=y, dout=dout)
     dx = np.empty_like(dout)
-    _run(_relu_backward_seq, _relu_backward_par, y.size, y.reshape(-1), dout.reshape(-1), dx.reshape(-1))
+    _run(_relu_backward_seq, _relu_backward_par, y.size, y_flat, dout_flat, dense_flat(dx))
     return dx
 
 
@@ -334,9 +371,9 @@ def _sign_ste_par(x, out, blocks):
 def sign_ste(x):
     """``+1.0 where x >= 0 else -1.0`` (``sign(-0.0) = +1``) of a float32 array, and whether ``x``
     holds a NaN, in one pass: ``(signs, has_nan)``.  On NaN the signs are not meaningful."""
-    _check_float32("x", x)
+    (flat,) = _flat_operands(x=x)
     out = np.empty_like(x)
-    nans = _run(_sign_ste_seq, _sign_ste_par, x.size, x.reshape(-1), out.reshape(-1))
+    nans = _run(_sign_ste_seq, _sign_ste_par, x.size, flat, dense_flat(out))
     return out, nans > 0
 
 
@@ -358,12 +395,9 @@ def _ste_grad_par(x, dout, clip, dx, blocks):
 def ste_grad(x, dout, clip):
     """The straight-through gradient ``dout * (|x| <= clip)`` (a float32 multiply by 1 or 0, as the
     reference: ``-g * 0 = -0.0``, ``inf * 0 = nan``), one pass; ``clip`` is compared in float32."""
-    _check_float32("x", x)
-    _check_float32("dout", dout)
-    _check_same_shape("dout", dout, "x", x)
+    x_flat, dout_flat = _flat_operands(x=x, dout=dout)
     dx = np.empty_like(dout)
-    _run(_ste_grad_seq, _ste_grad_par, x.size, x.reshape(-1), dout.reshape(-1), np.float32(clip),
-         dx.reshape(-1))
+    _run(_ste_grad_seq, _ste_grad_par, x.size, x_flat, dout_flat, np.float32(clip), dense_flat(dx))
     return dx
 
 

@@ -92,6 +92,24 @@ def _fast(*arrays):
     return True
 
 
+def _same_layout(*arrays):
+    """The arrays (of one shape) as an elementwise kernel takes them: in the memory layout of the
+    first, which may be C-contiguous or a permuted view of a C-contiguous buffer (a convolution's
+    NCHW view of its CNHW output).  Only arrays in another layout are copied, into the first's, so
+    the result (made in that layout too) stays in it for the next layer."""
+    first = arrays[0]
+    if _kernels().dense_flat(first) is None:
+        first = np.ascontiguousarray(first)
+    out = [first]
+    for a in arrays[1:]:
+        if a.strides != first.strides and not (a.flags.c_contiguous and first.flags.c_contiguous):
+            copy = np.empty_like(first)
+            np.copyto(copy, a)
+            a = copy
+        out.append(a)
+    return out
+
+
 def _kernels():
     from lowbit.kernels import float_ops  # deferred: importing Numba kernels costs at first use only
 
@@ -247,7 +265,7 @@ def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding:
 def relu(x):
     """``where(x > 0, x, 0)`` (NaN and -0.0 give +0.0); keep the output for :func:`relu_backward`."""
     if _fast(x):
-        return _kernels().relu(np.ascontiguousarray(x))
+        return _kernels().relu(*_same_layout(x))
     # a select, not x * mask: numpy has no vectorised float16 multiply, and where() copies bits
     return get_array_module(x).where(x > 0, x, x.dtype.type(0))
 
@@ -256,7 +274,7 @@ def relu_backward(y, dout):
     """Gradient of :func:`relu` from its output ``y``: ``where(y > 0, dout, 0)`` (``y > 0`` exactly
     where the input was)."""
     if _fast(y, dout) and y.shape == dout.shape:
-        return _kernels().relu_backward(np.ascontiguousarray(y), np.ascontiguousarray(dout))
+        return _kernels().relu_backward(*_same_layout(y, dout))
     return get_array_module(dout).where(y > 0, dout, dout.dtype.type(0))
 
 
@@ -273,7 +291,7 @@ def sign(x, owner="sign"):
             f"{'dtype ' + str(dtype) if dtype is not None else type(x).__name__}"
         )
     if _fast(x):
-        q, has_nan = _kernels().sign_ste(np.ascontiguousarray(x))
+        q, has_nan = _kernels().sign_ste(*_same_layout(x))
     else:
         has_nan = bool(get_array_module(x).isnan(x).any())
         if not has_nan:
@@ -288,7 +306,7 @@ def sign(x, owner="sign"):
 def ste_grad(x, dout, clip):
     """Straight-through gradient of a clipped rounding: ``dout * (|x| <= clip)``."""
     if _fast(x, dout) and x.shape == dout.shape:
-        return _kernels().ste_grad(np.ascontiguousarray(x), np.ascontiguousarray(dout), clip)
+        return _kernels().ste_grad(*_same_layout(x, dout), clip)
     return dout * (abs(x) <= clip)
 
 

@@ -29,11 +29,11 @@ from .backend import get_array_module, to_device
 from .draws import check_draws, uniform
 from .functions import (
     batchnorm_axes,
+    batchnorm_backward,
+    batchnorm_forward,
     binary_conv2d_pm1,
     binary_matmul_pm1,
     binary_product_available,
-    batchnorm_backward,
-    batchnorm_forward,
     col2im,
     conv_output_size,
     im2col,

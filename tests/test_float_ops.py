@@ -237,3 +237,27 @@ def test_binary_affine_on_bit_kernels_equals_float_simulation(n, k, m):
     w[k // 2, m // 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         pack_sign_columns(w)
+
+
+@pytest.mark.parametrize("layouts", [("c", "c"), ("t", "t"), ("t", "c"), ("c", "t"), ("s", "c")])
+def test_elementwise_ops_take_permuted_views_as_they_lie(layouts):
+    # "t": the NCHW view of a CNHW buffer (what Conv2D returns), "s": a strided slice (copied)
+    rng = np.random.default_rng(7)
+
+    def make(kind):
+        if kind == "t":
+            return draw_array(rng, (4, 3, 5, 6), True).transpose(1, 0, 2, 3)
+        if kind == "s":
+            return draw_array(rng, (3, 8, 5, 6), True)[:, ::2]
+        return draw_array(rng, (3, 4, 5, 6), True)
+
+    x, dout = make(layouts[0]), make(layouts[1])
+    y, y_ref = both(F.relu, x)
+    assert_same_bits(np.ascontiguousarray(y), np.ascontiguousarray(y_ref))
+    if layouts[0] == "t":
+        assert y.strides == x.strides  # no transposed copy
+    for fn, args in ((F.relu_backward, (y_ref, dout)), (F.ste_grad, (x, dout, 1.0)), (F.sign, (x,))):
+        fast, ref = both(fn, *args)
+        assert_same_bits(np.ascontiguousarray(fast), np.ascontiguousarray(ref))
+    with pytest.raises(ValueError, match="dout must have the layout of y"):
+        float_ops.relu_backward(y_ref, np.ascontiguousarray(dout).transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2))
