@@ -330,12 +330,20 @@ class TorchRunner:
 
 
 def set_threads(threads, torch):
+    """numpy's BLAS, torch and Numba on ``threads`` threads; returns a function that restores them."""
     import numba
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(threads)
+    limits = threadpool_limits(threads)
+    previous = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+    def restore():
+        limits.restore_original_limits()
+        torch.set_num_threads(previous[0])
+        numba.set_num_threads(previous[1])
+    return restore
 
 
 def bench_network(name, threads, args, torch, progress):
@@ -448,11 +456,14 @@ def main(argv=None):
     runs = []
     with tqdm(total=len(args.networks) * len(args.threads) * args.repeats, desc="repeats") as progress:
         for threads in args.threads:
-            set_threads(threads, torch)
-            for name in args.networks:
-                torch.manual_seed(0)
-                runs.append({"network": name, "threads": threads,
-                             **bench_network(name, threads, args, torch, progress)})
+            restore = set_threads(threads, torch)
+            try:
+                for name in args.networks:
+                    torch.manual_seed(0)
+                    runs.append({"network": name, "threads": threads,
+                                 **bench_network(name, threads, args, torch, progress)})
+            finally:
+                restore()
     blas = blas_info()
     result = {
         "benchmark": "Training images/s on the CPU: lowbit (compiled kernels and reference ops) vs PyTorch",
