@@ -20,7 +20,9 @@ Contenders, timed in one process and interleaved repeat by repeat (so both see t
 load): ``lowbit`` (compiled kernels, ``lowbit.kernels.float_ops``), ``lowbit_reference`` (the
 numpy reference ops, ``lowbit.functions.use_fast_ops(False)``), ``torch``, and at 2 or more threads
 ``lowbit_kernels_1thread`` (the compiled kernels held to one Numba thread while BLAS keeps all:
-whether their ``prange`` pays beside BLAS's threads).  Figures are medians
+whether their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
+deep_convnet in lowbit's mixed precision (float16 emulated on numpy: what matching a GPU's numerics
+costs on a CPU, ``lowbit_mixed16_over_lowbit``).  Figures are medians
 over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
 Each thread count in ``--threads`` sets numpy's BLAS (threadpoolctl), Numba's and torch's threads.
 The per-op table times every layer type's forward and backward and the optimizer step for both
@@ -39,6 +41,7 @@ Usage::
     python experiments/bench_training.py --quick              # 3 repeats x 3 steps
     python experiments/bench_training.py --networks bnn_mlp --threads 1
     python experiments/bench_training.py --retain-freed-memory    # no page faults (lowbit.memory)
+    python experiments/bench_training.py --networks deep_convnet --mixed16
 """
 from __future__ import annotations
 
@@ -307,6 +310,25 @@ class LowbitRunner:
         return {k: 1000 * statistics.median(r.get(k, 0.0) for r in records) for k in keys}
 
 
+class MixedRunner(LowbitRunner):
+    """lowbit's mixed precision (float16 forward/backward emulated on numpy, float32 master weights,
+    dynamic loss scaling: :func:`lowbit.mixed_precision.mixed_precision_step`), compiled kernels on."""
+
+    def __init__(self, name, batches):
+        from lowbit.mixed_precision import LossScaler
+
+        super().__init__(name, batches, True)
+        self.scaler = LossScaler()
+
+    def steps(self, n):
+        from lowbit.mixed_precision import mixed_precision_step
+
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            mixed_precision_step(self.model, self.loss, self.opt, self.scaler, x, y, 0.001)
+
+
 class TorchRunner:
     def __init__(self, torch, name, batches):
         self.torch = torch
@@ -354,6 +376,8 @@ def bench_network(name, threads, args, torch, progress):
     runners = {"lowbit": LowbitRunner(name, batches, True),
                "lowbit_reference": LowbitRunner(name, batches, False),
                "torch": TorchRunner(torch, name, batches)}
+    if args.mixed16 and name == "deep_convnet":
+        runners["lowbit_mixed16"] = MixedRunner(name, batches)
     if threads > 1:
         # the compiled kernels on one thread while BLAS has all: whether their prange pays here
         runners["lowbit_kernels_1thread"] = LowbitRunner(name, batches, True, kernel_threads=1)
@@ -374,9 +398,13 @@ def bench_network(name, threads, args, torch, progress):
         "lowbit_over_lowbit_reference": statistics.median(
             a / b for a, b in zip(rates["lowbit"], rates["lowbit_reference"])),
     }
+    if "lowbit_mixed16" in rates:
+        paired["lowbit_mixed16_over_lowbit"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit_mixed16"], rates["lowbit"]))
     if "lowbit_kernels_1thread" in rates:
         paired["lowbit_over_lowbit_kernels_1thread"] = statistics.median(
             a / b for a, b in zip(rates["lowbit"], rates["lowbit_kernels_1thread"]))
+    # profile() wraps the layers of a LowbitRunner's model; the mixed runner is left out
     ops = {"after": runners["lowbit"].profile(args.profile_steps),
            "before": runners["lowbit_reference"].profile(args.profile_steps)}
     return {"images_per_second": rates, "median_images_per_second": med,
@@ -420,6 +448,8 @@ def main(argv=None):
     parser.add_argument("--profile-steps", type=int, default=5, help="instrumented steps for the per-op table")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="3 repeats x 3 steps, 3 profiled steps")
+    parser.add_argument("--mixed16", action="store_true",
+                        help="also time deep_convnet in lowbit's mixed precision (float16 emulated on numpy)")
     parser.add_argument("--unset-openblas-env", action="store_true")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="lowbit.memory.retain_freed_memory() first: freed blocks stay in the heap, "
