@@ -19,8 +19,9 @@ gradient on both sides.
 Contenders, timed in one process and interleaved repeat by repeat (so both see the same machine
 load): ``lowbit`` (compiled kernels, ``lowbit.kernels.float_ops``), ``lowbit_reference`` (the
 numpy reference ops, ``lowbit.functions.use_fast_ops(False)``), ``torch``, and at 2 or more threads
-``lowbit_kernels_1thread`` (the compiled kernels held to one Numba thread while BLAS keeps all:
-whether their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
+``lowbit_kernels_1thread`` (the compiled float kernels held to one thread by
+``lowbit.kernels.float_ops.set_threads(1)`` while BLAS and the binary kernels keep all: whether
+their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
 deep_convnet in lowbit's mixed precision (float16 emulated on numpy: what matching a GPU's numerics
 costs on a CPU, ``lowbit_mixed16_over_lowbit``).  Figures are medians
 over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
@@ -247,14 +248,11 @@ class LowbitRunner:
         self.i = 0
 
     def steps(self, n):
-        import numba
-
         from lowbit.functions import use_fast_ops
+        from lowbit.kernels import float_ops
 
         previous = use_fast_ops(self.fast)
-        threads = numba.get_num_threads()
-        if self.kernel_threads is not None:
-            numba.set_num_threads(self.kernel_threads)
+        threads = float_ops.set_threads(self.kernel_threads)
         try:
             for _ in range(n):
                 x, y = self.batches[self.i % len(self.batches)]
@@ -264,7 +262,7 @@ class LowbitRunner:
                 self.opt.step(self.model)
         finally:
             use_fast_ops(previous)
-            numba.set_num_threads(threads)
+            float_ops.set_threads(threads)
 
     def profile(self, n):
         """Per-op milliseconds per step (median over ``n`` steps): every layer type's forward and

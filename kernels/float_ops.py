@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from ._checks import check_contiguous, check_dtype, check_int, check_ndim
 
 __all__ = [
+    "set_threads",
     "dense_flat",
     "maxpool2d",
     "maxpool2d_backward",
@@ -47,6 +49,36 @@ __all__ = [
 # than the pass (these kernels are bound by memory; a pass over 1 MiB takes tens of microseconds).
 _PARALLEL_MIN = 1 << 18
 _BLOCKS = 16
+_threads = None  # None: Numba's thread count; an int: this many threads for these kernels only
+
+
+def set_threads(threads=None):
+    """Threads for the parallel loops of these kernels only: ``None`` (the default) follows
+    ``numba.set_num_threads``; an int >= 1 caps them (capped again by ``NUMBA_NUM_THREADS``) while
+    the binary kernels keep Numba's count.  Returns the previous setting.
+
+    Why: these kernels are bound by memory traffic, and beside BLAS's threads (which spin between
+    GEMMs) a second thread may cost more than it gives (``experiments/bench_training.py`` measures
+    it: its ``lowbit_kernels_1thread`` contender).
+    """
+    global _threads
+    if threads is not None:
+        threads = check_int("threads", threads, 1)
+    previous = _threads
+    _threads = threads
+    return previous
+
+
+def _parallel(kernel, *args):
+    """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
+    if _threads is None:
+        return kernel(*args)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
 
 
 def _check_float32(name, arr, ndim=None):
@@ -224,9 +256,9 @@ def maxpool2d(x, kernel_h, kernel_w, stride, padding):
     out = np.empty((n, c, out_h, out_w), dtype=np.float32)
     arg = np.empty((n, c, out_h, out_w), dtype=np.int8)
     if padding == 0:
-        _maxpool_unpadded(x, kernel_h, kernel_w, stride, out, arg)
+        _parallel(_maxpool_unpadded, x, kernel_h, kernel_w, stride, out, arg)
     else:
-        _maxpool_cpu(x, kernel_h, kernel_w, stride, padding, out, arg)
+        _parallel(_maxpool_cpu, x, kernel_h, kernel_w, stride, padding, out, arg)
     return out, arg
 
 
@@ -248,7 +280,7 @@ def maxpool2d_backward(dout, argmax, x_shape, kernel_h, kernel_w, stride, paddin
                          f"got {dout.shape[2:]}")
     dx = np.empty(tuple(x_shape), dtype=np.float32)
     overlapping = stride < kernel_h or stride < kernel_w
-    _maxpool_backward_cpu(dout, argmax, kernel_h, kernel_w, stride, padding, dx, overlapping)
+    _parallel(_maxpool_backward_cpu, dout, argmax, kernel_h, kernel_w, stride, padding, dx, overlapping)
     return dx
 
 
@@ -290,7 +322,8 @@ def _relu_backward_par(y, dout, dx, blocks):
 def _run(seq, par, size, *arrays):
     """The sequential kernel on small arrays, the parallel one (``_BLOCKS`` blocks) on large ones."""
     if size >= _PARALLEL_MIN:
-        return par(*arrays, _BLOCKS)
+        if _threads != 1:
+            return _parallel(par, *arrays, _BLOCKS)
     return seq(*arrays)
 
 
@@ -504,7 +537,7 @@ def batchnorm_forward(x, gamma, beta, eps):
     if x.ndim == 2:
         _bn_forward_columns(view, gamma, beta, float(eps), xn, out, mean, var, inv_std)
     else:
-        _bn_forward_nchw(view, gamma, beta, float(eps), xn.reshape(view.shape), out.reshape(view.shape),
+        _parallel(_bn_forward_nchw, view, gamma, beta, float(eps), xn.reshape(view.shape), out.reshape(view.shape),
                          mean, var, inv_std)
     return out, xn, mean, var, inv_std
 
@@ -579,7 +612,7 @@ def batchnorm_backward(dout, xn, gamma, inv_std):
     if dout.ndim == 2:
         _bn_backward_columns(view, xn, gamma, inv_std, dx, dgamma, dbeta)
     else:
-        _bn_backward_nchw(view, xn.reshape(view.shape), gamma, inv_std, dx.reshape(view.shape), dgamma, dbeta)
+        _parallel(_bn_backward_nchw, view, xn.reshape(view.shape), gamma, inv_std, dx.reshape(view.shape), dgamma, dbeta)
     return dx, dgamma, dbeta
 
 

@@ -261,3 +261,23 @@ def test_elementwise_ops_take_permuted_views_as_they_lie(layouts):
         assert_same_bits(np.ascontiguousarray(fast), np.ascontiguousarray(ref))
     with pytest.raises(ValueError, match="dout must have the layout of y"):
         float_ops.relu_backward(y_ref, np.ascontiguousarray(dout).transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2))
+
+
+def test_set_threads_caps_only_these_kernels_and_keeps_the_results():
+    import numba
+
+    x = draw_array(np.random.default_rng(3), (4, 8, 130, 130), True)  # above the parallel size
+    before = numba.get_num_threads()
+    previous = float_ops.set_threads(1)
+    try:
+        one = [F.relu(x), F.sign(x), F.pool_forward(x, 2, 2, 2, 0, "max")[0],
+               F.batchnorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-4)[0]]
+        assert numba.get_num_threads() == before  # restored after each kernel
+    finally:
+        assert float_ops.set_threads(previous) == 1
+    every = [F.relu(x), F.sign(x), F.pool_forward(x, 2, 2, 2, 0, "max")[0],
+             F.batchnorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-4)[0]]
+    for a, b in zip(one, every):
+        assert_same_bits(a, b)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        float_ops.set_threads(0)
