@@ -1,30 +1,48 @@
-"""Training speed of the chapter-8 DeepConvNet: lowbit (numpy) against the same network in PyTorch CPU.
+"""Training speed on the CPU: lowbit against the same networks in PyTorch, and lowbit's compiled
+kernels against its numpy reference ops (issue 21).
 
-Both train the identical architecture (see ``lowbit.zoo.deep_convnet``) with Adam(lr=0.001),
-cross-entropy, batch size 100, float32, on the same random MNIST-shaped batches, with the same number
-of threads (``--threads``, default: all cores; numpy's BLAS through threadpoolctl, torch through
-``torch.set_num_threads``).  Repeats alternate between the two frameworks so that both see the same
-machine load; the figure is the median images per second over ``--repeats`` repeats of ``--steps``
-steps each (after warm-up steps).
+Three networks, batch 100, float32, Adam, cross-entropy, random MNIST-shaped batches:
 
-Goal (issue 2): lowbit at least as fast as PyTorch CPU (ratio >= 1.0).
+* ``deep_convnet``: the chapter-8 DeepConvNet (``lowbit.zoo.deep_convnet``), float.
+* ``bnn_mlp``: ``lowbit.zoo.bnn_mlp(hidden=(1024,) * 3)``, binary weights and activations.
+* ``binary_cnn``: ``lowbit.zoo.binary_cnn()``, binary convolutions.
 
-A third contender, ``lowbit_mixed16``, trains the same network with lowbit's mixed precision
-(:func:`lowbit.mixed_precision.mixed_precision_step`: float16 forward/backward, float32 master
-weights, dynamic loss scaling) in the same repeats; ``ratio_mixed16_over_fp32`` is what the float16
-emulation costs on numpy (a CPU has no float16 matrix units: it is there to match a GPU's numerics,
-not to be fast).
+The PyTorch side of the two binary networks is their float simulation, layer for layer: the sign is
+Larq's ``ste_sign`` (forward ``+1 if x >= 0 else -1``, backward ``dy * (|x| <= 1)``, a
+``torch.autograd.Function``) on the binary layers' latent weights and inputs, the weights are
+multiplied in float32 (``F.linear`` / ``F.conv2d``), BatchNorm as ``nn.BatchNorm1d/2d(eps=1e-4,
+momentum=0.1)``, Adam (``torch.optim.Adam``, BinaryNet's per-layer Glorot learning-rate factor for
+``bnn_mlp`` as lowbit), then the latent weights clipped to [-1, 1] (``clamp_`` under ``no_grad``).
+8-bit input codes (``PixelCodes`` / ``DoReFaActivation(8)``) are rounded with a straight-through
+gradient on both sides.
 
-If ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` are set they slow numpy's OpenBLAS; ``--unset-openblas-env``
-re-executes this script without them (for this process only) and the JSON records which BLAS
-kernel numpy then used.
+Contenders, timed in one process and interleaved repeat by repeat (so both see the same machine
+load): ``lowbit`` (compiled kernels, ``lowbit.kernels.float_ops``), ``lowbit_reference`` (the
+numpy reference ops, ``lowbit.functions.use_fast_ops(False)``), ``torch``, and at 2 or more threads
+``lowbit_kernels_1thread`` (the compiled float kernels held to one thread by
+``lowbit.kernels.float_ops.set_threads(1)`` while BLAS and the binary kernels keep all: whether
+their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
+deep_convnet in lowbit's mixed precision (float16 emulated on numpy: what matching a GPU's numerics
+costs on a CPU, ``lowbit_mixed16_over_lowbit``).  Figures are medians
+over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
+Each thread count in ``--threads`` sets numpy's BLAS (threadpoolctl), Numba's and torch's threads.
+The per-op table times every layer type's forward and backward and the optimizer step for both
+lowbit contenders (median over ``--profile-steps`` instrumented steps, run apart from the timed
+repeats).  The JSON records the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load.
 
-Writes ``experiments/results/bench_training.json``.
+If ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` are set they slow numpy's OpenBLAS;
+``--unset-openblas-env`` re-executes this script without them (for this process only) and the JSON
+records the BLAS kernel numpy then used.
+
+Writes ``experiments/results/bench_training.json`` and a Markdown table beside it.
 
 Usage::
 
-    python experiments/bench_training.py              # full: 7 repeats x 20 steps
-    python experiments/bench_training.py --quick      # 3 repeats x 5 steps
+    python experiments/bench_training.py                      # 7 repeats x 10 steps, threads 1 2
+    python experiments/bench_training.py --quick              # 3 repeats x 3 steps
+    python experiments/bench_training.py --networks bnn_mlp --threads 1
+    python experiments/bench_training.py --retain-freed-memory    # no page faults (lowbit.memory)
+    python experiments/bench_training.py --networks deep_convnet --mixed16
 """
 from __future__ import annotations
 
@@ -32,12 +50,15 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NETWORKS = ("deep_convnet", "bnn_mlp", "binary_cnn")
+BNN_HIDDEN = (1024, 1024, 1024)
 
 
 def blas_info():
@@ -47,6 +68,80 @@ def blas_info():
         return [{"note": "threadpoolctl not installed"}]
     return [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
                                    "filepath")} for d in threadpool_info()]
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor()
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# -- PyTorch twins ---------------------------------------------------------------------------------
+
+
+def torch_modules(torch):
+    nn = torch.nn
+    fn = torch.nn.functional
+
+    class SteSign(torch.autograd.Function):
+        """Larq's ste_sign: sign with sign(0) = +1, gradient dy * (|x| <= 1)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, dy):
+            (x,) = ctx.saved_tensors
+            return dy * (x.abs() <= 1).to(dy.dtype)
+
+    class RoundCodes(torch.autograd.Function):
+        """rint(clip(x, 0, 1) * 255) / 255 with a straight-through gradient inside [0, 1]."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.round(x.clamp(0, 1) * 255) / 255
+
+        @staticmethod
+        def backward(ctx, dy):
+            (x,) = ctx.saved_tensors
+            return dy * ((x >= 0) & (x <= 1)).to(dy.dtype)
+
+    class BinaryLinear(nn.Linear):
+        def __init__(self, n_in, n_out, sign_input, bias=False):
+            super().__init__(n_in, n_out, bias=bias)
+            self.sign_input = sign_input
+            nn.init.uniform_(self.weight, -1, 1)
+
+        def forward(self, x):
+            if self.sign_input:
+                x = SteSign.apply(x)
+            return fn.linear(x, SteSign.apply(self.weight), self.bias)
+
+    class BinaryConv(nn.Conv2d):
+        def __init__(self, c_in, c_out):
+            super().__init__(c_in, c_out, 3, padding=1, bias=False)
+            nn.init.xavier_uniform_(self.weight)
+
+        def forward(self, x):
+            return fn.conv2d(SteSign.apply(x), SteSign.apply(self.weight), None, 1, 1)
+
+    class Sign(nn.Module):
+        def forward(self, x):
+            return SteSign.apply(x)
+
+    class Codes(nn.Module):
+        def forward(self, x):
+            return RoundCodes.apply(x)
+
+    return SteSign, BinaryLinear, BinaryConv, Sign, Codes
 
 
 def torch_deep_convnet(torch):
@@ -65,22 +160,307 @@ def torch_deep_convnet(torch):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    return model, torch.optim.Adam(model.parameters(), lr=0.001), []
+
+
+def torch_bnn_mlp(torch):
+    nn = torch.nn
+    _, BinaryLinear, _, Sign, Codes = torch_modules(torch)
+    layers = [Codes(), nn.Flatten(), nn.Dropout(0.2)]
+    width = 784
+    binary = []
+    groups = []
+    for h in BNN_HIDDEN + (10,):
+        dense = BinaryLinear(width, h, sign_input=False)
+        binary.append(dense)
+        groups.append({"params": [dense.weight], "lr": 0.001 / (1.5 / (width + h)) ** 0.5})
+        layers += [dense, nn.BatchNorm1d(h, eps=1e-4, momentum=0.1)]
+        if h != 10:
+            layers += [Sign(), nn.Dropout(0.5)]
+        width = h
+    model = nn.Sequential(*layers)
+    others = [p for m in model.modules() if isinstance(m, nn.BatchNorm1d) for p in m.parameters()]
+    groups.append({"params": others, "lr": 0.001})
+    return model, torch.optim.Adam(groups), [m.weight for m in binary]
+
+
+def torch_binary_cnn(torch):
+    nn = torch.nn
+    _, BinaryLinear, BinaryConv, Sign, Codes = torch_modules(torch)
+    first = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+    convs = [BinaryConv(32, 32), BinaryConv(32, 64), BinaryConv(64, 64)]
+    dense = BinaryLinear(64 * 7 * 7, 256, sign_input=True)
+    nn.init.xavier_uniform_(dense.weight)
+
+    class FloatLast(nn.Module):  # sign on the input, float weights and bias (keep_last=True)
+        def __init__(self, linear, sign):
+            super().__init__()
+            self.linear, self.sign = linear, sign
+
+        def forward(self, x):
+            return self.linear(self.sign(x))
+
+    def bn(c):
+        return nn.BatchNorm2d(c, eps=1e-4, momentum=0.1)
+
+    model = nn.Sequential(
+        Codes(), first, bn(32),
+        convs[0], nn.MaxPool2d(2), bn(32),
+        convs[1], bn(64),
+        convs[2], nn.MaxPool2d(2), bn(64),
+        nn.Flatten(), dense, nn.BatchNorm1d(256, eps=1e-4, momentum=0.1),
+        FloatLast(nn.Linear(256, 10), Sign()),
+    )
+    return model, torch.optim.Adam(model.parameters(), lr=0.001), [c.weight for c in convs] + [dense.weight]
+
+
+TORCH_BUILDERS = {"deep_convnet": torch_deep_convnet, "bnn_mlp": torch_bnn_mlp,
+                  "binary_cnn": torch_binary_cnn}
+
+
+def lowbit_model(name):
+    from lowbit.zoo import binary_cnn, bnn_mlp, deep_convnet
+
+    if name == "deep_convnet":
+        return deep_convnet(seed=0)
+    if name == "bnn_mlp":
+        return bnn_mlp(seed=0, hidden=BNN_HIDDEN)
+    return binary_cnn(seed=0)
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+class LowbitRunner:
+    """One lowbit model trained with the compiled kernels (``fast``) or the reference ops."""
+
+    def __init__(self, name, batches, fast, kernel_threads=None):
+        from lowbit.losses import SoftmaxCrossEntropy
+        from lowbit.optimizers import Adam
+
+        self.model = lowbit_model(name)
+        self.loss = SoftmaxCrossEntropy()
+        self.opt = Adam(0.001)
+        self.batches = batches
+        self.fast = fast
+        self.kernel_threads = kernel_threads
+        self.i = 0
+
+    def steps(self, n):
+        from lowbit.functions import use_fast_ops
+        from lowbit.kernels import float_ops
+
+        previous = use_fast_ops(self.fast)
+        threads = float_ops.set_threads(self.kernel_threads)
+        try:
+            for _ in range(n):
+                x, y = self.batches[self.i % len(self.batches)]
+                self.i += 1
+                self.loss.forward(self.model.forward(x, train=True), y)
+                self.model.backward(self.loss.backward())
+                self.opt.step(self.model)
+        finally:
+            use_fast_ops(previous)
+            float_ops.set_threads(threads)
+
+    def profile(self, n):
+        """Per-op milliseconds per step (median over ``n`` steps): every layer type's forward and
+        backward, and the optimizer step (with the weight clip)."""
+        records = []
+        timers = {}
+        layers = [layer for _, layer in self.model.named_layers() if not layer.children()]
+
+        def wrap(layer, method):
+            original = getattr(layer, method)
+            key = f"{type(layer).__name__}.{method}"
+
+            def timed(*args, **kwargs):
+                t0 = time.perf_counter()
+                out = original(*args, **kwargs)
+                timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
+                return out
+            setattr(layer, method, timed)
+
+        for layer in layers:
+            wrap(layer, "forward")
+            wrap(layer, "backward")
+        original_step = self.opt.step
+
+        def timed_step(model, lr=None):
+            t0 = time.perf_counter()
+            original_step(model, lr)
+            timers["Adam.step+clip"] = timers.get("Adam.step+clip", 0.0) + time.perf_counter() - t0
+
+        self.opt.step = timed_step
+        try:
+            for _ in range(n):
+                timers.clear()
+                t0 = time.perf_counter()
+                self.steps(1)
+                timers["total"] = time.perf_counter() - t0
+                records.append(dict(timers))
+        finally:
+            for layer in layers:
+                del layer.forward, layer.backward  # back to the class methods
+            del self.opt.step
+        keys = sorted({k for r in records for k in r})
+        return {k: 1000 * statistics.median(r.get(k, 0.0) for r in records) for k in keys}
+
+
+class MixedRunner(LowbitRunner):
+    """lowbit's mixed precision (float16 forward/backward emulated on numpy, float32 master weights,
+    dynamic loss scaling: :func:`lowbit.mixed_precision.mixed_precision_step`), compiled kernels on."""
+
+    def __init__(self, name, batches):
+        from lowbit.mixed_precision import LossScaler
+
+        super().__init__(name, batches, True)
+        self.scaler = LossScaler()
+
+    def steps(self, n):
+        from lowbit.mixed_precision import mixed_precision_step
+
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            mixed_precision_step(self.model, self.loss, self.opt, self.scaler, x, y, 0.001)
+
+
+class TorchRunner:
+    def __init__(self, torch, name, batches):
+        self.torch = torch
+        self.model, self.opt, self.clipped = TORCH_BUILDERS[name](torch)
+        self.model.train()
+        self.loss = torch.nn.CrossEntropyLoss()
+        self.batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+        self.i = 0
+
+    def steps(self, n):
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            self.opt.zero_grad(set_to_none=True)
+            self.loss(self.model(x), y).backward()
+            self.opt.step()
+            if self.clipped:
+                with self.torch.no_grad():
+                    for w in self.clipped:
+                        w.clamp_(-1, 1)
+
+
+def set_threads(threads, torch):
+    """numpy's BLAS, torch and Numba on ``threads`` threads; returns a function that restores them."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    limits = threadpool_limits(threads)
+    previous = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+    def restore():
+        limits.restore_original_limits()
+        torch.set_num_threads(previous[0])
+        numba.set_num_threads(previous[1])
+    return restore
+
+
+def bench_network(name, threads, args, torch, progress):
+    rng = np.random.default_rng(0)
+    bs = args.batch_size
+    batches = [(rng.random((bs, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, bs))
+               for _ in range(4)]
+    runners = {"lowbit": LowbitRunner(name, batches, True),
+               "lowbit_reference": LowbitRunner(name, batches, False),
+               "torch": TorchRunner(torch, name, batches)}
+    if args.mixed16 and name == "deep_convnet":
+        runners["lowbit_mixed16"] = MixedRunner(name, batches)
+    if threads > 1:
+        # the compiled kernels on one thread while BLAS has all: whether their prange pays here
+        runners["lowbit_kernels_1thread"] = LowbitRunner(name, batches, True, kernel_threads=1)
+    for runner in runners.values():
+        runner.steps(args.warmup)
+    rates = {key: [] for key in runners}
+    for _ in range(args.repeats):
+        for key, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.steps(args.steps)
+            rates[key].append(args.steps * bs / (time.perf_counter() - t0))
+        progress.update(1)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    paired = {
+        "lowbit_over_torch": statistics.median(a / b for a, b in zip(rates["lowbit"], rates["torch"])),
+        "lowbit_reference_over_torch": statistics.median(
+            a / b for a, b in zip(rates["lowbit_reference"], rates["torch"])),
+        "lowbit_over_lowbit_reference": statistics.median(
+            a / b for a, b in zip(rates["lowbit"], rates["lowbit_reference"])),
+    }
+    if "lowbit_mixed16" in rates:
+        paired["lowbit_mixed16_over_lowbit"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit_mixed16"], rates["lowbit"]))
+    if "lowbit_kernels_1thread" in rates:
+        paired["lowbit_over_lowbit_kernels_1thread"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit"], rates["lowbit_kernels_1thread"]))
+    # profile() wraps the layers of a LowbitRunner's model; the mixed runner is left out
+    ops = {"after": runners["lowbit"].profile(args.profile_steps),
+           "before": runners["lowbit_reference"].profile(args.profile_steps)}
+    return {"images_per_second": rates, "median_images_per_second": med,
+            "median_paired_ratio": paired, "op_ms_per_step": ops}
+
+
+def markdown(result):
+    lines = [f"# {result['benchmark']}", "",
+             f"CPU: {result['machine']['cpu_model']}; BLAS: {result['blas_kernel']}; "
+             f"retain_freed_memory: {result['retain_freed_memory']}; "
+             f"load average before/after: {result['machine']['loadavg_before']} / "
+             f"{result['machine']['loadavg_after']}", "",
+             f"Command: `{result['command']}`", "",
+             "| network | threads | lowbit img/s | reference ops img/s | PyTorch img/s | lowbit / PyTorch "
+             "| reference / PyTorch | lowbit / reference | kernels on all threads / on one |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in result["runs"]:
+        med, ratio = run["median_images_per_second"], run["median_paired_ratio"]
+        lines.append(f"| {run['network']} | {run['threads']} | {med['lowbit']:.0f} | "
+                     f"{med['lowbit_reference']:.0f} | {med['torch']:.0f} | "
+                     f"{ratio['lowbit_over_torch']:.2f}x | {ratio['lowbit_reference_over_torch']:.2f}x | "
+                     f"{ratio['lowbit_over_lowbit_reference']:.2f}x | "
+                     f"{ratio.get('lowbit_over_lowbit_kernels_1thread', 1.0):.2f}x |")
+    for run in result["runs"]:
+        ops = run["op_ms_per_step"]
+        lines += ["", f"## {run['network']}, {run['threads']} thread(s): ms per step, before (reference "
+                  "ops) and after (compiled kernels)", "", "| op | before | after |", "| --- | ---: | ---: |"]
+        keys = sorted(set(ops["before"]) | set(ops["after"]), key=lambda k: (k == "total", k))
+        for key in keys:
+            lines.append(f"| {key} | {ops['before'].get(key, 0):.2f} | {ops['after'].get(key, 0):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--profile-steps", type=int, default=5, help="instrumented steps for the per-op table")
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 repeats x 3 steps, 3 profiled steps")
+    parser.add_argument("--mixed16", action="store_true",
+                        help="also time deep_convnet in lowbit's mixed precision (float16 emulated on numpy)")
     parser.add_argument("--unset-openblas-env", action="store_true")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="lowbit.memory.retain_freed_memory() first: freed blocks stay in the heap, "
+                             "no page faults for per-step buffers (applies to the whole process: torch too)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_training.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.warmup = 5, 3, 1
+        args.steps, args.repeats, args.warmup, args.profile_steps = 3, 3, 1, 3
+    for name in ("steps", "repeats", "profile_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(t < 1 for t in args.threads):
+        parser.error(f"--threads must be >= 1, got {args.threads}")
 
     unset = []
     if args.unset_openblas_env:
@@ -89,83 +469,60 @@ def main(argv=None):
             env = {k: v for k, v in os.environ.items() if k not in unset}
             os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
-    from threadpoolctl import threadpool_limits
     import torch
+    from tqdm import tqdm
 
-    from lowbit.losses import SoftmaxCrossEntropy
-    from lowbit.mixed_precision import LossScaler, mixed_precision_step
-    from lowbit.optimizers import Adam
     from lowbit.trainer import write_json_atomic
-    from lowbit.zoo import deep_convnet
 
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
-    rng = np.random.default_rng(0)
-    bs = args.batch_size
-    batches = [(rng.random((bs, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, bs))
-               for _ in range(8)]
+    retained = False
+    if args.retain_freed_memory:
+        from lowbit.memory import retain_freed_memory
 
-    model = deep_convnet(seed=0)
-    loss = SoftmaxCrossEntropy()
-    opt = Adam(0.001)
-
-    def lowbit_steps(n):
-        for i in range(n):
-            x, y = batches[i % len(batches)]
-            scores = model.forward(x, train=True)
-            loss.forward(scores, y)
-            model.backward(loss.backward())
-            opt.step(model)
-
-    mixed_model, mixed_loss, mixed_opt, scaler = deep_convnet(seed=0), SoftmaxCrossEntropy(), Adam(0.001), LossScaler()
-
-    def mixed16_steps(n):
-        for i in range(n):
-            x, y = batches[i % len(batches)]
-            mixed_precision_step(mixed_model, mixed_loss, mixed_opt, scaler, x, y, 0.001)
-
-    tmodel = torch_deep_convnet(torch)
-    tmodel.train()
-    topt = torch.optim.Adam(tmodel.parameters(), lr=0.001)
-    tbatches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
-    tloss = torch.nn.CrossEntropyLoss()
-
-    def torch_steps(n):
-        for i in range(n):
-            x, y = tbatches[i % len(tbatches)]
-            topt.zero_grad(set_to_none=True)
-            out = tloss(tmodel(x), y)
-            out.backward()
-            topt.step()
-
-    contenders = (("lowbit", lowbit_steps), ("torch", torch_steps), ("lowbit_mixed16", mixed16_steps))
-    for _, fn in contenders:
-        fn(args.warmup)
-    rates = {name: [] for name, _ in contenders}
-    for _ in range(args.repeats):
-        for name, fn in contenders:
-            t0 = time.perf_counter()
-            fn(args.steps)
-            rates[name].append(args.steps * bs / (time.perf_counter() - t0))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    ratio = med["lowbit"] / med["torch"]
-    mixed_ratio = med["lowbit_mixed16"] / med["lowbit"]
+        retained = retain_freed_memory()
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    runs = []
+    with tqdm(total=len(args.networks) * len(args.threads) * args.repeats, desc="repeats") as progress:
+        for threads in args.threads:
+            restore = set_threads(threads, torch)
+            try:
+                for name in args.networks:
+                    torch.manual_seed(0)
+                    runs.append({"network": name, "threads": threads,
+                                 **bench_network(name, threads, args, torch, progress)})
+            finally:
+                restore()
+    blas = blas_info()
     result = {
-        "benchmark": "DeepConvNet training images/s, lowbit vs PyTorch CPU",
-        "batch_size": bs, "steps_per_repeat": args.steps, "repeats": args.repeats,
-        "threads": args.threads, "images_per_second": rates, "median_images_per_second": med,
-        "ratio_lowbit_over_torch": ratio, "goal": ">= 1.0",
-        "ratio_mixed16_over_fp32": mixed_ratio, "mixed16_skipped_steps": scaler.skipped_steps,
-        "unset_env": unset, "blas": blas_info(), "torch": torch.__version__, "numpy": np.__version__,
+        "benchmark": "Training images/s on the CPU: lowbit (compiled kernels and reference ops) vs PyTorch",
+        "networks": {"deep_convnet": "lowbit.zoo.deep_convnet()", "bnn_mlp": f"lowbit.zoo.bnn_mlp(hidden={BNN_HIDDEN})",
+                     "binary_cnn": "lowbit.zoo.binary_cnn()"},
+        "torch_formulation": "float simulation; sign = Larq ste_sign (x >= 0 -> +1, grad dy * (|x| <= 1)) "
+                             "on binary weights and inputs; Adam, then latent binary weights clamp_(-1, 1)",
+        "batch_size": args.batch_size, "steps_per_repeat": args.steps, "repeats": args.repeats,
+        "warmup_steps": args.warmup, "profile_steps": args.profile_steps, "runs": runs,
+        "unset_env": unset, "retain_freed_memory": retained, "blas": blas,
+        "blas_kernel": ", ".join(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')}"
+                                 for b in blas if b.get("internal_api") in ("openblas", "mkl", "blis")),
+        "torch": torch.__version__, "numpy": np.__version__,
         "torch_backends": {"mkldnn": bool(torch.backends.mkldnn.is_available())},
-        "machine": {"python": platform.python_version(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "loadavg_before_after": os.getloadavg()},
-        "command": "python experiments/bench_training.py " + " ".join(argv or sys.argv[1:]),
+        "machine": {"cpu_model": cpu_model(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "loadavg_before": [round(v, 2) for v in load_before],
+                    "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "command": "python experiments/bench_training.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     write_json_atomic(args.out, result)
-    print(f"lowbit {med['lowbit']:.0f} img/s, torch {med['torch']:.0f} img/s, ratio {ratio:.2f} "
-          f"(goal >= 1.0); lowbit mixed16 {med['lowbit_mixed16']:.0f} img/s, {mixed_ratio:.2f}x float32 "
-          f"-> {args.out}")
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md + ".tmp", "w") as f:
+        f.write(markdown(result))
+    os.replace(md + ".tmp", md)
+    for run in runs:
+        r = run["median_paired_ratio"]
+        print(f"{run['network']:>13} {run['threads']} thread(s): lowbit/torch {r['lowbit_over_torch']:.2f}x, "
+              f"reference/torch {r['lowbit_reference_over_torch']:.2f}x, "
+              f"lowbit/reference {r['lowbit_over_lowbit_reference']:.2f}x")
+    print(f"{result['wall_seconds']} s -> {args.out}, {md}")
     return result
 
 

@@ -86,12 +86,13 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, prepare_conv_weights
 from .gemm import xnor_gemm
-from .pack import pack_signs, unpack_signs, words_for
+from .pack import pack_sign_columns, pack_signs, unpack_signs, words_for
 from .pool import maxpool_packed
 from .threshold import bn_sign_threshold, threshold_maxpool_pack, threshold_pack, threshold_signs
 
 __all__ = [
     "pack_signs",
+    "pack_sign_columns",
     "unpack_signs",
     "words_for",
     "xnor_gemm",

@@ -7,7 +7,7 @@ from numba import njit, prange
 from ._checks import array_kind, check_contiguous, check_int, check_packed, check_padding_bits, words_for
 from ._intrinsics import nan_word, sign_word
 
-__all__ = ["pack_signs", "unpack_signs", "words_for"]
+__all__ = ["pack_signs", "pack_sign_columns", "unpack_signs", "words_for"]
 
 # Real dtypes packed as they are; float16 is widened to float32 first (exact).
 _PACKABLE_KINDS = "fiu"
@@ -102,6 +102,65 @@ def pack_signs(x):
     if _pack_signs_cpu(values, packed):
         raise ValueError("x holds NaN, which has no sign; pack_signs needs finite or infinite values")
     return packed.reshape(out_shape)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _pack_sign_columns_cpu(values, packed):
+    """Pack the columns of ``values`` (k, m) float32 into ``packed`` (m, words): word ``w`` of column
+    ``j`` gathers rows ``64 w ..`` of it.  Rows are read whole (the loop over columns vectorizes);
+    returns the number of NaNs seen."""
+    k, m = values.shape
+    words = packed.shape[1]
+    nan_count = 0
+    for word_index in prange(words):
+        bits = np.zeros(m, dtype=np.uint64)
+        nans = 0
+        start = word_index * 64
+        zero = np.uint64(0)
+        for r in range(start, min(start + 64, k)):
+            row = values[r]
+            bit = np.uint64(1) << np.uint64(r - start)
+            for j in range(m):
+                v = row[j]
+                bits[j] |= bit if v >= 0 else zero  # a select: vectorizes, a shifted bool does not
+                nans += v != v
+        for j in range(m):
+            packed[j, word_index] = bits[j]
+        nan_count += nans
+    return nan_count
+
+
+def pack_sign_columns(x):
+    """Pack the signs of a 2-D array's columns: ``pack_signs(x.T)`` without the transposed copy.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, float32, shape (K, M), C-contiguous
+        A dense layer's weights ``(in_features, out_features)``: the result holds one packed row per
+        output unit, the layout ``xnor_gemm`` takes for its right operand.
+
+    Returns
+    -------
+    packed : numpy.ndarray, uint64, shape (M, ceil(K / 64)); padding bits 0.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a numpy float32 array.
+    ValueError
+        ``x`` is not 2-D or not C-contiguous, or holds NaN.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy array, got {type(x).__module__}.{type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"x must have dtype float32, got {x.dtype.name}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (K, M), got shape {tuple(x.shape)}")
+    check_contiguous("x", x)
+    packed = np.empty((x.shape[1], words_for(x.shape[0])), dtype=np.uint64)
+    if _pack_sign_columns_cpu(x, packed):
+        raise ValueError("x holds NaN, which has no sign; pack_sign_columns needs finite or infinite values")
+    return packed
 
 
 def unpack_signs(packed, k, dtype=np.float32):

@@ -9,14 +9,43 @@ Convolution layout
 patch buffer is filled with ``KH*KW`` strided copies rather than a Python loop over pixels.  The input
 is padded with zeros; padded positions contribute 0 to the dot product (this is the padding rule the
 packed binary convolution in :mod:`lowbit.kernels` reproduces exactly).
+
+Fast paths
+----------
+On numpy float32 arrays the ops below that have one run a compiled kernel from
+``lowbit.kernels.float_ops`` (one pass over memory, shared out to the cores) instead of their
+numpy body: max pooling, ReLU, training-mode BatchNorm, sign with its NaN check, the
+straight-through gradient and the Adam update; convolutions and dense products of +-1 operands run
+on the XNOR-popcount kernels (:func:`binary_conv2d_pm1`, :func:`binary_matmul_pm1`).  im2col and
+col2im stay numpy's strided copies: compiled versions measured no faster (both are bound by memory
+traffic and, for fresh buffers, by page faults; see :func:`retain_freed_memory`).  The numpy body stays the reference, and the path
+for CuPy arrays and other dtypes.  Every kernel gives the reference's values bit for bit except the
+BatchNorm ones (float64 sums; equal to float32 rounding).  ``use_fast_ops(False)`` (or the
+``reference_ops()`` context) selects the reference bodies everywhere, for tests and benchmarks.
 """
 from __future__ import annotations
 
 import numpy as np
 
+import contextlib
+
 from .backend import get_array_module
 
 __all__ = [
+    "use_fast_ops",
+    "fast_ops_enabled",
+    "reference_ops",
+    "relu",
+    "relu_backward",
+    "sign",
+    "ste_grad",
+    "batchnorm_axes",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "adam_update",
+    "binary_product_available",
+    "binary_conv2d_pm1",
+    "binary_matmul_pm1",
     "matmul",
     "conv_output_size",
     "pad2d",
@@ -25,6 +54,66 @@ __all__ = [
     "pool_forward",
     "pool_backward",
 ]
+
+
+_fast_ops = True
+
+
+def use_fast_ops(enabled: bool = True) -> bool:
+    """Select the compiled CPU kernels (True, the default) or the numpy reference bodies (False) for
+    the ops that have both; returns the previous setting."""
+    global _fast_ops
+    previous = _fast_ops
+    _fast_ops = bool(enabled)
+    return previous
+
+
+def fast_ops_enabled() -> bool:
+    return _fast_ops
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """``with reference_ops(): ...`` runs the numpy reference bodies, then restores the setting."""
+    previous = use_fast_ops(False)
+    try:
+        yield
+    finally:
+        use_fast_ops(previous)
+
+
+def _fast(*arrays):
+    """True when the compiled kernels take these arrays: fast ops on, all numpy float32."""
+    if not _fast_ops:
+        return False
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype != np.float32:
+            return False
+    return True
+
+
+def _same_layout(*arrays):
+    """The arrays (of one shape) as an elementwise kernel takes them: in the memory layout of the
+    first, which may be C-contiguous or a permuted view of a C-contiguous buffer (a convolution's
+    NCHW view of its CNHW output).  Only arrays in another layout are copied, into the first's, so
+    the result (made in that layout too) stays in it for the next layer."""
+    first = arrays[0]
+    if _kernels().dense_flat(first) is None:
+        first = np.ascontiguousarray(first)
+    out = [first]
+    for a in arrays[1:]:
+        if a.strides != first.strides and not (a.flags.c_contiguous and first.flags.c_contiguous):
+            copy = np.empty_like(first)
+            np.copyto(copy, a)
+            a = copy
+        out.append(a)
+    return out
+
+
+def _kernels():
+    from lowbit.kernels import float_ops  # deferred: importing Numba kernels costs at first use only
+
+    return float_ops
 
 
 def matmul(a, b, keep_float32=False):
@@ -120,6 +209,8 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
     (``count_include_pad``, the divisor is always KH*KW).
     """
     xp = get_array_module(x)
+    if mode == "max" and _fast(x):
+        return _kernels().maxpool2d(np.ascontiguousarray(x), kh, kw, stride, padding)
     if mode == "max":
         out = None
         arg = None
@@ -143,6 +234,9 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
 
 def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding: int, mode: str):
     """Gradient of :func:`pool_forward` with respect to its input."""
+    if mode == "max" and _fast(dout) and isinstance(argmax, np.ndarray):
+        return _kernels().maxpool2d_backward(np.ascontiguousarray(dout), np.ascontiguousarray(argmax),
+                                             tuple(x_shape), kh, kw, stride, padding)
     xp = get_array_module(dout)
     n, c, h, w = x_shape
     oh, ow = dout.shape[2], dout.shape[3]
@@ -166,3 +260,146 @@ def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding:
     if padding:
         dx = dx[:, :, padding:-padding, padding:-padding]
     return dx
+
+
+def relu(x):
+    """``where(x > 0, x, 0)`` (NaN and -0.0 give +0.0); keep the output for :func:`relu_backward`."""
+    if _fast(x):
+        return _kernels().relu(*_same_layout(x))
+    # a select, not x * mask: numpy has no vectorised float16 multiply, and where() copies bits
+    return get_array_module(x).where(x > 0, x, x.dtype.type(0))
+
+
+def relu_backward(y, dout):
+    """Gradient of :func:`relu` from its output ``y``: ``where(y > 0, dout, 0)`` (``y > 0`` exactly
+    where the input was)."""
+    if _fast(y, dout) and y.shape == dout.shape:
+        return _kernels().relu_backward(*_same_layout(y, dout))
+    return get_array_module(dout).where(y > 0, dout, dout.dtype.type(0))
+
+
+def sign(x, owner="sign"):
+    """``+1 where x >= 0 else -1`` in the dtype of ``x`` (``sign(-0.0) = +1``).
+
+    Raises ``ValueError`` naming ``owner`` when ``x`` holds NaN (it has no sign), and ``TypeError``
+    when ``x`` is not a float array.  On numpy float32, the check and the signs are one pass.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or dtype.kind != "f":
+        raise TypeError(
+            f"{owner} expects a float array, got "
+            f"{'dtype ' + str(dtype) if dtype is not None else type(x).__name__}"
+        )
+    if _fast(x):
+        q, has_nan = _kernels().sign_ste(*_same_layout(x))
+    else:
+        has_nan = bool(get_array_module(x).isnan(x).any())
+        if not has_nan:
+            q = (x >= 0).astype(x.dtype)
+            q *= 2
+            q -= 1
+    if has_nan:
+        raise ValueError(f"{owner} got NaN input (NaN has no quantized value)")
+    return q
+
+
+def ste_grad(x, dout, clip):
+    """Straight-through gradient of a clipped rounding: ``dout * (|x| <= clip)``."""
+    if _fast(x, dout) and x.shape == dout.shape:
+        return _kernels().ste_grad(*_same_layout(x, dout), clip)
+    return dout * (abs(x) <= clip)
+
+
+def batchnorm_forward(x, gamma, beta, eps):
+    """Training-mode batch normalisation over every axis but 1 of ``x`` (N, C) or (N, C, H, W).
+
+    Returns ``(out, xn, mean, var, inv_std)``: ``out = gamma * xn + beta`` with
+    ``xn = (x - mean) * inv_std``, ``inv_std = 1 / sqrt(var + eps)``, the biased batch variance, and
+    per-channel arrays (C,) in the dtype of ``x``.
+    """
+    if _fast(x, gamma, beta) and x.ndim in (2, 4):
+        return _kernels().batchnorm_forward(np.ascontiguousarray(x), np.ascontiguousarray(gamma),
+                                            np.ascontiguousarray(beta), eps)
+    xp = get_array_module(x)
+    axes, bshape = batchnorm_axes(x)
+    mean = x.mean(axis=axes)
+    xc = x - mean.reshape(bshape)
+    var = (xc * xc).mean(axis=axes)
+    inv_std = (1.0 / xp.sqrt(var + np.float32(eps))).astype(x.dtype, copy=False)
+    xn = xc * inv_std.reshape(bshape)
+    out = gamma.reshape(bshape) * xn + beta.reshape(bshape)
+    return out, xn, mean, var, inv_std
+
+
+def batchnorm_backward(dout, xn, gamma, inv_std):
+    """Gradient of training-mode :func:`batchnorm_forward` from its cached ``xn`` and ``inv_std``:
+    ``(dx, dgamma, dbeta)``."""
+    if _fast(dout, xn, gamma, inv_std) and dout.ndim in (2, 4) and dout.shape == xn.shape:
+        return _kernels().batchnorm_backward(np.ascontiguousarray(dout), np.ascontiguousarray(xn),
+                                             np.ascontiguousarray(gamma), np.ascontiguousarray(inv_std))
+    axes, bshape = batchnorm_axes(dout)
+    dbeta = dout.sum(axis=axes)
+    dgamma = (dout * xn).sum(axis=axes)
+    dxn = dout * gamma.reshape(bshape)
+    # d/dx of (x - mean) * inv_std with batch statistics, in the compact form.
+    dx = (dxn - dxn.mean(axis=axes).reshape(bshape)
+          - xn * (dxn * xn).mean(axis=axes).reshape(bshape)) * inv_std.reshape(bshape)
+    return dx, dgamma, dbeta
+
+
+def batchnorm_axes(x):
+    """BatchNorm's reduction axes and the broadcast shape of per-channel arrays for (N, C) or (N, C, H, W)."""
+    if x.ndim == 2:
+        return (0,), (1, -1)
+    if x.ndim == 4:
+        return (0, 2, 3), (1, -1, 1, 1)
+    raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W), got shape {x.shape}")
+
+
+def adam_update(param, grad, m, v, c1, c2, step, eps, bounds=None):
+    """Adam's update of ``param`` and its moments in place: ``m += c1 (g - m); v += c2 (g^2 - v);
+    param -= step * m / (sqrt(v) + eps)``, float32 scalars; then ``clip(param, *bounds)`` when
+    ``bounds`` is given."""
+    if (_fast(param, grad, m, v) and param.flags.c_contiguous and grad.shape == param.shape
+            and m.flags.c_contiguous and v.flags.c_contiguous):
+        _kernels().adam_update(param, np.ascontiguousarray(grad), m, v, c1, c2, step, eps, bounds)
+        return
+    xp = get_array_module(param)
+    m += np.float32(c1) * (grad - m)
+    v += np.float32(c2) * (grad * grad - v)
+    param -= np.float32(step) * m / (xp.sqrt(v) + np.float32(eps))
+    if bounds is not None:
+        xp.clip(param, bounds[0], bounds[1], out=param)
+
+
+def binary_product_available(*arrays):
+    """True when :func:`binary_conv2d_pm1` / :func:`binary_matmul_pm1` take these arrays (fast ops on,
+    numpy float32); the caller still has to know that they hold only +-1."""
+    return _fast(*arrays)
+
+
+def binary_conv2d_pm1(xq, wq, stride: int, padding: int):
+    """Convolution of +-1 float32 ``xq`` (N, C, H, W) with +-1 float32 ``wq`` (O, C, KH, KW), zero
+    padding, through the XNOR-popcount kernel (``lowbit.kernels.binary_conv2d``).
+
+    Every value being +-1 and every sum an integer below 2^24, this equals the float convolution
+    (im2col and a float32 GEMM) bit for bit.  Returns C-contiguous float32 (N, O, OH, OW).
+    """
+    from lowbit.kernels import binary_conv2d, pack_signs, threshold_signs
+
+    channels = xq.shape[1]
+    packed_x = threshold_signs(xq, np.zeros(channels, np.float32), np.ones(channels, np.int8))
+    packed_w = pack_signs(np.ascontiguousarray(wq.transpose(0, 2, 3, 1)))
+    acc = binary_conv2d(packed_x, packed_w, channels, stride, padding)  # (N, OH, OW, O) int32
+    return np.ascontiguousarray(acc.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def binary_matmul_pm1(xq, wq):
+    """``xq @ wq`` of +-1 float32 ``xq`` (N, K) and ``wq`` (K, M) through the XNOR-popcount GEMM,
+    equal to the float32 product bit for bit (integer sums below 2^24); ``wq`` is packed by columns
+    in place of a transposed copy.  Returns float32 (N, M)."""
+    from lowbit.kernels import pack_sign_columns, pack_signs, xnor_gemm
+
+    k = xq.shape[1]
+    acc = xnor_gemm(pack_signs(np.ascontiguousarray(xq)), pack_sign_columns(np.ascontiguousarray(wq)), k)
+    return acc.astype(np.float32)

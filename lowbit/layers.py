@@ -27,7 +27,22 @@ import numpy as np
 
 from .backend import get_array_module, to_device
 from .draws import check_draws, uniform
-from .functions import col2im, conv_output_size, im2col, matmul, pool_backward, pool_forward
+from .functions import (
+    batchnorm_axes,
+    batchnorm_backward,
+    batchnorm_forward,
+    binary_conv2d_pm1,
+    binary_matmul_pm1,
+    binary_product_available,
+    col2im,
+    conv_output_size,
+    im2col,
+    matmul,
+    pool_backward,
+    pool_forward,
+    relu,
+    relu_backward,
+)
 from .initializers import initialize
 
 __all__ = [
@@ -215,6 +230,11 @@ class Affine(Layer):
     def input_grad(self, dx_eff):
         return dx_eff
 
+    def binary_operands(self):
+        """True when the effective input and weight hold only +-1 (binary twins override it): the
+        product may then run on the bit kernels, with the same result."""
+        return False
+
     def forward(self, x, train=False):
         if x.ndim < 2:
             raise ValueError(f"Affine expects (N, {self.in_features}), got an input of shape {x.shape}")
@@ -227,7 +247,11 @@ class Affine(Layer):
             )
         xq = self.effective_input(x, train)
         self._cache_x = xq
-        out = matmul(xq, self.effective_weight())
+        w = self.effective_weight()
+        if self.binary_operands() and binary_product_available(xq, w):
+            out = binary_matmul_pm1(xq, w)
+        else:
+            out = matmul(xq, w)
         if self.bias:
             out = out + self.b
         return out
@@ -284,6 +308,7 @@ class Conv2D(Layer):
     effective_input = Affine.effective_input
     weight_grad = Affine.weight_grad
     input_grad = Affine.input_grad
+    binary_operands = Affine.binary_operands
 
     def forward(self, x, train=False):
         _check_input(self, x, 4, f"(N, {self.in_channels}, H, W)")
@@ -292,6 +317,16 @@ class Conv2D(Layer):
                 f"Conv2D expects {self.in_channels} input channels, got {x.shape[1]} (shape {x.shape})"
             )
         xq = self.effective_input(x, train)
+        w = self.effective_weight()
+        self._cache_shape = x.shape
+        if self.binary_operands() and binary_product_available(xq, w):
+            # +-1 operands: the bit kernel, exact; the patches are built in backward, if it runs
+            out = binary_conv2d_pm1(xq, w, self.stride, self.padding)
+            if self.bias:
+                out += self.b[:, None, None]
+            self._cache_col = None
+            self._cache_binary_input = xq
+            return out
         if xq.dtype == np.float16 and get_array_module(xq) is np:
             # float16 on numpy: matmul multiplies in float32 anyway, so build (and cache) the 9x larger
             # patch buffer in float32 from the exact float16 values, cast once here instead of in
@@ -301,12 +336,11 @@ class Conv2D(Layer):
         col = im2col(xq, k, k, self.stride, self.padding)  # (C, K, K, N, OH, OW)
         n, oh, ow = col.shape[3:]
         col2d = col.reshape(-1, n * oh * ow)
-        w2d = self.effective_weight().reshape(self.out_channels, -1)
+        w2d = w.reshape(self.out_channels, -1)
         out = matmul(w2d, col2d)  # (O, N*OH*OW)
         if self.bias:
             out += self.b[:, None]
         self._cache_col = col2d
-        self._cache_shape = x.shape
         return out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
@@ -315,6 +349,10 @@ class Conv2D(Layer):
         d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
         k = self.kernel_size
         c = self.in_channels
+        if self._cache_col is None:  # the forward ran on the bit kernel
+            self._cache_col = im2col(self._cache_binary_input, k, k, self.stride, self.padding).reshape(
+                c * k * k, -1)
+            self._cache_binary_input = None
         # (col @ d2d.T).T, not d2d @ col.T: OpenBLAS runs the former several times faster for these
         # short-and-wide shapes (O x N*OH*OW times N*OH*OW x C*K*K).
         self.dW = self.weight_grad(matmul(self._cache_col, d2d.T).T.reshape(o, c, k, k))
@@ -415,13 +453,12 @@ class GlobalAvgPool2D(Layer):
 @register_layer
 class ReLU(Layer):
     def forward(self, x, train=False):
-        mask = x > 0
-        self._cache_mask = mask
-        # a select, not x * mask: numpy has no vectorised float16 multiply, and where() copies bits
-        return get_array_module(x).where(mask, x, x.dtype.type(0))
+        out = relu(x)
+        self._cache_out = out
+        return out
 
     def backward(self, dout):
-        return get_array_module(dout).where(self._cache_mask, dout, dout.dtype.type(0))
+        return relu_backward(self._cache_out, dout)
 
 
 @register_layer
@@ -536,15 +573,8 @@ class BatchNorm(Layer):
     def config(self):
         return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
 
-    def _axes(self, x):
-        if x.ndim == 2:
-            return (0,), (1, -1)
-        if x.ndim == 4:
-            return (0, 2, 3), (1, -1, 1, 1)
-        raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W), got shape {x.shape}")
-
     def forward(self, x, train=False):
-        axes, bshape = self._axes(x)
+        axes, bshape = batchnorm_axes(x)
         out_dtype = x.dtype
         if x.dtype == np.float16:  # statistics and normalisation in float32 (mixed precision)
             x = x.astype(np.float32)
@@ -553,35 +583,31 @@ class BatchNorm(Layer):
                 f"BatchNorm expects {self.num_features} features on axis 1, got shape {x.shape}"
             )
         if train:
-            mean = x.mean(axis=axes)
-            xc = x - mean.reshape(bshape)
-            var = (xc * xc).mean(axis=axes)
+            out, xn, mean, var, inv_std = batchnorm_forward(x, self.gamma, self.beta, self.eps)
             m = self.momentum
             self.running_mean = (m * self.running_mean + (1 - m) * mean).astype(np.float32)
             self.running_var = (m * self.running_var + (1 - m) * var).astype(np.float32)
         else:
+            xp = get_array_module(x)
             xc = x - self.running_mean.reshape(bshape)
-            var = self.running_var
-        xp = get_array_module(x)
-        inv_std = (1.0 / xp.sqrt(var + np.float32(self.eps))).astype(x.dtype, copy=False)
-        xn = xc * inv_std.reshape(bshape)
+            inv_std = (1.0 / xp.sqrt(self.running_var + np.float32(self.eps))).astype(x.dtype, copy=False)
+            xn = xc * inv_std.reshape(bshape)
+            out = self.gamma.reshape(bshape) * xn + self.beta.reshape(bshape)
         self._cache = (xn, inv_std, axes, bshape, train)
-        out = self.gamma.reshape(bshape) * xn + self.beta.reshape(bshape)
         return out.astype(out_dtype, copy=False)
 
     def backward(self, dout):
         xn, inv_std, axes, bshape, train = self._cache
         out_dtype = dout.dtype
         dout = dout.astype(xn.dtype, copy=False)
+        if train:
+            dx, self.dgamma, self.dbeta = batchnorm_backward(dout, xn, self.gamma, inv_std)
+            return dx.astype(out_dtype, copy=False)
+        # running statistics are constants
         self.dbeta = dout.sum(axis=axes)
         self.dgamma = (dout * xn).sum(axis=axes)
         dxn = dout * self.gamma.reshape(bshape)
-        if not train:  # running statistics are constants
-            return (dxn * inv_std.reshape(bshape)).astype(out_dtype, copy=False)
-        # d/dx of (x - mean) * inv_std with batch statistics, in the compact form.
-        dx = (dxn - dxn.mean(axis=axes).reshape(bshape)
-              - xn * (dxn * xn).mean(axis=axes).reshape(bshape)) * inv_std.reshape(bshape)
-        return dx.astype(out_dtype, copy=False)
+        return (dxn * inv_std.reshape(bshape)).astype(out_dtype, copy=False)
 
     def _clear_cache(self):
         self._cache = None

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
+from .functions import adam_update
 
 __all__ = [
     "Optimizer", "SGD", "Momentum", "AdaGrad", "Adam", "OPTIMIZERS", "get_optimizer",
@@ -26,6 +27,10 @@ class Optimizer:
 
     name = "optimizer"
     state_names: tuple = ()
+    # True when ``_update`` takes ``bounds=(low, high)`` and clips the parameter in its own pass: a
+    # layer that declares ``param_bounds = {"W": (-1, 1)}`` (and a ``bounds_applied`` set, emptied by
+    # its ``constrain()``) then has its weights clipped there instead of in a second pass.
+    fuses_bounds = False
 
     def __init__(self, lr=0.01):
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
@@ -46,7 +51,13 @@ class Optimizer:
             if grad is None:
                 continue
             scale = getattr(layer, "lr_multipliers", {}).get(attr, 1.0)
-            self._update(key, getattr(layer, attr), grad, lr * scale)
+            bounds = getattr(layer, "param_bounds", {}).get(attr) if self.fuses_bounds else None
+            if bounds is None:
+                self._update(key, getattr(layer, attr), grad, lr * scale)
+            else:
+                # the update clips in the same pass; the layer's constrain() then skips its clip
+                self._update(key, getattr(layer, attr), grad, lr * scale, bounds=bounds)
+                layer.bounds_applied.add(attr)
         model.constrain()
 
     def _slot(self, name, key, like):
@@ -176,7 +187,9 @@ class Adam(Optimizer):
     def config(self):
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
 
-    def _update(self, key, p, g, lr):
+    fuses_bounds = True
+
+    def _update(self, key, p, g, lr, bounds=None):
         xp = get_array_module(p)
         m = self._slot("m", key, p)
         v = self._slot("v", key, p)
@@ -186,10 +199,11 @@ class Adam(Optimizer):
         if self.fused and xp is not np and p.dtype == g.dtype == m.dtype == v.dtype == np.float32:
             _fused_adam()(g, np.float32(1 - b1), np.float32(1 - b2), np.float32(step), np.float32(self.eps),
                           p, m, v)
+            if bounds is not None:
+                xp.clip(p, bounds[0], bounds[1], out=p)
             return
-        m += np.float32(1 - b1) * (g - m)
-        v += np.float32(1 - b2) * (g * g - v)
-        p -= np.float32(step) * m / (xp.sqrt(v) + np.float32(self.eps))
+        # numpy float32: one compiled pass (lowbit.kernels.float_ops); else the numpy expressions
+        adam_update(p, g, m, v, 1 - b1, 1 - b2, step, self.eps, bounds)
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}

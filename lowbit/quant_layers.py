@@ -37,7 +37,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .layers import Affine, Conv2D, Layer, register_layer
-from .quantizers import get_quantizer
+from .quantizers import SteSign, StochasticBinary, get_quantizer
 
 __all__ = ["QuantAffine", "QuantConv2D", "QuantActivation", "KERNEL_CONSTRAINTS", "glorot_lr_factor"]
 
@@ -51,6 +51,13 @@ def glorot_lr_factor(fan_in, fan_out):
     ``fan_in = C*KH*KW`` and ``fan_out = O*KH*KW``.)
     """
     return 1.0 / math.sqrt(1.5 / (fan_in + fan_out))
+
+
+def _plus_minus_one(quantizer):
+    """True when every output of ``quantizer`` is +1 or -1."""
+    if type(quantizer) is SteSign:
+        return quantizer.scale is None
+    return type(quantizer) is StochasticBinary
 
 
 class _StochasticRNG:
@@ -103,9 +110,17 @@ class _QuantKernel(_StochasticRNG):
             self.rng = stochastic[0].rng  # one generator per layer: one state in checkpoints
         self._cache_weight = None
         self._cache_input = None
+        self.bounds_applied = set()
 
     def _quantizers(self):
         return [self.input_quantizer, self.kernel_quantizer]
+
+    @property
+    def param_bounds(self):
+        """``{"W": (-1, 1)}`` under the clip constraint.  Read by
+        :meth:`lowbit.optimizers.Optimizer.step`: an optimizer that clips in its update pass adds
+        "W" to ``bounds_applied``, and :meth:`constrain` then skips its own clip once."""
+        return {"W": (-1.0, 1.0)} if self.kernel_constraint == "clip" else {}
 
     def _quant_config(self):
         return {"input_quantizer": self.input_quantizer.config(),
@@ -132,6 +147,11 @@ class _QuantKernel(_StochasticRNG):
         self._cache_input = x
         return self.input_quantizer(x, train)
 
+    def binary_operands(self):
+        """Both quantizers give only +-1 (an unscaled ``SteSign`` or a ``StochasticBinary``): the
+        float layer's product then runs on the XNOR-popcount kernels, bit for bit the same."""
+        return _plus_minus_one(self.input_quantizer) and _plus_minus_one(self.kernel_quantizer)
+
     def weight_grad(self, dW_eff):
         return self.kernel_quantizer.backward(self.W, dW_eff, channel_axis=self.kernel_channel_axis)
 
@@ -140,9 +160,10 @@ class _QuantKernel(_StochasticRNG):
 
     def constrain(self):
         """Clip the latent weights to [-1, 1] (``kernel_constraint="clip"``); drop the cached kernel."""
-        if self.kernel_constraint == "clip":
+        if self.kernel_constraint == "clip" and "W" not in self.bounds_applied:
             xp = get_array_module(self.W)
             xp.clip(self.W, -1, 1, out=self.W)
+        self.bounds_applied.clear()
         self._cache_weight = None
 
 

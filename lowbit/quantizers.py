@@ -47,6 +47,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .draws import check_draws, uniform
+from .functions import sign, ste_grad
 
 __all__ = [
     "QUANTIZERS",
@@ -89,14 +90,6 @@ def _check_bits(name, bits, low, high):
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not low <= bits <= high:
         raise ValueError(f"{name} bits must be an int in {low}..{high}, got {bits!r}")
     return int(bits)
-
-
-def _sign(x):
-    """+1 where ``x >= 0`` (``-0.0`` included), else -1, in the dtype of ``x``; one temporary."""
-    q = (x >= 0).astype(x.dtype)
-    q *= 2
-    q -= 1
-    return q
 
 
 def hard_sigmoid(x):
@@ -235,13 +228,12 @@ class SteSign(Quantizer):
         return abs(x).mean(axis=others, keepdims=True, dtype=x.dtype)
 
     def forward(self, x, train=False, channel_axis=None):
-        _check_array(self, x)
-        q = _sign(x)
+        q = sign(x, type(self).__name__)  # the NaN check and the signs in one pass
         alpha = self._alpha(x, channel_axis)
         return q if alpha is None else q * alpha
 
     def backward(self, x, dout, channel_axis=None):
-        grad = dout * (abs(x) <= self.clip)
+        grad = ste_grad(x, dout, self.clip)
         alpha = self._alpha(x, channel_axis)
         return grad if alpha is None else grad * alpha
 
@@ -283,9 +275,9 @@ class StochasticBinary(Quantizer):
         return cfg
 
     def forward(self, x, train=False, channel_axis=None):
-        xp = _check_array(self, x)
         if not train and self.deterministic_eval:
-            return _sign(x)
+            return sign(x, type(self).__name__)
+        xp = _check_array(self, x)
         u = uniform(self.rng, self.draws, x.shape, xp)
         q = (u < hard_sigmoid(x)).astype(x.dtype)
         q *= 2
@@ -293,7 +285,7 @@ class StochasticBinary(Quantizer):
         return q
 
     def backward(self, x, dout, channel_axis=None):
-        return dout * (abs(x) <= self.clip)
+        return ste_grad(x, dout, self.clip)
 
 
 class DoReFaActivation(Quantizer):

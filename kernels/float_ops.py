@@ -1,0 +1,664 @@
+"""Float32 CPU kernels for the non-GEMM work of training: pooling, ReLU, BatchNorm, sign, Adam.
+
+Like the rest of ``lowbit.kernels`` these know nothing of layers or autograd: arrays in, arrays
+out.  Each public function checks its arguments (numpy ``float32``, C-contiguous, consistent
+shapes; ``TypeError``/``ValueError`` naming the argument otherwise) and runs one private Numba
+kernel.  They have no CuPy body: ``lowbit.functions`` calls them only for numpy float32 arrays and
+keeps its array-module code (the reference, and the GPU path) for everything else.
+
+Each kernel does in one pass over memory what the reference does in several numpy passes, and
+reproduces the reference's float32 arithmetic:
+
+* ``maxpool2d`` / ``maxpool2d_backward``, ``relu`` / ``relu_backward``, ``sign_ste`` /
+  ``ste_grad`` and ``adam_update`` are **bit-exact** to the numpy expressions in
+  ``lowbit.functions``, ``lowbit.layers``, ``lowbit.quantizers`` and ``lowbit.optimizers``
+  (same float32 operations in the same order, no FMA contraction, no fast-math).
+* The elementwise kernels (ReLU, sign, STE) also take a permuted view of a C-contiguous array (a
+  convolution's NCHW view of its CNHW buffer) as it lies, and return the same layout.
+* ``batchnorm_forward`` / ``batchnorm_backward`` sum in float64 where numpy sums pairwise in float32,
+  so they agree with the reference to float32 rounding, not bit for bit.
+
+Kernels that run over large arrays share their loop out to the cores with ``prange``
+(``numba.set_num_threads`` sets how many).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._checks import check_contiguous, check_dtype, check_int, check_ndim
+
+__all__ = [
+    "set_threads",
+    "dense_flat",
+    "maxpool2d",
+    "maxpool2d_backward",
+    "relu",
+    "relu_backward",
+    "sign_ste",
+    "ste_grad",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "adam_update",
+]
+
+# Below this many elements an elementwise kernel runs on one thread: waking the pool costs more
+# than the pass (these kernels are bound by memory; a pass over 1 MiB takes tens of microseconds).
+_PARALLEL_MIN = 1 << 18
+_BLOCKS = 16
+_threads = None  # None: Numba's thread count; an int: this many threads for these kernels only
+
+
+def set_threads(threads=None):
+    """Threads for the parallel loops of these kernels only: ``None`` (the default) follows
+    ``numba.set_num_threads``; an int >= 1 caps them (capped again by ``NUMBA_NUM_THREADS``) while
+    the binary kernels keep Numba's count.  Returns the previous setting.
+
+    Why: these kernels are bound by memory traffic, and beside BLAS's threads (which spin between
+    GEMMs) a second thread may cost more than it gives (``experiments/bench_training.py`` measures
+    it: its ``lowbit_kernels_1thread`` contender).
+    """
+    global _threads
+    if threads is not None:
+        threads = check_int("threads", threads, 1)
+    previous = _threads
+    _threads = threads
+    return previous
+
+
+def _parallel(kernel, *args):
+    """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
+    if _threads is None:
+        return kernel(*args)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _check_float32(name, arr, ndim=None):
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
+    check_dtype(name, arr, np.float32)
+    if ndim is not None:
+        check_ndim(name, arr, ndim)
+    check_contiguous(name, arr)
+
+
+def _check_same_shape(name, arr, like_name, like):
+    if arr.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {like.shape}, got {arr.shape}")
+
+
+# -- max pooling -----------------------------------------------------------------------------------
+
+
+@njit(error_model="numpy", cache=True)
+def _maxpool_plane_unpadded(x, kernel_h, kernel_w, stride, out, arg):
+    """One (H, W) plane, no padding: the running maximum starts at tap 0 and takes a later tap only
+    when strictly greater (the first maximum wins; NaN at tap 0 stays)."""
+    out_h, out_w = out.shape
+    for oy in range(out_h):
+        for ox in range(out_w):
+            best = x[oy * stride, ox * stride]
+            best_tap = 0
+            for i in range(kernel_h):
+                row = x[oy * stride + i]
+                for j in range(kernel_w):
+                    v = row[ox * stride + j]
+                    if v > best:
+                        best = v
+                        best_tap = i * kernel_w + j
+            out[oy, ox] = best
+            arg[oy, ox] = best_tap
+
+
+@njit(error_model="numpy", cache=True)
+def _maxpool_plane_2x2(x, out, arg):
+    """The 2 x 2, stride 2, unpadded case of :func:`_maxpool_plane_unpadded`, written as selects so
+    that the loop over output columns vectorizes (about 8x faster)."""
+    out_h, out_w = out.shape
+    for oy in range(out_h):
+        row0, row1, out_row, arg_row = x[2 * oy], x[2 * oy + 1], out[oy], arg[oy]
+        for ox in range(out_w):
+            v1, v2, v3 = row0[2 * ox + 1], row1[2 * ox], row1[2 * ox + 1]
+            best = row0[2 * ox]
+            tap = np.int8(0)
+            better = v1 > best
+            best, tap = (v1 if better else best), (np.int8(1) if better else tap)
+            better = v2 > best
+            best, tap = (v2 if better else best), (np.int8(2) if better else tap)
+            better = v3 > best
+            best, tap = (v3 if better else best), (np.int8(3) if better else tap)
+            out_row[ox] = best
+            arg_row[ox] = tap
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _maxpool_unpadded(x, kernel_h, kernel_w, stride, out, arg):
+    batch, channels = x.shape[0], x.shape[1]
+    for plane in prange(batch * channels):
+        n = plane // channels
+        c = plane - n * channels
+        if kernel_h == 2 and kernel_w == 2 and stride == 2:
+            _maxpool_plane_2x2(x[n, c], out[n, c], arg[n, c])
+        else:
+            _maxpool_plane_unpadded(x[n, c], kernel_h, kernel_w, stride, out[n, c], arg[n, c])
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _maxpool_cpu(x, kernel_h, kernel_w, stride, pad, out, arg):
+    batch, channels, height, width = x.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    for plane in prange(batch * channels):
+        n = plane // channels
+        c = plane - n * channels
+        for oy in range(out_h):
+            for ox in range(out_w):
+                y0 = oy * stride - pad
+                x0 = ox * stride - pad
+                # tap 0 starts the running maximum (-inf when it is padding); later taps replace it
+                # only when strictly greater: the first maximum wins, NaN at tap 0 stays.
+                if 0 <= y0 < height and 0 <= x0 < width:
+                    best = x[n, c, y0, x0]
+                else:
+                    best = -np.inf
+                best_tap = 0
+                for i in range(kernel_h):
+                    yy = y0 + i
+                    if yy < 0 or yy >= height:
+                        continue
+                    for j in range(kernel_w):
+                        xx = x0 + j
+                        if xx < 0 or xx >= width or (i == 0 and j == 0):
+                            continue
+                        v = x[n, c, yy, xx]
+                        if v > best:
+                            best = v
+                            best_tap = i * kernel_w + j
+                out[n, c, oy, ox] = best
+                arg[n, c, oy, ox] = best_tap
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _maxpool_backward_cpu(dout, arg, kernel_h, kernel_w, stride, pad, dx, overlapping):
+    batch, channels, height, width = dx.shape
+    out_h, out_w = dout.shape[2], dout.shape[3]
+    zero = np.float32(0)
+    for plane in prange(batch * channels):
+        n = plane // channels
+        c = plane - n * channels
+        for yy in range(height):
+            for xx in range(width):
+                dx[n, c, yy, xx] = zero
+        if overlapping:
+            # the reference adds tap by tap (tap-major), zeros included; do the same, in its order
+            for i in range(kernel_h):
+                for j in range(kernel_w):
+                    tap = i * kernel_w + j
+                    for oy in range(out_h):
+                        yy = oy * stride - pad + i
+                        if yy < 0 or yy >= height:
+                            continue
+                        for ox in range(out_w):
+                            xx = ox * stride - pad + j
+                            if xx < 0 or xx >= width:
+                                continue
+                            if arg[n, c, oy, ox] == tap:
+                                dx[n, c, yy, xx] += dout[n, c, oy, ox]
+                            else:
+                                dx[n, c, yy, xx] += zero
+        else:
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    tap = arg[n, c, oy, ox]
+                    i = tap // kernel_w
+                    yy = oy * stride - pad + i
+                    xx = ox * stride - pad + (tap - i * kernel_w)
+                    if 0 <= yy < height and 0 <= xx < width:
+                        dx[n, c, yy, xx] = dout[n, c, oy, ox]
+
+
+def _pool_geometry(x_shape, kernel_h, kernel_w, stride, padding):
+    kernel_h = check_int("kernel_h", kernel_h, 1)
+    kernel_w = check_int("kernel_w", kernel_w, 1)
+    stride = check_int("stride", stride, 1)
+    padding = check_int("padding", padding, 0)
+    if kernel_h * kernel_w > 127:
+        raise ValueError(f"kernel_h * kernel_w must be at most 127 (int8 tap index), got {kernel_h * kernel_w}")
+    height, width = x_shape[2], x_shape[3]
+    out_h = (height + 2 * padding - kernel_h) // stride + 1
+    out_w = (width + 2 * padding - kernel_w) // stride + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"window ({kernel_h}, {kernel_w}) with stride {stride} and padding {padding} does not fit "
+            f"an input of shape {tuple(x_shape)}"
+        )
+    return kernel_h, kernel_w, stride, padding, out_h, out_w
+
+
+def maxpool2d(x, kernel_h, kernel_w, stride, padding):
+    """Max pooling of ``x`` (N, C, H, W) float32; padding counts as -inf.
+
+    Returns ``(out, argmax)``: ``out`` (N, C, OH, OW) float32 and ``argmax`` (N, C, OH, OW) int8, the
+    tap ``i * kernel_w + j`` of the first maximum of each window (``lowbit.functions.pool_forward``'s
+    values, bit for bit).
+    """
+    _check_float32("x", x, 4)
+    kernel_h, kernel_w, stride, padding, out_h, out_w = _pool_geometry(x.shape, kernel_h, kernel_w,
+                                                                       stride, padding)
+    n, c = x.shape[:2]
+    out = np.empty((n, c, out_h, out_w), dtype=np.float32)
+    arg = np.empty((n, c, out_h, out_w), dtype=np.int8)
+    if padding == 0:
+        _parallel(_maxpool_unpadded, x, kernel_h, kernel_w, stride, out, arg)
+    else:
+        _parallel(_maxpool_cpu, x, kernel_h, kernel_w, stride, padding, out, arg)
+    return out, arg
+
+
+def maxpool2d_backward(dout, argmax, x_shape, kernel_h, kernel_w, stride, padding):
+    """Gradient of :func:`maxpool2d`: ``dout`` (N, C, OH, OW) float32 goes to each window's argmax
+    tap in a zero (N, C, H, W) array; where windows overlap, contributions add in the reference's
+    order (``lowbit.functions.pool_backward``, bit for bit)."""
+    _check_float32("dout", dout, 4)
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int8:
+        raise TypeError(f"argmax must be a numpy int8 array, got {getattr(argmax, 'dtype', type(argmax))}")
+    check_contiguous("argmax", argmax)
+    _check_same_shape("argmax", argmax, "dout", dout)
+    if len(x_shape) != 4 or tuple(x_shape[:2]) != dout.shape[:2]:
+        raise ValueError(f"x_shape must be (N, C, H, W) with N, C of dout {dout.shape[:2]}, got {x_shape}")
+    kernel_h, kernel_w, stride, padding, out_h, out_w = _pool_geometry(x_shape, kernel_h, kernel_w,
+                                                                       stride, padding)
+    if (out_h, out_w) != dout.shape[2:]:
+        raise ValueError(f"dout must have spatial shape {(out_h, out_w)} for x_shape {tuple(x_shape)}, "
+                         f"got {dout.shape[2:]}")
+    dx = np.empty(tuple(x_shape), dtype=np.float32)
+    overlapping = stride < kernel_h or stride < kernel_w
+    _parallel(_maxpool_backward_cpu, dout, argmax, kernel_h, kernel_w, stride, padding, dx, overlapping)
+    return dx
+
+
+# -- elementwise: ReLU, sign, STE ------------------------------------------------------------------
+# Each op is a sequential kernel over a 1-D slice (loops from 0, so LLVM vectorizes them) and, for
+# large arrays, a prange over blocks of slices.  error_model="numpy": a float division by zero gives
+# inf/nan as in numpy instead of a Python exception check that stops vectorization.
+
+
+@njit(error_model="numpy", cache=True)
+def _relu_seq(x, out):
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v if v > 0 else np.float32(0)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _relu_par(x, out, blocks):
+    chunk = (x.size + blocks - 1) // blocks
+    for b in prange(blocks):
+        lo, hi = b * chunk, min(x.size, (b + 1) * chunk)
+        _relu_seq(x[lo:hi], out[lo:hi])
+
+
+@njit(error_model="numpy", cache=True)
+def _relu_backward_seq(y, dout, dx):
+    for i in range(y.size):
+        dx[i] = dout[i] if y[i] > 0 else np.float32(0)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _relu_backward_par(y, dout, dx, blocks):
+    chunk = (y.size + blocks - 1) // blocks
+    for b in prange(blocks):
+        lo, hi = b * chunk, min(y.size, (b + 1) * chunk)
+        _relu_backward_seq(y[lo:hi], dout[lo:hi], dx[lo:hi])
+
+
+def _run(seq, par, size, *arrays):
+    """The sequential kernel on small arrays, the parallel one (``_BLOCKS`` blocks) on large ones."""
+    if size >= _PARALLEL_MIN:
+        if _threads != 1:
+            return _parallel(par, *arrays, _BLOCKS)
+    return seq(*arrays)
+
+
+def dense_flat(arr):
+    """The 1-D view of ``arr``'s elements in memory order when they fill their memory without gaps
+    (C-contiguous, or a permuted view of such an array: a convolution's NCHW view of its CNHW
+    buffer), else None."""
+    if arr.flags.c_contiguous:
+        return arr.reshape(-1)
+    flat = arr.ravel(order="K")
+    return flat if np.may_share_memory(flat, arr) else None
+
+
+def _flat_operands(**arrays):
+    """Checked float32 operands of an elementwise kernel, as 1-D views in one memory order: all of
+    one shape and one layout (strides), C-contiguous or a permuted view of a C-contiguous array."""
+    names = list(arrays)
+    first = arrays[names[0]]
+    flats = []
+    for name in names:
+        arr = arrays[name]
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
+        check_dtype(name, arr, np.float32)
+        if name != names[0]:
+            _check_same_shape(name, arr, names[0], first)
+            both_c = arr.flags.c_contiguous and first.flags.c_contiguous  # strides of size-1 axes vary
+            if not both_c and arr.strides != first.strides:
+                raise ValueError(f"{name} must have the layout of {names[0]}: strides {first.strides}, "
+                                 f"got {arr.strides}")
+        flat = dense_flat(arr)
+        if flat is None:
+            raise ValueError(f"{name} must be C-contiguous or a permuted view of a C-contiguous array, "
+                             f"got strides {arr.strides} for shape {arr.shape}")
+        flats.append(flat)
+    return flats
+
+
+def relu(x):
+    """``where(x > 0, x, 0)`` of a float32 array (NaN and -0.0 give +0.0), one pass; the output has
+    the memory layout of ``x``, which may be a permuted view of a C-contiguous array."""
+    (flat,) = _flat_operands(x=x)
+    out = np.empty_like(x)  # the layout of x
+    _run(_relu_seq, _relu_par, x.size, flat, dense_flat(out))
+    return out
+
+
+def relu_backward(y, dout):
+    """``where(y > 0, dout, 0)`` with ``y`` the output of :func:`relu` (``y > 0`` exactly where its
+    input was ``> 0``), one pass; ``y`` and ``dout`` share one layout (see :func:`relu`)."""
+    y_flat, dout_flat = _flat_operands(y=y, dout=dout)
+    dx = np.empty_like(dout)
+    _run(_relu_backward_seq, _relu_backward_par, y.size, y_flat, dout_flat, dense_flat(dx))
+    return dx
+
+
+@njit(error_model="numpy", cache=True)
+def _sign_ste_seq(x, out):
+    nans = 0
+    one = np.float32(1)
+    for i in range(x.size):
+        v = x[i]
+        nans += v != v
+        out[i] = one if v >= 0 else -one
+    return nans
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _sign_ste_par(x, out, blocks):
+    chunk = (x.size + blocks - 1) // blocks
+    nans = 0
+    for b in prange(blocks):
+        lo, hi = b * chunk, min(x.size, (b + 1) * chunk)
+        nans += _sign_ste_seq(x[lo:hi], out[lo:hi])
+    return nans
+
+
+def sign_ste(x):
+    """``+1.0 where x >= 0 else -1.0`` (``sign(-0.0) = +1``) of a float32 array, and whether ``x``
+    holds a NaN, in one pass: ``(signs, has_nan)``.  On NaN the signs are not meaningful."""
+    (flat,) = _flat_operands(x=x)
+    out = np.empty_like(x)
+    nans = _run(_sign_ste_seq, _sign_ste_par, x.size, flat, dense_flat(out))
+    return out, nans > 0
+
+
+@njit(error_model="numpy", cache=True)
+def _ste_grad_seq(x, dout, clip, dx):
+    one, zero = np.float32(1), np.float32(0)
+    for i in range(x.size):
+        dx[i] = dout[i] * (one if abs(x[i]) <= clip else zero)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _ste_grad_par(x, dout, clip, dx, blocks):
+    chunk = (x.size + blocks - 1) // blocks
+    for b in prange(blocks):
+        lo, hi = b * chunk, min(x.size, (b + 1) * chunk)
+        _ste_grad_seq(x[lo:hi], dout[lo:hi], clip, dx[lo:hi])
+
+
+def ste_grad(x, dout, clip):
+    """The straight-through gradient ``dout * (|x| <= clip)`` (a float32 multiply by 1 or 0, as the
+    reference: ``-g * 0 = -0.0``, ``inf * 0 = nan``), one pass; ``clip`` is compared in float32."""
+    x_flat, dout_flat = _flat_operands(x=x, dout=dout)
+    dx = np.empty_like(dout)
+    _run(_ste_grad_seq, _ste_grad_par, x.size, x_flat, dout_flat, np.float32(clip), dense_flat(dx))
+    return dx
+
+
+# -- BatchNorm (training mode: batch statistics) ---------------------------------------------------
+
+
+# Sums in float64; "reassoc" lets LLVM split them into vector lanes (the order of a sum changes,
+# which float64 absorbs; nothing else is reassociated, as no other flag is given).
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _sum_rows(x, c):
+    total = 0.0
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        for s in range(row.size):
+            total += row[s]
+    return total
+
+
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _sum_squares_rows(x, c, m):
+    total = 0.0
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        for s in range(row.size):
+            d = np.float64(row[s] - m)
+            total += d * d
+    return total
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bn_forward_nchw(x, gamma, beta, eps, xn, out, mean, var, inv_std):
+    batch, channels, size = x.shape
+    count = batch * size
+    for c in prange(channels):
+        m = np.float32(_sum_rows(x, c) / count)
+        v = np.float32(_sum_squares_rows(x, c, m) / count)
+        istd = np.float32(1) / np.sqrt(v + np.float32(eps))
+        g, b = gamma[c], beta[c]
+        for n in range(batch):
+            row, xn_row, out_row = x[n, c], xn[n, c], out[n, c]
+            for s in range(size):
+                t = (row[s] - m) * istd
+                xn_row[s] = t
+                out_row[s] = g * t + b
+        mean[c], var[c], inv_std[c] = m, v, istd
+
+
+@njit(error_model="numpy", cache=True)
+def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
+    """BatchNorm of the columns of ``x`` (N, F): sums by rows into per-column float64 arrays (the
+    loops over contiguous rows vectorize; one thread: dense layers' BatchNorm is small)."""
+    batch, features = x.shape
+    total = np.zeros(features)
+    for n in range(batch):
+        row = x[n]
+        for f in range(features):
+            total[f] += row[f]
+    for f in range(features):
+        mean[f] = np.float32(total[f] / batch)
+        total[f] = 0.0
+    for n in range(batch):
+        row = x[n]
+        for f in range(features):
+            d = np.float64(row[f] - mean[f])
+            total[f] += d * d
+    for f in range(features):
+        var[f] = np.float32(total[f] / batch)
+        inv_std[f] = np.float32(1) / np.sqrt(var[f] + np.float32(eps))
+    for n in range(batch):
+        row, xn_row, out_row = x[n], xn[n], out[n]
+        for f in range(features):
+            t = (row[f] - mean[f]) * inv_std[f]
+            xn_row[f] = t
+            out_row[f] = gamma[f] * t + beta[f]
+
+
+def _bn_checked_view(name, arr, **per_channel):
+    """Check ``arr`` (float32 (N, C) or (N, C, H, W)) and its per-channel (C,) float32 arrays; return
+    ``arr`` as (N, C) or (N, C, H*W)."""
+    _check_float32(name, arr)
+    if arr.ndim not in (2, 4):
+        raise ValueError(f"{name} must be (N, C) or (N, C, H, W), got shape {arr.shape}")
+    channels = arr.shape[1]
+    for other, values in per_channel.items():
+        _check_float32(other, values, 1)
+        if values.shape[0] != channels:
+            raise ValueError(f"{other} must have shape ({channels},) for {name} of shape {arr.shape}, "
+                             f"got {values.shape}")
+    return arr if arr.ndim == 2 else arr.reshape(arr.shape[0], channels, -1)
+
+
+def batchnorm_forward(x, gamma, beta, eps):
+    """Training-mode BatchNorm of float32 ``x`` (N, C) or (N, C, H, W) over all axes but 1.
+
+    Returns ``(out, xn, mean, var, inv_std)``: ``xn = (x - mean) * inv_std``, ``out = gamma * xn +
+    beta`` (shape of ``x``), and the per-channel float32 batch mean, biased variance and
+    ``1 / sqrt(var + eps)`` (C,).  Sums run in float64.
+    """
+    view = _bn_checked_view("x", x, gamma=gamma, beta=beta)
+    channels = x.shape[1]
+    out = np.empty_like(x)
+    xn = np.empty_like(x)
+    mean, var, inv_std = (np.empty(channels, dtype=np.float32) for _ in range(3))
+    if x.ndim == 2:
+        _bn_forward_columns(view, gamma, beta, float(eps), xn, out, mean, var, inv_std)
+    else:
+        _parallel(_bn_forward_nchw, view, gamma, beta, float(eps), xn.reshape(view.shape), out.reshape(view.shape),
+                         mean, var, inv_std)
+    return out, xn, mean, var, inv_std
+
+
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _sum_products_rows(a, b, c):
+    total = 0.0
+    for n in range(a.shape[0]):
+        row_a, row_b = a[n, c], b[n, c]
+        for s in range(row_a.size):
+            total += row_a[s] * row_b[s]
+    return total
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bn_backward_nchw(dout, xn, gamma, inv_std, dx, dgamma, dbeta):
+    batch, channels, size = dout.shape
+    count = batch * size
+    for c in prange(channels):
+        sum_d = _sum_rows(dout, c)
+        sum_dxn = _sum_products_rows(dout, xn, c)
+        dbeta[c] = sum_d
+        dgamma[c] = sum_dxn
+        mean_d = np.float32(sum_d / count)
+        mean_dxn = np.float32(sum_dxn / count)
+        scale = gamma[c] * inv_std[c]
+        for n in range(batch):
+            d_row, xn_row, dx_row = dout[n, c], xn[n, c], dx[n, c]
+            for s in range(size):
+                dx_row[s] = scale * (d_row[s] - mean_d - xn_row[s] * mean_dxn)
+
+
+@njit(error_model="numpy", cache=True)
+def _bn_backward_columns(dout, xn, gamma, inv_std, dx, dgamma, dbeta):
+    batch, features = dout.shape
+    sum_d = np.zeros(features)
+    sum_dxn = np.zeros(features)
+    for n in range(batch):
+        d_row, xn_row = dout[n], xn[n]
+        for f in range(features):
+            sum_d[f] += d_row[f]
+            sum_dxn[f] += d_row[f] * xn_row[f]
+    mean_d = np.empty(features, dtype=np.float32)
+    mean_dxn = np.empty(features, dtype=np.float32)
+    scale = np.empty(features, dtype=np.float32)
+    for f in range(features):
+        dbeta[f] = sum_d[f]
+        dgamma[f] = sum_dxn[f]
+        mean_d[f] = np.float32(sum_d[f] / batch)
+        mean_dxn[f] = np.float32(sum_dxn[f] / batch)
+        scale[f] = gamma[f] * inv_std[f]
+    for n in range(batch):
+        d_row, xn_row, dx_row = dout[n], xn[n], dx[n]
+        for f in range(features):
+            dx_row[f] = scale[f] * (d_row[f] - mean_d[f] - xn_row[f] * mean_dxn[f])
+
+
+def batchnorm_backward(dout, xn, gamma, inv_std):
+    """Gradient of training-mode :func:`batchnorm_forward`: ``(dx, dgamma, dbeta)``.
+
+    ``dbeta = sum(dout)``, ``dgamma = sum(dout * xn)`` over all axes but 1 (float64 sums), and
+    ``dx = gamma * inv_std * (dout - mean(dout) - xn * mean(dout * xn))``, the reference's compact form
+    with the factor ``gamma`` taken out of the means.
+    """
+    _check_float32("xn", xn)
+    _check_same_shape("xn", xn, "dout", dout)
+    view = _bn_checked_view("dout", dout, gamma=gamma, inv_std=inv_std)
+    channels = dout.shape[1]
+    dx = np.empty_like(dout)
+    dgamma = np.empty(channels, dtype=np.float32)
+    dbeta = np.empty(channels, dtype=np.float32)
+    if dout.ndim == 2:
+        _bn_backward_columns(view, xn, gamma, inv_std, dx, dgamma, dbeta)
+    else:
+        _parallel(_bn_backward_nchw, view, xn.reshape(view.shape), gamma, inv_std, dx.reshape(view.shape), dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+# -- Adam ------------------------------------------------------------------------------------------
+
+
+@njit(error_model="numpy", cache=True)
+def _adam_seq(p, g, m, v, c1, c2, step, eps, low, high, clip):
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i] + c1 * (gi - m[i])
+        vi = v[i] + c2 * (gi * gi - v[i])
+        m[i] = mi
+        v[i] = vi
+        pi = p[i] - step * mi / (np.sqrt(vi) + eps)
+        if clip:  # np.clip's result: the lower bound, then the upper one
+            pi = pi if pi > low else low
+            pi = pi if pi < high else high
+        p[i] = pi
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _adam_par(p, g, m, v, c1, c2, step, eps, low, high, clip, blocks):
+    chunk = (p.size + blocks - 1) // blocks
+    for b in prange(blocks):
+        lo, hi = b * chunk, min(p.size, (b + 1) * chunk)
+        _adam_seq(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], c1, c2, step, eps, low, high, clip)
+
+
+def adam_update(param, grad, m, v, c1, c2, step, eps, bounds=None):
+    """One Adam update in place, in one pass: ``m += c1 (g - m); v += c2 (g^2 - v);
+    p -= step * m / (sqrt(v) + eps)``, then ``p = clip(p, *bounds)`` when ``bounds`` is a pair.
+
+    All four arrays float32, C-contiguous, one shape; the scalars are rounded to float32.  Equal bit
+    for bit to the numpy update in ``lowbit.optimizers.Adam`` followed by ``numpy.clip``.
+    """
+    for name, arr in (("param", param), ("grad", grad), ("m", m), ("v", v)):
+        _check_float32(name, arr)
+        if name != "param":
+            _check_same_shape(name, arr, "param", param)
+    if bounds is None:
+        low = high = np.float32(0)
+    else:
+        low, high = np.float32(bounds[0]), np.float32(bounds[1])
+        if not low <= high:
+            raise ValueError(f"bounds must be (low, high) with low <= high, got {bounds!r}")
+    args = (param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1), np.float32(c1),
+            np.float32(c2), np.float32(step), np.float32(eps), low, high, bounds is not None)
+    _run(_adam_seq, _adam_par, param.size, *args)
