@@ -529,11 +529,12 @@ def _reduce_channels(comm, xp, values):
 
 
 def _sync_bn_forward(self, x, train=False):
+    from .functions import batchnorm_axes
     from .layers import BatchNorm
 
     if not train:
         return BatchNorm.forward(self, x, train=False)
-    axes, bshape = self._axes(x)
+    axes, bshape = batchnorm_axes(x)
     out_dtype = x.dtype
     if x.dtype == np.float16:
         x = x.astype(np.float32)
