@@ -85,7 +85,7 @@ class RSign(Layer):
         xp = get_array_module(u)
         dx = dout * (xp.abs(u) <= u.dtype.type(self.clip))
         axes = (0,) if dx.ndim == 2 else (0, 2, 3)
-        self.dthreshold = -dx.sum(axis=axes).astype(np.float32)
+        self.dthreshold = -dx.sum(axis=axes).astype(self.threshold.dtype, copy=False)
         return dx
 
     def output_shape(self, input_shape):
@@ -136,9 +136,10 @@ class RPReLU(Layer):
         axes = (0,) if dout.ndim == 2 else (0, 2, 3)
         negative = u < 0
         dx = xp.where(negative, dout * _per_channel(self.slope, dout, shape), dout)
-        self.dslope = (dout * xp.where(negative, u, u.dtype.type(0))).sum(axis=axes).astype(np.float32)
-        self.dshift_in = -dx.sum(axis=axes).astype(np.float32)
-        self.dshift_out = dout.sum(axis=axes).astype(np.float32)
+        dtype = self.slope.dtype
+        self.dslope = (dout * xp.where(negative, u, u.dtype.type(0))).sum(axis=axes).astype(dtype, copy=False)
+        self.dshift_in = -dx.sum(axis=axes).astype(dtype, copy=False)
+        self.dshift_out = dout.sum(axis=axes).astype(dtype, copy=False)
         return dx
 
     def monotone(self):
