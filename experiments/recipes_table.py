@@ -4,7 +4,7 @@ Reads every results JSON under a folder written by the jobs of ``experiments/gpu
 (``bnn_mnist.py``, ``ablation.py`` or ``bireal_mnist.py``; the variant and seed come from the names,
 ``recipes_<row>_<variant>_seed<S>.json`` or ``<variant>_seed<S>/...``) and writes, per variant, the mean
 +- standard deviation over seeds of the test accuracy at the best validation epoch (the model kept),
-the same at the best test epoch beside it, the epochs trained and the best validation epochs.
+the same at the best test epoch beside it, the epochs trained (``E1+E2`` for two stages) and the best validation epochs.
 
 Usage::
 
@@ -48,6 +48,9 @@ def collect(folder):
                 result = json.load(fh)
             for run in runs_of(result):
                 run = dict(run, file=os.path.relpath(path, folder), seed=int(match["seed"]))
+                first = run.get("stage1_epochs") or (run.get("stage1") or {}).get("epochs")
+                if first:  # two stages: "stage 1 + stage 2" epochs
+                    run["epochs_trained"] = f"{first}+{run.get('epochs_trained')}"
                 table.setdefault(match["variant"], []).append(run)
     return table
 

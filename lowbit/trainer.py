@@ -254,7 +254,7 @@ class Trainer:
         self.scaler = (loss_scaler or LossScaler()) if precision == "mixed16" else None
         self.model = model
         self.loss = get_loss(loss) if isinstance(loss, str) else loss
-        self.loss_name = loss if isinstance(loss, str) else self.loss.config()
+        self.loss_name = loss if isinstance(loss, str) else getattr(self.loss, "config", lambda: self.loss.name)()
         self.teacher = _check_teacher(teacher, self.loss)
         self.optimizer = optimizer if optimizer is not None else Adam(0.001)
         if not isinstance(self.optimizer, Optimizer):
