@@ -374,3 +374,8 @@ def test_lowbit_train_with_recipe_options(tmp_path):
     assert os.path.exists(out / "stage1" / "checkpoint.npz")
     bop_state = lowbit.io.read_archive(str(out / "checkpoint.npz"), "lowbit.checkpoint")[1]
     assert any(key.startswith("optimizer/bop_m/") for key in bop_state)
+
+
+def test_summary_counts_binary_layers_behind_an_rsign_as_binary():
+    plain, learned = lowbit.summarize(binary_cnn(0)), lowbit.summarize(binary_cnn(0, rsign=True))
+    assert learned.totals["binary_macs"] == plain.totals["binary_macs"] > 0
