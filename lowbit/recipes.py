@@ -46,8 +46,10 @@ class Teacher:
 
     Parameters
     ----------
-    source : Model, PackedModel or str
-        A lowbit model object, a packed model, or the path of a file of either (``lowbit.load_any``).
+    source : Model, PackedModel, str or any scorer
+        A lowbit model object, a packed model, the path of a file of either (``lowbit.load_any``), or
+        any other (imported) network wrapped as an object with ``predict_scores(x, batch_size)`` (float
+        images ``(N, C, H, W)`` on the host -> scores ``(N, classes)``) and ``input_shape``.
     device : 'cpu' or 'gpu'
         Where the student trains: a :class:`~lowbit.Model` teacher moves there (its forward runs on
         the student's batches in place); a packed teacher runs on the host and its scores are copied.
@@ -58,7 +60,7 @@ class Teacher:
     """
 
     def __init__(self, source, device="cpu", input_shape=None, batch_size=100):
-        from .packed import PackedModel, load_any
+        from .packed import load_any
 
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -68,12 +70,14 @@ class Teacher:
             with open(self.path, "rb") as fh:
                 self.sha256 = hashlib.sha256(fh.read()).hexdigest()
             source = load_any(self.path)
-        elif isinstance(source, (Model, PackedModel)):
+        elif isinstance(source, Model) or (callable(getattr(source, "predict_scores", None))
+                                           and hasattr(source, "input_shape")):
             self.sha256 = None
         else:
-            raise TypeError(f"teacher must be a lowbit Model, a PackedModel or a file path, got {type(source).__name__}")
+            raise TypeError("teacher must be a lowbit Model, a PackedModel, a file path or an object with "
+                            f"predict_scores(x, batch_size) and input_shape, got {type(source).__name__}")
         self.model = source
-        self.packed = isinstance(source, PackedModel)
+        self.packed = not isinstance(source, Model)  # scored on the host, batch by batch
         self.batch_size = int(batch_size)
         shape = tuple(source.input_shape)
         if input_shape is not None and tuple(input_shape) != shape:
@@ -84,7 +88,10 @@ class Teacher:
 
     def config(self):
         """What identifies the teacher in a checkpoint: the file (name and sha256) or the model's name."""
-        out = {"kind": "packed" if self.packed else "model", "name": getattr(self.model, "name", None)}
+        from .packed import PackedModel
+
+        kind = "model" if not self.packed else ("packed" if isinstance(self.model, PackedModel) else "external")
+        out = {"kind": kind, "name": getattr(self.model, "name", type(self.model).__name__)}
         if self.path is not None:
             out.update(file=os.path.basename(self.path), sha256=self.sha256)
         return out

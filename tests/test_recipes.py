@@ -8,7 +8,7 @@ import pytest
 
 import lowbit
 from lowbit.io import model_arrays
-from lowbit.layers import Affine, BatchNorm, Flatten, ReLU
+from lowbit.layers import Affine, BatchNorm, Flatten
 from lowbit.losses import Distillation, SoftmaxCrossEntropy, SquaredHinge, get_loss
 from lowbit.model import Model
 from lowbit.optimizers import Adam, Bop, get_optimizer
@@ -379,3 +379,22 @@ def test_lowbit_train_with_recipe_options(tmp_path):
 def test_summary_counts_binary_layers_behind_an_rsign_as_binary():
     plain, learned = lowbit.summarize(binary_cnn(0)), lowbit.summarize(binary_cnn(0, rsign=True))
     assert learned.totals["binary_macs"] == plain.totals["binary_macs"] > 0
+
+
+def test_teacher_may_be_any_scorer_for_example_an_imported_torch_network():
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+
+    class Imported:
+        input_shape = (1, 28, 28)
+
+        def predict_scores(self, x, batch_size=100):
+            with torch.no_grad():
+                return net(torch.from_numpy(x)).numpy()
+
+    x, _ = _tiny_data(8)
+    teacher = Teacher(Imported())
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(teacher.scores(x), expected)
+    assert teacher.config() == {"kind": "external", "name": "Imported"}
