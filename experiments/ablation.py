@@ -37,6 +37,12 @@ Usage::
     python experiments/ablation.py --arch deep_convnet --epochs 12 --seeds 0 1 2
     python experiments/ablation.py --arch binary_cnn --epochs 12 --seeds 0 1 2
     python experiments/ablation.py --arch deep_convnet --epochs 1 --seeds 0 1 --limit 2000   # smoke run
+
+Recipes (``docs/recipes.md``) apply to every variant of a run: ``--teacher MODEL.npz`` (distillation),
+``--label-smoothing``, and for binary_cnn ``--optimizer bop``, ``--stages E1,E2`` (two-stage
+training) and ``--rsign``; ``--time-budget`` bounds each run.  They tag the run folders, the model
+files and the results (``ablation_<arch><tag>.json``), so the recipe-free files are never touched.
+Every run also records its best test epoch beside the validation-chosen one.
 """
 from __future__ import annotations
 
@@ -45,46 +51,69 @@ import os
 import statistics
 import time
 
-from _common import HERE, add_eval_limit_argument, add_output_arguments, command_line, environment
+from _common import (HERE, add_budget_arguments, add_eval_limit_argument, add_output_arguments, command_line,
+                     environment)
 VARIANTS = ("base", "decay", "aug", "aug+decay")
 LEARNING_RATES = {"deep_convnet": 1e-3, "binary_cnn": 1e-3}
 BN_RECALIBRATE = {"deep_convnet": 0, "binary_cnn": 10000}  # deep_convnet has no BatchNorm
 
 
-def build(arch, seed):
+def build(arch, seed, rsign=False):
     from lowbit.zoo import binary_cnn, deep_convnet
 
-    return deep_convnet(seed=seed) if arch == "deep_convnet" else binary_cnn(seed)
+    return deep_convnet(seed=seed) if arch == "deep_convnet" else binary_cnn(seed, rsign=rsign)
+
+
+def recipe_suffix(args):
+    """The name suffix of the recipe options ('' without any)."""
+    from lowbit.recipes import recipe_tag
+
+    return ("_rsign" if args.rsign else "") + recipe_tag(args) + (
+        f"_tb{args.time_budget:g}" if args.time_budget else "")
 
 
 def train(arch, variant, seed, args, data):
     """Train (or resume, or read back) one run; returns (best model, run summary)."""
     import lowbit
     from lowbit.augment import Augment
-    from lowbit.optimizers import Adam, ConstantLR, CosineLR
+    from lowbit.optimizers import ConstantLR, CosineLR
+    from lowbit.recipes import best_test_epoch, fit_stages, recipe_loss, recipe_optimizer, recipe_teacher
     from lowbit.trainer import Trainer
 
     x_train, y_train, x_val, y_val, x_test, y_test = data
     lr = args.lr or LEARNING_RATES[arch]
-    schedule = CosineLR(lr, args.epochs) if "decay" in variant else ConstantLR(lr)
     augment = Augment(shift=2, rotate=10.0, scale=0.1) if "aug" in variant else None
     run_dir = os.path.join(args.runs, f"ablation_{arch}_{variant.replace('+', '_')}_e{args.epochs}"
                                       + (f"_limit{args.limit}" if args.limit else "")
                                       + (f"_eval{args.eval_limit}" if args.eval_limit else "")
-                           + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + f"_seed{seed}")
-    trainer = Trainer(build(arch, seed), "cross_entropy", Adam(lr), schedule, epochs=args.epochs, batch_size=100,
-                      augment=augment, seed=seed, out_dir=run_dir, progress=not args.quiet,
-                      bn_recalibrate=args.bn_recalibrate, device=args.device)
+                           + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + recipe_suffix(args)
+                           + f"_seed{seed}")
+    model = build(arch, seed, args.rsign)
+    loss = recipe_loss(args, "cross_entropy")
+    teacher = recipe_teacher(args, args.device, model.input_shape)
+
+    def make_trainer(net, epochs, out_dir, time_budget):
+        schedule = CosineLR(lr, epochs) if "decay" in variant else ConstantLR(lr)
+        return Trainer(net, loss, recipe_optimizer(args, lr), schedule, epochs=epochs, batch_size=100,
+                       augment=augment, seed=seed, out_dir=out_dir, progress=not args.quiet,
+                       bn_recalibrate=args.bn_recalibrate, device=args.device, time_budget=time_budget,
+                       checkpoint_every=args.checkpoint_every, teacher=teacher)
+
     start = time.perf_counter()
-    history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
+    trainer, stage1 = fit_stages(model, make_trainer, args.epochs, data, out_dir=run_dir, stages=args.stages,
+                                 time_budget=args.time_budget)
+    history = trainer.history
+    test_epoch, test_best = best_test_epoch(history)
     best = lowbit.load_model(os.path.join(run_dir, "best.npz"))
     return best, {"seed": seed, "best_epoch": best.metadata["epoch"], "val_acc": best.metadata["val_acc"],
+                  "best_test_epoch": test_epoch, "test_acc_at_best_test_epoch": test_best,
+                  "epochs_trained": trainer.epochs, "stage1_epochs": stage1["epochs"] if stage1 else None,
                   "wall_seconds_this_call": time.perf_counter() - start, "epochs_run": len(history),
                   "run_dir": os.path.relpath(run_dir, os.path.dirname(HERE))}
 
 
 def model_path(arch, variant, seed, args):
-    return os.path.join(args.models, "ablation", f"{arch}_{variant.replace('+', '_')}"
+    return os.path.join(args.models, "ablation", f"{arch}_{variant.replace('+', '_')}" + recipe_suffix(args)
                         + (f"_limit{args.limit}" if args.limit else "")
                         + (f"_eval{args.eval_limit}" if args.eval_limit else "") + f"_seed{seed}.npz")
 
@@ -126,13 +155,17 @@ def table(arch, args, rows):
              + (f", first {args.limit} training images only" if args.limit else "")
              + (f", first {args.eval_limit} validation and test images only" if args.eval_limit else "")
              + (f", BatchNorm recalibrated on up to {args.bn_recalibrate} training images after every epoch"
-                if args.bn_recalibrate else "") + ".", "",
-             "| variant | mean | std | min | max | ensemble of the seeds |", "|---|---|---|---|---|---|"]
+                if args.bn_recalibrate else "")
+             + (f"; recipe options {recipe_suffix(args)[1:]}" if recipe_suffix(args) else "") + ".", "",
+             "| variant | mean | std | min | max | ensemble of the seeds | mean at the best test epoch | epochs |",
+             "|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
         accs = [100 * acc for acc in row["test_acc"]]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        at_test = [100 * r["test_acc_at_best_test_epoch"] for r in row["runs"]]
+        epochs = "/".join(str(r["epochs_trained"]) for r in row["runs"])
         lines.append(f"| {variant} | {statistics.mean(accs):.2f} | {std:.2f} | {min(accs):.2f} | {max(accs):.2f} | "
-                     f"{100 * row['ensemble_acc']:.2f} |")
+                     f"{100 * row['ensemble_acc']:.2f} | {statistics.mean(at_test):.2f} | {epochs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,11 +182,19 @@ def main(argv=None):
                              "(default: 10000 for binary_cnn, 0 for deep_convnet)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
+    parser.add_argument("--rsign", action="store_true",
+                        help="binary_cnn: learned sign thresholds (ReActNet's RSign) in front of its binary layers")
     add_eval_limit_argument(parser)
+    add_budget_arguments(parser)
+    from lowbit.recipes import add_recipe_arguments, recipe_config
+
+    add_recipe_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.arch == "deep_convnet" and (args.rsign or args.stages or args.optimizer == "bop"):
+        parser.error("--rsign, --stages and --optimizer bop need binary layers: use them with --arch binary_cnn")
     if args.bn_recalibrate is None:
         args.bn_recalibrate = BN_RECALIBRATE[args.arch]
     if args.bn_recalibrate < 0:
@@ -194,13 +235,15 @@ def main(argv=None):
     text = table(args.arch, args, rows)
     result = {"experiment": f"ablation_{args.arch}", "arch": args.arch, "epochs": args.epochs, "seeds": args.seeds,
               "limit": args.limit, "eval_limit": args.eval_limit, "lr": args.lr or LEARNING_RATES[args.arch],
-              "bn_recalibrate": args.bn_recalibrate,
+              "bn_recalibrate": args.bn_recalibrate, "rsign": args.rsign, "recipe": recipe_config(args),
+              "time_budget": args.time_budget,
               "augment": {"shift": 2, "rotate": 10.0, "scale": 0.1}, "decay": "cosine to 0", "device": args.device,
               "variants": rows,
               "command": command_line(__file__, argv), "environment": environment()}
     suffix = "_smoke" if args.limit or args.eval_limit else ""
-    write_json_atomic(os.path.join(args.results, f"ablation_{args.arch}{suffix}.json"), result)
-    with open(os.path.join(args.results, f"ablation_{args.arch}{suffix}.md"), "w") as fh:
+    stem = f"ablation_{args.arch}{recipe_suffix(args)}{suffix}"
+    write_json_atomic(os.path.join(args.results, f"{stem}.json"), result)
+    with open(os.path.join(args.results, f"{stem}.md"), "w") as fh:
         fh.write(text)
     print(text)
     return result

@@ -45,6 +45,12 @@ Usage::
 
     python experiments/bireal_mnist.py --epochs 8 --widths 16 32 64 --augment shift=2,rotate=10,scale=0.1
     python experiments/bireal_mnist.py --epochs 1 --limit 500 --widths 8 16 32    # smoke run
+
+Recipes (``docs/recipes.md``): ``--rsign`` / ``--rprelu`` (ReActNet's learned sign thresholds and
+shifted PReLU after every block), ``--teacher MODEL.npz`` (distillation), ``--label-smoothing``,
+``--optimizer bop``, ``--stages E1,E2`` (two-stage training).  Each variant's row also gives its
+best test epoch beside the validation-chosen one, and its packed model's labels against the
+simulation's (``packed_labels_equal``).
 """
 from __future__ import annotations
 
@@ -88,6 +94,8 @@ def main(argv=None):
                         help="global average pooling (default) or flatten before the float affine layer")
     parser.add_argument("--pre-bn", action="store_true",
                         help="a BatchNorm before every block's sign (learned thresholds; default off)")
+    parser.add_argument("--rsign", action="store_true", help="ReActNet's RSign for every block's sign")
+    parser.add_argument("--rprelu", action="store_true", help="ReActNet's RPReLU after every block")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-end", type=float, default=1e-5,
                         help="last epoch's learning rate of --schedule exponential (default 1e-5)")
@@ -111,6 +119,9 @@ def main(argv=None):
                              "saved as <name>_<variant>.npz when given")
     add_eval_limit_argument(parser)
     add_budget_arguments(parser)
+    from lowbit.recipes import add_recipe_arguments
+
+    add_recipe_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     if args.bn_recalibrate < 0:
@@ -123,7 +134,9 @@ def main(argv=None):
 
     import lowbit
     from lowbit.data import load_mnist, mnist_splits
-    from lowbit.optimizers import Adam, CosineLR, ExponentialLR
+    from lowbit.optimizers import CosineLR, ExponentialLR
+    from lowbit.recipes import (best_test_epoch, fit_stages, recipe_config, recipe_loss, recipe_optimizer,
+                                recipe_tag, recipe_teacher)
     from lowbit.trainer import Trainer, write_json_atomic
     from lowbit.zoo import bireal_resnet
 
@@ -137,6 +150,7 @@ def main(argv=None):
            + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "") + f"_e{args.epochs}"
            + ("_cos" if args.schedule == "cosine" else "") + ("_flat" if args.head == "flatten" else "")
            + ("_prebn" if args.pre_bn else "") + (f"_lr{args.lr:g}" if args.lr != 1e-3 else "")
+           + ("_rsign" if args.rsign else "") + ("_rprelu" if args.rprelu else "") + recipe_tag(args)
            + (f"_tb{args.time_budget:g}" if args.time_budget else "")
            + (f"_limit{args.limit}" if args.limit else "")
            + (f"_eval{args.eval_limit}" if args.eval_limit else ""))
@@ -146,23 +160,35 @@ def main(argv=None):
 
         def build():
             return bireal_resnet(args.seed, widths=tuple(args.widths), blocks_per_stage=args.blocks,
-                                 shortcut=shortcut, head=args.head, pre_bn=args.pre_bn)
+                                 shortcut=shortcut, head=args.head, pre_bn=args.pre_bn, rsign=args.rsign,
+                                 rprelu=args.rprelu)
 
         grads = gradient_norms(build(), x_train[:probe], y_train[:probe])
         model = build()
         run_dir = os.path.join(args.runs, f"bireal_{variant}_{tag}_seed{args.seed}")
-        schedule = (CosineLR(args.lr, args.epochs) if args.schedule == "cosine"
-                    else ExponentialLR(args.lr, args.lr_end, args.epochs))
-        trainer = Trainer(model, "cross_entropy", Adam(args.lr), schedule,
-                          epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                          progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device,
-                          time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
+        loss = recipe_loss(args, "cross_entropy")
+        teacher = recipe_teacher(args, args.device, model.input_shape)
+
+        def make_trainer(net, epochs, out_dir, time_budget):
+            schedule = (CosineLR(args.lr, epochs) if args.schedule == "cosine"
+                        else ExponentialLR(args.lr, args.lr_end, epochs))
+            return Trainer(net, loss, recipe_optimizer(args, args.lr), schedule,
+                           epochs=epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=out_dir,
+                           progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device,
+                           time_budget=time_budget, checkpoint_every=args.checkpoint_every, teacher=teacher)
+
         t0 = time.perf_counter()
-        history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
+        trainer, stage1 = fit_stages(model, make_trainer, args.epochs,
+                                     (x_train, y_train, x_val, y_val, x_test, y_test), out_dir=run_dir,
+                                     stages=args.stages, time_budget=args.time_budget)
+        history = trainer.history
         wall = time.perf_counter() - t0
+        test_epoch, test_best = best_test_epoch(history)
         best_path = os.path.join(run_dir, "best.npz")
         best = lowbit.load_model(best_path)
-        test_acc = best.evaluate(x_test, y_test)
+        sim_labels = best.predict(x_test)
+        test_acc = float((sim_labels == y_test).mean())
+        packed_labels = lowbit.convert(best).predict(x_test)
         model_path = os.path.join(args.models, f"{args.name}_{variant}.npz" if args.name else f"{best.name}.npz")
         smoke = bool(args.limit or args.eval_limit)
         if not smoke:
@@ -170,6 +196,9 @@ def main(argv=None):
             shutil.copyfile(best_path, model_path)
         rows[variant] = {
             "test_acc": test_acc, "epochs_trained": trainer.epochs, "best_epoch": best.metadata["epoch"], "val_acc_at_best": best.metadata["val_acc"],
+            "best_test_epoch": test_epoch, "test_acc_at_best_test_epoch": test_best,
+            "packed_test_acc": float((packed_labels == y_test).mean()),
+            "packed_labels_equal": int((packed_labels == sim_labels).sum()), "stage1": stage1,
             "final_train_acc": history[-1]["train_acc"], "parameters": best.num_parameters(),
             "grad_norms_at_init": grads, "history": history, "wall_seconds_this_run": wall,
             "model": None if smoke else os.path.relpath(model_path, os.path.dirname(HERE)),
@@ -180,7 +209,7 @@ def main(argv=None):
 
     result = {
         "experiment": "bireal_mnist", "widths": args.widths, "blocks_per_stage": args.blocks, "head": args.head,
-        "pre_bn": args.pre_bn,
+        "pre_bn": args.pre_bn, "rsign": args.rsign, "rprelu": args.rprelu, "recipe": recipe_config(args),
         "epochs": args.epochs, "time_budget": args.time_budget, "lr": args.lr, "schedule": args.schedule,
         "lr_end": args.lr_end if args.schedule == "exponential" else 0.0, "device": args.device,
         "seed": args.seed, "limit": args.limit, "eval_limit": args.eval_limit,

@@ -23,6 +23,11 @@ Usage::
 
     python experiments/bnn_mnist.py --config cnn --epochs 20
     python experiments/bnn_mnist.py --config mlp_det --epochs 100 --lr 3e-3 --lr-end 3e-7
+
+Recipes (``docs/recipes.md``): ``--teacher MODEL.npz`` (distillation, ``--temperature``,
+``--distill-weight``), ``--label-smoothing`` (with ``--loss cross_entropy`` for the MLPs),
+``--optimizer bop``, ``--stages E1,E2`` (two-stage training), ``--rsign`` (learned sign thresholds).
+The results also give the best test epoch beside the validation-chosen one.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ import lowbit
 from lowbit.augment import augment_option
 from lowbit.data import load_mnist, mnist_splits
 from lowbit.draws import DRAWS
-from lowbit.optimizers import Adam, ExponentialLR
+from lowbit.optimizers import ExponentialLR
+from lowbit.recipes import (add_recipe_arguments, best_test_epoch, fit_stages, recipe_config, recipe_loss,
+                            recipe_optimizer, recipe_tag, recipe_teacher)
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import binary_cnn, bnn_mlp
 
@@ -44,17 +51,17 @@ from _common import (HERE, add_budget_arguments, add_eval_limit_argument, add_ou
 
 def _paper_mlp(stochastic):
     """The paper's MLP recipe; ``stochastic``: which binarizations are stochastic in training."""
-    return {"build": lambda seed, width, init, dropout, draws: bnn_mlp(seed, hidden=(width,) * 3,
-                                                                       stochastic=stochastic, init=init,
-                                                                       draws=draws),
+    return {"build": lambda seed, width, init, dropout, draws, rsign=False: bnn_mlp(
+                seed, hidden=(width,) * 3, stochastic=stochastic, init=init, draws=draws, rsign=rsign),
             "loss": "squared_hinge", "lr": 3e-3, "lr_end": 3e-7, "target": 0.9904, "width": 4096,
             "init": "uniform"}
 
 
 CONFIGS = {
-    "mlp_det": _paper_mlp(False),
+    "mlp_det": _paper_mlp(False),  # the builders take rsign= (lowbit.reactnet.RSign for every sign)
     "mlp_stoch": _paper_mlp("weights"),
-    "cnn": {"build": lambda seed, width, init, dropout, draws: binary_cnn(seed, init=init, dropout=dropout),
+    "cnn": {"build": lambda seed, width, init, dropout, draws, rsign=False: binary_cnn(
+                seed, init=init, dropout=dropout, rsign=rsign),
             "loss": "cross_entropy", "lr": 1e-3,
             "lr_end": 1e-5, "target": 0.993, "width": None, "init": "glorot"},
 }
@@ -82,6 +89,10 @@ def main(argv=None):
                         help="MLPs: random numbers of dropout and stochastic binarization from the host "
                              "generator (default) or computed on the device from one key per step "
                              "('counter', lowbit.draws: for --device gpu)")
+    parser.add_argument("--loss", choices=("cross_entropy", "squared_hinge"), default=None,
+                        help="training loss (default: the config's; squared_hinge for the MLPs)")
+    parser.add_argument("--rsign", action="store_true",
+                        help="learned sign thresholds (ReActNet's RSign) in place of the plain signs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="train on the CPU (numpy) or a CUDA GPU (CuPy); default cpu")
@@ -91,9 +102,14 @@ def main(argv=None):
                              "options, e.g. bnn_mlp_det)")
     add_eval_limit_argument(parser)
     add_budget_arguments(parser)
+    add_recipe_arguments(parser)
     add_output_arguments(parser, "runs", "results", "models")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
+    loss_name = args.loss or cfg["loss"]
+    if args.label_smoothing and loss_name != "cross_entropy":
+        parser.error(f"--label-smoothing needs the cross_entropy loss, got {loss_name} (add --loss cross_entropy)")
+    epochs = args.stages[1] if args.stages else args.epochs
     lr = args.lr or cfg["lr"]
     lr_end = args.lr_end or cfg["lr_end"]
     width = args.width or cfg["width"]
@@ -112,23 +128,33 @@ def main(argv=None):
     x_train, y_train, x_val, y_val, x_test, y_test = mnist_splits(load_mnist(progress=not args.quiet), 10000,
                                                                    args.seed, args.limit, args.eval_limit)
 
-    model = cfg["build"](args.seed, width, init, args.dropout, args.draws)
+    model = cfg["build"](args.seed, width, init, args.dropout, args.draws, rsign=args.rsign)
     name = (f"bnn_{args.config}" + (f"_w{width}" if width and width != cfg["width"] else "")
             + (f"_{init}" if init != cfg["init"] else "") + ("_aug" if augment else "")
             + (f"_drop{args.dropout:g}" if args.dropout else "")
             + (f"_bn{args.bn_recalibrate}" if args.bn_recalibrate else "")
             + (f"_{args.draws}" if args.draws != "generator" else "")
+            + (f"_{loss_name}" if loss_name != cfg["loss"] else "") + ("_rsign" if args.rsign else "")
+            + recipe_tag(args)
             + (f"_limit{args.limit}" if args.limit else "")
             + (f"_eval{args.eval_limit}" if args.eval_limit else ""))
     name = args.name or name
     run_dir = os.path.join(args.runs, f"{name}_seed{args.seed}")
-    trainer = Trainer(model, cfg["loss"], Adam(lr), ExponentialLR(lr, lr_end, args.epochs),
-                      epochs=args.epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=run_dir,
-                      progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device,
-                      time_budget=args.time_budget, checkpoint_every=args.checkpoint_every)
+    loss = recipe_loss(args, loss_name)
+    teacher = recipe_teacher(args, args.device, model.input_shape)
+
+    def make_trainer(net, stage_epochs, out_dir, time_budget):
+        return Trainer(net, loss, recipe_optimizer(args, lr), ExponentialLR(lr, lr_end, stage_epochs),
+                       epochs=stage_epochs, batch_size=100, augment=augment, seed=args.seed, out_dir=out_dir,
+                       progress=not args.quiet, bn_recalibrate=args.bn_recalibrate, device=args.device,
+                       time_budget=time_budget, checkpoint_every=args.checkpoint_every, teacher=teacher)
+
     t0 = time.perf_counter()
-    history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=True)
+    trainer, stage1 = fit_stages(model, make_trainer, args.epochs, (x_train, y_train, x_val, y_val, x_test, y_test),
+                                 out_dir=run_dir, stages=args.stages, time_budget=args.time_budget)
+    history = trainer.history
     wall = time.perf_counter() - t0
+    test_epoch, test_best = best_test_epoch(history)
 
     best = lowbit.load_model(os.path.join(run_dir, "best.npz"))
     best_epoch = best.metadata["epoch"]
@@ -141,13 +167,15 @@ def main(argv=None):
     float_path = os.path.join(run_dir, "best.npz")
     result = {
         "experiment": name, "config": args.config, "seed": args.seed, "epochs": trainer.epochs,
-        "max_epochs": args.epochs, "time_budget": args.time_budget,
-        "loss": cfg["loss"], "lr": lr, "lr_end": lr_end, "width": width, "init": init,
+        "max_epochs": epochs, "time_budget": args.time_budget,
+        "loss": loss_name, "rsign": args.rsign, "recipe": recipe_config(args),
+        "stage1": stage1, "lr": lr, "lr_end": lr_end, "width": width, "init": init,
         "augment": augment.config() if augment else None, "dropout": args.dropout,
         "bn_recalibrate": args.bn_recalibrate, "draws": args.draws, "limit": args.limit,
         "eval_limit": args.eval_limit,
         "best_epoch": best_epoch, "val_acc_at_best": best.metadata["val_acc"],
         "test_acc": sim_acc, "target": cfg["target"],
+        "best_test_epoch": test_epoch, "test_acc_at_best_test_epoch": test_best,
         "packed_test_acc": float((packed_labels == y_test).mean()),
         "packed_labels_equal": int((packed_labels == sim_labels).sum()),
         "packed_stages": [stage.kind for stage in packed.stages], "packed_notes": packed.notes,

@@ -102,7 +102,7 @@ def inception_block(in_channels, c1, c3_reduce, c3, c5_reduce, c5, pool_proj, se
 
 
 def bireal_block(in_channels, out_channels, stride=1, seed=0, shortcut=True, weight_bits=1,
-                 activation_bits=1, pre_bn=False):
+                 activation_bits=1, pre_bn=False, rsign=False, rprelu=False):
     """Bi-Real Net block (Liu et al. 2018): ``BN(binconv3x3(sign(x))) + x``.
 
     A real-valued identity shortcut around every binary convolution, so real-valued activations flow
@@ -112,13 +112,22 @@ def bireal_block(in_channels, out_channels, stride=1, seed=0, shortcut=True, wei
     ``pre_bn=True`` puts a BatchNorm in front of the sign (``BN(binconv3x3(sign(BN(x)))) + x``), so
     each channel's sign threshold and the scale it sees are learned (the real-valued stream itself is
     left as it is).
+    ``rsign=True`` (with ``activation_bits=1``): the sign is ReActNet's :class:`~lowbit.reactnet.RSign`
+    layer (a learned threshold per channel) in front of the convolution; ``rprelu=True`` adds an
+    :class:`~lowbit.reactnet.RPReLU` after the block (after the sum), ReActNet's block order.
     """
+    from .reactnet import RPReLU, RSign
+
+    if rsign and activation_bits != 1:
+        raise ValueError(f"rsign=True needs activation_bits=1, got {activation_bits!r}")
     seeds = _seed_stream(seed)
-    body = ([BatchNorm(in_channels)] if pre_bn else []) + [conv(in_channels, out_channels, 3, stride=stride, seed=next(seeds), init="glorot",
-                 weight_bits=weight_bits, activation_bits=activation_bits),
-            BatchNorm(out_channels)]
+    body = ([BatchNorm(in_channels)] if pre_bn else []) + ([RSign(in_channels)] if rsign else []) + [
+        conv(in_channels, out_channels, 3, stride=stride, seed=next(seeds), init="glorot",
+             weight_bits=weight_bits, activation_bits=32 if rsign else activation_bits),
+        BatchNorm(out_channels)]
+    after = [RPReLU(out_channels)] if rprelu else []
     if not shortcut:
-        return body
+        return body + after
     proj = None
     if stride != 1 or in_channels != out_channels:
         proj = []
@@ -126,4 +135,4 @@ def bireal_block(in_channels, out_channels, stride=1, seed=0, shortcut=True, wei
             proj.append(AvgPool2D(stride, stride))
         proj += [Conv2D(in_channels, out_channels, 1, bias=False, seed=next(seeds)),
                  BatchNorm(out_channels)]
-    return [Residual(body, proj)]
+    return [Residual(body, proj)] + after

@@ -47,6 +47,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _seconds(text):
+    """argparse type of ``--time-budget``: a positive finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _count(text):
     """argparse type of ``--limit`` and the like: an int >= 0 (0: all)."""
     try:
@@ -81,6 +92,7 @@ def cmd_train(args):
     from .data import float_images as _float_images
     from .data import load_mnist
     from .optimizers import get_optimizer
+    from .recipes import fit_stages, recipe_config, recipe_loss, recipe_optimizer, recipe_teacher
     from .trainer import Trainer, write_json_atomic
     from .distributed import get_comm
     from .zoo import build_model
@@ -91,7 +103,8 @@ def cmd_train(args):
     comm = get_comm(args.comm, timeout=args.comm_timeout)  # before any work: NCCL picks the rank's GPU
     augment = args.augment  # an Augment, or None for none (lowbit.augment.augment_option)
     model = build_model(args.model, seed=args.seed, **_model_options(args.model_option))
-    optimizer = get_optimizer(args.optimizer, lr=args.lr)
+    loss = recipe_loss(args, args.loss)
+    teacher = recipe_teacher(args, args.device, model.input_shape)
     mnist = load_mnist(progress=not args.quiet and comm.is_root)
     x_train, y_train = _float_images(mnist.x_train), mnist.y_train
     x_test, y_test = _float_images(mnist.x_test), mnist.y_test
@@ -102,17 +115,26 @@ def cmd_train(args):
         x_train, y_train, x_val, y_val = train_val_split(x_train, y_train, args.val, args.seed)
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-    trainer = Trainer(model, args.loss, optimizer, _schedule(args, args.epochs), epochs=args.epochs,
-                      batch_size=args.batch_size, augment=augment, seed=args.seed, out_dir=args.out,
-                      device=args.device, progress=not args.quiet, precision=args.precision,
-                      comm=comm, sync_batchnorm=args.sync_bn)
+    def make_trainer(net, epochs, out_dir, time_budget):
+        optimizer = (recipe_optimizer(args, args.lr) if args.optimizer == "bop"
+                     else get_optimizer(args.optimizer, lr=args.lr))
+        return Trainer(net, loss, optimizer, _schedule(args, epochs), epochs=epochs,
+                       batch_size=args.batch_size, augment=augment, seed=args.seed, out_dir=out_dir,
+                       device=args.device, progress=not args.quiet, precision=args.precision,
+                       time_budget=time_budget, teacher=teacher,
+                       comm=comm, sync_batchnorm=args.sync_bn)
+
     t0 = time.perf_counter()
-    history = trainer.fit(x_train, y_train, x_val, y_val, x_test, y_test, resume=args.resume)
+    trainer, stage1 = fit_stages(model, make_trainer, args.epochs, (x_train, y_train, x_val, y_val, x_test, y_test),
+                                 out_dir=args.out, stages=args.stages, time_budget=args.time_budget,
+                                 resume=args.resume)
+    history = trainer.history
     if not comm.is_root:  # rank 0 reports and writes
         return 0
     acc = model.evaluate(x_test, y_test)
-    summary = {"model": args.model, "epochs": args.epochs, "seed": args.seed, "test_acc": acc,
-               "seconds": time.perf_counter() - t0, "history": history,
+    summary = {"model": args.model, "epochs": trainer.epochs, "seed": args.seed, "test_acc": acc,
+               "seconds": time.perf_counter() - t0, "recipe": recipe_config(args), "stage1": stage1,
+               "history": history,
                **({"ranks": comm.size, "communicator": comm.name, **comm.stats()} if comm.size > 1 else {})}
     write_json_atomic(os.path.join(args.out, "result.json"), summary)
     print(f"test accuracy {acc:.4%}; model saved to {os.path.join(args.out, 'model.npz')}")
@@ -333,6 +355,7 @@ def build_parser():
     from .augment import augment_option
     from .losses import LOSSES
     from .optimizers import OPTIMIZERS, SCHEDULES
+    from .recipes import add_recipe_arguments
     from .zoo import MODELS
 
     from . import __version__
@@ -364,6 +387,9 @@ def build_parser():
                    help="mixed16: float16 passes, float32 master weights, dynamic loss scaling")
     p.add_argument("--out", default="runs/train", help="folder for checkpoints, history and model.npz")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+                   help="train as many epochs as fit in SECONDS (at most --epochs; lowbit.Trainer time_budget)")
+    add_recipe_arguments(p, optimizer=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--comm", default="auto", choices=["auto", "single", "mpi", "nccl"],
                    help="data-parallel communicator: auto (MPI when started by mpiexec with several ranks), "

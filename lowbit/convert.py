@@ -66,6 +66,7 @@ from .packed import (
 )
 from .progress import batched_scores, step
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D
+from .reactnet import RPReLU, RSign
 from .quantizers import (
     ACTIVATION_CLIPPINGS, DoReFaActivation, Identity, Quantizer, SteSign, StochasticBinary, UniformWeight,
     WEIGHT_CLIPPINGS, mse_activation_range, mse_weight_range,
@@ -90,6 +91,11 @@ def _sign_quantizer(q):
     if isinstance(q, StochasticBinary):
         return q.deterministic_eval
     return False
+
+
+def _per_channel_monotone(layer):
+    """ReActNet's layers that fold into a threshold: RSign, and RPReLU with slopes >= 0."""
+    return isinstance(layer, RSign) or (isinstance(layer, RPReLU) and layer.monotone())
 
 
 def _flat_layers(container, prefix=""):
@@ -362,6 +368,15 @@ class _Converter:
                 and self.binary(index) is not None:
             self.pack(nhwc=isinstance(layer, Conv2D), terminal=layer.input_quantizer)
             return index
+        if isinstance(layer, RSign):
+            # the learned thresholds go into the pack stage with the per-channel layers before them
+            consumer, pooled = self.next_consumer(index + 1)
+            if consumer is not None and self.takes_packed(consumer):
+                spatial = len(sim_shape(self.spec)) == 3
+                self.add_float(layer)
+                self.pack(nhwc=spatial and (isinstance(self.layers[consumer], Conv2D) or pooled),
+                          terminal=SteSign())
+                return index + 1
         if isinstance(layer, QuantActivation) and _sign_quantizer(layer.quantizer):
             consumer, pooled = self.next_consumer(index + 1)
             if consumer is not None and self.takes_packed(consumer):
@@ -425,7 +440,7 @@ class _Converter:
             return []
         tail = []
         for layer in reversed(self.pending):
-            per_channel = isinstance(layer, (BatchNorm, ReLU, Rescale)) or (
+            per_channel = isinstance(layer, (BatchNorm, ReLU, Rescale)) or _per_channel_monotone(layer) or (
                 isinstance(layer, QuantActivation) and isinstance(layer.quantizer, Identity))
             if not per_channel:
                 break
@@ -502,7 +517,10 @@ class _Converter:
                 ops.append(layer)
                 index += 1
                 continue
-            if isinstance(layer, (BatchNorm, ReLU, Rescale)) and not flat:
+            if isinstance(layer, RSign) and not flat:
+                # sign(x - threshold) is the sign: the plain sign of its +-1 output ends the chain
+                return ops + [layer], pool, pool_at, flat, SteSign(), index + 1
+            if isinstance(layer, (BatchNorm, ReLU, Rescale, RPReLU)) and not flat:
                 ops.append(layer)
                 index += 1
                 continue

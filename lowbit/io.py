@@ -398,6 +398,10 @@ def declared_shapes(spec, source="file"):
             n = _positive(config, "num_features", where)
             for attr in ("gamma", "beta", "running_mean", "running_var"):
                 shapes[f"{at}{attr}"] = [n]
+        elif cls is not None and getattr(cls, "per_channel_arrays", False):  # lowbit.reactnet's layers
+            n = _positive(config, "channels", where)
+            for attr in cls.param_names:
+                shapes[f"{at}{attr}"] = [n]
         for child in children:
             if not (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)):
                 raise ModelFileError(f"{where}: children must be [name, spec] pairs")

@@ -17,7 +17,7 @@ from .backend import get_array_module, to_device, to_numpy
 from .functions import adam_update
 
 __all__ = [
-    "Optimizer", "SGD", "Momentum", "AdaGrad", "Adam", "OPTIMIZERS", "get_optimizer",
+    "Optimizer", "SGD", "Momentum", "AdaGrad", "Adam", "Bop", "OPTIMIZERS", "get_optimizer",
     "Schedule", "ConstantLR", "StepLR", "ExponentialLR", "CosineLR", "SCHEDULES", "get_schedule",
 ]
 
@@ -206,7 +206,66 @@ class Adam(Optimizer):
         adam_update(p, g, m, v, 1 - b1, 1 - b2, step, self.eps, bounds)
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}
+def _bop_binary(layer, attr):
+    """True for the weights Bop flips: ``W`` of a layer whose kernel quantizer has 1 bit."""
+    quantizer = getattr(layer, "kernel_quantizer", None)
+    return attr == "W" and getattr(quantizer, "precision", None) == 1
+
+
+class Bop(Adam):
+    """Bop (Helwegen et al. 2019, "Latent weights do not exist"), Adam for the other parameters.
+
+    For every binary weight (``W`` of a layer whose ``kernel_quantizer`` has 1 bit) Bop keeps an
+    exponential moving average of the gradient, ``m = m + gamma * (g - m)``, and flips the weight
+    when the average is larger than ``threshold`` and pushes the same way the weight points:
+    ``w = -sign(w)`` where ``w * m > threshold``, else ``w = sign(w)`` (``sign(0) = +1``).  The
+    weights are then exactly +-1 (there is no latent weight; the first step binarizes them), and the
+    learning rate, its schedule and ``lr_multipliers`` do not touch them.  Every other parameter
+    (BatchNorm, biases, real-valued layers) takes the :class:`Adam` step with ``lr``.  The defaults
+    are Larq's (``threshold=1e-8``, ``gamma=1e-4``).
+
+    Its state is Adam's ``m``, ``v`` plus ``bop_m`` (the averages of the binary weights), so
+    checkpoints resume it exactly.
+    """
+
+    name = "bop"
+    state_names = ("m", "v", "bop_m")
+
+    def __init__(self, lr=0.001, threshold=1e-8, gamma=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, fused=False):
+        super().__init__(lr, beta1=beta1, beta2=beta2, eps=eps, fused=fused)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not (threshold >= 0 and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(f"gamma (the adaptivity rate) must be a number in (0, 1], got {gamma!r}")
+        self.threshold = float(threshold)
+        self.gamma = float(gamma)
+        self._binary = set()
+
+    def config(self):
+        return {**super().config(), "threshold": self.threshold, "gamma": self.gamma}
+
+    def step(self, model, lr=None):
+        # the binary weights of this model by path: _update sends them to _flip, the rest to Adam
+        self._binary = {key for key, layer, attr in model.named_arrays(buffers=False) if _bop_binary(layer, attr)}
+        super().step(model, lr)
+
+    def _update(self, key, p, g, lr, bounds=None):
+        if key in self._binary:
+            self._flip(key, p, g)  # exactly +-1: inside any bounds the layer declares
+        else:
+            super()._update(key, p, g, lr, bounds=bounds)
+
+    def _flip(self, key, w, g):
+        xp = get_array_module(w)
+        m = self._slot("bop_m", key, w)
+        m += w.dtype.type(self.gamma) * (g - m)
+        sign = (w >= 0).astype(w.dtype) * w.dtype.type(2) - w.dtype.type(1)
+        flip = sign * m > self.threshold
+        w[...] = xp.where(flip, -sign, sign)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam, "bop": Bop}
 
 
 def get_optimizer(name, **kwargs):

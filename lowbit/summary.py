@@ -34,6 +34,7 @@ from .packed import (
 )
 from .quant_layers import QuantActivation
 from .quantizers import Identity
+from .reactnet import RSign
 
 __all__ = ["Summary", "summarize", "summary_command"]
 
@@ -185,6 +186,8 @@ def _next_bits(layer, bits):
         return bits if isinstance(layer.quantizer, Identity) else int(layer.quantizer.precision)
     if isinstance(layer, (Dropout, Flatten, MaxPool2D)):
         return bits
+    if isinstance(layer, RSign):  # a sign with learned thresholds: +-1 values
+        return 1
     return 32
 
 

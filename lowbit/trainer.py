@@ -166,14 +166,26 @@ def _check_data(name, x, y, input_shape):
                          f"{None if y is None else np.asarray(y).shape}")
 
 
+def _check_teacher(teacher, loss):
+    """``teacher`` (None or an object with ``scores(x)`` and ``config()``) fits ``loss``."""
+    if teacher is None:
+        return None
+    if not (callable(getattr(teacher, "scores", None)) and callable(getattr(teacher, "config", None))):
+        raise TypeError(f"teacher must be a lowbit.recipes.Teacher (scores, config), got {type(teacher).__name__}")
+    if not hasattr(loss, "teacher_scores"):
+        raise ValueError(f"a teacher needs a distillation loss (lowbit.losses.Distillation), got {type(loss).__name__}")
+    return teacher
+
+
 class Trainer:
     """Train a :class:`~lowbit.model.Model`.
 
     Parameters
     ----------
     model : Model
-    loss : str
-        'cross_entropy' or 'squared_hinge'.
+    loss : str or loss object
+        'cross_entropy' or 'squared_hinge', or a loss object of :mod:`lowbit.losses` (e.g.
+        ``SoftmaxCrossEntropy(label_smoothing=0.1)``, or ``Distillation(...)`` with ``teacher``).
     optimizer : Optimizer
         Default ``Adam(lr=0.001)``.
     schedule : callable or None
@@ -220,12 +232,16 @@ class Trainer:
     sync_batchnorm : bool
         With ``comm``: BatchNorm layers normalise with the statistics of the global batch instead
         of each rank's shard (:func:`lowbit.distributed.synchronize_batchnorm`).
+    teacher : lowbit.recipes.Teacher or None
+        Knowledge distillation: the teacher's scores of every training batch (augmented as the
+        student sees it) are handed to ``loss``, which must then be a
+        :class:`~lowbit.losses.Distillation`.  See :mod:`lowbit.recipes`.
     """
 
     def __init__(self, model, loss="cross_entropy", optimizer=None, schedule=None, epochs=10,
                  batch_size=100, augment=None, seed=0, out_dir=None, device="cpu", progress=True,
                  eval_batch_size=100, precision="fp32", loss_scaler=None, bn_recalibrate=0,
-                 time_budget=None, checkpoint_every=1, comm=None, sync_batchnorm=False):
+                 time_budget=None, checkpoint_every=1, comm=None, sync_batchnorm=False, teacher=None):
         if not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -267,8 +283,9 @@ class Trainer:
         self.precision = precision
         self.scaler = (loss_scaler or LossScaler()) if precision == "mixed16" else None
         self.model = model
-        self.loss_name = loss
-        self.loss = get_loss(loss)
+        self.loss = get_loss(loss) if isinstance(loss, str) else loss
+        self.loss_name = loss if isinstance(loss, str) else getattr(self.loss, "config", lambda: self.loss.name)()
+        self.teacher = _check_teacher(teacher, self.loss)
         self.optimizer = optimizer if optimizer is not None else Adam(0.001)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(f"optimizer must be a lowbit Optimizer, got {type(self.optimizer).__name__}")
@@ -320,6 +337,8 @@ class Trainer:
             config["time_budget"] = {"seconds": self.time_budget, "max_epochs": self.max_epochs}
         if self.sync_batchnorm and self.comm.size > 1:  # likewise
             config["sync_batchnorm"] = True
+        if self.teacher is not None:
+            config["teacher"] = self.teacher.config()
         return config
 
     def save_checkpoint(self):
@@ -458,6 +477,8 @@ class Trainer:
             yb = y[idx]
             xb_d = self._to_device(xb)
             yb_d = self._to_device(yb)
+            if self.teacher is not None:
+                self.loss.teacher_scores = self.teacher.scores(xb_d)
             if self.precision == "mixed16":
                 loss, scores, _ = mixed_precision_step(self.model, self.loss, self.optimizer,
                                                        self.scaler, xb_d, yb_d, lr)

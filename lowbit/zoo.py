@@ -75,13 +75,14 @@ from .layers import BatchNorm, PixelCodes, Rescale  # noqa: E402
 from .quant_layers import QuantActivation, QuantAffine, QuantConv2D  # noqa: E402
 from .quantize import stochastic_kinds  # noqa: E402
 from .quantizers import DoReFaActivation, quantizer_for_bits  # noqa: E402
+from .reactnet import RSign  # noqa: E402
 
 __all__ += ["bnn_mlp", "binary_cnn", "brevitas_fc", "tfc", "sfc", "lfc"]
 
 
 def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2, dropout_hidden=0.5,
             bn_eps=1e-4, bn_momentum=0.9, init="uniform", glorot_lr_scale=True, input_bits=8,
-            draws="generator"):
+            draws="generator", rsign=False):
     """The MNIST multilayer perceptron of Binarized Neural Networks (Courbariaux, Hubara et al. 2016).
 
     ``PixelCodes(input_bits)`` (8-bit pixels to (-1, 1) on the grid k/256, so the first layer's float32
@@ -104,8 +105,13 @@ def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2,
     * BatchNorm momentum 0.9 is Lasagne's ``alpha = 0.1``.
     * ``draws``: where the dropout masks' and stochastic binarizations' random numbers come from
       (:mod:`lowbit.draws`); ``"counter"`` computes them on the GPU instead of copying them from the host.
+    * ``rsign``: every hidden sign is a :class:`~lowbit.reactnet.RSign` (a learned threshold per unit)
+      instead of ``QuantActivation(sign)``.
     """
     kinds = stochastic_kinds(stochastic)
+    if rsign and "activation" in kinds:
+        raise ValueError("rsign=True needs deterministic activations (stochastic=False or 'weights'), "
+                         f"got stochastic={stochastic!r}")
     hidden = [int(h) for h in hidden]
     s = _seeds(seed, len(hidden) + 1)
 
@@ -122,6 +128,7 @@ def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2,
     width = 28 * 28
     for i, h in enumerate(hidden):
         layers += [dense(width, h, i), BatchNorm(h, momentum=bn_momentum, eps=bn_eps),
+                   RSign(h) if rsign else
                    QuantActivation(quantizer_for_bits(1, "activation", "activation" in kinds, draws))]
         if dropout_hidden:
             layers.append(Dropout(dropout_hidden, draws=draws))
@@ -132,7 +139,7 @@ def bnn_mlp(seed=0, hidden=(4096, 4096, 4096), stochastic=False, dropout_in=0.2,
 
 def binary_cnn(seed=0, channels=(32, 32, 64, 64), hidden=256, keep_last=True, stochastic=False,
                input_bits=8, dropout=0.0, bn_eps=1e-4, bn_momentum=0.9, init="glorot",
-               glorot_lr_scale=False):
+               glorot_lr_scale=False, rsign=False):
     """A small VGG-like binary CNN for MNIST, in XNOR-Net block order (BN -> sign -> binary conv -> pool).
 
     ::
@@ -153,9 +160,16 @@ def binary_cnn(seed=0, channels=(32, 32, 64, 64), hidden=256, keep_last=True, st
     conv uses He init.  With ``dropout`` the last hidden activation is binarized by a QuantActivation
     before the Dropout, so dropped units are 0.  ``stochastic`` as in :func:`bnn_mlp`.
 
+    ``rsign``: each sign of a binary layer's input is a :class:`~lowbit.reactnet.RSign` layer in front
+    of it (a learned threshold per channel; the layer's ``input_quantizer`` is then None), placed
+    before the Flatten for the hidden affine layer.
+
     Cost: about 38 MFLOP per image forward with the default channels (three times deep_convnet).
     """
     kinds = stochastic_kinds(stochastic)
+    if rsign and "activation" in kinds:
+        raise ValueError("rsign=True needs deterministic activations (stochastic=False or 'weights'), "
+                         f"got stochastic={stochastic!r}")
     c0, c1, c2, c3 = (int(c) for c in channels)
     hidden = int(hidden)
     s = _seeds(seed, 6)
@@ -164,20 +178,23 @@ def binary_cnn(seed=0, channels=(32, 32, 64, 64), hidden=256, keep_last=True, st
         return quantizer_for_bits(1, "activation", "activation" in kinds)
 
     def binary():
-        return dict(bias=False, init=init, input_quantizer=sign(),
+        return dict(bias=False, init=init, input_quantizer=None if rsign else sign(),
                     kernel_quantizer=quantizer_for_bits(1, "weight", "weight" in kinds),
                     kernel_constraint="clip", glorot_lr_scale=glorot_lr_scale)
 
     def bn(n):
         return BatchNorm(n, momentum=bn_momentum, eps=bn_eps)
 
+    def learned(n):
+        return [RSign(n)] if rsign else []
+
     layers = [
         QuantConv2D(1, c0, 3, padding=1, bias=False, init="he", seed=s[0],
                     input_quantizer=quantizer_for_bits(input_bits, "activation")),
-        bn(c0),
-        QuantConv2D(c0, c1, 3, padding=1, seed=s[1], **binary()), MaxPool2D(2, 2), bn(c1),
-        QuantConv2D(c1, c2, 3, padding=1, seed=s[2], **binary()), bn(c2),
-        QuantConv2D(c2, c3, 3, padding=1, seed=s[3], **binary()), MaxPool2D(2, 2), bn(c3),
+        bn(c0), *learned(c0),
+        QuantConv2D(c0, c1, 3, padding=1, seed=s[1], **binary()), MaxPool2D(2, 2), bn(c1), *learned(c1),
+        QuantConv2D(c1, c2, 3, padding=1, seed=s[2], **binary()), bn(c2), *learned(c2),
+        QuantConv2D(c2, c3, 3, padding=1, seed=s[3], **binary()), MaxPool2D(2, 2), bn(c3), *learned(c3),
         Flatten(),
         QuantAffine(c3 * 7 * 7, hidden, seed=s[4], **binary()), bn(hidden),
     ]
@@ -320,7 +337,7 @@ def inception_mnist(seed=0, weight_bits=32, activation_bits=32):
 
 
 def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=True, head="gap",
-                  pre_bn=False):
+                  pre_bn=False, rsign=False, rprelu=False):
     """A binary ResNet in the Bi-Real Net style for MNIST.
 
     Stem: float conv3x3(1 -> widths[0]) - BN (the first layer stays real, as in BNN papers); then per
@@ -331,6 +348,8 @@ def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=Tru
     argument).  ``head="flatten"`` replaces the global average pooling by a flatten, so the float
     affine layer sees every position of the last feature map (``widths[-1] * 7 * 7`` inputs).
     ``pre_bn=True``: a BatchNorm before every block's sign (see :func:`lowbit.blocks.bireal_block`).
+    ``rsign`` / ``rprelu``: ReActNet's learned sign thresholds and shifted PReLU after every block
+    (:mod:`lowbit.reactnet`; see :func:`lowbit.blocks.bireal_block`).
     """
     from .blocks import bireal_block
 
@@ -344,7 +363,8 @@ def bireal_resnet(seed=0, widths=(32, 64, 128), blocks_per_stage=2, shortcut=Tru
     for stage, width in enumerate(widths):
         for b in range(blocks_per_stage):
             stride = 2 if stage > 0 and b == 0 else 1
-            layers += bireal_block(c, width, stride, seed=s[i], shortcut=shortcut, pre_bn=pre_bn)
+            layers += bireal_block(c, width, stride, seed=s[i], shortcut=shortcut, pre_bn=pre_bn,
+                                   rsign=rsign, rprelu=rprelu)
             c = width
             i += 1
     side = 28 // 2 ** (len(widths) - 1)

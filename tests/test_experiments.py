@@ -152,3 +152,28 @@ def test_deep_convnet_mnist_modes_and_ensemble_script(script, tmp_path):
     assert [m["test_acc"] for m in result["members"]] == [
         float((load_any(p).predict(lowbit.data.float_images(lowbit.data.load_mnist().x_test[:100]))
                == lowbit.data.load_mnist().y_test[:100]).mean()) for p in members]
+
+
+def test_recipe_options_in_the_scripts_and_the_ablation_table(script, tmp_path):
+    teacher = tmp_path / "teacher.npz"
+    from lowbit.zoo import mlp
+
+    lowbit.save_model(mlp(0, hidden=(8,)), str(teacher))
+    recipe = ["--stages", "1,1", "--teacher", str(teacher), "--optimizer", "bop", "--rsign"]
+    results = tmp_path / "table"
+    bnn = script("bnn_mnist").main(
+        ["--config", "mlp_det", "--width", "32", "--limit", "200", "--eval-limit", "100", "--loss", "cross_entropy",
+         "--label-smoothing", "0.1", *recipe, "--name", "recipes_mlp_all_seed0", "--results", str(results),
+         *outputs(tmp_path, "runs", "models")])
+    assert bnn["packed_labels_equal"] == 100 and bnn["stage1"]["epochs"] == 1
+    assert bnn["recipe"]["optimizer"] == "bop" and bnn["best_test_epoch"] == 1
+    bireal = script("bireal_mnist").main(
+        ["--widths", "4", "8", "--blocks", "1", "--variants", "shortcut", "--limit", "200", "--eval-limit", "100",
+         "--bn-recalibrate", "200", "--probe-batch", "20", "--rprelu", *recipe, "--name", "recipes_bireal_all_seed0",
+         "--results", str(results), *outputs(tmp_path, "runs", "models")])
+    row = bireal["variants"]["shortcut"]
+    assert row["packed_labels_equal"] == 100 and row["stage1"]["epochs"] == 1 and bireal["rprelu"]
+    table = script("recipes_table").main([str(results), "--out", str(tmp_path / "recipes")])
+    assert table == 0
+    text = (tmp_path / "recipes.md").read_text()
+    assert "| all | 0 0 |" in text and "| 1+1/1+1 |" in text  # both seeds-0 runs, two stages of 1 epoch
