@@ -1102,7 +1102,7 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     _check_weight_clipping(weight_clipping)  # before the data set is loaded
     _check_activation_clipping(activation_clipping, percentile)
     _check_limit(limit)
-    check_output_path(out_path, "output")  # before the work, not after it
+    check_output_path(out_path, "-o/--output")  # before the work, not after it
     model = load_model(model_path)
     mnist = data if data is not None else load_mnist(progress=False)
     x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
@@ -1159,7 +1159,7 @@ def convert_command(model_path, out_path, limit=0, verify=True, allow_inexact=Fa
     the command for it.  ``progress``: steps on stderr and progress bars over the test images.
     """
     _check_limit(limit)
-    check_output_path(out_path, "output")  # before the work, not after it
+    check_output_path(out_path, "-o/--output")  # before the work, not after it
     model = load_model(model_path)
     if not any(isinstance(layer, (QuantAffine, QuantConv2D, QuantActivation)) for _, layer in model.named_layers()):
         raise ValueError(f"{os.fspath(model_path)} is a float model (no quantized layer): convert has nothing to "
