@@ -7,6 +7,8 @@
 ``lowbit summary``   per-layer table of a trained or packed model (``--profile`` times each layer).
 ``lowbit sweep``     accuracy and model size over a grid of weight x activation bits, PTQ and QAT
                      (:mod:`lowbit.sweep`; resumable).
+``lowbit sensitivity``  per-layer sensitivity to each weight/activation width (:mod:`lowbit.sensitivity`).
+``lowbit mixed``     per-layer widths under a size/BOPs budget, packed (:mod:`lowbit.mixed_search`).
 """
 from __future__ import annotations
 
@@ -325,6 +327,10 @@ def build_parser():
                                             "(trains nothing)")
     p.add_argument("folder", metavar="SWEEP_DIR", help="a folder written by lowbit sweep")
     p.set_defaults(func=cmd_sweep_report)
+
+    from .mixed_search import add_mixed_commands  # lowbit sensitivity, lowbit mixed (issue 26)
+
+    add_mixed_commands(sub)
     return parser
 
 
