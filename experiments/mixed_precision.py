@@ -165,6 +165,9 @@ def main(argv=None):
     parser.add_argument("--keep-act-bits", type=int, nargs="+", default=list(WIDTHS),
                         help="activation widths of the uniform grid with float first/last kernels")
     parser.add_argument("--calibrate", type=int, default=1000, help="calibration images")
+    parser.add_argument("--part", choices=("all", "uniform"), default="all",
+                        help="uniform: only the uniform grid, in reverse order, and no reports (a second process "
+                             "beside a full run; both skip the points the other has written to points.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     _common.add_output_arguments(parser, "results", "models", "runs")
     args = parser.parse_args(argv)
@@ -188,25 +191,40 @@ def main(argv=None):
     ptq = LayerwisePTQ(model, calibration, seed=args.seed)
     timings = {"calibration_seconds": time.perf_counter() - t0}
 
-    # 1. sensitivity and Hessian
-    t0 = time.perf_counter()
-    measured = measure_sensitivity(ptq, x_held, y_held, WIDTHS, progress=progress)
-    timings["sensitivity_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    count = min(args.hessian_images, len(x_held))
-    traces = hessian_traces(ptq, x_held[:count], y_held[:count], samples=args.hessian_samples, seed=args.seed,
-                            progress=progress)
-    timings["hessian_seconds"] = time.perf_counter() - t0
-    _, rows = write_sensitivity_reports(out_dir, ptq, measured, traces, title=f"{args.arch} ({model.name})",
-                                        extra={"model_file": os.path.basename(model_path), "timings": timings})
+    # 1. sensitivity and Hessian (reused from sensitivity.json when it was measured with these settings)
+    settings = {"model_file": os.path.basename(model_path), "images": int(len(y_held)),
+                "calibration_images": int(len(calibration)), "hessian_images": args.hessian_images,
+                "hessian_samples": args.hessian_samples, "seed": args.seed}
+    sensitivity_json = os.path.join(out_dir, "sensitivity.json")
+    previous = None
+    if args.part == "all" and os.path.exists(sensitivity_json):
+        with open(sensitivity_json, encoding="utf-8") as fh:
+            previous = json.load(fh)
+    if args.part == "uniform":
+        rows = None
+    elif previous is not None and previous.get("settings") == settings:
+        rows, timings = previous["rows"], previous.get("timings", timings)
+    else:
+        t0 = time.perf_counter()
+        measured = measure_sensitivity(ptq, x_held, y_held, WIDTHS, progress=progress)
+        timings["sensitivity_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        count = min(args.hessian_images, len(x_held))
+        traces = hessian_traces(ptq, x_held[:count], y_held[:count], samples=args.hessian_samples, seed=args.seed,
+                                progress=progress)
+        timings["hessian_seconds"] = time.perf_counter() - t0
+        _, rows = write_sensitivity_reports(out_dir, ptq, measured, traces, title=f"{args.arch} ({model.name})",
+                                            extra={"settings": settings, "timings": timings,
+                                                   "command": _common.command_line(__file__, argv)})
 
     # 2. the uniform grid (same calibration)
     points_path = os.path.join(out_dir, "points.jsonl")
     done = load_points(points_path)
     grid = [(wb, ab, False) for wb in WIDTHS for ab in WIDTHS]
     grid += [(wb, ab, True) for wb in WIDTHS for ab in args.keep_act_bits]
-    for wb, ab, keep in grid:
+    for wb, ab, keep in (grid[::-1] if args.part == "uniform" else grid):
         name = f"uniform_w{wb}a{ab}" + ("_keep" if keep else "")
+        done = load_points(points_path)  # another process may have written it meanwhile
         if name in done:
             continue
         record = evaluate_point(ptq, uniform_widths(len(ptq.layers), wb, ab, keep), name, packed_dir, x_test, y_test,
@@ -216,6 +234,9 @@ def main(argv=None):
         done[name] = record
         if progress:
             print(f"{name}: {record['accuracy']:.2%}, {record['size_bytes'] / 1024:.1f} KiB", flush=True)
+    if args.part == "uniform":
+        return 0
+    done = load_points(points_path)
     w4a4 = done["uniform_w4a4"]
 
     # 3. mixed points: size budgets and BOPs budgets
