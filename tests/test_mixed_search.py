@@ -261,3 +261,15 @@ def test_experiment_script_smoke(tmp_path, fake_mnist, monkeypatch):
     assert mixed and all(p["labels_equal"] == p["test_images"] for p in mixed)
     assert (folder / "pareto_size.png").exists() and (folder / "pareto_bops.png").exists()
     assert not (tmp_path / "models" / "sfc_float.npz").exists()  # a smoke run keeps its model elsewhere
+
+
+def test_sweep_reports_draw_the_front_with_mixed_points(tmp_path):
+    from lowbit.mixed_search import sweep_pareto
+
+    records = [{"method": "ptq", "weight_bits": wb, "act_bits": ab, "seed": 0, "accuracy": 0.9 + 0.01 * wb,
+                "size_bytes": 1000 * wb} for wb in (1, 2, 4) for ab in (2, 4)]
+    (tmp_path / "mixed_points.jsonl").write_text(json.dumps(
+        {"label": "mixed", "accuracy": 0.95, "size_bytes": 2500, "bops": 10_000}) + "\n")
+    files = sweep_pareto(str(tmp_path), records, {"arch": "tfc", "quantize_first_last": True})
+    for path in files.values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
