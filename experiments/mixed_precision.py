@@ -165,9 +165,11 @@ def main(argv=None):
     parser.add_argument("--keep-act-bits", type=int, nargs="+", default=list(WIDTHS),
                         help="activation widths of the uniform grid with float first/last kernels")
     parser.add_argument("--calibrate", type=int, default=1000, help="calibration images")
-    parser.add_argument("--part", choices=("all", "uniform"), default="all",
-                        help="uniform: only the uniform grid, in reverse order, and no reports (a second process "
-                             "beside a full run; both skip the points the other has written to points.jsonl)")
+    parser.add_argument("--part", choices=("all", "uniform", "mixed", "report"), default="all",
+                        help="uniform: only the uniform grid, in reverse order, no reports; mixed: only the mixed "
+                             "points, in reverse order, then the reports (both beside a full run, which has written "
+                             "sensitivity.json; each skips the points another has written to points.jsonl); "
+                             "report: the reports from points.jsonl and sensitivity.json alone")
     parser.add_argument("--seed", type=int, default=0)
     _common.add_output_arguments(parser, "results", "models", "runs")
     args = parser.parse_args(argv)
@@ -197,13 +199,15 @@ def main(argv=None):
                 "hessian_samples": args.hessian_samples, "seed": args.seed}
     sensitivity_json = os.path.join(out_dir, "sensitivity.json")
     previous = None
-    if args.part == "all" and os.path.exists(sensitivity_json):
+    if args.part != "uniform" and os.path.exists(sensitivity_json):
         with open(sensitivity_json, encoding="utf-8") as fh:
             previous = json.load(fh)
     if args.part == "uniform":
         rows = None
     elif previous is not None and previous.get("settings") == settings:
         rows, timings = previous["rows"], previous.get("timings", timings)
+    elif args.part != "all":
+        raise SystemExit(f"--part {args.part} needs {sensitivity_json} written with these settings by a full run")
     else:
         t0 = time.perf_counter()
         measured = measure_sensitivity(ptq, x_held, y_held, WIDTHS, progress=progress)
@@ -222,7 +226,7 @@ def main(argv=None):
     done = load_points(points_path)
     grid = [(wb, ab, False) for wb in WIDTHS for ab in WIDTHS]
     grid += [(wb, ab, True) for wb in WIDTHS for ab in args.keep_act_bits]
-    for wb, ab, keep in (grid[::-1] if args.part == "uniform" else grid):
+    for wb, ab, keep in (grid[::-1] if args.part == "uniform" else grid if args.part == "all" else []):
         name = f"uniform_w{wb}a{ab}" + ("_keep" if keep else "")
         done = load_points(points_path)  # another process may have written it meanwhile
         if name in done:
@@ -237,14 +241,17 @@ def main(argv=None):
     if args.part == "uniform":
         return 0
     done = load_points(points_path)
-    w4a4 = done["uniform_w4a4"]
 
-    # 3. mixed points: size budgets and BOPs budgets
-    budgets = [("size", f, dict(size_kib=f * w4a4["estimated_bytes"] / 1024), WIDTHS) for f in SIZE_FRACTIONS]
-    budgets += [("size_a4", 0.6, dict(size_kib=0.6 * w4a4["estimated_bytes"] / 1024), (4,))]
-    budgets += [("bops", f, dict(bops=f * w4a4["bops"]), WIDTHS) for f in BOPS_FRACTIONS]
-    for kind, fraction, budget, activation_widths in budgets:
+    # 3. mixed points: size budgets and BOPs budgets (fractions of uniform W4A4's estimated size and BOPs)
+    w4a4_widths = uniform_widths(len(ptq.layers), 4, 4, False)
+    w4a4_kib, w4a4_bops = ptq.model_bytes(w4a4_widths) / 1024, ptq.bops(w4a4_widths)
+    budgets = [("size", f, dict(size_kib=f * w4a4_kib), WIDTHS) for f in SIZE_FRACTIONS]
+    budgets += [("size_a4", 0.6, dict(size_kib=0.6 * w4a4_kib), (4,))]
+    budgets += [("bops", f, dict(bops=f * w4a4_bops), WIDTHS) for f in BOPS_FRACTIONS]
+    for kind, fraction, budget, activation_widths in (budgets[::-1] if args.part == "mixed" else budgets
+                                                      if args.part == "all" else []):
         name = f"mixed_{kind}{fraction:g}"
+        done = load_points(points_path)  # another process may have written it meanwhile
         if name in done:
             continue
         choice = choose_widths(ptq, rows, WIDTHS, activation_widths, "loss", **budget)
@@ -263,8 +270,9 @@ def main(argv=None):
                   f"{record['labels_equal']}/{record['test_images']} labels equal", flush=True)
 
     # 4. one point fine-tuned (QAT) from its PTQ model
-    if args.finetune_epochs:
+    if args.finetune_epochs and args.part != "report":
         name = f"mixed_size{SIZE_FRACTIONS[0]:g}_qat"
+        done = load_points(points_path)
         if name not in done:
             from lowbit.optimizers import get_optimizer, get_schedule
             from lowbit.trainer import Trainer
@@ -290,6 +298,10 @@ def main(argv=None):
             done[name] = record
 
     # 5. reports
+    done = load_points(points_path)
+    if "uniform_w4a4" not in done:
+        raise SystemExit(f"uniform W4A4 is not in {points_path} yet; no reports")
+    w4a4 = done["uniform_w4a4"]
     records = list(done.values())
     uniform = [r for r in records if r["kind"] == "uniform"]
     mixed = [r for r in records if r["kind"] == "mixed"]
