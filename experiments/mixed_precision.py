@@ -44,7 +44,7 @@ from lowbit.data import float_images, load_mnist, train_val_split
 from lowbit.io import load_model, save_model
 from lowbit.mixed_search import above_front, choose_widths, pareto_front, plot_pareto
 from lowbit.sensitivity import (
-    LayerwisePTQ, hessian_traces, held_out_images, measure_sensitivity, write_sensitivity_reports,
+    LayerwisePTQ, draw_heatmap, hessian_traces, held_out_images, measure_sensitivity, write_sensitivity_reports,
 )
 from lowbit.sweep import _write_atomic
 
@@ -206,6 +206,8 @@ def main(argv=None):
         rows = None
     elif previous is not None and previous.get("settings") == settings:
         rows, timings = previous["rows"], previous.get("timings", timings)
+        if args.part == "report":  # the heatmap again, in the current style
+            draw_heatmap(os.path.join(out_dir, "sensitivity.png"), ptq, rows, previous["title"])
     elif args.part != "all":
         raise SystemExit(f"--part {args.part} needs {sensitivity_json} written with these settings by a full run")
     else:

@@ -53,7 +53,7 @@ from .quantizers import DoReFaActivation, Fp16, Identity, Quantizer, SteSign, Un
 __all__ = [
     "WIDTHS", "LayerInfo", "LayerwisePTQ", "quantizable_layers", "measure_sensitivity", "hessian_traces",
     "hessian_scores", "rank_correlation", "sensitivity_table", "write_sensitivity_reports",
-    "sensitivity_command", "read_sensitivity_csv", "held_out_images",
+    "sensitivity_command", "read_sensitivity_csv", "held_out_images", "draw_heatmap",
 ]
 
 #: The widths measured by default, for weights and for activations.
@@ -650,14 +650,15 @@ def _markdown(ptq, rows, measured, correlations, title):
     return "\n".join(lines)
 
 
-def _heatmap(path, ptq, rows, title):
+def draw_heatmap(path, ptq, rows, title):
+    """The heatmap of the accuracy drops of ``rows`` (layers by widths, one panel per kind)."""
     from matplotlib.figure import Figure
 
     from .sweep import _save_figure
 
     widths = sorted({r["bits"] for r in rows})
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    figure = Figure(figsize=(4.2 * len(kinds) + 1, 0.45 * len(ptq.layers) + 1.8))
+    figure = Figure(figsize=(5.2 * len(kinds) + 1, 0.45 * len(ptq.layers) + 1.8), layout="constrained")
     axes = figure.subplots(1, len(kinds), squeeze=False)[0]
     for ax, kind in zip(axes, kinds):
         grid = np.full((len(ptq.layers), len(widths)), np.nan)
@@ -696,7 +697,7 @@ def write_sensitivity_reports(out_dir, ptq, measured, traces=None, title="model"
                 "hessian": None if traces is None else {k: v for k, v in traces.items() if k != "inputs"},
                 **(extra or {}), "rows": rows}
     _write_atomic(files["json"], (json.dumps(document, indent=1) + "\n").encode())
-    _heatmap(files["heatmap"], ptq, rows, title)
+    draw_heatmap(files["heatmap"], ptq, rows, title)
     return files, rows
 
 
