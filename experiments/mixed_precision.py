@@ -54,9 +54,9 @@ SIZE_FRACTIONS = (0.35, 0.45, 0.55, 0.6, 0.8)
 BOPS_FRACTIONS = (0.3, 0.5, 1.0)
 
 
-def sfc_float(path, epochs, seed, data, progress):
+def sfc_float(path, epochs, seed, data, progress, train_images=0):
     """Train the float SFC (``lowbit.sweep.float_model("sfc")``, the sweep's recipe) on the training part of
-    ``train_val_split(10000, seed)`` and save it to ``path``."""
+    ``train_val_split(10000, seed)`` (its first ``train_images``; 0: all) and save it to ``path``."""
     from lowbit.optimizers import get_optimizer, get_schedule
     from lowbit.sweep import RECIPES, float_model
     from lowbit.trainer import Trainer
@@ -64,6 +64,8 @@ def sfc_float(path, epochs, seed, data, progress):
     model = float_model("sfc", seed)
     x_train, y_train, x_val, y_val = train_val_split(float_images(data.x_train), np.asarray(data.y_train), 10000,
                                                      seed)
+    if train_images:
+        x_train, y_train = x_train[:train_images], y_train[:train_images]
     lr = RECIPES["sfc"]["lr"]
     trainer = Trainer(model, "cross_entropy", get_optimizer("adam", lr=lr),
                       get_schedule("exponential", lr=lr, lr_end=lr / 100, epochs=epochs), epochs=epochs,
@@ -71,6 +73,7 @@ def sfc_float(path, epochs, seed, data, progress):
     history = trainer.fit(x_train, y_train, x_val, y_val)
     model = trainer.model
     save_model(model, path, metadata={"arch": "sfc", "epochs": epochs, "seed": seed, "val_size": 10000,
+                                      "train_images": int(len(x_train)),
                                       "val_acc": model.evaluate(x_val, y_val),
                                       "recipe": f"adam {lr} -> {lr / 100} exponential, batch 100"})
     return model, history
@@ -156,6 +159,8 @@ def main(argv=None):
     parser.add_argument("--arch", choices=("deep_convnet", "sfc"), required=True)
     parser.add_argument("--model", help="the float model (default: the committed one of --arch)")
     parser.add_argument("--sfc-epochs", type=int, default=20, help="epochs of the float SFC when it is trained here")
+    parser.add_argument("--sfc-train-images", type=int, default=0,
+                        help="training images of the float SFC when it is trained here (0: all 50,000)")
     parser.add_argument("--images", type=int, default=5000, help="held-out training images for the sensitivities")
     parser.add_argument("--hessian-images", type=int, default=500)
     parser.add_argument("--hessian-samples", type=int, default=8)
@@ -183,7 +188,7 @@ def main(argv=None):
     model_path = args.model or (os.path.join(args.models, "deep_convnet_mnist.npz") if args.arch == "deep_convnet"
                                 else os.path.join(packed_dir if smoke else args.models, "sfc_float.npz"))
     if args.arch == "sfc" and args.model is None and not os.path.exists(model_path):
-        sfc_float(model_path, args.sfc_epochs, args.seed, data, progress)
+        sfc_float(model_path, args.sfc_epochs, args.seed, data, progress, args.sfc_train_images)
     model = load_model(model_path)
     x_test, y_test = float_images(data.x_test), np.asarray(data.y_test)
     if args.limit:
