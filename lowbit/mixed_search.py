@@ -410,7 +410,7 @@ def plot_pareto(path, uniform, mixed, x_key="size_bytes", title="", x_label=None
     finite = ys[np.isfinite(ys)]
     if len(finite):
         top = finite.max()
-        ax.set_ylim(max(finite.min(), top - 6) - 0.2, top + 0.3)
+        ax.set_ylim(max(finite.min(), top - 12) - 0.2, top + 0.3)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
