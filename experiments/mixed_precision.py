@@ -166,6 +166,8 @@ def main(argv=None):
     parser.add_argument("--hessian-samples", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-images", type=int, default=10000)
+    parser.add_argument("--finetune-points", nargs="+", default=[f"size{SIZE_FRACTIONS[0]:g}"],
+                        help="mixed points to fine-tune (QAT), by name without 'mixed_' (e.g. size0.45)")
     parser.add_argument("--limit", type=int, default=0, help="test images (0: all 10,000); smoke runs only")
     parser.add_argument("--keep-act-bits", type=int, nargs="+", default=list(WIDTHS),
                         help="activation widths of the uniform grid with float first/last kernels")
@@ -276,15 +278,15 @@ def main(argv=None):
             print(f"{name}: {record['accuracy']:.2%}, {record['size_bytes'] / 1024:.1f} KiB, "
                   f"{record['labels_equal']}/{record['test_images']} labels equal", flush=True)
 
-    # 4. one point fine-tuned (QAT) from its PTQ model
-    if args.finetune_epochs and args.part != "report":
-        name = f"mixed_size{SIZE_FRACTIONS[0]:g}_qat"
+    # 4. points fine-tuned (QAT) from their PTQ models
+    for point in (args.finetune_points if args.finetune_epochs and args.part != "report" else []):
+        name = f"mixed_{point}_qat"
         done = load_points(points_path)
-        if name not in done:
+        if name not in done and f"mixed_{point}" in done:
             from lowbit.optimizers import get_optimizer, get_schedule
             from lowbit.trainer import Trainer
 
-            source = done[f"mixed_size{SIZE_FRACTIONS[0]:g}"]
+            source = done[f"mixed_{point}"]
             widths = [tuple(p) for p in source["widths"]]
             quantized = ptq.build(widths, name=name)
             x_train, y_train, _, _ = train_val_split(np.asarray(data.x_train), np.asarray(data.y_train), 10000,
