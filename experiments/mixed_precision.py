@@ -1,7 +1,7 @@
 """Per-layer sensitivity, mixed-precision search and the accuracy-size Pareto front (issue 26).
 
 For one float model (the chapter-8 CNN, ``experiments/models/deep_convnet_mnist.npz``; or SFC, the
-3 x 256 MLP, trained here first when ``experiments/models/sfc_float.npz`` is missing) this script
+3 x 256 MLP, trained here first when ``<models>/sfc_float.npz`` is missing) this script
 
 1. calibrates post-training quantization once (:class:`lowbit.sensitivity.LayerwisePTQ`, 1000
    training images outside the held-out part of ``train_val_split(10000, seed 0)``: the split and
@@ -280,7 +280,7 @@ def main(argv=None):
 
     # 4. points fine-tuned (QAT) from their PTQ models
     for point in (args.finetune_points if args.finetune_epochs and args.part != "report" else []):
-        name = f"mixed_{point}_qat"
+        name = f"mixed_{point}_qat" + (f"{args.finetune_epochs}" if args.finetune_epochs != 1 else "")
         done = load_points(points_path)
         if name not in done and f"mixed_{point}" in done:
             from lowbit.optimizers import get_optimizer, get_schedule

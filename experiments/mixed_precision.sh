@@ -13,8 +13,10 @@ python experiments/mixed_precision.py $CNN --part uniform
 wait
 # 2. (run once sensitivity.json exists) the mixed points in reverse order, and QAT of size0.45
 python experiments/mixed_precision.py $CNN --part mixed --finetune-points size0.35 size0.45
+python experiments/mixed_precision.py $CNN --part mixed --finetune-points size0.45 --finetune-epochs 3
 # 3. the reports from what the processes wrote
 python experiments/mixed_precision.py $CNN --part report
-# SFC: the float model (5 epochs on 10,000 training images) is trained by the script when missing
-OPENBLAS_NUM_THREADS=1 python experiments/mixed_precision.py --arch sfc --sfc-epochs 5 --sfc-train-images 10000 --quiet
-python experiments/mixed_precision.py --arch sfc --sfc-epochs 5 --sfc-train-images 10000 --quiet --part report
+# SFC: the float model (10 epochs on the 50,000 training images outside the held-out 10,000) is trained
+# by the script when missing; results in experiments/results/sfc_e10/mixed_sfc/
+SFC="--arch sfc --sfc-epochs 10 --results experiments/results/sfc_e10 --models experiments/models/sfc_e10 --runs experiments/runs/sfc_e10 --quiet"
+OPENBLAS_NUM_THREADS=1 python experiments/mixed_precision.py $SFC
