@@ -10,6 +10,8 @@
                      (:mod:`lowbit.sweep`; resumable; ``--workers N`` / ``--scheduler`` on Dask).
 ``lowbit import``    an ONNX model -> a lowbit model file (every command also takes the .onnx itself).
 ``lowbit export``    a trained, quantized or packed model -> ONNX (standard ops; :mod:`lowbit.onnx_io`).
+``lowbit sensitivity``  per-layer sensitivity to each weight/activation width (:mod:`lowbit.sensitivity`).
+``lowbit mixed``     per-layer widths under a size/BOPs budget, packed (:mod:`lowbit.mixed_search`).
 """
 from __future__ import annotations
 
@@ -468,6 +470,10 @@ def build_parser():
                    help="BatchNorm as Sub/Mul/Mul/Add, bit for bit lowbit's arithmetic (folded, default), "
                         "or as one BatchNormalization node (op)")
     p.set_defaults(func=cmd_export)
+
+    from .mixed_search import add_mixed_commands  # lowbit sensitivity, lowbit mixed (issue 26)
+
+    add_mixed_commands(sub)
     return parser
 
 

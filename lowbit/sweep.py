@@ -68,6 +68,9 @@ Files in ``out_dir``
 ``table.md``          accuracy tables (rows weight bits, columns activation bits), one per method,
                       mean +- sample standard deviation over seeds; sizes; Brevitas comparison.
 ``accuracy_vs_bits.png``, ``accuracy_vs_size.png``   the plots.
+``pareto_size.png``, ``pareto_bops.png``   accuracy against packed size and against bit operations, the
+                      front marked, with any mixed-precision points of ``mixed_points.jsonl``
+                      (``lowbit mixed --sweep-dir``; :func:`lowbit.mixed_search.sweep_pareto`).
 ``histories/``        each point's per-epoch history (``<method>_w<W>a<A>_seed<s>.json``: loss, train,
                       validation and, with ``track_test``, test accuracy, lr and seconds per epoch),
                       copied from ``runs/`` whenever the reports are written; small, and the only
@@ -1104,6 +1107,9 @@ def write_reports(out_dir, records, settings):
     if summary:
         _plot_bits(files["bits_plot"], summary, settings)
         _plot_size(files["size_plot"], summary, settings)
+        from .mixed_search import sweep_pareto  # the front by size and by BOPs, with mixed points (issue 26)
+
+        files.update(sweep_pareto(out_dir, records, settings))
     if _write_histories(out_dir, records):
         files["histories"] = os.path.join(out_dir, "histories")
     return files
