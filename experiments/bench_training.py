@@ -19,9 +19,9 @@ gradient on both sides.
 Contenders, timed in one process and interleaved repeat by repeat (so both see the same machine
 load): ``lowbit`` (compiled kernels, ``lowbit.kernels.float_ops``), ``lowbit_reference`` (the
 numpy reference ops, ``lowbit.functions.use_fast_ops(False)``), ``torch``, and at 2 or more threads
-``lowbit_kernels_1thread`` (the compiled float kernels held to one thread by
-``lowbit.kernels.float_ops.set_threads(1)`` while BLAS and the binary kernels keep all: whether
-their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
+``lowbit_kernels_all_threads`` (the compiled float kernels on every thread,
+``lowbit.kernels.float_ops.set_threads(None)``, where lowbit's default holds them to one while BLAS
+and the binary kernels keep all: whether their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
 deep_convnet in lowbit's mixed precision (float16 emulated on numpy: what matching a GPU's numerics
 costs on a CPU, ``lowbit_mixed16_over_lowbit``).  Figures are medians
 over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
@@ -235,7 +235,7 @@ def lowbit_model(name):
 class LowbitRunner:
     """One lowbit model trained with the compiled kernels (``fast``) or the reference ops."""
 
-    def __init__(self, name, batches, fast, kernel_threads=None):
+    def __init__(self, name, batches, fast, kernel_threads="default"):
         from lowbit.losses import SoftmaxCrossEntropy
         from lowbit.optimizers import Adam
 
@@ -252,7 +252,8 @@ class LowbitRunner:
         from lowbit.kernels import float_ops
 
         previous = use_fast_ops(self.fast)
-        threads = float_ops.set_threads(self.kernel_threads)
+        default = self.kernel_threads == "default"  # lowbit's own setting, untouched
+        threads = None if default else float_ops.set_threads(self.kernel_threads)
         try:
             for _ in range(n):
                 x, y = self.batches[self.i % len(self.batches)]
@@ -262,7 +263,8 @@ class LowbitRunner:
                 self.opt.step(self.model)
         finally:
             use_fast_ops(previous)
-            float_ops.set_threads(threads)
+            if not default:
+                float_ops.set_threads(threads)
 
     def profile(self, n):
         """Per-op milliseconds per step (median over ``n`` steps): every layer type's forward and
@@ -377,8 +379,9 @@ def bench_network(name, threads, args, torch, progress):
     if args.mixed16 and name == "deep_convnet":
         runners["lowbit_mixed16"] = MixedRunner(name, batches)
     if threads > 1:
-        # the compiled kernels on one thread while BLAS has all: whether their prange pays here
-        runners["lowbit_kernels_1thread"] = LowbitRunner(name, batches, True, kernel_threads=1)
+        # the compiled kernels on every thread (lowbit's default: one) beside BLAS's: whether their
+        # prange pays here
+        runners["lowbit_kernels_all_threads"] = LowbitRunner(name, batches, True, kernel_threads=None)
     for runner in runners.values():
         runner.steps(args.warmup)
     rates = {key: [] for key in runners}
@@ -399,9 +402,9 @@ def bench_network(name, threads, args, torch, progress):
     if "lowbit_mixed16" in rates:
         paired["lowbit_mixed16_over_lowbit"] = statistics.median(
             a / b for a, b in zip(rates["lowbit_mixed16"], rates["lowbit"]))
-    if "lowbit_kernels_1thread" in rates:
-        paired["lowbit_over_lowbit_kernels_1thread"] = statistics.median(
-            a / b for a, b in zip(rates["lowbit"], rates["lowbit_kernels_1thread"]))
+    if "lowbit_kernels_all_threads" in rates:
+        paired["lowbit_kernels_all_threads_over_lowbit"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit_kernels_all_threads"], rates["lowbit"]))
     # profile() wraps the layers of a LowbitRunner's model; the mixed runner is left out
     ops = {"after": runners["lowbit"].profile(args.profile_steps),
            "before": runners["lowbit_reference"].profile(args.profile_steps)}
@@ -417,7 +420,7 @@ def markdown(result):
              f"{result['machine']['loadavg_after']}", "",
              f"Command: `{result['command']}`", "",
              "| network | threads | lowbit img/s | reference ops img/s | PyTorch img/s | lowbit / PyTorch "
-             "| reference / PyTorch | lowbit / reference | kernels on all threads / on one |",
+             "| reference / PyTorch | lowbit / reference | kernels on all threads / on one (default) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in result["runs"]:
         med, ratio = run["median_images_per_second"], run["median_paired_ratio"]
@@ -425,7 +428,7 @@ def markdown(result):
                      f"{med['lowbit_reference']:.0f} | {med['torch']:.0f} | "
                      f"{ratio['lowbit_over_torch']:.2f}x | {ratio['lowbit_reference_over_torch']:.2f}x | "
                      f"{ratio['lowbit_over_lowbit_reference']:.2f}x | "
-                     f"{ratio.get('lowbit_over_lowbit_kernels_1thread', 1.0):.2f}x |")
+                     f"{ratio.get('lowbit_kernels_all_threads_over_lowbit', 1.0):.2f}x |")
     for run in result["runs"]:
         ops = run["op_ms_per_step"]
         lines += ["", f"## {run['network']}, {run['threads']} thread(s): ms per step, before (reference "

@@ -49,17 +49,18 @@ __all__ = [
 # than the pass (these kernels are bound by memory; a pass over 1 MiB takes tens of microseconds).
 _PARALLEL_MIN = 1 << 18
 _BLOCKS = 16
-_threads = None  # None: Numba's thread count; an int: this many threads for these kernels only
+# One thread by default: these kernels are bound by memory traffic, and beside BLAS's threads (which
+# spin between GEMMs) a second thread cost more than it gave on the 2-core development machine
+# (experiments/bench_training.py at 2 threads: deep_convnet 0.59x, bnn_mlp 0.30x, binary_cnn 0.87x of
+# the one-thread speed; its lowbit_kernels_all_threads contender measures it on any machine).
+_threads = 1  # None: Numba's thread count; an int: this many threads for these kernels only
 
 
 def set_threads(threads=None):
-    """Threads for the parallel loops of these kernels only: ``None`` (the default) follows
+    """Threads for the parallel loops of these kernels only: ``None`` follows
     ``numba.set_num_threads``; an int >= 1 caps them (capped again by ``NUMBA_NUM_THREADS``) while
-    the binary kernels keep Numba's count.  Returns the previous setting.
-
-    Why: these kernels are bound by memory traffic, and beside BLAS's threads (which spin between
-    GEMMs) a second thread may cost more than it gives (``experiments/bench_training.py`` measures
-    it: its ``lowbit_kernels_1thread`` contender).
+    the binary kernels keep Numba's count.  The default is 1 (see the comment above ``_threads``).
+    Returns the previous setting.
     """
     global _threads
     if threads is not None:

@@ -269,14 +269,16 @@ def test_set_threads_caps_only_these_kernels_and_keeps_the_results():
     x = draw_array(np.random.default_rng(3), (4, 8, 130, 130), True)  # above the parallel size
     before = numba.get_num_threads()
     previous = float_ops.set_threads(1)
+    assert previous == 1  # the default: one thread beside BLAS's
     try:
         one = [F.relu(x), F.sign(x), F.pool_forward(x, 2, 2, 2, 0, "max")[0],
                F.batchnorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-4)[0]]
         assert numba.get_num_threads() == before  # restored after each kernel
+        assert float_ops.set_threads(None) == 1  # now Numba's count
+        every = [F.relu(x), F.sign(x), F.pool_forward(x, 2, 2, 2, 0, "max")[0],
+                 F.batchnorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-4)[0]]
     finally:
-        assert float_ops.set_threads(previous) == 1
-    every = [F.relu(x), F.sign(x), F.pool_forward(x, 2, 2, 2, 0, "max")[0],
-             F.batchnorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-4)[0]]
+        float_ops.set_threads(previous)
     for a, b in zip(one, every):
         assert_same_bits(a, b)
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
