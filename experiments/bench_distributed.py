@@ -380,7 +380,9 @@ def model_markdown(model, document):
                  f"(`{document.get('command', '')}`"
                  + ("; a check of the script, not a measurement" if document.get("small") else "")
                  + f"); global batch {model['batch']}.")
-    busy = max(loads.get("loadavg_start", [0])[:1] + loads.get("loadavg_end", [0])[:1])
+    # Only the load before the run tells whether others shared the machine: at the end, the 1-minute
+    # average counts the benchmark's own ranks and workers (2 on 2 cores when it ran alone).
+    busy = (loads.get("loadavg_start") or [0])[0]
     if loads.get("cpus") and busy > 0.5 * loads["cpus"]:
         lines.append(f"**The machine was shared (load average up to {busy:.1f} on {loads['cpus']} cores): "
                      "the timings, speed-ups and efficiencies below are not representative; rerun on a quiet "
