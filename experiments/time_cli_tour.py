@@ -31,6 +31,7 @@ MODELS = os.path.join(_common.HERE, "models")
 def tour(work):
     """The README's examples, as argument lists (``lowbit`` is the installed console script)."""
     main_model = os.path.join(MODELS, "deep_convnet_mnist.npz")
+    sfc = os.path.join(MODELS, "sfc_e10", "sfc_float.npz")
     return [
         ["lowbit", "--version"],
         ["lowbit", "train", "--model", "tfc", "--epochs", "5", "--out", f"{work}/tfc", "--quiet"],
@@ -43,6 +44,9 @@ def tour(work):
         ["lowbit", "import", f"{work}/deep_convnet.onnx", "-o", f"{work}/deep_convnet_imported.npz"],
         ["lowbit", "sweep", "--arch", "tfc", "--quick", "--out", f"{work}/sweep_tfc_quick", "--quiet"],
         ["lowbit", "sweep-report", f"{work}/sweep_tfc_quick"],
+        ["lowbit", "sensitivity", sfc, "--out", f"{work}/sfc_sensitivity", "--images", "2000", "--quiet"],
+        ["lowbit", "mixed", sfc, "--average-bits", "4", "--sensitivity", f"{work}/sfc_sensitivity/sensitivity.csv",
+         "-o", f"{work}/sfc_mixed.npz", "--quiet"],
     ]
 
 
