@@ -318,6 +318,9 @@ class MPIComm(Communicator):
         sys.stderr.write(f"\nlowbit: rank {self.rank} of {self.size} stops: {type(exc).__name__}: {exc}\n"
                          "lowbit: aborting every rank of the MPI job (the last checkpoint is intact)\n")
         sys.stderr.flush()
+        # MPI_Abort tears the job down at once, and the process manager may drop output it has not
+        # forwarded yet: give it a moment, so that the user sees why every rank ended.
+        time.sleep(1.0)
         self.comm.Abort(1)
 
 
