@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from lowbit.cli import positive_seconds
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUTPUTS = {
     "runs": "checkpoints of every training run (resumable)",
@@ -31,18 +33,6 @@ def add_output_arguments(parser, *outputs):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _positive_seconds(text):
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def _positive_int(text):
     import argparse
 
@@ -58,7 +48,7 @@ def _positive_int(text):
 def add_budget_arguments(parser):
     """``--time-budget`` and ``--checkpoint-every``, passed to :class:`lowbit.Trainer` as
     ``time_budget`` and ``checkpoint_every``."""
-    parser.add_argument("--time-budget", type=_positive_seconds, default=None, metavar="SECONDS",
+    parser.add_argument("--time-budget", type=positive_seconds, default=None, metavar="SECONDS",
                         help="train as many epochs as fit in SECONDS (at most --epochs), fixed after the "
                              "first epoch, the schedule stretched to them; the results record the number, "
                              "and --epochs N without this option repeats the run (default: --epochs)")

@@ -49,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _seconds(text):
+def positive_seconds(text):
     """argparse type of ``--time-budget``: a positive finite number of seconds."""
     try:
         value = float(text)
@@ -389,7 +389,7 @@ def build_parser():
                    help="mixed16: float16 passes, float32 master weights, dynamic loss scaling")
     p.add_argument("--out", default="runs/train", help="folder for checkpoints, history and model.npz")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    p.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--time-budget", type=positive_seconds, default=None, metavar="SECONDS",
                    help="train as many epochs as fit in SECONDS (at most --epochs; lowbit.Trainer time_budget)")
     add_recipe_arguments(p, optimizer=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -112,13 +112,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from typing import NamedTuple
 
 import numpy as np
 
+from .io import write_bytes_atomic
 from .losses import LOSSES
 
 __all__ = [
@@ -442,21 +442,8 @@ def _append_point(path, record):
 
 
 def _write_atomic(path, payload):
-    """Write bytes or str ``payload`` to ``path`` by a temporary file and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write bytes or str ``payload`` (UTF-8) to ``path`` atomically (:func:`lowbit.io.write_bytes_atomic`)."""
+    write_bytes_atomic(path, payload.encode("utf-8") if isinstance(payload, str) else payload)
 
 
 def _check_settings(out_dir, settings):

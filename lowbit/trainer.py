@@ -31,7 +31,8 @@ from .progress import tqdm
 from .augment import Augment
 from .backend import cupy, to_numpy
 from .distributed import Communicator, GradientReducer, broadcast_model, get_comm, synchronize_batchnorm
-from .io import ModelFileError, _umask, assign_model_arrays, model_arrays, read_archive, save_model, write_archive
+from .io import (ModelFileError, assign_model_arrays, model_arrays, read_archive, save_model, write_archive,
+                 write_bytes_atomic)
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
@@ -69,19 +70,8 @@ def config_differences(saved, current, path=""):
 
 
 def write_json_atomic(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`lowbit.io.write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def recalibrate_batchnorm(model, x, batch_size=100):
