@@ -1,13 +1,14 @@
-"""Time the README's command-line tour: every example command, run in order, wall-clock seconds each.
+"""Time the README's main job and command-line tour: every example command, run in order, wall-clock
+seconds each.
 
-The README's *Command-line tour* quotes these times ("how long it takes here"); this script is
-where they come from.  Every command writes under ``--work`` (default ``runs/cli_tour``, git-ignored),
+The README quotes these times (the main job's, and the *Command-line tour*'s "how long it takes
+here"); this script is where they come from.  Every command writes under ``--work`` (default ``runs/cli_tour``, git-ignored),
 never into the committed results.  The examples run one after another because some use the files of
 earlier ones (``convert`` packs the model ``train`` wrote).
 
 Usage::
 
-    python3 experiments/time_cli_tour.py            # writes experiments/results/cli_tour.json
+    python3 experiments/time_cli_tour.py            # about 4 minutes; writes experiments/results/cli_tour.json
 
 Writes the command lines, their exit codes and seconds, the CPU model and the load average before
 and after.  A command that fails is recorded with its exit code and the last lines of its stderr,
@@ -33,6 +34,10 @@ def tour(work):
     main_model = os.path.join(MODELS, "deep_convnet_mnist.npz")
     sfc = os.path.join(MODELS, "sfc_e10", "sfc_float.npz")
     return [
+        # the README's main job (its third command), into the work folder
+        ["lowbit", "sweep", "--arch", "deep_convnet", "--methods", "ptq", "--pretrained", main_model,
+         "--weight-bits", "1", "2", "4", "8", "32", "--act-bits", "2", "4", "8", "32",
+         "--out", f"{work}/sweep_deep_convnet", "--quiet"],
         ["lowbit", "--version"],
         ["lowbit", "train", "--model", "tfc", "--epochs", "5", "--out", f"{work}/tfc", "--quiet"],
         ["lowbit", "eval", main_model, "--quiet"],
