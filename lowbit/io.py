@@ -18,6 +18,7 @@ Files are written atomically: to a temporary file in the same folder, then renam
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -44,6 +45,10 @@ __all__ = [
     "check_declared_shapes",
     "check_output_path",
     "declared_shapes",
+    "atomic_write",
+    "write_bytes_atomic",
+    "array_digest",
+    "manifest_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -55,11 +60,12 @@ class ModelFileError(ValueError):
     """A model, checkpoint or packed-model file is missing pieces, corrupted or of the wrong kind."""
 
 
-def _digest(arr: np.ndarray) -> str:
+def array_digest(arr: np.ndarray) -> str:
+    """SHA-256 of an array's bytes (C order), as the manifest records it."""
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def _manifest_digest(doc: dict) -> str:
+def manifest_digest(doc: dict) -> str:
     """SHA-256 of the manifest's canonical JSON without its own digest: an edited architecture, name
     or note is refused like an edited array (files written before it was recorded have none)."""
     rest = {k: v for k, v in doc.items() if k != MANIFEST_DIGEST_KEY}
@@ -84,11 +90,11 @@ def write_archive(path, kind: str, arrays: dict, manifest: dict | None = None):
         if arr.dtype == object:
             raise TypeError(f"array {key!r} has dtype object, which lowbit files never store")
         host[key] = arr
-        described[key] = {"shape": list(arr.shape), "dtype": arr.dtype.str, "sha256": _digest(arr)}
+        described[key] = {"shape": list(arr.shape), "dtype": arr.dtype.str, "sha256": array_digest(arr)}
     doc = dict(manifest or {})
     doc.pop(MANIFEST_DIGEST_KEY, None)
     doc.update({"format": kind, "version": FORMAT_VERSION, "arrays": described})
-    doc[MANIFEST_DIGEST_KEY] = _manifest_digest(doc)
+    doc[MANIFEST_DIGEST_KEY] = manifest_digest(doc)
     blob = np.frombuffer(json.dumps(doc, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **{MANIFEST_KEY: blob}, **host)
@@ -215,7 +221,7 @@ def read_archive(path, kind: str | tuple):
             if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
                 raise ModelFileError(f"{path}: the manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
             if isinstance(manifest, dict) and MANIFEST_DIGEST_KEY in manifest \
-                    and manifest[MANIFEST_DIGEST_KEY] != _manifest_digest(manifest):
+                    and manifest[MANIFEST_DIGEST_KEY] != manifest_digest(manifest):
                 raise ModelFileError(f"{path}: the manifest does not match its checksum (tampered or "
                                      "corrupted file)")
             if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
@@ -244,7 +250,7 @@ def read_archive(path, kind: str | tuple):
             arrays = {}
             for key, info in described.items():
                 arr = _read_member(zf, members[key], path, info["shape"], info["dtype"])
-                if _digest(arr) != info["sha256"]:
+                if array_digest(arr) != info["sha256"]:
                     raise ModelFileError(f"{path}: array {key!r} does not match its checksum (tampered "
                                          "or corrupted file)")
                 arrays[key] = arr
@@ -448,17 +454,26 @@ def model_from_manifest(manifest: dict, arrays: dict, path):
     return model
 
 
-def write_bytes_atomic(path, data: bytes):
-    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then renamed), with
-    the usual permissions.  Returns the path."""
+@contextlib.contextmanager
+def atomic_write(path, mode=None, prefix=".tmp-", suffix=""):
+    """Open a temporary file beside ``path`` for writing bytes, and put it in place atomically.
+
+    When the ``with`` block ends without an exception the file is flushed, fsynced, given ``mode``
+    (default: what the umask gives a new file, 0644 under the usual umask; mkstemp's own is 0600)
+    and renamed to ``path``.  On any exception (``KeyboardInterrupt`` too) it is removed and ``path``
+    is left as it was, so a check that raises inside the block (a download's checksum) keeps an
+    unverified file from ever appearing under its name.  ``prefix``/``suffix`` name the temporary
+    file (``"<name>."`` and ``".part"`` for downloads).  The one atomic writer of lowbit:
+    :func:`write_bytes_atomic` and every file lowbit writes go through it.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -466,4 +481,11 @@ def write_bytes_atomic(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_bytes_atomic(path, data: bytes, mode=None):
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`: a temporary file in the same folder,
+    fsynced, then renamed), with the usual permissions (or ``mode``).  Returns the path."""
+    with atomic_write(path, mode=mode) as fh:
+        fh.write(data)
+    return os.fspath(path)
