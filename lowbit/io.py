@@ -47,6 +47,7 @@ __all__ = [
     "declared_shapes",
     "atomic_write",
     "write_bytes_atomic",
+    "write_json_atomic",
     "array_digest",
     "manifest_digest",
 ]
@@ -489,3 +490,8 @@ def write_bytes_atomic(path, data: bytes, mode=None):
     with atomic_write(path, mode=mode) as fh:
         fh.write(data)
     return os.fspath(path)
+
+
+def write_json_atomic(path, obj):
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))

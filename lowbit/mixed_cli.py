@@ -128,14 +128,15 @@ def mixed_command(model_path, out_path, size_kib=None, average_bits=None, bops=N
 def _finetune(quantized, mnist, x_held, y_held, val_size, seed, epochs, lr, images, progress):
     """QAT fine-tuning of the chosen model on the training part of the split; returns its history."""
     from .data import float_images, train_val_split
-    from .optimizers import get_optimizer, get_schedule
+    from .optimizers import get_optimizer
+    from .schedules import build_schedule
     from .trainer import Trainer
 
     x_train, y_train, _, _ = train_val_split(np.asarray(mnist.x_train), np.asarray(mnist.y_train),
                                              int(val_size), int(seed))
     count = min(int(images), len(x_train)) if images else len(x_train)
     trainer = Trainer(quantized, "cross_entropy", get_optimizer("adam", lr=lr),
-                      get_schedule("cosine", lr=lr, epochs=int(epochs)), epochs=int(epochs), seed=seed,
+                      build_schedule("cosine", lr, int(epochs)), epochs=int(epochs), seed=seed,
                       progress=progress)
     return trainer.fit(float_images(x_train[:count]), np.asarray(y_train[:count]), x_held, y_held)
 
