@@ -150,7 +150,6 @@ class Exporter:
         """Emit ``layer`` on tensor ``x`` of per-example ``shape``; returns ``(tensor, shape)``."""
         b = self.b
         out_shape = tuple(layer.output_shape((1,) + tuple(shape))[1:])
-        name = type(layer).__name__
         if isinstance(layer, Sequential):
             for i, child in enumerate(layer.layers):
                 x, shape = self.layer(child, x, shape, f"{where}.{i}" if where else str(i))
@@ -166,89 +165,113 @@ class Exporter:
             return b.node("Concat", outs, "concat", axis=1), out_shape
         if hasattr(layer, "input_quantizer"):
             x = self.activation(layer.input_quantizer, x, where)
+        for emit in (self.lowbit_layer, self.imported_layer):
+            out = emit(layer, x, shape, where)
+            if out is not None:
+                return out, out_shape
+        raise OnnxExportError(f"layer {where} ({type(layer).__name__}) has no ONNX form in lowbit's exporter")
+
+    def lowbit_layer(self, layer, x, shape, where):
+        """The output tensor of one of lowbit's own leaf layers, or None for another layer."""
+        b = self.b
         if isinstance(layer, Conv2D):
             p = layer.padding
             inputs = [x, self.kernel(layer, 0)] + ([b.const(to_numpy(layer.b), "bias")] if layer.bias else [])
             return b.node("Conv", inputs, "conv", kernel_shape=[layer.kernel_size] * 2,
-                          strides=[layer.stride] * 2, pads=[p] * 4), out_shape
+                          strides=[layer.stride] * 2, pads=[p] * 4)
         if isinstance(layer, Affine):
             if len(shape) > 1:
                 x = b.node("Flatten", [x], axis=1)
             inputs = [x, self.kernel(layer, 1)] + ([b.const(to_numpy(layer.b), "bias")] if layer.bias else [])
-            return b.node("Gemm", inputs, "gemm"), out_shape
+            return b.node("Gemm", inputs, "gemm")
         if isinstance(layer, ReLU):
-            return b.node("Relu", [x]), out_shape
+            return b.node("Relu", [x])
         if isinstance(layer, (MaxPool2D, AvgPool2D)):
             k, p = layer.kernel_size, layer.padding
             attrs = dict(kernel_shape=[k, k], strides=[layer.stride] * 2, pads=[p] * 4)
             if isinstance(layer, AvgPool2D):
-                return b.node("AveragePool", [x], count_include_pad=1, **attrs), out_shape
-            return b.node("MaxPool", [x], **attrs), out_shape
+                return b.node("AveragePool", [x], count_include_pad=1, **attrs)
+            return b.node("MaxPool", [x], **attrs)
         if isinstance(layer, GlobalAvgPool2D):
-            return b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), out_shape
+            return b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
         if isinstance(layer, Flatten):
-            return (b.node("Flatten", [x], axis=1) if len(shape) > 1 else x), out_shape
+            return b.node("Flatten", [x], axis=1) if len(shape) > 1 else x
         if isinstance(layer, BatchNorm):
-            arrays = {a: np.asarray(to_numpy(getattr(layer, a)), np.float32)
-                      for a in ("gamma", "beta", "running_mean", "running_var")}
-            if self.batchnorm == "op":
-                inputs = [b.const(arrays[a], a) for a in ("gamma", "beta", "running_mean", "running_var")]
-                return b.node("BatchNormalization", [x] + inputs, "batchnorm", epsilon=layer.eps), out_shape
-            # folded: the simulation's own arithmetic, gamma * ((x - mean) * inv_std) + beta, so the
-            # runtime's values equal lowbit's bit for bit (a sign that follows cannot flip)
-            inv_std = (1.0 / np.sqrt(arrays["running_var"] + np.float32(layer.eps))).astype(np.float32)
-            cshape = channel_shape(len(shape) + 1, layer.num_features)
-            for op, value in (("Sub", arrays["running_mean"]), ("Mul", inv_std), ("Mul", arrays["gamma"]),
-                              ("Add", arrays["beta"])):
-                x = b.node(op, [x, b.const(value.reshape(cshape), "batchnorm")])
-            return x, out_shape
-        if isinstance(layer, ChannelOp):
-            v = b.const(np.asarray(to_numpy(layer.value), np.float32).reshape(
-                channel_shape(len(shape) + 1, layer.channels)), layer.op)
-            op = {"add": "Add", "sub": "Sub", "rsub": "Sub", "mul": "Mul", "div": "Div"}[layer.op]
-            return b.node(op, [v, x] if layer.op == "rsub" else [x, v]), out_shape
+            return self.batchnorm_layer(layer, x, shape)
         if isinstance(layer, Rescale):
             y = b.node("Mul", [x, b.const(layer.scale, "scale")]) if layer.scale != 1 else x
-            return (b.node("Add", [y, b.const(layer.offset, "offset")]) if layer.offset != 0 else y), out_shape
+            return b.node("Add", [y, b.const(layer.offset, "offset")]) if layer.offset != 0 else y
         if isinstance(layer, PixelCodes):
             levels = 2 ** layer.bits - 1
             codes = b.node("Round", [b.node("Mul", [b.node("Clip", [x, b.const(0.0, "zero"), b.const(1.0, "one")]),
                                                     b.const(levels, "levels")])], "codes")
             centred = b.node("Sub", [b.node("Mul", [codes, b.const(2.0, "two")]), b.const(levels, "levels")])
-            return b.node("Mul", [centred, b.const(2.0 ** -layer.bits, "step")], "pixels"), out_shape
+            return b.node("Mul", [centred, b.const(2.0 ** -layer.bits, "step")], "pixels")
         if isinstance(layer, QuantActivation):
-            return self.activation(layer.quantizer, x, where), out_shape
+            return self.activation(layer.quantizer, x, where)
+        return None
+
+    def batchnorm_layer(self, layer, x, shape):
+        """BatchNorm as ``BatchNormalization`` (``batchnorm="op"``) or as the simulation's four ops."""
+        b = self.b
+        arrays = {a: np.asarray(to_numpy(getattr(layer, a)), np.float32)
+                  for a in ("gamma", "beta", "running_mean", "running_var")}
+        if self.batchnorm == "op":
+            inputs = [b.const(arrays[a], a) for a in ("gamma", "beta", "running_mean", "running_var")]
+            return b.node("BatchNormalization", [x] + inputs, "batchnorm", epsilon=layer.eps)
+        # folded: the simulation's own arithmetic, gamma * ((x - mean) * inv_std) + beta, so the
+        # runtime's values equal lowbit's bit for bit (a sign that follows cannot flip)
+        inv_std = (1.0 / np.sqrt(arrays["running_var"] + np.float32(layer.eps))).astype(np.float32)
+        cshape = channel_shape(len(shape) + 1, layer.num_features)
+        for op, value in (("Sub", arrays["running_mean"]), ("Mul", inv_std), ("Mul", arrays["gamma"]),
+                          ("Add", arrays["beta"])):
+            x = b.node(op, [x, b.const(value.reshape(cshape), "batchnorm")])
+        return x
+
+    def imported_layer(self, layer, x, shape, where):
+        """The output tensor of a layer of :mod:`lowbit.onnx_layers` (what imported graphs bring), or None."""
+        b = self.b
+        if isinstance(layer, ChannelOp):
+            v = b.const(np.asarray(to_numpy(layer.value), np.float32).reshape(
+                channel_shape(len(shape) + 1, layer.channels)), layer.op)
+            op = {"add": "Add", "sub": "Sub", "rsub": "Sub", "mul": "Mul", "div": "Div"}[layer.op]
+            return b.node(op, [v, x] if layer.op == "rsub" else [x, v])
         if isinstance(layer, Threshold):
             t = np.asarray(to_numpy(layer.threshold), np.float32).reshape(channel_shape(len(shape) + 1, layer.channels))
             mask = b.node("GreaterOrEqual", [x, b.const(t, "threshold")])
-            return b.node("Where", [mask, b.const(layer.high, "high"), b.const(layer.low, "low")]), out_shape
+            return b.node("Where", [mask, b.const(layer.high, "high"), b.const(layer.low, "low")])
         simple = {LeakyReLU: "LeakyRelu", Sigmoid: "Sigmoid", Tanh: "Tanh", Sign: "Sign", Round: "Round"}
         if type(layer) in simple:
             attrs = {"alpha": layer.alpha} if isinstance(layer, LeakyReLU) else {}
-            return b.node(simple[type(layer)], [x], **attrs), out_shape
+            return b.node(simple[type(layer)], [x], **attrs)
         if isinstance(layer, Softmax):
-            return b.node(type(layer).__name__, [x], axis=1), out_shape
+            return b.node(type(layer).__name__, [x], axis=1)
         if isinstance(layer, Clip):
             low = b.const(layer.low, "low") if math.isfinite(layer.low) else ""
             high = b.const(layer.high, "high") if math.isfinite(layer.high) else ""
-            return b.node("Clip", [x, low, high]), out_shape
+            return b.node("Clip", [x, low, high])
         if isinstance(layer, Pad2D):
             top, left, bottom, right = layer.pads
             pads = b.const([0, 0, top, left, 0, 0, bottom, right], "pads", np.int64)
-            return b.node("Pad", [x, pads, b.const(layer.value, "pad_value")], mode="constant"), out_shape
+            return b.node("Pad", [x, pads, b.const(layer.value, "pad_value")], mode="constant")
         if isinstance(layer, FakeQuantize):
-            if 0 <= layer.qmin and layer.qmax <= 255:
-                dtype, full = np.uint8, (0, 255)
-            elif -128 <= layer.qmin and layer.qmax <= 127:
-                dtype, full = np.int8, (-128, 127)
-            else:
-                raise OnnxExportError(f"{where}: FakeQuantize range [{layer.qmin}, {layer.qmax}] fits no 8-bit type")
-            s, z = b.const(layer.scale, "scale"), b.const(layer.zero_point, "zero_point", dtype)
-            q = b.node("QuantizeLinear", [x, s, z])
-            if (layer.qmin, layer.qmax) != full:
-                q = b.node("Clip", [q, b.const(layer.qmin, "code_min", dtype), b.const(layer.qmax, "code_max", dtype)])
-            return b.node("DequantizeLinear", [q, s, z]), out_shape
-        raise OnnxExportError(f"layer {where} ({name}) has no ONNX form in lowbit's exporter")
+            return self.fake_quantize(layer, x, where)
+        return None
+
+    def fake_quantize(self, layer, x, where):
+        """An imported activation quantizer as ``QuantizeLinear`` (+ ``Clip``) + ``DequantizeLinear``."""
+        b = self.b
+        if 0 <= layer.qmin and layer.qmax <= 255:
+            dtype, full = np.uint8, (0, 255)
+        elif -128 <= layer.qmin and layer.qmax <= 127:
+            dtype, full = np.int8, (-128, 127)
+        else:
+            raise OnnxExportError(f"{where}: FakeQuantize range [{layer.qmin}, {layer.qmax}] fits no 8-bit type")
+        s, z = b.const(layer.scale, "scale"), b.const(layer.zero_point, "zero_point", dtype)
+        q = b.node("QuantizeLinear", [x, s, z])
+        if (layer.qmin, layer.qmax) != full:
+            q = b.node("Clip", [q, b.const(layer.qmin, "code_min", dtype), b.const(layer.qmax, "code_max", dtype)])
+        return b.node("DequantizeLinear", [q, s, z])
 
     # -- packed stages ------------------------------------------------------------------------------
     def threshold(self, x, ndim, threshold, direction):
@@ -282,29 +305,7 @@ class Exporter:
             ndim = 4 if stage.output_spec[1] == "nhwc" else 2
             return self.threshold(x, ndim, threshold, direction)
         if kind in ("binary_dense", "binary_conv", "bitplane_dense"):
-            from .. import kernels
-
-            canonical = stage.arrays()["weights"]
-            if kind == "binary_conv":
-                c = stage.input_spec[2][0]
-                k = stage.kernel_size
-                w = kernels.unpack_signs(np.ascontiguousarray(canonical), c * k * k, np.float32)
-                w = self.signs_or_float(w.reshape(-1, c, k, k), 0)
-                p = stage.padding
-                return b.node("Conv", [x, w], "binary_conv", kernel_shape=[k, k], strides=[stage.stride] * 2,
-                              pads=[p] * 4)
-            w = kernels.unpack_signs(np.ascontiguousarray(canonical), stage.in_features, np.float32)
-            if len(in_dims) > 1:
-                x = b.node("Flatten", [x], axis=1)
-            if kind == "binary_dense":
-                return b.node("MatMul", [x, self.signs_or_float(np.ascontiguousarray(w.T), 1)], "binary_dense")
-            levels = 2 ** stage.bits - 1
-            codes = b.node("Round", [b.node("Mul", [b.node("Clip", [x, b.const(0.0, "zero"), b.const(1.0, "one")]),
-                                                    b.const(levels, "levels")])], "codes")
-            dot = b.node("MatMul", [codes, self.signs_or_float(np.ascontiguousarray(w.T), 1)])
-            offset = np.float32(levels) * w.sum(axis=1)  # exact: integers below 2^24
-            total = b.node("Sub", [b.node("Mul", [dot, b.const(2.0, "two")]), b.const(offset, "code_offset")])
-            return self.threshold(total, 2, stage.threshold, stage.direction)
+            return self.binary_stage(stage, x, in_dims)
         if kind in ("int_maxpool", "packed_maxpool", "threshold_maxpool"):
             pooled = b.node("MaxPool", [x], kernel_shape=[stage.kernel] * 2, strides=[stage.stride] * 2,
                             pads=[stage.padding] * 4)
@@ -326,6 +327,36 @@ class Exporter:
                 x = b.node("Add", [x, b.const(to_numpy(stage.bias).reshape(channel_shape(ndim, channels)), "bias")])
             return x
         raise OnnxExportError(f"stage {where} ({kind}) has no ONNX form in lowbit's exporter")
+
+
+    def binary_stage(self, stage, x, in_dims):
+        """A packed binary product (dense, convolution, or the bit-plane dense layer of 8-bit pixels) as
+        a ``Conv``/``MatMul`` on +-1 weights."""
+        from .. import kernels
+
+        b = self.b
+        kind = stage.kind
+        canonical = stage.arrays()["weights"]
+        if kind == "binary_conv":
+            c = stage.input_spec[2][0]
+            k = stage.kernel_size
+            w = kernels.unpack_signs(np.ascontiguousarray(canonical), c * k * k, np.float32)
+            w = self.signs_or_float(w.reshape(-1, c, k, k), 0)
+            p = stage.padding
+            return b.node("Conv", [x, w], "binary_conv", kernel_shape=[k, k], strides=[stage.stride] * 2,
+                          pads=[p] * 4)
+        w = kernels.unpack_signs(np.ascontiguousarray(canonical), stage.in_features, np.float32)
+        if len(in_dims) > 1:
+            x = b.node("Flatten", [x], axis=1)
+        if kind == "binary_dense":
+            return b.node("MatMul", [x, self.signs_or_float(np.ascontiguousarray(w.T), 1)], "binary_dense")
+        levels = 2 ** stage.bits - 1
+        codes = b.node("Round", [b.node("Mul", [b.node("Clip", [x, b.const(0.0, "zero"), b.const(1.0, "one")]),
+                                                b.const(levels, "levels")])], "codes")
+        dot = b.node("MatMul", [codes, self.signs_or_float(np.ascontiguousarray(w.T), 1)])
+        offset = np.float32(levels) * w.sum(axis=1)  # exact: integers below 2^24
+        total = b.node("Sub", [b.node("Mul", [dot, b.const(2.0, "two")]), b.const(offset, "code_offset")])
+        return self.threshold(total, 2, stage.threshold, stage.direction)
 
 
 BATCHNORM_FORMS = ("folded", "op")
