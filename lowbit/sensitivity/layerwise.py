@@ -293,7 +293,7 @@ def measure_sensitivity(ptq, images, labels, widths=WIDTHS, kinds=KINDS, batch_s
         width with ``layer`` (index), ``path``, ``kind``, ``bits``, ``accuracy``, ``loss``,
         ``accuracy_drop`` (float accuracy minus this), ``loss_increase``.
     """
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     widths = [_check_width("widths", b) for b in widths]
     for kind in kinds:
