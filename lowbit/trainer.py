@@ -362,51 +362,17 @@ class Trainer(CheckpointMixin):
         fit_start = _clock()
         try:
             while self.epoch < self.epochs:
-                lr = float(self.schedule(self.epoch))
-                t0 = _clock()
-                loss, train_acc = self.train_epoch(x_train, y_train, lr)
-                seconds = _clock() - t0
-                record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc,
-                          "seconds": seconds}
-                if self.scaler is not None:
-                    record["loss_scale"] = self.scaler.scale
-                    record["skipped_steps"] = self.scaler.skipped_steps
-                if self.bn_recalibrate:  # on every rank: synchronised BatchNorm takes part from each
-                    recalibrate_batchnorm(self.model, x_train[:self.bn_recalibrate], self.batch_size)
-                if x_val is not None and root:
-                    record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
-                if x_test is not None and root:
-                    record["test_acc"] = self.model.evaluate(x_test, y_test, self.eval_batch_size)
-                if self.comm.size > 1:
-                    self._check_replicas()
-                    record = self.comm.bcast_object(record)  # rank 0's, with its evaluation
+                record = self._run_epoch(x_train, y_train, x_val, y_val, x_test, y_test)
                 self.epoch += 1
                 self.history.append(record)
                 new_best = x_val is not None and record["val_acc"] > self.best_val
                 if new_best:
                     self.best_val = record["val_acc"]
                 if self.out_dir is not None:
-                    if new_best and root:
-                        save_model(self.model, self._path("best.npz"),
-                                   {"epoch": self.epoch, "val_acc": record["val_acc"],
-                                    "test_acc": record.get("test_acc")})
-                    if self.epoch % self.checkpoint_every == 0 or self.epoch >= self.epochs:
-                        self.save_checkpoint()
-                    if root:
-                        write_json_atomic(self._path("history.json"), self.history)
+                    self._write_epoch_files(record, new_best)
                 if self.time_budget is not None and not self.budget_fixed:
-                    self._marks["epoch_end"] = _clock()
-                    if root:
-                        self._apply_time_budget(self._marks["epoch_end"] - fit_start)
-                    if self.comm.size > 1:  # rank 0's clock decides for every rank
-                        fixed = self.comm.bcast_object([self.epochs, self.history[-1]])
-                        self._fix_epochs(fixed[0])
-                        self.history[-1] = record = fixed[1]
+                    record = self._fix_length(fit_start)
                     epoch_bar.total = self.epochs
-                    if self.out_dir is not None:  # the fixed length is part of the resumable state
-                        self.save_checkpoint()
-                        if root:
-                            write_json_atomic(self._path("history.json"), self.history)
                 epoch_bar.update(1)
                 epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
                                        if k.endswith("acc")})
@@ -427,3 +393,53 @@ class Trainer(CheckpointMixin):
             save_model(self.model, self._path("model.npz"),
                        {"epochs": self.epoch, "history": self.history})
         return self.history
+
+    def _run_epoch(self, x_train, y_train, x_val, y_val, x_test, y_test):
+        """Train one epoch, recalibrate, evaluate (rank 0); returns the epoch's record (rank 0's)."""
+        root = self.comm.is_root
+        lr = float(self.schedule(self.epoch))
+        t0 = _clock()
+        loss, train_acc = self.train_epoch(x_train, y_train, lr)
+        seconds = _clock() - t0
+        record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc, "seconds": seconds}
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.scale
+            record["skipped_steps"] = self.scaler.skipped_steps
+        if self.bn_recalibrate:  # on every rank: synchronised BatchNorm takes part from each
+            recalibrate_batchnorm(self.model, x_train[:self.bn_recalibrate], self.batch_size)
+        if x_val is not None and root:
+            record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
+        if x_test is not None and root:
+            record["test_acc"] = self.model.evaluate(x_test, y_test, self.eval_batch_size)
+        if self.comm.size > 1:
+            self._check_replicas()
+            record = self.comm.bcast_object(record)  # rank 0's, with its evaluation
+        return record
+
+    def _write_epoch_files(self, record, new_best):
+        """``best.npz`` on a new best validation accuracy, the checkpoint when due, ``history.json``."""
+        root = self.comm.is_root
+        if new_best and root:
+            save_model(self.model, self._path("best.npz"),
+                       {"epoch": self.epoch, "val_acc": record["val_acc"], "test_acc": record.get("test_acc")})
+        if self.epoch % self.checkpoint_every == 0 or self.epoch >= self.epochs:
+            self.save_checkpoint()
+        if root:
+            write_json_atomic(self._path("history.json"), self.history)
+
+    def _fix_length(self, fit_start):
+        """The time budget's decision after the first epoch (rank 0's clock decides for every rank);
+        returns the epoch's record, which now says how many epochs were fixed."""
+        root = self.comm.is_root
+        self._marks["epoch_end"] = _clock()
+        if root:
+            self._apply_time_budget(self._marks["epoch_end"] - fit_start)
+        if self.comm.size > 1:
+            fixed = self.comm.bcast_object([self.epochs, self.history[-1]])
+            self._fix_epochs(fixed[0])
+            self.history[-1] = fixed[1]
+        if self.out_dir is not None:  # the fixed length is part of the resumable state
+            self.save_checkpoint()
+            if root:
+                write_json_atomic(self._path("history.json"), self.history)
+        return self.history[-1]
