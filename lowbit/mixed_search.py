@@ -457,3 +457,17 @@ def sweep_pareto(out_dir, records, settings):
                 f"{settings['arch']}: accuracy against bit operations per image",
                 x_label="bit operations per image (MACs x weight bits x activation bits, log scale)")
     return files
+
+
+def __getattr__(name):
+    # The command moved to the command-line layer (lowbit.mixed_cli, issue 23); the old name still
+    # works for a release.
+    if name == "mixed_command":
+        import warnings
+
+        from .mixed_cli import mixed_command
+
+        warnings.warn("lowbit.mixed_search.mixed_command moved to lowbit.mixed_cli.mixed_command", DeprecationWarning,
+                      stacklevel=2)
+        return mixed_command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,10 @@ shrinks as the work merges instead of going stale.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "lowbit"
@@ -114,3 +117,11 @@ def test_no_private_names_imported_across_modules():
     assert not unexpected, "give these names a public form: " + "; ".join(unexpected)
     stale = sorted(set(PRIVATE_IMPORTS_ALLOWED) - seen)
     assert not stale, f"remove from PRIVATE_IMPORTS_ALLOWED (no longer imported): {stale}"
+
+
+@pytest.mark.parametrize("old, name", [("lowbit.sensitivity", "sensitivity_command"),
+                                       ("lowbit.mixed_search", "mixed_command")])
+def test_commands_moved_to_the_cli_layer_still_import_from_their_old_module(old, name):
+    new = getattr(importlib.import_module("lowbit.mixed_cli"), name)
+    with pytest.warns(DeprecationWarning, match=f"moved to lowbit.mixed_cli.{name}"):
+        assert getattr(importlib.import_module(old), name) is new

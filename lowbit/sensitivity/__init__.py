@@ -45,3 +45,17 @@ __all__ = [
     "hessian_scores", "rank_correlation", "sensitivity_table", "write_sensitivity_reports",
     "read_sensitivity_csv", "held_out_images", "draw_heatmap",
 ]
+
+
+def __getattr__(name):
+    # The command moved to the command-line layer (lowbit.mixed_cli, issue 23); the old name still
+    # works for a release.
+    if name == "sensitivity_command":
+        import warnings
+
+        from ..mixed_cli import sensitivity_command
+
+        warnings.warn("lowbit.sensitivity.sensitivity_command moved to lowbit.mixed_cli.sensitivity_command", DeprecationWarning,
+                      stacklevel=2)
+        return sensitivity_command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
