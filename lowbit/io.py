@@ -205,49 +205,8 @@ def read_archive(path, kind: str | tuple):
     try:
         with zipfile.ZipFile(path) as zf:
             members = _member_sizes(zf, path)
-            if MANIFEST_KEY not in members:
-                raise ModelFileError(f"{path} is an .npz archive but not a lowbit file (no manifest)")
-            if members[MANIFEST_KEY].file_size > MAX_MANIFEST_BYTES:
-                raise ModelFileError(f"{path}: the manifest declares {members[MANIFEST_KEY].file_size} bytes, "
-                                     f"more than the {MAX_MANIFEST_BYTES} a lowbit manifest may have")
-            blob = _read_member(zf, members[MANIFEST_KEY], path)
-            if blob.dtype != np.uint8 or blob.ndim != 1:
-                raise ModelFileError(f"{path}: the manifest must be a 1-D uint8 array, got "
-                                     f"{blob.dtype}{list(blob.shape)}")
-            try:
-                manifest = json.loads(blob.tobytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-                raise ModelFileError(f"{path}: the manifest is not valid JSON ({reason})") from None
-            if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
-                raise ModelFileError(f"{path}: the manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
-            if isinstance(manifest, dict) and MANIFEST_DIGEST_KEY in manifest \
-                    and manifest[MANIFEST_DIGEST_KEY] != manifest_digest(manifest):
-                raise ModelFileError(f"{path}: the manifest does not match its checksum (tampered or "
-                                     "corrupted file)")
-            if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
-                got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-                raise ModelFileError(f"{path} holds a {got!r} file, expected {' or '.join(kinds)}")
-            if manifest.get("version") != FORMAT_VERSION:
-                raise ModelFileError(
-                    f"{path} has format version {manifest.get('version')!r}; this lowbit reads "
-                    f"version {FORMAT_VERSION}"
-                )
-            described = manifest.get("arrays")
-            if not isinstance(described, dict):
-                raise ModelFileError(f"{path}: the manifest lists no arrays")
-            stored = set(members) - {MANIFEST_KEY}
-            missing = sorted(set(described) - stored)
-            extra = sorted(stored - set(described))
-            if missing:
-                raise ModelFileError(f"{path} is missing arrays {missing[:5]} (truncated or edited file)")
-            if extra:
-                raise ModelFileError(f"{path} has arrays the manifest does not list: {extra[:5]}")
-            for key, info in described.items():
-                if not isinstance(info, dict) or not _is_shape(info.get("shape")) \
-                        or not isinstance(info.get("dtype"), str) or not isinstance(info.get("sha256"), str):
-                    raise ModelFileError(f"{path}: the manifest's entry for array {key!r} needs a shape "
-                                         "(list of ints >= 0), a dtype and a sha256")
+            manifest = _read_manifest(zf, members, path)
+            described = _check_manifest(manifest, members, path, kinds)
             arrays = {}
             for key, info in described.items():
                 arr = _read_member(zf, members[key], path, info["shape"], info["dtype"])
@@ -262,6 +221,59 @@ def read_archive(path, kind: str | tuple):
             OverflowError) as exc:
         raise ModelFileError(f"{path} could not be read as a lowbit file: {type(exc).__name__}: {exc}") from None
     return manifest, arrays
+
+
+def _read_manifest(zf, members, path):
+    """The archive's manifest, parsed: size, dtype, JSON, nesting depth and checksum checked."""
+    if MANIFEST_KEY not in members:
+        raise ModelFileError(f"{path} is an .npz archive but not a lowbit file (no manifest)")
+    if members[MANIFEST_KEY].file_size > MAX_MANIFEST_BYTES:
+        raise ModelFileError(f"{path}: the manifest declares {members[MANIFEST_KEY].file_size} bytes, "
+                             f"more than the {MAX_MANIFEST_BYTES} a lowbit manifest may have")
+    blob = _read_member(zf, members[MANIFEST_KEY], path)
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise ModelFileError(f"{path}: the manifest must be a 1-D uint8 array, got "
+                             f"{blob.dtype}{list(blob.shape)}")
+    try:
+        manifest = json.loads(blob.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ModelFileError(f"{path}: the manifest is not valid JSON ({reason})") from None
+    if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise ModelFileError(f"{path}: the manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
+    if isinstance(manifest, dict) and MANIFEST_DIGEST_KEY in manifest \
+            and manifest[MANIFEST_DIGEST_KEY] != manifest_digest(manifest):
+        raise ModelFileError(f"{path}: the manifest does not match its checksum (tampered or "
+                             "corrupted file)")
+    return manifest
+
+
+def _check_manifest(manifest, members, path, kinds):
+    """The manifest's ``arrays`` entry, once its kind, version and array list match the archive."""
+    if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelFileError(f"{path} holds a {got!r} file, expected {' or '.join(kinds)}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has format version {manifest.get('version')!r}; this lowbit reads "
+            f"version {FORMAT_VERSION}"
+        )
+    described = manifest.get("arrays")
+    if not isinstance(described, dict):
+        raise ModelFileError(f"{path}: the manifest lists no arrays")
+    stored = set(members) - {MANIFEST_KEY}
+    missing = sorted(set(described) - stored)
+    extra = sorted(stored - set(described))
+    if missing:
+        raise ModelFileError(f"{path} is missing arrays {missing[:5]} (truncated or edited file)")
+    if extra:
+        raise ModelFileError(f"{path} has arrays the manifest does not list: {extra[:5]}")
+    for key, info in described.items():
+        if not isinstance(info, dict) or not _is_shape(info.get("shape")) \
+                or not isinstance(info.get("dtype"), str) or not isinstance(info.get("sha256"), str):
+            raise ModelFileError(f"{path}: the manifest's entry for array {key!r} needs a shape "
+                                 "(list of ints >= 0), a dtype and a sha256")
+    return described
 
 
 def _is_shape(value):
