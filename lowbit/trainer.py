@@ -64,6 +64,24 @@ def _check_teacher(teacher, loss):
     return teacher
 
 
+def _check_comm(comm, precision, device, batch_size):
+    """The communicator a Trainer runs on (``None``: :func:`lowbit.distributed.get_comm`), checked
+    against the settings that several ranks cannot take."""
+    chosen = get_comm("auto") if comm is None else comm
+    if not isinstance(chosen, Communicator):
+        raise TypeError(f"comm must be a lowbit.distributed.Communicator or None, got {type(comm).__name__}")
+    if chosen.size > 1 and precision != "fp32":
+        raise ValueError(f"precision {precision!r} is not supported with more than one rank "
+                         "(the ranks would have to agree on every skipped step); use 'fp32'")
+    if chosen.size > 1 and device not in chosen.devices:
+        raise ValueError(f"device {device!r} needs another communicator: {type(chosen).__name__} "
+                         f"reduces arrays on {' or '.join(chosen.devices)} (MPIComm: cpu, NCCLComm: gpu)")
+    if chosen.size > 1 and batch_size < chosen.size:
+        raise ValueError(f"batch_size is the global batch and must be at least the number of ranks "
+                         f"({chosen.size}), got {batch_size}")
+    return chosen
+
+
 class Trainer(CheckpointMixin):
     """Train a :class:`~lowbit.model.Model`.
 
@@ -149,19 +167,8 @@ class Trainer(CheckpointMixin):
                 or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int (epochs), got {checkpoint_every!r}")
         self.checkpoint_every = int(checkpoint_every)
-        self.comm = get_comm("auto") if comm is None else comm
-        if not isinstance(self.comm, Communicator):
-            raise TypeError(f"comm must be a lowbit.distributed.Communicator or None, got {type(comm).__name__}")
+        self.comm = _check_comm(comm, precision, device, batch_size)
         distributed = self.comm.size > 1
-        if distributed and precision != "fp32":
-            raise ValueError(f"precision {precision!r} is not supported with more than one rank "
-                             "(the ranks would have to agree on every skipped step); use 'fp32'")
-        if distributed and device not in self.comm.devices:
-            raise ValueError(f"device {device!r} needs another communicator: {type(self.comm).__name__} "
-                             f"reduces arrays on {' or '.join(self.comm.devices)} (MPIComm: cpu, NCCLComm: gpu)")
-        if distributed and batch_size < self.comm.size:
-            raise ValueError(f"batch_size is the global batch and must be at least the number of ranks "
-                             f"({self.comm.size}), got {batch_size}")
         self._reducer = GradientReducer(self.comm) if distributed else None
         self._marks = {}
         self.precision = precision
