@@ -87,9 +87,9 @@ def _fabricated_mnist(cache):
                        rng.integers(0, 256, (100, 28, 28), dtype=np.uint8), rng.integers(0, 10, 100))
     data.PINS = dataclasses.replace(
         data.PINS, n_train=600, n_test=100,
-        content_sha256={f: data._idx_digest(getattr(mnist, f)) for f in data.MNIST._fields},
+        content_sha256={f: data.idx_digest(getattr(mnist, f)) for f in data.MNIST._fields},
         train_mean_pixel=float(mnist.x_train.mean(dtype=np.float64)), mean_tolerance=1e-9)
-    data._write_cache(data.Path(cache), mnist)
+    data.write_cache(data.Path(cache), mnist)
     return mnist
 
 

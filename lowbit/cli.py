@@ -471,7 +471,7 @@ def build_parser():
                         "or as one BatchNormalization node (op)")
     p.set_defaults(func=cmd_export)
 
-    from .mixed_search import add_mixed_commands  # lowbit sensitivity, lowbit mixed (issue 26)
+    from .mixed_cli import add_mixed_commands  # lowbit sensitivity, lowbit mixed (issue 26)
 
     add_mixed_commands(sub)
     return parser

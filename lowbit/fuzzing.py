@@ -90,11 +90,11 @@ def _manifest_of(members):
 
 
 def _write_manifest(members, index, doc, recompute):
-    from .io import MANIFEST_DIGEST_KEY, _manifest_digest
+    from .io import MANIFEST_DIGEST_KEY, manifest_digest
 
     if recompute and isinstance(doc, dict):
         doc = dict(doc)
-        doc[MANIFEST_DIGEST_KEY] = _manifest_digest(doc)
+        doc[MANIFEST_DIGEST_KEY] = manifest_digest(doc)
     text = json.dumps(doc, sort_keys=True)
     text = text.replace(json.dumps(_DEEP), "[" * 9000 + "]" * 9000)
     blob = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
@@ -117,11 +117,11 @@ def _nodes(doc):
 
 def _describe_array(doc, name, arr):
     """Update the manifest's entry of array ``name`` to ``arr`` (shape, dtype, digest)."""
-    from .io import _digest
+    from .io import array_digest
 
     arrays = doc.get("arrays") if isinstance(doc, dict) else None
     if isinstance(arrays, dict):
-        arrays[name] = {"shape": list(arr.shape), "dtype": arr.dtype.str, "sha256": _digest(arr)}
+        arrays[name] = {"shape": list(arr.shape), "dtype": arr.dtype.str, "sha256": array_digest(arr)}
 
 
 # -- the mutations -----------------------------------------------------------------------------------

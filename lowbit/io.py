@@ -18,6 +18,7 @@ Files are written atomically: to a temporary file in the same folder, then renam
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -44,6 +45,11 @@ __all__ = [
     "check_declared_shapes",
     "check_output_path",
     "declared_shapes",
+    "atomic_write",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "array_digest",
+    "manifest_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -55,11 +61,12 @@ class ModelFileError(ValueError):
     """A model, checkpoint or packed-model file is missing pieces, corrupted or of the wrong kind."""
 
 
-def _digest(arr: np.ndarray) -> str:
+def array_digest(arr: np.ndarray) -> str:
+    """SHA-256 of an array's bytes (C order), as the manifest records it."""
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def _manifest_digest(doc: dict) -> str:
+def manifest_digest(doc: dict) -> str:
     """SHA-256 of the manifest's canonical JSON without its own digest: an edited architecture, name
     or note is refused like an edited array (files written before it was recorded have none)."""
     rest = {k: v for k, v in doc.items() if k != MANIFEST_DIGEST_KEY}
@@ -84,11 +91,11 @@ def write_archive(path, kind: str, arrays: dict, manifest: dict | None = None):
         if arr.dtype == object:
             raise TypeError(f"array {key!r} has dtype object, which lowbit files never store")
         host[key] = arr
-        described[key] = {"shape": list(arr.shape), "dtype": arr.dtype.str, "sha256": _digest(arr)}
+        described[key] = {"shape": list(arr.shape), "dtype": arr.dtype.str, "sha256": array_digest(arr)}
     doc = dict(manifest or {})
     doc.pop(MANIFEST_DIGEST_KEY, None)
     doc.update({"format": kind, "version": FORMAT_VERSION, "arrays": described})
-    doc[MANIFEST_DIGEST_KEY] = _manifest_digest(doc)
+    doc[MANIFEST_DIGEST_KEY] = manifest_digest(doc)
     blob = np.frombuffer(json.dumps(doc, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **{MANIFEST_KEY: blob}, **host)
@@ -198,53 +205,12 @@ def read_archive(path, kind: str | tuple):
     try:
         with zipfile.ZipFile(path) as zf:
             members = _member_sizes(zf, path)
-            if MANIFEST_KEY not in members:
-                raise ModelFileError(f"{path} is an .npz archive but not a lowbit file (no manifest)")
-            if members[MANIFEST_KEY].file_size > MAX_MANIFEST_BYTES:
-                raise ModelFileError(f"{path}: the manifest declares {members[MANIFEST_KEY].file_size} bytes, "
-                                     f"more than the {MAX_MANIFEST_BYTES} a lowbit manifest may have")
-            blob = _read_member(zf, members[MANIFEST_KEY], path)
-            if blob.dtype != np.uint8 or blob.ndim != 1:
-                raise ModelFileError(f"{path}: the manifest must be a 1-D uint8 array, got "
-                                     f"{blob.dtype}{list(blob.shape)}")
-            try:
-                manifest = json.loads(blob.tobytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-                raise ModelFileError(f"{path}: the manifest is not valid JSON ({reason})") from None
-            if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
-                raise ModelFileError(f"{path}: the manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
-            if isinstance(manifest, dict) and MANIFEST_DIGEST_KEY in manifest \
-                    and manifest[MANIFEST_DIGEST_KEY] != _manifest_digest(manifest):
-                raise ModelFileError(f"{path}: the manifest does not match its checksum (tampered or "
-                                     "corrupted file)")
-            if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
-                got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-                raise ModelFileError(f"{path} holds a {got!r} file, expected {' or '.join(kinds)}")
-            if manifest.get("version") != FORMAT_VERSION:
-                raise ModelFileError(
-                    f"{path} has format version {manifest.get('version')!r}; this lowbit reads "
-                    f"version {FORMAT_VERSION}"
-                )
-            described = manifest.get("arrays")
-            if not isinstance(described, dict):
-                raise ModelFileError(f"{path}: the manifest lists no arrays")
-            stored = set(members) - {MANIFEST_KEY}
-            missing = sorted(set(described) - stored)
-            extra = sorted(stored - set(described))
-            if missing:
-                raise ModelFileError(f"{path} is missing arrays {missing[:5]} (truncated or edited file)")
-            if extra:
-                raise ModelFileError(f"{path} has arrays the manifest does not list: {extra[:5]}")
-            for key, info in described.items():
-                if not isinstance(info, dict) or not _is_shape(info.get("shape")) \
-                        or not isinstance(info.get("dtype"), str) or not isinstance(info.get("sha256"), str):
-                    raise ModelFileError(f"{path}: the manifest's entry for array {key!r} needs a shape "
-                                         "(list of ints >= 0), a dtype and a sha256")
+            manifest = _read_manifest(zf, members, path)
+            described = _check_manifest(manifest, members, path, kinds)
             arrays = {}
             for key, info in described.items():
                 arr = _read_member(zf, members[key], path, info["shape"], info["dtype"])
-                if _digest(arr) != info["sha256"]:
+                if array_digest(arr) != info["sha256"]:
                     raise ModelFileError(f"{path}: array {key!r} does not match its checksum (tampered "
                                          "or corrupted file)")
                 arrays[key] = arr
@@ -255,6 +221,59 @@ def read_archive(path, kind: str | tuple):
             OverflowError) as exc:
         raise ModelFileError(f"{path} could not be read as a lowbit file: {type(exc).__name__}: {exc}") from None
     return manifest, arrays
+
+
+def _read_manifest(zf, members, path):
+    """The archive's manifest, parsed: size, dtype, JSON, nesting depth and checksum checked."""
+    if MANIFEST_KEY not in members:
+        raise ModelFileError(f"{path} is an .npz archive but not a lowbit file (no manifest)")
+    if members[MANIFEST_KEY].file_size > MAX_MANIFEST_BYTES:
+        raise ModelFileError(f"{path}: the manifest declares {members[MANIFEST_KEY].file_size} bytes, "
+                             f"more than the {MAX_MANIFEST_BYTES} a lowbit manifest may have")
+    blob = _read_member(zf, members[MANIFEST_KEY], path)
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise ModelFileError(f"{path}: the manifest must be a 1-D uint8 array, got "
+                             f"{blob.dtype}{list(blob.shape)}")
+    try:
+        manifest = json.loads(blob.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ModelFileError(f"{path}: the manifest is not valid JSON ({reason})") from None
+    if _json_depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise ModelFileError(f"{path}: the manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
+    if isinstance(manifest, dict) and MANIFEST_DIGEST_KEY in manifest \
+            and manifest[MANIFEST_DIGEST_KEY] != manifest_digest(manifest):
+        raise ModelFileError(f"{path}: the manifest does not match its checksum (tampered or "
+                             "corrupted file)")
+    return manifest
+
+
+def _check_manifest(manifest, members, path, kinds):
+    """The manifest's ``arrays`` entry, once its kind, version and array list match the archive."""
+    if not isinstance(manifest, dict) or manifest.get("format") not in kinds:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelFileError(f"{path} holds a {got!r} file, expected {' or '.join(kinds)}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has format version {manifest.get('version')!r}; this lowbit reads "
+            f"version {FORMAT_VERSION}"
+        )
+    described = manifest.get("arrays")
+    if not isinstance(described, dict):
+        raise ModelFileError(f"{path}: the manifest lists no arrays")
+    stored = set(members) - {MANIFEST_KEY}
+    missing = sorted(set(described) - stored)
+    extra = sorted(stored - set(described))
+    if missing:
+        raise ModelFileError(f"{path} is missing arrays {missing[:5]} (truncated or edited file)")
+    if extra:
+        raise ModelFileError(f"{path} has arrays the manifest does not list: {extra[:5]}")
+    for key, info in described.items():
+        if not isinstance(info, dict) or not _is_shape(info.get("shape")) \
+                or not isinstance(info.get("dtype"), str) or not isinstance(info.get("sha256"), str):
+            raise ModelFileError(f"{path}: the manifest's entry for array {key!r} needs a shape "
+                                 "(list of ints >= 0), a dtype and a sha256")
+    return described
 
 
 def _is_shape(value):
@@ -448,17 +467,26 @@ def model_from_manifest(manifest: dict, arrays: dict, path):
     return model
 
 
-def write_bytes_atomic(path, data: bytes):
-    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then renamed), with
-    the usual permissions.  Returns the path."""
+@contextlib.contextmanager
+def atomic_write(path, mode=None, prefix=".tmp-", suffix=""):
+    """Open a temporary file beside ``path`` for writing bytes, and put it in place atomically.
+
+    When the ``with`` block ends without an exception the file is flushed, fsynced, given ``mode``
+    (default: what the umask gives a new file, 0644 under the usual umask; mkstemp's own is 0600)
+    and renamed to ``path``.  On any exception (``KeyboardInterrupt`` too) it is removed and ``path``
+    is left as it was, so a check that raises inside the block (a download's checksum) keeps an
+    unverified file from ever appearing under its name.  ``prefix``/``suffix`` name the temporary
+    file (``"<name>."`` and ``".part"`` for downloads).  The one atomic writer of lowbit:
+    :func:`write_bytes_atomic` and every file lowbit writes go through it.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -466,4 +494,16 @@ def write_bytes_atomic(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_bytes_atomic(path, data: bytes, mode=None):
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`: a temporary file in the same folder,
+    fsynced, then renamed), with the usual permissions (or ``mode``).  Returns the path."""
+    with atomic_write(path, mode=mode) as fh:
+        fh.write(data)
+    return os.fspath(path)
+
+
+def write_json_atomic(path, obj):
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))

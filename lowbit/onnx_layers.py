@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module
-from .layers import Layer, _check_nonnegative_int, register_layer
+from .layers import Layer, check_nonnegative_int, register_layer
 
 __all__ = ["LeakyReLU", "Sigmoid", "Tanh", "Clip", "Softmax", "LogSoftmax", "Sign", "Pad2D",
            "FakeQuantize", "ChannelOp", "Threshold", "Round"]
@@ -181,7 +181,7 @@ class Pad2D(Layer):
     def __init__(self, pads=(0, 0, 0, 0), value=0.0):
         if not isinstance(pads, (list, tuple)) or len(pads) != 4:
             raise ValueError(f"pads must be (top, left, bottom, right), got {pads!r}")
-        self.pads = tuple(_check_nonnegative_int("pads", p) for p in pads)
+        self.pads = tuple(check_nonnegative_int("pads", p) for p in pads)
         self.value = _check_float("value", value, allow_inf=True)
 
     def config(self):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_array_module
-from .layers import Layer, _check_positive_int, register_layer
+from .layers import Layer, check_positive_int, register_layer
 
 __all__ = ["RSign", "RPReLU"]
 
@@ -55,7 +55,7 @@ class RSign(Layer):
     precision = 1
 
     def __init__(self, channels, clip=1.0):
-        self.channels = _check_positive_int("channels", channels)
+        self.channels = check_positive_int("channels", channels)
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
             raise ValueError(f"clip must be a positive number, got {clip!r}")
         self.clip = float(clip)
@@ -109,7 +109,7 @@ class RPReLU(Layer):
     per_channel_arrays = True
 
     def __init__(self, channels, slope=0.25):
-        self.channels = _check_positive_int("channels", channels)
+        self.channels = check_positive_int("channels", channels)
         if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not np.isfinite(slope):
             raise ValueError(f"slope must be a finite number, got {slope!r}")
         self.init_slope = float(slope)

