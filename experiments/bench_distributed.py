@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from _common import command_line, environment
+from _common import COMMITTED, command_line, default_output, environment, output_help
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -450,7 +450,8 @@ def main(argv=None):
     parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--allreduce-repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank and per worker")
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--results", default=default_output("results"),
+                        help=output_help("results", "folder of the results JSON"))
     parser.add_argument("--docs", help="the page whose scaling-model block --report rewrites (default "
                                        "docs/distributed.md when --results is the default folder)")
     parser.add_argument("--rank-train", choices=NETWORKS, help=argparse.SUPPRESS)
@@ -502,7 +503,7 @@ def main(argv=None):
     if args.report:
         if "train" not in document:
             parser.error(f"--report needs the train section in {path}; run it first")
-        default = os.path.abspath(args.results) == os.path.abspath(os.path.join(HERE, "results"))
+        default = os.path.abspath(args.results) == os.path.abspath(COMMITTED["results"])
         write_report(document, args.results,
                      args.docs or (os.path.join(ROOT, "docs", "distributed.md") if default and not args.small else None),
                      stem)

@@ -70,8 +70,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=os.path.join("runs", "cli_tour"),
                         help="folder the commands write into (default runs/cli_tour)")
-    parser.add_argument("--results", default=os.path.join(_common.HERE, "results"),
-                        help="folder of cli_tour.json (default experiments/results)")
+    parser.add_argument("--results", default=_common.default_output("results"),
+                        help=_common.output_help("results", "folder of cli_tour.json"))
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     rows, failed = [], False
