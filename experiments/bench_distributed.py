@@ -91,7 +91,7 @@ def child_environment(threads):
 
 # -- the sweep sections ----------------------------------------------------------------------------
 def sweep_config(args):
-    return dict(arch=args.sweep_arch, weight_bits=(1, 2), act_bits=(1, 2), methods=("qat",), seeds=(0, 1),
+    return dict(arch=args.sweep_arch, weight_bits=(1, 2), activation_bits=(1, 2), methods=("qat",), seeds=(0, 1),
                 epochs=args.sweep_epochs,
                 train_limit=args.sweep_limit, val_size=1000, test_limit=args.sweep_test_limit)
 
