@@ -1,5 +1,10 @@
 """What the experiment scripts share: their output flags and the provenance written into results.
 
+Every script writes under the git-ignored ``runs/`` by default (``runs/results``, ``runs/models``,
+``runs/checkpoints``); the committed results and models are rewritten only when a script is given
+their folders: ``--results experiments/results`` (``--out``/``--output`` with a file there for the
+benchmarks) and ``--models experiments/models``.
+
 The scripts run as ``python3 experiments/<script>.py``, which puts this folder first on ``sys.path``,
 so they ``import _common``; it is not part of the installed package.
 """

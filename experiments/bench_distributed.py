@@ -21,10 +21,10 @@ Sections (``--only`` runs some of them; each replaces its part of the JSON):
 
 ``--report`` reads the JSON and writes the scaling model for 8 and 64 machines (ring allreduce:
 ``2 (N - 1) / N`` of the gradient bytes per rank, ``2 (N - 1)`` latencies) into
-``experiments/results/bench_distributed_model.md`` and into docs/distributed.md between its
-``scaling-model`` markers; it runs after the sections, or alone (``--report`` with ``--only`` none).
+``bench_distributed_model.md`` beside it and, when ``--results`` is ``experiments/results``, into
+docs/distributed.md between its ``scaling-model`` markers; it runs after the sections, or alone (``--report`` with ``--only`` none).
 
-Writes ``experiments/results/bench_distributed.json`` (``bench_distributed_small.json`` with ``--small``,
+Writes ``runs/results/bench_distributed.json`` (``bench_distributed_small.json`` with ``--small``,
 which leaves the docs alone).  The machine's CPU model, load average, BLAS
 kernel and the variables unset for the workers are recorded; figures from a loaded machine say so
 there (``loadavg``).

@@ -10,7 +10,7 @@ draw of one step's values (every latent weight for the stochastic MLP) both ways
     python experiments/bench_draws.py --device gpu      # on a CUDA GPU (the case it is for)
     python experiments/bench_draws.py --width 1024      # on this CPU, a smaller MLP
 
-Writes ``experiments/results/bench_draws_<device>.json``.
+Writes ``runs/results/bench_draws_<device>.json``.
 """
 from __future__ import annotations
 

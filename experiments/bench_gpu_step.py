@@ -10,7 +10,7 @@ kernel launches differs (one per parameter against about a dozen).
 
     python experiments/bench_gpu_step.py       # needs CuPy and a CUDA device
 
-Writes ``experiments/results/bench_gpu_step.json``.
+Writes ``runs/results/bench_gpu_step.json``.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ have no float twin, so the trained float models are taken from ``--runs`` when p
 freshly built (untrained) networks of the same architecture are used, which time the same (the JSON
 says which).  Predictions of packed and simulation are compared label for label either way.
 
-Writes ``experiments/results/bench_inference.json``.
+Writes ``runs/results/bench_inference.json``.
 
 Usage::
 

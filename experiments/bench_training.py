@@ -34,7 +34,7 @@ If ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` are set they slow numpy's OpenBLAS
 ``--unset-openblas-env`` re-executes this script without them (for this process only) and the JSON
 records the BLAS kernel numpy then used.
 
-Writes ``experiments/results/bench_training.json`` and a Markdown table beside it.
+Writes ``runs/results/bench_training.json`` and a Markdown table beside it.
 
 Usage::
 

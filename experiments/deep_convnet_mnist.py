@@ -22,7 +22,7 @@ What it trains
 Results
 -------
 ``experiments/results/deep_convnet_mnist.json`` (and ``..._ensemble.json``): accuracy per epoch, test
-accuracy, wall time, seeds, the exact command.  Trained models go to ``experiments/models/``.
+accuracy, wall time, seeds, the exact command.  Trained models go to ``runs/models/``.
 Checkpoints live in ``--runs`` (default ``experiments/runs/``, not committed); rerunning the same
 command after an interruption resumes where it stopped.
 

@@ -187,9 +187,10 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(packed_dir, exist_ok=True)
     data = load_mnist(progress=False)
-    model_path = args.model or (_common.model_input(args.models, "deep_convnet_mnist.npz") if args.arch == "deep_convnet"
-                                else os.path.join(packed_dir, "sfc_float.npz") if smoke
-                                else _common.model_input(args.models, "sfc_float.npz"))
+    # the float model: the run's own (--models) or the committed one; a smoke run trains its own SFC
+    model_name = "deep_convnet_mnist.npz" if args.arch == "deep_convnet" else "sfc_float.npz"
+    model_path = args.model or (os.path.join(packed_dir, model_name) if smoke and args.arch == "sfc"
+                                else _common.model_input(args.models, model_name))
     if args.arch == "sfc" and args.model is None and not os.path.exists(model_path):
         sfc_float(model_path, args.sfc_epochs, args.seed, data, progress, args.sfc_train_images)
     model = load_model(model_path)

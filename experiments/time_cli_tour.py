@@ -8,7 +8,7 @@ earlier ones (``convert`` packs the model ``train`` wrote).
 
 Usage::
 
-    python3 experiments/time_cli_tour.py            # about 4 minutes; writes experiments/results/cli_tour.json
+    python3 experiments/time_cli_tour.py            # about 4 minutes; writes runs/results/cli_tour.json
 
 Writes the command lines, their exit codes and seconds, the CPU model and the load average before
 and after.  A command that fails is recorded with its exit code and the last lines of its stderr,

@@ -485,6 +485,8 @@ def test_act_bits_is_a_deprecated_name_of_activation_bits(tmp_path):
         result = quick(tmp_path, methods=("ptq",), weight_bits=(32,), act_bits=(32,))
     assert [(r["weight_bits"], r["act_bits"]) for r in result.records] == [(32, 32)]
     assert json.loads((tmp_path / "points.jsonl").read_text())["act_bits"] == 32
+    with pytest.warns(DeprecationWarning, match="use ACTIVATION_BITS"):
+        assert sweep.ACT_BITS == sweep.ACTIVATION_BITS == (1, 2, 4, 8, 32)
 
 
 @pytest.mark.parametrize("folder", ["sweep_lfc_e300_all_track", "sweep_deep_convnet_book"])

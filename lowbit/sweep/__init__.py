@@ -60,3 +60,14 @@ __all__ = [
     "PointRunner", "append_point", "load_points", "point_key", "SCHEDULE_NAMES", "WEIGHT_BITS",
     "ACTIVATION_BITS", "FC_WIDTHS", "QUICK", "CSV_FIELDS", "CSV_TRACK_TEST_FIELDS", "METHOD_TITLES",
 ]
+
+
+def __getattr__(name):
+    """``ACT_BITS``, the deprecated name of :data:`ACTIVATION_BITS`, with a DeprecationWarning."""
+    if name == "ACT_BITS":
+        import warnings
+
+        warnings.warn("lowbit.sweep.ACT_BITS is deprecated and will be removed in the next release; use "
+                      "ACTIVATION_BITS", DeprecationWarning, stacklevel=2)
+        return ACTIVATION_BITS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
