@@ -1,5 +1,10 @@
 """What the experiment scripts share: their output flags and the provenance written into results.
 
+Every script writes under the git-ignored ``runs/`` by default (``runs/results``, ``runs/models``,
+``runs/checkpoints``); the committed results and models are rewritten only when a script is given
+their folders: ``--results experiments/results`` (``--out``/``--output`` with a file there for the
+benchmarks) and ``--models experiments/models``.
+
 The scripts run as ``python3 experiments/<script>.py``, which puts this folder first on ``sys.path``,
 so they ``import _common``; it is not part of the installed package.
 """
@@ -15,22 +20,53 @@ import numpy as np
 from lowbit.cli import positive_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+#: Where the scripts write unless told otherwise: ``runs/`` at the repository root, which git ignores,
+#: so that a run never overwrites what is committed.
+RUNS = os.path.join(ROOT, "runs")
+#: The committed results and models: rewritten only when a script is given them
+#: (``--results experiments/results``, ``--models experiments/models``).
+COMMITTED = {"results": os.path.join(HERE, "results"), "models": os.path.join(HERE, "models")}
 OUTPUTS = {
-    "runs": "checkpoints of every training run (resumable)",
-    "results": "the results JSON (and tables)",
-    "models": "the trained or packed models",
+    "runs": ("checkpoints of every training run (resumable)", os.path.join(RUNS, "checkpoints")),
+    "results": ("the results JSON (and tables)", os.path.join(RUNS, "results")),
+    "models": ("the trained or packed models", os.path.join(RUNS, "models")),
 }
 
 
+def default_output(name, *parts):
+    """The default path of output ``name`` (a key of :data:`OUTPUTS`), joined with ``parts``: under the
+    git-ignored ``runs/``."""
+    if name not in OUTPUTS:
+        raise ValueError(f"name must be one of {sorted(OUTPUTS)}, got {name!r}")
+    return os.path.join(OUTPUTS[name][1], *parts)
+
+
+def output_help(name, what, *parts):
+    """The help text of an output option that defaults to :func:`default_output` ``(name, *parts)``."""
+    where = os.path.relpath(default_output(name, *parts), ROOT)
+    committed = (f"; under experiments/{name} it rewrites the committed "
+                 + ("file" if parts else "ones")) if name in COMMITTED else ""
+    return f"{what} (default {where}, which git ignores{committed})"
+
+
 def add_output_arguments(parser, *outputs):
-    """``--runs``/``--results``/``--models`` (those named, each defaulting to ``experiments/<name>``)
-    and ``--quiet``."""
+    """``--runs``/``--results``/``--models`` (those named, each defaulting to a folder under the
+    git-ignored ``runs/``: :data:`OUTPUTS`) and ``--quiet``."""
     for name in outputs:
         if name not in OUTPUTS:
             raise ValueError(f"outputs must be among {sorted(OUTPUTS)}, got {name!r}")
-        parser.add_argument(f"--{name}", default=os.path.join(HERE, name),
-                            help=f"folder of {OUTPUTS[name]} (default experiments/{name})")
+        what, default = OUTPUTS[name]
+        parser.add_argument(f"--{name}", default=default, help=output_help(name, f"folder of {what}"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def model_input(models, name):
+    """The model file ``name`` a script reads: the one in ``models`` (the run's ``--models``) when it is
+    there, else the committed ``experiments/models/<name>``."""
+    path = os.path.join(models, name)
+    committed = os.path.join(COMMITTED["models"], name)
+    return path if os.path.exists(path) or not os.path.exists(committed) else committed
 
 
 def _positive_int(text):

@@ -20,8 +20,8 @@ gives mean, standard deviation and range over seeds, and the ensemble.  Runs che
 in ``--runs`` and resume: rerunning the same command continues where it stopped, and finished runs
 are read back, not retrained.
 
-Writes ``experiments/results/ablation_<arch>.json`` and ``ablation_<arch>.md``, and each run's best
-model to ``experiments/models/ablation/<arch>_<variant>_seed<S>.npz``: the float model for
+Writes ``runs/results/ablation_<arch>.json`` and ``ablation_<arch>.md``, and each run's best
+model to ``runs/models/ablation/<arch>_<variant>_seed<S>.npz``: the float model for
 deep_convnet (0.5 MB), the packed model for binary_cnn (its labels are checked against the
 simulation's), so ``lowbit eval`` reproduces every cell and ensemble of the table.  Model files are
 named by arch, variant and seed only (the committed tables point to those names) and record their

@@ -21,10 +21,10 @@ Sections (``--only`` runs some of them; each replaces its part of the JSON):
 
 ``--report`` reads the JSON and writes the scaling model for 8 and 64 machines (ring allreduce:
 ``2 (N - 1) / N`` of the gradient bytes per rank, ``2 (N - 1)`` latencies) into
-``experiments/results/bench_distributed_model.md`` and into docs/distributed.md between its
-``scaling-model`` markers; it runs after the sections, or alone (``--report`` with ``--only`` none).
+``bench_distributed_model.md`` beside it and, when ``--results`` is ``experiments/results``, into
+docs/distributed.md between its ``scaling-model`` markers; it runs after the sections, or alone (``--report`` with ``--only`` none).
 
-Writes ``experiments/results/bench_distributed.json`` (``bench_distributed_small.json`` with ``--small``,
+Writes ``runs/results/bench_distributed.json`` (``bench_distributed_small.json`` with ``--small``,
 which leaves the docs alone).  The machine's CPU model, load average, BLAS
 kernel and the variables unset for the workers are recorded; figures from a loaded machine say so
 there (``loadavg``).
@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from _common import command_line, environment
+from _common import COMMITTED, command_line, default_output, environment, output_help
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -91,7 +91,7 @@ def child_environment(threads):
 
 # -- the sweep sections ----------------------------------------------------------------------------
 def sweep_config(args):
-    return dict(arch=args.sweep_arch, weight_bits=(1, 2), act_bits=(1, 2), methods=("qat",), seeds=(0, 1),
+    return dict(arch=args.sweep_arch, weight_bits=(1, 2), activation_bits=(1, 2), methods=("qat",), seeds=(0, 1),
                 epochs=args.sweep_epochs,
                 train_limit=args.sweep_limit, val_size=1000, test_limit=args.sweep_test_limit)
 
@@ -450,7 +450,8 @@ def main(argv=None):
     parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--allreduce-repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank and per worker")
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--results", default=default_output("results"),
+                        help=output_help("results", "folder of the results JSON"))
     parser.add_argument("--docs", help="the page whose scaling-model block --report rewrites (default "
                                        "docs/distributed.md when --results is the default folder)")
     parser.add_argument("--rank-train", choices=NETWORKS, help=argparse.SUPPRESS)
@@ -502,7 +503,7 @@ def main(argv=None):
     if args.report:
         if "train" not in document:
             parser.error(f"--report needs the train section in {path}; run it first")
-        default = os.path.abspath(args.results) == os.path.abspath(os.path.join(HERE, "results"))
+        default = os.path.abspath(args.results) == os.path.abspath(COMMITTED["results"])
         write_report(document, args.results,
                      args.docs or (os.path.join(ROOT, "docs", "distributed.md") if default and not args.small else None),
                      stem)

@@ -10,7 +10,7 @@ draw of one step's values (every latent weight for the stochastic MLP) both ways
     python experiments/bench_draws.py --device gpu      # on a CUDA GPU (the case it is for)
     python experiments/bench_draws.py --width 1024      # on this CPU, a smaller MLP
 
-Writes ``experiments/results/bench_draws_<device>.json``.
+Writes ``runs/results/bench_draws_<device>.json``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from _common import HERE, command_line, environment, interleaved_step_times
+from _common import command_line, default_output, environment, interleaved_step_times, output_help
 
 
 def _sync(device):
@@ -37,7 +37,8 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=4096, help="hidden width (default 4096, the paper's)")
     parser.add_argument("--images", type=int, default=5000, help="images per timed pass (default 5000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (default 3)")
-    parser.add_argument("--output", default=None, help="results JSON (default experiments/results/bench_draws_<device>.json)")
+    parser.add_argument("--output", default=None,
+                        help=output_help("results", "results JSON, bench_draws_<device>.json in the folder"))
     args = parser.parse_args(argv)
     for name in ("width", "images", "repeats"):
         if getattr(args, name) < 1:
@@ -94,7 +95,7 @@ def main(argv=None):
               "gpu": (cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
                       if args.device == "gpu" else None),
               "command": command_line(__file__, argv), "environment": environment()}
-    output = args.output or os.path.join(HERE, "results", f"bench_draws_{args.device}.json")
+    output = args.output or default_output("results", f"bench_draws_{args.device}.json")
     from lowbit.trainer import write_json_atomic
 
     write_json_atomic(output, result)

@@ -10,7 +10,7 @@ kernel launches differs (one per parameter against about a dozen).
 
     python experiments/bench_gpu_step.py       # needs CuPy and a CUDA device
 
-Writes ``experiments/results/bench_gpu_step.json``.
+Writes ``runs/results/bench_gpu_step.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import statistics
 
 import numpy as np
 
-from _common import HERE, command_line, environment, interleaved_step_times
+from _common import command_line, default_output, environment, interleaved_step_times, output_help
 
 
 def networks():
@@ -38,7 +38,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=3000, help="images per timed pass (default 3000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (default 3)")
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "bench_gpu_step.json"))
+    parser.add_argument("--output", default=default_output("results", "bench_gpu_step.json"),
+                        help=output_help("results", "results JSON", "bench_gpu_step.json"))
     args = parser.parse_args(argv)
     for name in ("images", "repeats"):
         if getattr(args, name) < 1:

@@ -19,7 +19,7 @@ have no float twin, so the trained float models are taken from ``--runs`` when p
 freshly built (untrained) networks of the same architecture are used, which time the same (the JSON
 says which).  Predictions of packed and simulation are compared label for label either way.
 
-Writes ``experiments/results/bench_inference.json``.
+Writes ``runs/results/bench_inference.json``.
 
 Usage::
 
@@ -37,6 +37,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import _common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,8 +102,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_inference.json"))
+    parser.add_argument("--runs", default=_common.default_output("runs"),
+                        help=_common.output_help("runs", "bnn_mnist.py's training runs, read"))
+    parser.add_argument("--out", default=_common.default_output("results", "bench_inference.json"),
+                        help=_common.output_help("results", "results JSON", "bench_inference.json"))
     args = parser.parse_args(argv)
 
     import numba

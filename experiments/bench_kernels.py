@@ -96,7 +96,9 @@ import lowbit.kernels as kernels  # noqa: E402
 from lowbit.backend import cupy  # noqa: E402
 from lowbit.kernels._intrinsics import HOST_FEATURES, LANES, TILE_COLS, TILE_ROWS  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_kernels.json")
+import _common  # noqa: E402
+
+RESULTS = _common.default_output("results", "bench_kernels.json")
 DABNN_LAYERS = [(56, 64), (28, 128), (14, 256), (7, 512)]  # (height = width, channels)
 TARGETS = {
     "gemm_vs_torch_float32": 15.0,
@@ -513,7 +515,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 20 s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="default results/bench_kernels[_quick].json")
+    parser.add_argument("--output", default=None,
+                        help=_common.output_help("results", "results JSON, bench_kernels[_quick].json in the folder"))
     parser.add_argument("--max-load", type=float, default=1.0, help="wait while the 1-min load is above")
     parser.add_argument("--load-retries", type=int, default=5)
     parser.add_argument("--load-wait", type=float, default=60.0, help="seconds per wait")

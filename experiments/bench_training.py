@@ -34,7 +34,7 @@ If ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` are set they slow numpy's OpenBLAS
 ``--unset-openblas-env`` re-executes this script without them (for this process only) and the JSON
 records the BLAS kernel numpy then used.
 
-Writes ``experiments/results/bench_training.json`` and a Markdown table beside it.
+Writes ``runs/results/bench_training.json`` and a Markdown table beside it.
 
 Usage::
 
@@ -57,6 +57,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # loaded by path (tests), not run as python experiments/bench_training.py
+    sys.path.insert(0, HERE)
+import _common  # noqa: E402
 NETWORKS = ("deep_convnet", "bnn_mlp", "binary_cnn")
 BNN_HIDDEN = (1024, 1024, 1024)
 
@@ -455,7 +458,9 @@ def main(argv=None):
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="lowbit.memory.retain_freed_memory() first: freed blocks stay in the heap, "
                              "no page faults for per-step buffers (applies to the whole process: torch too)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_training.json"))
+    parser.add_argument("--out", default=_common.default_output("results", "bench_training.json"),
+                        help=_common.output_help("results", "results JSON (and a Markdown table beside it)",
+                                                 "bench_training.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.warmup, args.profile_steps = 3, 3, 1, 3

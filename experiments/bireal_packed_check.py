@@ -8,7 +8,7 @@ and compares labels and scores with the model's own evaluation-mode forward pass
 
 Expected: every label equal (10,000 / 10,000) and the scores identical bit for bit.
 
-Writes ``experiments/results/bireal_packed_check.json``.
+Writes ``runs/results/bireal_packed_check.json``.
 
 Usage::
 

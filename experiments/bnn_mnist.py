@@ -17,7 +17,7 @@ validation = 10,000 training images held out by ``--seed``).  Each run checkpoin
 ``--runs`` and resumes when the same command is run again.  The best model is converted to a packed
 model (binary layers as bits, BatchNorm+sign as integer thresholds), checked to predict exactly what
 the float simulation predicts on all 10,000 test images, and committed as
-``experiments/models/bnn_<config>.npz``; results go to ``experiments/results/bnn_<config>.json``.
+``runs/models/bnn_<config>.npz``; results go to ``runs/results/bnn_<config>.json``.
 
 Usage::
 

@@ -22,7 +22,7 @@ What it trains
 Results
 -------
 ``experiments/results/deep_convnet_mnist.json`` (and ``..._ensemble.json``): accuracy per epoch, test
-accuracy, wall time, seeds, the exact command.  Trained models go to ``experiments/models/``.
+accuracy, wall time, seeds, the exact command.  Trained models go to ``runs/models/``.
 Checkpoints live in ``--runs`` (default ``experiments/runs/``, not committed); rerunning the same
 command after an interruption resumes where it stopped.
 
@@ -49,7 +49,7 @@ from lowbit.optimizers import Adam, ConstantLR, CosineLR
 from lowbit.trainer import Trainer, write_json_atomic
 from lowbit.zoo import deep_convnet
 
-from _common import HERE, add_output_arguments, command_line, environment
+from _common import HERE, add_output_arguments, command_line, environment, model_input
 
 
 def train_one(name, seed, epochs, augment, schedule, args, data, precision="fp32"):
@@ -183,7 +183,7 @@ def main(argv=None):
         return precision_pair(args, data, command)
 
     if args.mode == "fp16":
-        model_path = os.path.join(args.models, f"deep_convnet_mnist{smoke}.npz")
+        model_path = model_input(args.models, f"deep_convnet_mnist{smoke}.npz")
         model = lowbit.load_model(model_path)
         acc32 = model.evaluate(x_test, y_test)
         labels32 = model.predict(x_test)

@@ -6,7 +6,7 @@ images, then every ensemble of two or more of them (mean of the softmax outputs,
 ``lowbit.ensemble`` and ``lowbit eval A.npz B.npz ...``), and reports for each ensemble its accuracy
 against its best member.  Each model is run once; the subsets reuse its probabilities.
 
-Writes ``experiments/results/ensemble_<name>.json``.
+Writes ``runs/results/ensemble_<name>.json``.
 
 Usage::
 

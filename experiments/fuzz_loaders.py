@@ -14,7 +14,7 @@ The references: a small Bi-Real ResNet (Residual blocks) and a small binary MLP 
 converted), a checkpoint of a small MLP run, and a fabricated MNIST (600 + 100 images, with its own
 pinned digests, so that each load takes milliseconds; the cache code is the one real MNIST uses).
 
-Expected: 0 escaped for every loader.  Writes ``experiments/results/fuzz_loaders.json``.
+Expected: 0 escaped for every loader.  Writes ``runs/results/fuzz_loaders.json``.
 
 Usage::
 

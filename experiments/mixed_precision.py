@@ -46,7 +46,7 @@ from lowbit.mixed_search import above_front, choose_widths, pareto_front, plot_p
 from lowbit.sensitivity import (
     LayerwisePTQ, draw_heatmap, hessian_traces, held_out_images, measure_sensitivity, write_sensitivity_reports,
 )
-from lowbit.sweep import _write_atomic
+from lowbit.io import write_bytes_atomic
 
 WIDTHS = (1, 2, 4, 8)
 #: Size budgets as fractions of uniform W4A4's estimated size; BOPs budgets as fractions of its BOPs.
@@ -187,8 +187,10 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(packed_dir, exist_ok=True)
     data = load_mnist(progress=False)
-    model_path = args.model or (os.path.join(args.models, "deep_convnet_mnist.npz") if args.arch == "deep_convnet"
-                                else os.path.join(packed_dir if smoke else args.models, "sfc_float.npz"))
+    # the float model: the run's own (--models) or the committed one; a smoke run trains its own SFC
+    model_name = "deep_convnet_mnist.npz" if args.arch == "deep_convnet" else "sfc_float.npz"
+    model_path = args.model or (os.path.join(packed_dir, model_name) if smoke and args.arch == "sfc"
+                                else _common.model_input(args.models, model_name))
     if args.arch == "sfc" and args.model is None and not os.path.exists(model_path):
         sfc_float(model_path, args.sfc_epochs, args.seed, data, progress, args.sfc_train_images)
     model = load_model(model_path)
@@ -343,10 +345,10 @@ def main(argv=None):
     writer.writeheader()
     for r in sorted(records, key=lambda r: (r["kind"], r["size_bytes"])):
         writer.writerow({k: (" ".join(f"{w}/{a}" for w, a in r[k]) if k == "widths" else r.get(k, "")) for k in fields})
-    _write_atomic(os.path.join(out_dir, "results.csv"), buffer.getvalue().encode())
+    write_bytes_atomic(os.path.join(out_dir, "results.csv"), buffer.getvalue().encode())
     document = {"summary": summary, "layers": [info._asdict() for info in ptq.layers], "points": records}
-    _write_atomic(os.path.join(out_dir, "results.json"), (json.dumps(document, indent=1) + "\n").encode())
-    _write_atomic(os.path.join(out_dir, "table.md"), table(records, w4a4, summary).encode())
+    write_bytes_atomic(os.path.join(out_dir, "results.json"), (json.dumps(document, indent=1) + "\n").encode())
+    write_bytes_atomic(os.path.join(out_dir, "table.md"), table(records, w4a4, summary).encode())
     plot_pareto(os.path.join(out_dir, "pareto_size.png"), uniform, mixed, "size_bytes",
                 f"{args.arch}: test accuracy against packed model size (PTQ, same calibration)")
     plot_pareto(os.path.join(out_dir, "pareto_bops.png"), uniform, mixed, "bops",

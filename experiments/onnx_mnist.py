@@ -130,7 +130,8 @@ def export_torch(net, path):
 def run_import(args, mnist, x_test, y_test, results):
     rows = {}
     for kind in ("cnn", "mlp"):
-        path = os.path.join(args.models, TORCH_FILES[kind])
+        path = (_common.model_input(args.models, TORCH_FILES[kind]) if args.reuse
+                else os.path.join(args.models, TORCH_FILES[kind]))
         row = {"file": os.path.relpath(path, _common.HERE)}
         torch_scores = None
         if not args.reuse:
@@ -212,8 +213,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="test on the first N images only (smoke runs)")
     parser.add_argument("--train-limit", type=int, default=0, help="train torch on the first N images only")
-    parser.add_argument("--work", default=os.path.join(_common.HERE, "runs", "onnx"),
-                        help="folder of the exported .onnx files (default experiments/runs/onnx)")
+    parser.add_argument("--work", default=os.path.join(_common.RUNS, "onnx"),
+                        help="folder of the exported .onnx files (default runs/onnx)")
     parser.add_argument("--parts", nargs="+", choices=["import", "export"], default=["import", "export"])
     _common.add_output_arguments(parser, "results", "models")
     args = parser.parse_args(argv)

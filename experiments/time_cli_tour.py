@@ -8,7 +8,7 @@ earlier ones (``convert`` packs the model ``train`` wrote).
 
 Usage::
 
-    python3 experiments/time_cli_tour.py            # about 4 minutes; writes experiments/results/cli_tour.json
+    python3 experiments/time_cli_tour.py            # about 4 minutes; writes runs/results/cli_tour.json
 
 Writes the command lines, their exit codes and seconds, the CPU model and the load average before
 and after.  A command that fails is recorded with its exit code and the last lines of its stderr,
@@ -70,8 +70,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=os.path.join("runs", "cli_tour"),
                         help="folder the commands write into (default runs/cli_tour)")
-    parser.add_argument("--results", default=os.path.join(_common.HERE, "results"),
-                        help="folder of cli_tour.json (default experiments/results)")
+    parser.add_argument("--results", default=_common.default_output("results"),
+                        help=_common.output_help("results", "folder of cli_tour.json"))
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     rows, failed = [], False

@@ -87,7 +87,7 @@ def point_task(arch, point, call, data, given, pretrained, threads):
 
     if isinstance(given, dict) and "files" in given:  # the leader's result
         given = {path: payload for path, payload in given["files"].items() if path.startswith("runs" + os.sep)}
-    method, weight_bits, act_bits, seed = point
+    method, weight_bits, activation_bits, seed = point
     limit = nullcontext()
     if threads:
         import numba
@@ -108,7 +108,7 @@ def point_task(arch, point, call, data, given, pretrained, threads):
             os.makedirs(os.path.dirname(options["pretrained"]))
             with open(options["pretrained"], "wb") as fh:
                 fh.write(payload)
-        result = run_sweep(arch, weight_bits=(weight_bits,), act_bits=(act_bits,), seeds=(seed,),
+        result = run_sweep(arch, weight_bits=(weight_bits,), activation_bits=(activation_bits,), seeds=(seed,),
                            out_dir=out_dir, data=data, progress=False, reports=False,
                            only_points=[tuple(point)], **options)
         (record,) = result.records
@@ -137,27 +137,68 @@ def _float_run(out_dir, seed, settings, float_epochs):
     return files
 
 
+def _submit_points(submit, todo, settings, out_dir, pretrained, uses_float, float_epochs):
+    """Submit every point of ``todo`` (``submit(point, given)``); a seed's points that start from its
+    float model wait for the one that trains it (its *leader*), or receive a finished float run
+    found in ``out_dir``.  Returns the futures."""
+    leaders = {}
+    futures = []
+    for point in sorted(todo, key=lambda p: (not (p[0] == "ptq" and p[1] == p[2] == 32), p)):
+        seed = point[3]
+        if pretrained is None and uses_float(point):
+            if seed not in leaders:
+                local = _float_run(out_dir, seed, settings, float_epochs)
+                if local is not None:
+                    leaders[seed] = local
+                else:  # this point trains the float model; the seed's others wait for it
+                    leaders[seed] = submit(point, None)
+                    futures.append(leaders[seed])
+                    continue
+            futures.append(submit(point, leaders[seed]))
+        else:
+            futures.append(submit(point, None))
+    return futures
+
+
+def _record_result(result, settings, out_dir, pretrained, recorded):
+    """Write a finished task's files and append its record, unless the point is in ``recorded`` (a
+    retried task delivers it twice); returns the record, or None when it was already there."""
+    from .io import write_bytes_atomic
+    from .sweep import append_point, point_key
+
+    record = result["record"]
+    if record.get("settings_key") != settings["key"]:
+        raise RuntimeError(f"a worker computed settings key {record.get('settings_key')!r}, the "
+                           f"client {settings['key']!r}: the workers run another lowbit version")
+    key = point_key(record)
+    if key in recorded:
+        return None
+    if pretrained is not None and record["run_dir"].startswith(".."):
+        record["run_dir"] = os.path.relpath(os.path.dirname(os.path.abspath(pretrained)), out_dir)
+    for relative, payload in sorted(result["files"].items()):
+        write_bytes_atomic(os.path.join(out_dir, relative), payload)
+    append_point(os.path.join(out_dir, "points.jsonl"), record)
+    recorded.add(key)
+    return record
+
+
 def run_points(arch, todo, call, settings, out_dir, data, pretrained, uses_float, workers=None,
                scheduler=None, progress=True):
     """Compute the points ``todo`` on Dask and record each in ``out_dir`` once; returns how many.
 
-    ``call`` are :func:`lowbit.sweep.run_sweep`'s keyword arguments that make ``settings``;
-    ``uses_float(point)`` says whether a point starts from its seed's trained float model.
+    ``call`` are :func:`lowbit.sweep.run_sweep`'s keyword arguments that make ``settings``
+    (:meth:`lowbit.sweep.SweepSettings.point_options`); ``uses_float(point)`` says whether a point
+    starts from its seed's trained float model.
     """
     from .progress import tqdm
-
-    from .sweep import _append_point, _load_points, _point_key, _write_atomic
+    from .sweep import load_points, point_key
 
     distributed = _dask()
-    points_path = os.path.join(out_dir, "points.jsonl")
     if scheduler is not None:
-        client = distributed.Client(scheduler)
-        cluster = None
-        threads = None
+        client, cluster, threads = distributed.Client(scheduler), None, None
     else:
         cluster = local_cluster(workers, 1, call.get("device", "cpu"))
-        client = distributed.Client(cluster)
-        threads = 1
+        client, threads = distributed.Client(cluster), 1
     pretrained_file = None
     if pretrained is not None:
         with open(pretrained, "rb") as fh:
@@ -166,45 +207,21 @@ def run_points(arch, todo, call, settings, out_dir, data, pretrained, uses_float
     bar = tqdm(total=len(todo), desc=f"sweep {arch} on dask", unit="point", disable=not progress)
     try:
         data_future = client.scatter(data, broadcast=True)
-        leaders = {}
-        futures = []
 
         def submit(point, given):
             key = f"lowbit-point-{settings['key']}-{point[0]}-w{point[1]}a{point[2]}-s{point[3]}"
             return client.submit(point_task, arch, point, call, data_future, given, pretrained_file, threads,
                                  key=key, resources=resources, pure=False)
 
-        for point in sorted(todo, key=lambda p: (not (p[0] == "ptq" and p[1] == p[2] == 32), p)):
-            seed = point[3]
-            if pretrained is None and uses_float(point):
-                if seed not in leaders:
-                    local = _float_run(out_dir, seed, settings, call["float_epochs"])
-                    if local is not None:
-                        leaders[seed] = local
-                    else:  # this point trains the float model; the seed's others wait for it
-                        leaders[seed] = submit(point, None)
-                        futures.append(leaders[seed])
-                        continue
-                futures.append(submit(point, leaders[seed]))
-            else:
-                futures.append(submit(point, None))
-        recorded = {_point_key(r) for r in _load_points(points_path, settings["key"])}
+        futures = _submit_points(submit, todo, settings, out_dir, pretrained, uses_float,
+                                 call["float_epochs"])
+        recorded = {point_key(r) for r in load_points(os.path.join(out_dir, "points.jsonl"), settings["key"])}
         new = 0
         for future in distributed.as_completed(futures):
-            result = future.result()  # a task's exception is raised here, with its traceback
-            record = result["record"]
-            if record.get("settings_key") != settings["key"]:
-                raise RuntimeError(f"a worker computed settings key {record.get('settings_key')!r}, the "
-                                   f"client {settings['key']!r}: the workers run another lowbit version")
-            key = _point_key(record)
-            if key in recorded:  # a point delivered twice (a retried task) is recorded once
+            # a task's exception is raised by result(), with its traceback
+            record = _record_result(future.result(), settings, out_dir, pretrained, recorded)
+            if record is None:
                 continue
-            if pretrained is not None and record["run_dir"].startswith(".."):
-                record["run_dir"] = os.path.relpath(os.path.dirname(os.path.abspath(pretrained)), out_dir)
-            for relative, payload in sorted(result["files"].items()):
-                _write_atomic(os.path.join(out_dir, relative), payload)
-            _append_point(points_path, record)
-            recorded.add(key)
             new += 1
             bar.update(1)
             if progress:

@@ -375,7 +375,7 @@ def plot_pareto(path, uniform, mixed, x_key="size_bytes", title="", x_label=None
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    from .sweep import _save_figure
+    from .plots import save_figure
 
     scale = 1024.0 if x_key == "size_bytes" else 1.0
     figure = Figure(figsize=(7, 4.8))
@@ -414,7 +414,7 @@ def plot_pareto(path, uniform, mixed, x_key="size_bytes", title="", x_label=None
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def _uniform_widths(count, weight_bits, act_bits, keep_first_last):

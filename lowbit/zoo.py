@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .deprecation import renamed_argument
 from .layers import Affine, Conv2D, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU
 from .model import Model
 
@@ -221,23 +222,26 @@ def _fc_activation(bits):
     return quantizer_for_bits(bits, "activation")
 
 
-def brevitas_fc(seed=0, width=64, weight_bits=1, act_bits=1, in_bits=None, hidden_layers=3,
-                dropout=0.2, bn_eps=1e-4, bn_momentum=0.9, init="uniform", name=None):
+def brevitas_fc(seed=0, width=64, weight_bits=1, activation_bits=None, in_bits=None, hidden_layers=3,
+                dropout=0.2, bn_eps=1e-4, bn_momentum=0.9, init="uniform", name=None, *, act_bits=None):
     """The BNN-PYNQ / Brevitas MNIST MLPs: TFC (width 64), SFC (256), LFC (1024).
 
     ``Rescale(2, -1)`` (pixels to [-1, 1]) - Flatten - QuantActivation(in_bits) - Dropout, then
-    ``hidden_layers`` times ``QuantAffine(bias-free, weight_bits) - BatchNorm - QuantActivation(act_bits)
+    ``hidden_layers`` times ``QuantAffine(bias-free, weight_bits) - BatchNorm - QuantActivation(activation_bits)
     - Dropout``, then a bias-free ``QuantAffine(width, 10, weight_bits) - BatchNorm(10)``.
 
     Differences from Brevitas, by design: activations of 2..8 bits are
     ``DoReFaActivation(bits, signed=True)`` (levels ``2j/(2^k-1) - 1`` in [-1, 1]) rather than
     Brevitas' narrow-range integer quantizer; 2..8-bit weights are DoReFa's tanh quantizer; the final
-    scalar TensorNorm is a BatchNorm over the 10 scores.  ``in_bits`` defaults to ``act_bits`` (1 bit:
-    the pixel's sign, i.e. ``pixel >= 0.5``).  Latent weights U(-1, 1), clipped to [-1, 1].
+    scalar TensorNorm is a BatchNorm over the 10 scores.  ``in_bits`` defaults to ``activation_bits`` (1
+    bit: the pixel's sign, i.e. ``pixel >= 0.5``).  Latent weights U(-1, 1), clipped to [-1, 1].
+    ``activation_bits`` defaults to 1; ``act_bits`` is its deprecated name.
     """
-    in_bits = act_bits if in_bits is None else in_bits
+    activation_bits = renamed_argument("brevitas_fc", "act_bits", act_bits, "activation_bits", activation_bits,
+                                       default=1)
+    in_bits = activation_bits if in_bits is None else in_bits
     quantizer_for_bits(weight_bits, "weight")  # validates before building
-    _fc_activation(act_bits)
+    _fc_activation(activation_bits)
     width = int(width)
     s = _seeds(seed, hidden_layers + 1)
 
@@ -254,31 +258,34 @@ def brevitas_fc(seed=0, width=64, weight_bits=1, act_bits=1, in_bits=None, hidde
         layers.append(Dropout(dropout))
     n_in = 28 * 28
     for i in range(int(hidden_layers)):
-        layers += [dense(n_in, width, i), bn(width), QuantActivation(_fc_activation(act_bits))]
+        layers += [dense(n_in, width, i), bn(width), QuantActivation(_fc_activation(activation_bits))]
         if dropout:
             layers.append(Dropout(dropout))
         n_in = width
     layers += [dense(n_in, 10, int(hidden_layers)), bn(10)]
-    name = name or f"fc{width}_w{weight_bits}a{act_bits}"
+    name = name or f"fc{width}_w{weight_bits}a{activation_bits}"
     return Model(layers, input_shape=(1, 28, 28), name=name).seed(seed)
 
 
-def tfc(seed=0, weight_bits=1, act_bits=1, **options):
-    """Brevitas TFC: :func:`brevitas_fc` with three hidden layers of 64."""
-    return brevitas_fc(seed, width=64, weight_bits=weight_bits, act_bits=act_bits,
-                       name=f"tfc_w{weight_bits}a{act_bits}", **options)
+def _brevitas_mlp(arch, width):
+    """The builder of one Brevitas MLP, ``arch(seed=0, weight_bits=1, activation_bits=1, **options)``:
+    :func:`brevitas_fc` with three hidden layers of ``width``, named ``<arch>_w<W>a<A>``."""
+
+    def build(seed=0, weight_bits=1, activation_bits=None, *, act_bits=None, **options):
+        activation_bits = renamed_argument(arch, "act_bits", act_bits, "activation_bits", activation_bits,
+                                           default=1)
+        return brevitas_fc(seed, width=width, weight_bits=weight_bits, activation_bits=activation_bits,
+                           name=f"{arch}_w{weight_bits}a{activation_bits}", **options)
+
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = (f"Brevitas {arch.upper()}: :func:`brevitas_fc` with three hidden layers of {width} "
+                     "(``act_bits``: the deprecated name of ``activation_bits``).")
+    return build
 
 
-def sfc(seed=0, weight_bits=1, act_bits=1, **options):
-    """Brevitas SFC: :func:`brevitas_fc` with three hidden layers of 256."""
-    return brevitas_fc(seed, width=256, weight_bits=weight_bits, act_bits=act_bits,
-                       name=f"sfc_w{weight_bits}a{act_bits}", **options)
-
-
-def lfc(seed=0, weight_bits=1, act_bits=1, **options):
-    """Brevitas LFC: :func:`brevitas_fc` with three hidden layers of 1024."""
-    return brevitas_fc(seed, width=1024, weight_bits=weight_bits, act_bits=act_bits,
-                       name=f"lfc_w{weight_bits}a{act_bits}", **options)
+tfc = _brevitas_mlp("tfc", 64)
+sfc = _brevitas_mlp("sfc", 256)
+lfc = _brevitas_mlp("lfc", 1024)
 
 
 MODELS.update({"bnn_mlp": bnn_mlp, "binary_cnn": binary_cnn, "tfc": tfc, "sfc": sfc, "lfc": lfc})

@@ -177,3 +177,28 @@ def test_recipe_options_in_the_scripts_and_the_ablation_table(script, tmp_path):
     assert table == 0
     text = (tmp_path / "recipes.md").read_text()
     assert "| all | 0 0 |" in text and "| 1+1/1+1 |" in text  # both seeds-0 runs, two stages of 1 epoch
+
+
+def test_outputs_default_to_the_ignored_runs_folder(script, tmp_path):
+    """A script run without output options writes under ``runs/`` (git-ignored); the committed
+    ``experiments/results`` and ``experiments/models`` are written only when named."""
+    import argparse
+
+    script("fuzz_loaders")  # puts experiments/ on sys.path for _common
+    import _common
+
+    root = os.path.dirname(EXPERIMENTS)
+    with open(os.path.join(root, ".gitignore")) as fh:
+        assert "/runs/" in fh.read().split()
+    parser = argparse.ArgumentParser()
+    _common.add_output_arguments(parser, "runs", "results", "models")
+    defaults = vars(parser.parse_args([]))
+    for name in ("runs", "results", "models"):
+        assert os.path.commonpath([defaults[name], os.path.join(root, "runs")]) == os.path.join(root, "runs")
+    asked = vars(parser.parse_args(["--results", "experiments/results", "--models", "experiments/models"]))
+    assert (asked["results"], asked["models"]) == ("experiments/results", "experiments/models")
+    # a model a script reads is the run's own when there is one, else the committed one
+    committed = sorted(name for name in os.listdir(os.path.join(EXPERIMENTS, "models")) if name.endswith(".npz"))[0]
+    assert _common.model_input(str(tmp_path), committed) == os.path.join(EXPERIMENTS, "models", committed)
+    (tmp_path / committed).write_bytes(b"")
+    assert _common.model_input(str(tmp_path), committed) == str(tmp_path / committed)

@@ -23,7 +23,6 @@ MAX_LINES = 600
 
 #: Modules over MAX_LINES that are being split elsewhere in issue 23 (path relative to the repository).
 LONG_MODULES_ALLOWED = {
-    "lowbit/sweep.py": "becomes the package lowbit/sweep/ (settings, point store, running a point, reports)",
     "lowbit/convert.py": "post-training quantization and the CLI commands move to lowbit/ptq.py and lowbit/cli/",
     "lowbit/packed.py": "owned by the packed-kernel work this round; to split after it merges",
     "lowbit/quantizers.py": "the least-squares ranges move to lowbit/ptq.py",
@@ -31,19 +30,10 @@ LONG_MODULES_ALLOWED = {
 
 #: (importing module, imported module, private name) pairs still in use, with the reason.
 PRIVATE_IMPORTS_ALLOWED = {
-    ("lowbit/dask_sweep.py", "lowbit.sweep", "_append_point"): "sweep package gives the point store public names",
-    ("lowbit/dask_sweep.py", "lowbit.sweep", "_load_points"): "sweep package gives the point store public names",
-    ("lowbit/dask_sweep.py", "lowbit.sweep", "_point_key"): "sweep package gives the point store public names",
-    ("lowbit/dask_sweep.py", "lowbit.sweep", "_write_atomic"): "becomes lowbit.io.write_bytes_atomic",
-    ("lowbit/mixed_search.py", "lowbit.sweep", "_save_figure"): "sweep package makes the figure writer public",
-    ("lowbit/sensitivity/report.py", "lowbit.sweep", "_save_figure"): "sweep package makes the figure writer public",
-    ("lowbit/sensitivity/report.py", "lowbit.sweep", "_write_atomic"): "becomes lowbit.io.write_bytes_atomic",
     ("lowbit/sensitivity/layerwise.py", "lowbit.convert", "_RangeRecorder"): "public in lowbit/ptq.py",
     ("lowbit/sensitivity/layerwise.py", "lowbit.convert", "_exact_binary_scale"): "public in lowbit/ptq.py",
     ("lowbit/sensitivity/layerwise.py", "lowbit.convert", "_mse_clip"): "public in lowbit/ptq.py",
     ("lowbit/sensitivity/layerwise.py", "lowbit.convert", "_cpu_copy"): "public in lowbit/ptq.py",
-    ("lowbit/sweep.py", "lowbit.convert", "_check_activation_clipping"): "public in lowbit/ptq.py",
-    ("lowbit/sweep.py", "lowbit.convert", "_check_weight_clipping"): "public in lowbit/ptq.py",
 }
 
 

@@ -106,18 +106,18 @@ def test_quick_sweep_writes_every_report_and_resumes(tmp_path):
 def test_reports_include_points_of_another_process(tmp_path, monkeypatch):
     """Two sweeps on one folder, each on its own cells: the reports written at the end of one include
     the points the other appended meanwhile, with no ``sweep-report`` needed."""
-    first = quick(tmp_path, methods=["ptq"], weight_bits=[32], act_bits=[32])
+    first = quick(tmp_path, methods=["ptq"], weight_bits=[32], activation_bits=[32])
     (other,) = first.records
     other_line = json.dumps(dict(other, seed=7)) + "\n"  # a point "another process" finishes
-    real_append = sweep._append_point
+    real_append = sweep.runner.append_point
 
     def append_then_other(path, record):
         real_append(path, record)
         with open(path, "a") as fh:
             fh.write(other_line)
 
-    monkeypatch.setattr(sweep, "_append_point", append_then_other)
-    result = quick(tmp_path, methods=["ptq"], weight_bits=[32], act_bits=[1])
+    monkeypatch.setattr(sweep.runner, "append_point", append_then_other)
+    result = quick(tmp_path, methods=["ptq"], weight_bits=[32], activation_bits=[1])
     assert result.new_points == 1
     points = json.loads((tmp_path / "results.json").read_text())["points"]
     assert sorted((p["act_bits"], p["seed"]) for p in points) == [(1, 0), (32, 0), (32, 7)]
@@ -169,7 +169,7 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path):
 
 
 def test_several_seeds_show_the_spread(tmp_path):
-    result = quick(tmp_path, seeds=(0, 1), methods=("ptq",), weight_bits=(1,), act_bits=(32,))
+    result = quick(tmp_path, seeds=(0, 1), methods=("ptq",), weight_bits=(1,), activation_bits=(32,))
     assert result.new_points == 2
     accuracies = [r["accuracy"] * 100 for r in result.records]
     table = (tmp_path / "table.md").read_text()
@@ -178,18 +178,18 @@ def test_several_seeds_show_the_spread(tmp_path):
 
 
 def test_changed_settings_are_refused(tmp_path):
-    quick(tmp_path, methods=("ptq",), weight_bits=(32,), act_bits=(32,))
+    quick(tmp_path, methods=("ptq",), weight_bits=(32,), activation_bits=(32,))
     with pytest.raises(ValueError, match="other settings.*epochs: 1 there, 2 now"):
-        quick(tmp_path, methods=("ptq",), weight_bits=(32,), act_bits=(32,), epochs=2)
+        quick(tmp_path, methods=("ptq",), weight_bits=(32,), activation_bits=(32,), epochs=2)
     # a larger grid is fine
-    result = quick(tmp_path, methods=("ptq",), weight_bits=(1, 32), act_bits=(32,))
+    result = quick(tmp_path, methods=("ptq",), weight_bits=(1, 32), activation_bits=(32,))
     assert (result.new_points, result.skipped_points) == (1, 1)
 
 
 @pytest.mark.parametrize("options, message", [
     ({"arch": "resnet"}, r"arch must be one of \['tfc', 'sfc', 'lfc', 'deep_convnet'\], got 'resnet'"),
     ({"weight_bits": (1, 12)}, r"weight_bits must each be one of 1..8, 16 \(fp16\), 32 \(float\), got 12"),
-    ({"act_bits": (0,)}, r"act_bits must each be one of 1..8, 16 \(fp16\), 32 \(float\), got 0"),
+    ({"activation_bits": (0,)}, r"activation_bits must each be one of 1..8, 16 \(fp16\), 32 \(float\), got 0"),
     ({"methods": ("ptq", "finetune")}, r"methods must each be one of \['ptq', 'qat'\], got 'finetune'"),
     ({"seeds": (-1,)}, r"seeds must be an int >= 0, got -1"),
     ({"epochs": 0}, r"epochs must be an int >= 1, got 0"),
@@ -215,7 +215,7 @@ def test_gpu_device_without_cupy_is_refused_before_any_training(tmp_path, monkey
 
 
 def test_three_bits_are_valid():
-    assert sweep._check_bits_list("weight_bits", (3, 1, 3), "weight") == (1, 3)
+    assert sweep.settings.check_bits_list("weight_bits", (3, 1, 3), "weight") == (1, 3)
 
 
 @pytest.mark.parametrize("arch", ["tfc", "deep_convnet"])
@@ -255,18 +255,9 @@ def test_cli_sweep(tmp_path, monkeypatch, capsys):
 
 
 
-def test_wrapper_and_cli_pass_the_same_options(tmp_path, monkeypatch):
-    """``experiments/bitwidth_sweep.py`` and ``lowbit sweep`` share their options: the same flags reach
-    :func:`run_sweep` as the same keyword arguments (only the output folder differs)."""
-    import importlib.util
-    import sys
-
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-    monkeypatch.syspath_prepend(here)
-    spec = importlib.util.spec_from_file_location("bitwidth_sweep_under_test",
-                                                  os.path.join(here, "bitwidth_sweep.py"))
-    wrapper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wrapper)
+def test_cli_passes_every_sweep_option(tmp_path, monkeypatch):
+    """``lowbit sweep``, the one entry point of sweeps (``experiments/bitwidth_sweep.py`` is gone): its
+    flags reach :func:`run_sweep` as its keyword arguments."""
     calls = []
 
     class Recorded(Exception):
@@ -276,24 +267,20 @@ def test_wrapper_and_cli_pass_the_same_options(tmp_path, monkeypatch):
         calls.append((arch, kwargs))
         raise Recorded  # stop before any report is read
 
-    monkeypatch.setattr(wrapper, "run_sweep", record)
     monkeypatch.setattr(sweep, "run_sweep", record)
     flags = ["--arch", "sfc", "--seeds", "1", "2", "--methods", "qat", "--weight-bits", "1", "--act-bits", "2",
              "--epochs", "3", "--lr", "0.02", "--lr-end", "0.001", "--schedule", "cosine", "--limit", "500",
              "--val", "100", "--init", "uniform", "--loss", "squared_hinge", "--qat-init", "ptq",
              "--activation-clipping", "max", "--track-test", "--quiet"]
-    for run in (lambda: wrapper.main(flags + ["--results", str(tmp_path)]),
-                lambda: cli_main(["sweep"] + flags + ["--out", str(tmp_path / "sweep_sfc")])):
-        with pytest.raises(Recorded):
-            run()
-    (arch_w, wrapped), (arch_c, direct) = calls
-    assert arch_w == arch_c == "sfc"
-    assert wrapped["out_dir"] == direct["out_dir"] == str(tmp_path / "sweep_sfc")
-    assert wrapped == direct
+    with pytest.raises(Recorded):
+        cli_main(["sweep"] + flags + ["--out", str(tmp_path / "sweep_sfc")])
+    ((arch, direct),) = calls
+    assert arch == "sfc"
+    assert direct["out_dir"] == str(tmp_path / "sweep_sfc")
     assert direct["schedule"] == "cosine" and direct["lr_end"] == 0.001 and direct["train_limit"] == 500
     assert direct["init"] == "uniform" and direct["seeds"] == [1, 2] and direct["progress"] is False
     assert direct["track_test"] is True
-    assert "bitwidth_sweep_under_test" not in sys.modules
+
 
 def test_ptq_of_a_pretrained_model(tmp_path):
     """``pretrained``: PTQ starts from the given file; its 32/32 point is that model, nothing is trained."""
@@ -306,7 +293,7 @@ def test_ptq_of_a_pretrained_model(tmp_path):
     path = tmp_path / "mine.npz"
     lowbit.save_model(model, str(path), {"epoch": 1})
     out = tmp_path / "sweep"
-    result = quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path))
+    result = quick(out, methods=("ptq",), weight_bits=(2, 32), activation_bits=(32,), pretrained=str(path))
     assert result.new_points == 2
     assert not (out / "runs").exists()  # no float model trained
     points = {r["weight_bits"]: r for r in result.records}
@@ -320,17 +307,17 @@ def test_ptq_of_a_pretrained_model(tmp_path):
     assert settings["ptq_weight_clipping"] == "mse" and "least-squared-error range" in (out / "table.md").read_text()
     assert settings["ptq_activation_clipping"] == "mse" and "activations over theirs" in (out / "table.md").read_text()
     with pytest.raises(ValueError, match="ptq_weight_clipping: 'mse' there, 'max' now"):
-        quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path),
+        quick(out, methods=("ptq",), weight_bits=(2, 32), activation_bits=(32,), pretrained=str(path),
               weight_clipping="max")
     # the activations' "max" adds no key (sweeps made before the option keep theirs) and says so
-    quick(tmp_path / "amax", methods=("ptq",), weight_bits=(2,), act_bits=(2,), pretrained=str(path),
+    quick(tmp_path / "amax", methods=("ptq",), weight_bits=(2,), activation_bits=(2,), pretrained=str(path),
           activation_clipping="max")
     assert "ptq_activation_clipping" not in json.loads((tmp_path / "amax" / "sweep.json").read_text())
     assert "activations over their calibrated maximum" in (tmp_path / "amax" / "table.md").read_text()
     # another file content under the same out_dir is refused; a model of another arch too
     lowbit.save_model(sweep.float_model("tfc", seed=4), str(path))
     with pytest.raises(ValueError, match="other settings.*pretrained"):
-        quick(out, methods=("ptq",), weight_bits=(2, 32), act_bits=(32,), pretrained=str(path))
+        quick(out, methods=("ptq",), weight_bits=(2, 32), activation_bits=(32,), pretrained=str(path))
     lowbit.save_model(sweep.float_model("sfc"), str(tmp_path / "sfc.npz"))
     with pytest.raises(ValueError, match="pretrained must be a float tfc model .* holds 'sfc_float'"):
         quick(tmp_path / "other", methods=("ptq",), pretrained=str(tmp_path / "sfc.npz"))
@@ -355,9 +342,9 @@ def test_qat_fine_tuned_from_the_ptq_model(tmp_path, monkeypatch):
         lowbit.save_model(start, os.path.join(run_dir, "best.npz"))
         return start, {"val_accuracy": 0.5, "best_epoch": 0, "train_seconds": 0.0, "epochs": epochs}
 
-    monkeypatch.setattr(sweep, "_train", no_training)
+    monkeypatch.setattr(sweep.runner, "train", no_training)
     out = tmp_path / "ft"
-    result = quick(out, methods=("ptq", "qat"), weight_bits=(2, 32), act_bits=(2, 32), pretrained=str(path),
+    result = quick(out, methods=("ptq", "qat"), weight_bits=(2, 32), activation_bits=(2, 32), pretrained=str(path),
                    qat_init="ptq", epochs=3)
     assert sorted(starts) == [(f"qat_w{w}a{a}_seed0", 3) for w in (2, 32) for a in (2, 32)]
     by = {(r["method"], r["weight_bits"], r["act_bits"]): r for r in result.records}
@@ -369,7 +356,7 @@ def test_qat_fine_tuned_from_the_ptq_model(tmp_path, monkeypatch):
     assert settings["qat"] == "fine-tuning each point's PTQ model"
     assert "## QAT: quantization-aware training fine-tuning each point's PTQ model" in (out / "table.md").read_text()
     # a QAT-only sweep fine-tuned from PTQ records the clippings that shaped its start
-    quick(tmp_path / "qat_only", methods=("qat",), weight_bits=(2,), act_bits=(2,), pretrained=str(path),
+    quick(tmp_path / "qat_only", methods=("qat",), weight_bits=(2,), activation_bits=(2,), pretrained=str(path),
           qat_init="ptq")
     settings = json.loads((tmp_path / "qat_only" / "sweep.json").read_text())
     assert settings["ptq_weight_clipping"] == settings["ptq_activation_clipping"] == "mse"
@@ -380,7 +367,7 @@ def test_qat_fine_tuned_from_the_ptq_model(tmp_path, monkeypatch):
 def test_qat_only_sweeps_keep_their_settings_key(tmp_path):
     """PTQ's weight clipping enters the settings only when the sweep has PTQ points, so QAT-only
     sweeps made before it existed still resume."""
-    quick(tmp_path, methods=("qat",), weight_bits=(32,), act_bits=(32,))
+    quick(tmp_path, methods=("qat",), weight_bits=(32,), activation_bits=(32,))
     settings = json.loads((tmp_path / "sweep.json").read_text())
     assert "ptq_weight_clipping" not in settings and "ptq_activation_clipping" not in settings
     with pytest.raises(ValueError, match="weight_clipping must be one of"):
@@ -401,7 +388,7 @@ def test_val_size_zero_trains_on_every_image_and_reports_the_last_epoch(tmp_path
         return fit(self, x_train, y_train, x_val, y_val, *rest, **options)
 
     monkeypatch.setattr(Trainer, "fit", recording_fit)
-    grid = dict(seeds=(0,), weight_bits=(1,), act_bits=(1,), epochs=2, val_size=0, track_test=True,
+    grid = dict(seeds=(0,), weight_bits=(1,), activation_bits=(1,), epochs=2, val_size=0, track_test=True,
                 keep_checkpoints=True)
     result = quick(tmp_path, **grid)
     assert seen == [(len(DATA.x_train), None)] * 2  # the float model (for PTQ) and the QAT run
@@ -425,7 +412,7 @@ def test_val_size_zero_trains_on_every_image_and_reports_the_last_epoch(tmp_path
 def test_histories_are_copied_beside_the_reports_and_outlive_the_runs(tmp_path):
     """Each point's per-epoch history goes to ``histories/<point>.json`` (committed with the results),
     equal to its run's; a fresh checkout, where ``runs/`` is gone, keeps the copies as they are."""
-    result = quick(tmp_path, seeds=(0,), weight_bits=(1,), act_bits=(1,), epochs=2, track_test=True)
+    result = quick(tmp_path, seeds=(0,), weight_bits=(1,), activation_bits=(1,), epochs=2, track_test=True)
     assert result.files["histories"] == os.path.join(str(tmp_path), "histories")
     names = sorted(p.name for p in (tmp_path / "histories").iterdir())
     assert names == ["ptq_w1a1_seed0.json", "qat_w1a1_seed0.json"]
@@ -449,7 +436,7 @@ def test_histories_are_copied_beside_the_reports_and_outlive_the_runs(tmp_path):
 def test_track_test_reports_the_best_test_epoch_and_changes_nothing_else(tmp_path):
     """``track_test`` adds Brevitas' selection (the epoch of best test accuracy) beside the
     validation-chosen accuracy: same points, same accuracies, a new settings key and table column."""
-    grid = dict(seeds=(0,), weight_bits=(1, 32), act_bits=(1,), epochs=3)
+    grid = dict(seeds=(0,), weight_bits=(1, 32), activation_bits=(1,), epochs=3)
     plain = quick(tmp_path / "plain", **grid)
     tracked = quick(tmp_path / "tracked", track_test=True, **grid)
     settings = json.loads((tmp_path / "tracked" / "sweep.json").read_text())
@@ -478,3 +465,42 @@ def test_track_test_reports_the_best_test_epoch_and_changes_nothing_else(tmp_pat
     assert all(row["best_test_epoch"] for row in rows if row["method"] == "qat")
     summary = json.loads((tmp_path / "tracked" / "results.json").read_text())["summary"]
     assert any("best_test_accuracy_mean_percent" in entry for entry in summary)
+
+
+def test_act_bits_is_a_deprecated_name_of_activation_bits(tmp_path):
+    """The Python API says ``activation_bits``; ``act_bits`` works for a release with a warning that
+    names the new name and points at the caller.  On disk the record key stays ``act_bits``."""
+    from lowbit import zoo
+
+    with pytest.warns(DeprecationWarning, match=r"tfc\(\): act_bits is deprecated .*; use activation_bits") as caught:
+        old = zoo.tfc(act_bits=2)
+    assert caught[0].filename == __file__
+    assert old.name == zoo.tfc(activation_bits=2).name == "tfc_w1a2"
+    with pytest.raises(TypeError, match="give only activation_bits"):
+        zoo.sfc(act_bits=2, activation_bits=2)
+    with pytest.warns(DeprecationWarning, match=r"qat_model\(\): act_bits is deprecated"):
+        model = sweep.qat_model("tfc", 1, act_bits=32)
+    assert [type(layer) for layer in model.layers] == [type(layer) for layer in sweep.qat_model("tfc", 1, 32).layers]
+    with pytest.warns(DeprecationWarning, match=r"run_sweep\(\): act_bits is deprecated"):
+        result = quick(tmp_path, methods=("ptq",), weight_bits=(32,), act_bits=(32,))
+    assert [(r["weight_bits"], r["act_bits"]) for r in result.records] == [(32, 32)]
+    assert json.loads((tmp_path / "points.jsonl").read_text())["act_bits"] == 32
+    with pytest.warns(DeprecationWarning, match="use ACTIVATION_BITS"):
+        assert sweep.ACT_BITS == sweep.ACTIVATION_BITS == (1, 2, 4, 8, 32)
+
+
+@pytest.mark.parametrize("folder", ["sweep_lfc_e300_all_track", "sweep_deep_convnet_book"])
+def test_committed_reports_round_trip_byte_for_byte(tmp_path, folder):
+    """``report_sweep`` on a copy of a committed sweep folder writes every committed report file again,
+    byte for byte (experiments/check_reports.py checks them all): one with ``track_test`` and
+    histories, one PTQ sweep of a pretrained CNN."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("check_reports_under_test",
+                                                  os.path.join(root, "experiments", "check_reports.py"))
+    check_reports = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_reports)
+    outcome = check_reports.check_folder(os.path.join(root, "experiments", "results", folder), str(tmp_path))
+    assert outcome["different"] == []
+    assert {"results.csv", "results.json", "table.md", "accuracy_vs_bits.png"} <= set(outcome["same"])

@@ -124,7 +124,7 @@ def draw_heatmap(path, ptq, rows, title):
     """The heatmap of the accuracy drops of ``rows`` (layers by widths, one panel per kind)."""
     from matplotlib.figure import Figure
 
-    from ..sweep import _save_figure
+    from ..plots import save_figure
 
     widths = sorted({r["bits"] for r in rows})
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
@@ -146,13 +146,13 @@ def draw_heatmap(path, ptq, rows, title):
         ax.set_xlabel(f"{kind} bits")
         ax.set_title(f"{title}: {kind}s alone", fontsize=8)
         figure.colorbar(image, ax=ax, label="accuracy drop (points)")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def write_sensitivity_reports(out_dir, ptq, measured, traces=None, title="model", extra=None):
     """Write ``sensitivity.csv``, ``sensitivity.md``, ``sensitivity.json`` and ``sensitivity.png``
     into ``out_dir``; returns the paths by name and the rows."""
-    from ..sweep import _write_atomic
+    from ..io import write_bytes_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     scores = hessian_scores(ptq, traces, sorted({r["bits"] for r in measured["rows"]})) if traces else None
@@ -160,12 +160,12 @@ def write_sensitivity_reports(out_dir, ptq, measured, traces=None, title="model"
     correlations = _correlations(rows) if scores else {}
     files = {name: os.path.join(out_dir, f"sensitivity.{ext}")
              for name, ext in (("csv", "csv"), ("table", "md"), ("json", "json"), ("heatmap", "png"))}
-    _write_atomic(files["csv"], _csv_text(rows, _FIELDS).encode())
-    _write_atomic(files["table"], _markdown(ptq, rows, measured, correlations, title).encode())
+    write_bytes_atomic(files["csv"], _csv_text(rows, _FIELDS).encode())
+    write_bytes_atomic(files["table"], _markdown(ptq, rows, measured, correlations, title).encode())
     document = {"title": title, "baseline": measured["baseline"], "images": measured["images"],
                 "layers": [info._asdict() for info in ptq.layers], "correlations": correlations,
                 "hessian": None if traces is None else {k: v for k, v in traces.items() if k != "inputs"},
                 **(extra or {}), "rows": rows}
-    _write_atomic(files["json"], (json.dumps(document, indent=1) + "\n").encode())
+    write_bytes_atomic(files["json"], (json.dumps(document, indent=1) + "\n").encode())
     draw_heatmap(files["heatmap"], ptq, rows, title)
     return files, rows
