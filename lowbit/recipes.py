@@ -60,10 +60,10 @@ class Teacher:
     """
 
     def __init__(self, source, device="cpu", input_shape=None, batch_size=100):
+        from .device import check_device
         from .packed import load_any
 
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        check_device(device)
         self.path = None
         if isinstance(source, (str, os.PathLike)):
             self.path = os.fspath(source)
