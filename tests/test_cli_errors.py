@@ -113,7 +113,7 @@ def test_version_and_python_dash_m():
 
 
 def test_convert_of_a_float_model_points_to_quantize(files, tmp_path):
-    from lowbit.convert import convert_command
+    from lowbit.cli.convert import convert_command
 
     with pytest.raises(ValueError, match="float model .no quantized layer.: convert has nothing to pack.*lowbit quantize"):
         convert_command(files["float"], tmp_path / "out.npz")
@@ -121,7 +121,7 @@ def test_convert_of_a_float_model_points_to_quantize(files, tmp_path):
 
 
 def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path):
-    from lowbit.convert import convert_command
+    from lowbit.cli.convert import convert_command
     from lowbit.io import check_output_path
 
     with pytest.raises(ValueError, match="output: cannot write .*a_file is a file, not a folder"):
@@ -135,7 +135,7 @@ def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path):
 
 
 def test_commands_announce_their_steps(files, tmp_path, capsys):
-    from lowbit.convert import convert_command
+    from lowbit.cli.convert import convert_command
 
     class Tiny:
         x_test = np.zeros((3, 28, 28), np.uint8)

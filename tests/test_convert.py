@@ -11,9 +11,10 @@ from lowbit import load_model, save_model, zoo
 from lowbit.backend import gpu_available
 from lowbit.data import float_images
 from lowbit.kernels import pack_signs
-from lowbit.convert import (
-    compare_predictions, convert, convert_command, post_training_quantize, quantize_command,
-)
+from lowbit.cli.convert import convert_command
+from lowbit.cli.quantize import quantize_command
+from lowbit.convert import compare_predictions, convert
+from lowbit.ptq import mse_activation_range, mse_weight_range, post_training_quantize
 from lowbit.io import ModelFileError, read_archive, write_archive
 from lowbit.layers import (
     Affine, BatchNorm, Conv2D, Dropout, Flatten, MaxPool2D, ReLU, Rescale, Residual,
@@ -26,8 +27,7 @@ from lowbit.packed import (
 )
 from lowbit.quant_layers import QuantActivation, QuantAffine, QuantConv2D
 from lowbit.quantizers import (
-    DoReFaActivation, DoReFaWeight, Fp16, SteSign, StochasticBinary, UniformWeight, mse_activation_range, mse_weight_range,
-    quantize_k,
+    DoReFaActivation, DoReFaWeight, Fp16, SteSign, StochasticBinary, UniformWeight, quantize_k,
 )
 
 
@@ -747,7 +747,7 @@ def test_quantize_and_convert_commands(tmp_path):
     model_path = save_model(_float_cnn(), tmp_path / "float.npz")
     lines = []
     result = quantize_command(model_path, 1, 1, tmp_path / "w1a1.npz", calibrate=50, data=data,
-                              out=lines.append)
+                              out=lines.append, val_size=100)  # 300 training images: fewer than 10,000
     assert result["labels_equal"] == result["count"] == 200
     assert result["size_after"] == os.path.getsize(tmp_path / "w1a1.npz") and result["ratio"] > 1
     assert "test accuracy" in lines[0] and "smaller" in lines[1] and "200/200 labels equal" in lines[2]
