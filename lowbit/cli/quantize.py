@@ -62,12 +62,11 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     from ..data import float_images, load_mnist
     from ..io import check_output_path, load_model
     from ..progress import batched_scores, step
-    from ..ptq import (
-        CALIBRATION_VAL_SIZE, calibration_images, check_activation_clipping, check_weight_clipping,
-        post_training_quantize,
-    )
+    from ..ptq import CALIBRATION_VAL_SIZE, check_activation_clipping, check_bit_width, check_weight_clipping
 
     val_size = CALIBRATION_VAL_SIZE if val_size is None else val_size
+    weight_bits = check_bit_width("weight_bits", weight_bits)  # before the data set is loaded
+    activation_bits = check_bit_width("activation_bits", activation_bits)
     check_weight_clipping(weight_clipping)  # before the data set is loaded
     check_activation_clipping(activation_clipping, percentile)
     check_limit(limit)
@@ -77,20 +76,13 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     x_test, y_test = float_images(mnist.x_test), np.asarray(mnist.y_test)
     if limit:
         x_test, y_test = x_test[:limit], y_test[:limit]
-    step(f"quantizing {os.fspath(model_path)} to w{weight_bits}a{activation_bits}"
-         + (f" (activation ranges from the first {calibrate} training images after a {val_size}-image "
-            f"validation split, seed {seed})" if calibrate else ""), progress)
-    calibration = calibration_images(mnist.x_train, calibrate, seed, val_size=val_size) if calibrate else None
-    twin = post_training_quantize(model, weight_bits, activation_bits, calibration, per_channel=per_channel,
-                                  keep_first=keep_first, keep_last=keep_last, percentile=percentile,
-                                  seed=seed, weight_clipping=weight_clipping,
-                                  activation_clipping=activation_clipping)
-    step("converting the quantized model to a packed one", progress)
-    packed = convert(twin)
     settings = {"weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
                 "per_channel": bool(per_channel), "calibration_images": int(calibrate),
                 "calibration_val_size": int(val_size), "percentile": float(percentile), "seed": int(seed),
                 "weight_clipping": weight_clipping, "activation_clipping": activation_clipping}
+    twin = _quantize(model, os.fspath(model_path), mnist.x_train, settings, keep_first, keep_last, progress)
+    step("converting the quantized model to a packed one", progress)
+    packed = convert(twin)
     packed.save(out_path, metadata={"source_file": os.path.basename(os.fspath(model_path)),
                                     "post_training_quantization": settings})
     before = float((batched_scores(model, x_test, desc="float model", progress=progress).argmax(axis=1)
@@ -112,6 +104,24 @@ def quantize_command(model_path, weight_bits, activation_bits, out_path, calibra
     for line in packed.notes:
         out(f"note: {line}")
     return result
+
+
+def _quantize(model, name, train_images, settings, keep_first, keep_last, progress):
+    """The quantized twin of ``model`` with ``settings`` (those saved in the packed file's metadata),
+    calibrated on :func:`lowbit.ptq.calibration_images` of ``train_images``."""
+    from ..progress import step
+    from ..ptq import calibration_images, post_training_quantize
+
+    count, val_size, seed = settings["calibration_images"], settings["calibration_val_size"], settings["seed"]
+    step(f"quantizing {name} to w{settings['weight_bits']}a{settings['activation_bits']}"
+         + (f" (activation ranges from the first {count} training images after a {val_size}-image "
+            f"validation split, seed {seed})" if count else ""), progress)
+    calibration = calibration_images(train_images, count, seed, val_size=val_size) if count else None
+    return post_training_quantize(model, settings["weight_bits"], settings["activation_bits"], calibration,
+                                  per_channel=settings["per_channel"], keep_first=keep_first, keep_last=keep_last,
+                                  percentile=settings["percentile"], seed=seed,
+                                  weight_clipping=settings["weight_clipping"],
+                                  activation_clipping=settings["activation_clipping"])
 
 
 def cmd_quantize(args):
