@@ -410,37 +410,14 @@ class _Converter:
         self.push(UnpackStage(self.spec, make_spec("float", None, sim_shape(self.spec))))
 
     def binary_layer(self, index):
-        from . import kernels
-
+        """A binary layer on packed input: its XNOR-popcount stage, then the threshold of what follows
+        (:meth:`fuse`) or, where no threshold can be derived, the accumulators as float32."""
         layer = self.layers[index]
         kernel = self.binary(index)
-        layout, dims = self.spec[1], self.spec[2]
-        w_eff = kernel.w_eff
         if isinstance(layer, Conv2D):
-            if dims[0] != layer.in_channels:
-                raise ValueError(f"layer {self.paths[index]}: {layer.in_channels} input channels, "
-                                 f"the input has {dims[0]}")
-            packed = kernels.pack_signs(np.ascontiguousarray(w_eff.transpose(0, 2, 3, 1)))
-            k, s, p = layer.kernel_size, layer.stride, layer.padding
-            out_dims = (layer.out_channels, conv_output_size(dims[1], k, s, p),
-                        conv_output_size(dims[2], k, s, p))
-            acc_spec = make_spec("acc", "nhwc", out_dims)
-            self.push(BinaryConvStage(self.spec, acc_spec, packed, s, p))
+            self.push(self.binary_conv_stage(index, layer, kernel))
         else:
-            out = layer.out_features
-            if layout == "dense":
-                packed = kernels.pack_signs(np.ascontiguousarray(w_eff.T))
-            else:
-                # The simulation flattens NCHW (row c*H*W + h*W + w); the activations are NHWC words
-                # per pixel: permute the rows to (h, w, c) and pack them per pixel the same way.
-                channels, height, width = dims
-                rows = w_eff.reshape(channels, height, width, out).transpose(3, 1, 2, 0)
-                packed = kernels.pack_signs(np.ascontiguousarray(rows)).reshape(out, -1)
-            if int(np.prod(dims)) != layer.in_features:
-                raise ValueError(f"layer {self.paths[index]}: {layer.in_features} input features, "
-                                 f"the input has {dims}")
-            acc_spec = make_spec("acc", "dense", (out,))
-            self.push(BinaryDenseStage(self.spec, acc_spec, np.ascontiguousarray(packed), layer.in_features))
+            self.push(self.binary_dense_stage(index, layer, kernel))
         try:
             return self.fuse(index, layer, kernel)
         except NotFusable as reason:
@@ -450,6 +427,39 @@ class _Converter:
             bias = layer.b if layer.bias else None
             self.push(AccToFloatStage(self.spec, make_spec("float", None, self.spec[2]), kernel.alpha, bias))
             return index + 1
+
+    def binary_conv_stage(self, index, layer, kernel):
+        """The :class:`~lowbit.packed.BinaryConvStage` of a binary Conv2D on NHWC packed input."""
+        from . import kernels
+
+        dims = self.spec[2]
+        if dims[0] != layer.in_channels:
+            raise ValueError(f"layer {self.paths[index]}: {layer.in_channels} input channels, "
+                             f"the input has {dims[0]}")
+        packed = kernels.pack_signs(np.ascontiguousarray(kernel.w_eff.transpose(0, 2, 3, 1)))
+        k, s, p = layer.kernel_size, layer.stride, layer.padding
+        out_dims = (layer.out_channels, conv_output_size(dims[1], k, s, p), conv_output_size(dims[2], k, s, p))
+        return BinaryConvStage(self.spec, make_spec("acc", "nhwc", out_dims), packed, s, p)
+
+    def binary_dense_stage(self, index, layer, kernel):
+        """The :class:`~lowbit.packed.BinaryDenseStage` of a binary Affine on dense or flattened NHWC bits."""
+        from . import kernels
+
+        layout, dims = self.spec[1], self.spec[2]
+        out = layer.out_features
+        if layout == "dense":
+            packed = kernels.pack_signs(np.ascontiguousarray(kernel.w_eff.T))
+        else:
+            # The simulation flattens NCHW (row c*H*W + h*W + w); the activations are NHWC words
+            # per pixel: permute the rows to (h, w, c) and pack them per pixel the same way.
+            channels, height, width = dims
+            rows = kernel.w_eff.reshape(channels, height, width, out).transpose(3, 1, 2, 0)
+            packed = kernels.pack_signs(np.ascontiguousarray(rows)).reshape(out, -1)
+        if int(np.prod(dims)) != layer.in_features:
+            raise ValueError(f"layer {self.paths[index]}: {layer.in_features} input features, "
+                             f"the input has {dims}")
+        return BinaryDenseStage(self.spec, make_spec("acc", "dense", (out,)), np.ascontiguousarray(packed),
+                                layer.in_features)
 
     def chain(self, index, spatial):
         """The per-channel layers after a binary layer up to the next sign (see the module doc)."""
