@@ -36,12 +36,12 @@ def tour(work):
     return [
         # the README's main job (its third command), into the work folder
         ["lowbit", "sweep", "--arch", "deep_convnet", "--methods", "ptq", "--pretrained", main_model,
-         "--weight-bits", "1", "2", "4", "8", "32", "--act-bits", "2", "4", "8", "32",
+         "--weight-bits", "1", "2", "4", "8", "32", "--activation-bits", "2", "4", "8", "32",
          "--out", f"{work}/sweep_deep_convnet", "--quiet"],
         ["lowbit", "--version"],
         ["lowbit", "train", "--model", "tfc", "--epochs", "5", "--out", f"{work}/tfc", "--quiet"],
         ["lowbit", "eval", main_model, "--quiet"],
-        ["lowbit", "quantize", main_model, "--weights", "4", "--activations", "4", "-o", f"{work}/w4a4.npz",
+        ["lowbit", "quantize", main_model, "--weight-bits", "4", "--activation-bits", "4", "-o", f"{work}/w4a4.npz",
          "--quiet"],
         ["lowbit", "convert", f"{work}/tfc/model.npz", "-o", f"{work}/tfc_packed.npz", "--quiet"],
         ["lowbit", "summary", os.path.join(MODELS, "bnn_cnn.npz")],

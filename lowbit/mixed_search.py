@@ -460,14 +460,14 @@ def sweep_pareto(out_dir, records, settings):
 
 
 def __getattr__(name):
-    # The command moved to the command-line layer (lowbit.mixed_cli, issue 23); the old name still
+    # The command moved to the command-line layer (lowbit.cli.mixed, issue 23); the old name still
     # works for a release.
     if name == "mixed_command":
         import warnings
 
-        from .mixed_cli import mixed_command
+        from .cli.mixed import mixed_command
 
-        warnings.warn("lowbit.mixed_search.mixed_command moved to lowbit.mixed_cli.mixed_command", DeprecationWarning,
+        warnings.warn("lowbit.mixed_search.mixed_command moved to lowbit.cli.mixed.mixed_command", DeprecationWarning,
                       stacklevel=2)
         return mixed_command
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

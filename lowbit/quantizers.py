@@ -21,6 +21,12 @@ The quantizer protocol
     the layers pass it, everything else ignores it.  Layers pass ``None`` for their inputs.
 ``config()``
     JSON-serialisable ``{"name": ..., **constructor arguments}``; :func:`get_quantizer` rebuilds it.
+``packed_encoding()``
+    A :class:`PackedEncoding`: what the quantizer's evaluation-mode output is (bits, signedness,
+    levels, scale, whether it is exactly the sign, the identity, deterministic, stored as integer
+    codes).  :func:`lowbit.convert.convert` and :mod:`lowbit.summary` ask this, never the class, so
+    a new quantizer is one class here (and its :data:`QUANTIZERS` entry); see "Add a quantizer" in
+    ``docs/architecture.md``.
 
 Conventions
 -----------
@@ -40,7 +46,6 @@ Conventions
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -48,6 +53,10 @@ import numpy as np
 from .backend import get_array_module
 from .draws import check_draws, uniform
 from .functions import sign, ste_grad
+from .quantizer_base import (  # noqa: F401  (the protocol's names are importable from here too)
+    PackedEncoding, Quantizer, check_bits, check_float_array, hard_sigmoid, nonzero_scale, quantize_k,
+    uniform_signed_codes,
+)
 
 __all__ = [
     "QUANTIZERS",
@@ -61,83 +70,14 @@ __all__ = [
     "UniformWeight",
     "get_quantizer",
     "quantizer_for_bits",
-    "mse_weight_range",
-    "WEIGHT_CLIPPINGS",
-    "mse_activation_range",
-    "ACTIVATION_CLIPPINGS",
+    "PackedEncoding",
+    "check_float_array",
+    "check_bits",
+    "nonzero_scale",
+    "uniform_signed_codes",
     "hard_sigmoid",
     "quantize_k",
 ]
-
-
-def _check_array(owner, x):
-    """``x`` must be a float array without NaN; returns its array module.  ``owner`` (a quantizer,
-    or a function's name) names the caller in the errors."""
-    name = owner if isinstance(owner, str) else type(owner).__name__
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or dtype.kind != "f":
-        raise TypeError(
-            f"{name} expects a float array, got "
-            f"{'dtype ' + str(dtype) if dtype is not None else type(x).__name__}"
-        )
-    xp = get_array_module(x)
-    if bool(xp.isnan(x).any()):
-        raise ValueError(f"{name} got NaN input (NaN has no quantized value)")
-    return xp
-
-
-def _check_bits(name, bits, low, high):
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not low <= bits <= high:
-        raise ValueError(f"{name} bits must be an int in {low}..{high}, got {bits!r}")
-    return int(bits)
-
-
-def hard_sigmoid(x):
-    """``clip((x + 1) / 2, 0, 1)`` in the dtype of ``x`` (BNN paper, eq. 3)."""
-    xp = get_array_module(x)
-    one = x.dtype.type(1)
-    return xp.clip((x + one) * x.dtype.type(0.5), 0, one)
-
-
-def quantize_k(x, bits):
-    """DoReFa's ``quantize_k(x) = round((2^k - 1) x) / (2^k - 1)`` for ``x`` in [0, 1].
-
-    Rounds half to even (``rint``, as ``tf.round``); the result has the dtype of ``x`` and takes at most
-    ``2^k`` values ``j / (2^k - 1)``.
-    """
-    xp = get_array_module(x)
-    n = x.dtype.type(2 ** bits - 1)
-    return xp.rint(x * n) / n
-
-
-class Quantizer:
-    """Base class; see the module docstring for the protocol."""
-
-    name = "quantizer"
-    precision = 32
-
-    def __call__(self, x, train=False, channel_axis=None):
-        return self.forward(x, train, channel_axis)
-
-    def forward(self, x, train=False, channel_axis=None):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def backward(self, x, dout, channel_axis=None):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def config(self) -> dict:
-        return {"name": self.name}
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other):
-        """Equal type and config (a stochastic quantizer's generator state is not compared)."""
-        return type(other) is type(self) and other.config() == self.config()
-
-    def __hash__(self):
-        return hash((type(self).__name__, json.dumps(self.config(), sort_keys=True)))
 
 
 class Identity(Quantizer):
@@ -149,8 +89,11 @@ class Identity(Quantizer):
     name = "identity"
     precision = 32
 
+    def packed_encoding(self):
+        return PackedEncoding(32, passthrough=True)
+
     def forward(self, x, train=False, channel_axis=None):
-        _check_array(self, x)
+        check_float_array(self, x)
         return x
 
     def backward(self, x, dout, channel_axis=None):
@@ -168,8 +111,11 @@ class Fp16(Quantizer):
     name = "fp16"
     precision = 16
 
+    def packed_encoding(self):
+        return PackedEncoding(16)
+
     def forward(self, x, train=False, channel_axis=None):
-        _check_array(self, x)
+        check_float_array(self, x)
         with np.errstate(over="ignore"):
             return x.astype(np.float16).astype(x.dtype)
 
@@ -211,6 +157,9 @@ class SteSign(Quantizer):
 
     def config(self):
         return {"name": self.name, "clip": self.clip, "scale": self.scale}
+
+    def packed_encoding(self):
+        return PackedEncoding(1, levels=2, scale=self.scale, sign=self.scale is None)
 
     def _alpha(self, x, channel_axis):
         """Scale factor broadcastable to ``x`` (None when unscaled)."""
@@ -274,10 +223,14 @@ class StochasticBinary(Quantizer):
             cfg["draws"] = self.draws
         return cfg
 
+    def packed_encoding(self):
+        # at evaluation: the deterministic sign, or a random draw (which no packed model reproduces)
+        return PackedEncoding(1, levels=2, deterministic=self.deterministic_eval, sign=self.deterministic_eval)
+
     def forward(self, x, train=False, channel_axis=None):
         if not train and self.deterministic_eval:
             return sign(x, type(self).__name__)
-        xp = _check_array(self, x)
+        xp = check_float_array(self, x)
         u = uniform(self.rng, self.draws, x.shape, xp)
         q = (u < hard_sigmoid(x)).astype(x.dtype)
         q *= 2
@@ -298,7 +251,7 @@ class DoReFaActivation(Quantizer):
 
     ``max_value`` (default 1) widens the clip range to ``[0, max_value]`` (``[-max_value, max_value]``
     when signed): ``q = max_value * Q(x / max_value)`` with ``Q`` the formula above.  Post-training
-    quantization (:func:`lowbit.convert.post_training_quantize`) sets it to a range calibrated on
+    quantization (:func:`lowbit.ptq.post_training_quantize`) sets it to a range calibrated on
     training images.  With ``max_value == 1`` nothing is divided or multiplied, so the result is the
     paper's formula bit for bit.
 
@@ -310,7 +263,7 @@ class DoReFaActivation(Quantizer):
     name = "dorefa_activation"
 
     def __init__(self, bits=2, signed=False, max_value=1.0):
-        self.bits = _check_bits("DoReFaActivation", bits, 1, 8)
+        self.bits = check_bits("DoReFaActivation", bits, 1, 8)
         self.signed = bool(signed)
         if isinstance(max_value, bool) or not isinstance(max_value, (int, float, np.integer, np.floating)) \
                 or not max_value > 0 or not math.isfinite(max_value):
@@ -327,12 +280,18 @@ class DoReFaActivation(Quantizer):
             cfg["max_value"] = self.max_value
         return cfg
 
-    def forward(self, x, train=False, channel_axis=None):
-        return self._quantize(_check_array(self, x), x)
+    def packed_encoding(self):
+        return PackedEncoding(self.bits, signed=self.signed, levels=2 ** self.bits,
+                              scale=None if self.max_value == 1.0 else "range",
+                              max_value=None if self.max_value == 1.0 else self.max_value)
 
-    def _quantize(self, xp, x):
-        """The forward on an already checked ``x`` (:func:`mse_activation_range` checks its sample
-        once, then quantizes it at every candidate range)."""
+    def forward(self, x, train=False, channel_axis=None):
+        return self.quantize_checked(check_float_array(self, x), x)
+
+    def quantize_checked(self, xp, x):
+        """The forward on an ``x`` already checked by :func:`check_float_array`, ``xp`` its array
+        module (:func:`lowbit.ptq.mse_activation_range` checks its sample once, then quantizes it at
+        every candidate range)."""
         one = x.dtype.type(1)
         scaled = self.max_value != 1.0
         if scaled:
@@ -376,7 +335,7 @@ class DoReFaWeight(Quantizer):
     name = "dorefa_weight"
 
     def __init__(self, bits=2):
-        self.bits = _check_bits("DoReFaWeight", bits, 2, 8)
+        self.bits = check_bits("DoReFaWeight", bits, 2, 8)
 
     @property
     def precision(self):
@@ -384,6 +343,10 @@ class DoReFaWeight(Quantizer):
 
     def config(self):
         return {"name": self.name, "bits": self.bits}
+
+    def packed_encoding(self):
+        # the levels 2 j / (2^k - 1) - 1 are fixed: the max|tanh| normalises before the rounding
+        return PackedEncoding(self.bits, levels=2 ** self.bits, codes=True)
 
     @staticmethod
     def _normalise(w):
@@ -393,7 +356,7 @@ class DoReFaWeight(Quantizer):
         return t, m
 
     def forward(self, x, train=False, channel_axis=None):
-        _check_array(self, x)
+        check_float_array(self, x)
         t, m = self._normalise(x)
         half = x.dtype.type(0.5)
         u = t / m * half + half
@@ -405,7 +368,7 @@ class DoReFaWeight(Quantizer):
         ``from_codes(codes, **params)`` equals ``forward(x)`` bit for bit (``params`` is empty: the
         levels do not depend on ``x``), so a k-bit layer can be stored as its codes.
         """
-        _check_array(self, x)
+        check_float_array(self, x)
         xp = get_array_module(x)
         t, m = self._normalise(x)
         half = x.dtype.type(0.5)
@@ -450,7 +413,7 @@ class UniformWeight(Quantizer):
     _scales = ("tensor", "channel")
 
     def __init__(self, bits=8, scale="channel"):
-        self.bits = _check_bits("UniformWeight", bits, 2, 8)
+        self.bits = check_bits("UniformWeight", bits, 2, 8)
         if scale not in self._scales:
             raise ValueError(f"scale must be one of {list(self._scales)}, got {scale!r}")
         self.scale = scale
@@ -461,6 +424,9 @@ class UniformWeight(Quantizer):
 
     def config(self):
         return {"name": self.name, "bits": self.bits, "scale": self.scale}
+
+    def packed_encoding(self):
+        return PackedEncoding(self.bits, levels=2 ** self.bits - 1, scale=self.scale, codes=True)
 
     def _alpha(self, x, channel_axis):
         if self.scale == "tensor":
@@ -474,16 +440,16 @@ class UniformWeight(Quantizer):
             axis = channel_axis % x.ndim
             others = tuple(a for a in range(x.ndim) if a != axis)
             alpha = abs(x).max(axis=others, keepdims=True)
-        return _nonzero(alpha)
+        return nonzero_scale(alpha)
 
     def codes(self, x, channel_axis=None):
         """Integer codes of ``forward(x)``: ``(codes, {"alpha": alpha})``, ``codes`` uint8 in
         ``[0, 2m]`` (the signed code plus ``m``); ``from_codes(codes, alpha)`` equals ``forward(x)``
         bit for bit."""
-        xp = _check_array(self, x)
+        xp = check_float_array(self, x)
         alpha = self._alpha(x, channel_axis)
         m = x.dtype.type(2 ** (self.bits - 1) - 1)
-        return (_uniform_signed_codes(xp, x, alpha, m) + m).astype(np.uint8), {"alpha": alpha}
+        return (uniform_signed_codes(xp, x, alpha, m) + m).astype(np.uint8), {"alpha": alpha}
 
     def from_codes(self, codes, alpha, dtype=np.float32):
         """``(codes - m) / m * alpha`` in ``dtype`` (what ``forward`` returns)."""
@@ -499,112 +465,6 @@ class UniformWeight(Quantizer):
 
     def backward(self, x, dout, channel_axis=None):
         return dout
-
-
-#: Post-training weight clipping: "mse" (:func:`mse_weight_range`) or "max" (UniformWeight's own range).
-WEIGHT_CLIPPINGS = ("mse", "max")
-
-
-def mse_weight_range(w, bits, channel_axis=None, candidates=128):
-    """The clipping range ``alpha`` of :class:`UniformWeight` that minimizes the squared error.
-
-    :class:`UniformWeight` takes ``alpha = max|w|``, which suits 8 bits but wastes a short grid on
-    the few largest weights: at 2 bits (ternary ``{-alpha, 0, alpha}``) most weights of a trained
-    layer round to 0.  This searches ``alpha = max|w| * j / candidates`` for ``j = 1..candidates``
-    and returns, per output unit (over every axis but ``channel_axis``) or for the whole tensor
-    (``channel_axis=None``), the one with the least ``sum((q(w; alpha) - w)^2)``; ties go to the
-    larger ``alpha``, and ``j = candidates`` (the max) is among them, so the error is never above
-    the max-abs scale's.  Post-training quantization clips the latent weights to ``[-alpha, alpha]``
-    (:func:`lowbit.convert.post_training_quantize`, ``weight_clipping="mse"``): ``UniformWeight``'s
-    max-abs scale of the clipped weights is then this ``alpha``, and the packed format is unchanged.
-    Banner et al. 2019 (ACIQ, arXiv 1810.05723) derive the MSE-optimal clipping from a fitted
-    distribution; this searches it on the weights themselves.  For ternary weights it plays the role
-    of TWN's threshold (Li et al. 2016, arXiv 1605.04711).
-
-    Returns a float array of ``w``'s dtype with ``w``'s ndim (size 1 on the reduced axes); an
-    all-zero unit gets ``0``.  Cost: ``candidates`` quantizations of ``w``.
-    """
-    _check_bits("mse_weight_range", bits, 2, 8)
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
-        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    xp = _check_array("mse_weight_range", w)
-    if channel_axis is None:
-        others = tuple(range(w.ndim))
-    else:
-        axis = channel_axis % w.ndim
-        others = tuple(a for a in range(w.ndim) if a != axis)
-    top = abs(w).max(axis=others, keepdims=True)
-    m = w.dtype.type(2 ** (bits - 1) - 1)
-
-    def error(alpha):
-        safe = _nonzero(alpha)
-        q = _uniform_signed_codes(xp, w, safe, m) / m * safe
-        return ((q - w).astype(np.float64) ** 2).sum(axis=others, keepdims=True)
-
-    best_alpha, best_error = top, error(top)
-    for j in range(int(candidates) - 1, 0, -1):  # from the max down: a tie keeps the larger alpha
-        alpha = (top * w.dtype.type(j / candidates)).astype(w.dtype)
-        err = error(alpha)
-        better = err < best_error
-        best_error = xp.where(better, err, best_error)
-        best_alpha = xp.where(better, alpha, best_alpha)
-    return best_alpha
-
-
-#: Post-training activation ranges: "mse" (:func:`mse_activation_range`) or "max" (a percentile of
-#: ``|x|``, by default its maximum).
-ACTIVATION_CLIPPINGS = ("mse", "max")
-
-
-def mse_activation_range(x, bits, signed=False, candidates=128):
-    """The range ``max_value`` of :class:`DoReFaActivation` that minimizes the squared error on ``x``.
-
-    Post-training quantization calibrates each k-bit activation on sample activations ``x`` of the
-    float model.  The largest ``|x|`` is an outlier's: at 2 bits (levels ``0, m/3, 2m/3, m``) most
-    activations then fall in the lowest step.  This searches ``max_value = max|x| * j / candidates``
-    for ``j = 1..candidates`` and returns the one with the least ``sum((q(x; max_value) - x)^2)``,
-    ``q`` being ``DoReFaActivation(bits, signed, max_value)``'s forward; ties go to the larger range,
-    and the maximum is among the candidates, so the error is never above the max range's.  It is the
-    activation counterpart of :func:`mse_weight_range` (Banner et al. 2019, ACIQ, arXiv 1810.05723,
-    derive the optimum from a fitted distribution; this searches it on the samples).
-
-    ``x`` is any float array of samples (flattened); returns a Python float, 1.0 when the
-    representable side of ``x`` is all zeros (``max x <= 0`` unsigned).  Cost: ``candidates``
-    quantizations of ``x``.
-    """
-    bits = _check_bits("mse_activation_range", bits, 1, 8)
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
-        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    xp = _check_array("mse_activation_range", x)
-    x = x.reshape(-1)
-    # The top of the representable side: negatives of an unsigned quantizer clip to 0 whatever
-    # the range, so they add the same error to every candidate.
-    top = float((abs(x) if signed else x).max()) if x.size else 0.0
-    if not top > 0:
-        return 1.0
-
-    def error(value):
-        q = DoReFaActivation(bits, signed=signed, max_value=value)._quantize(xp, x)
-        return float(((q - x).astype(np.float64) ** 2).sum())
-
-    best_value, best_error = top, error(top)
-    for j in range(int(candidates) - 1, 0, -1):  # from the max down: a tie keeps the larger range
-        value = top * j / candidates
-        err = error(value)
-        if err < best_error:
-            best_value, best_error = value, err
-    return best_value
-
-
-def _nonzero(alpha):
-    """``alpha`` with its zeros (all-zero units) set to 1, so that ``x / alpha`` is 0 / 1, not 0 / 0."""
-    return alpha + (alpha == 0).astype(alpha.dtype)
-
-
-def _uniform_signed_codes(xp, x, alpha, m):
-    """UniformWeight's rounding: ``rint(clip(x / alpha, -1, 1) * m)``, integers in ``[-m, m]``."""
-    one = x.dtype.type(1)
-    return xp.rint(xp.clip(x / alpha, -one, one) * m)
 
 
 QUANTIZERS = {

@@ -19,8 +19,6 @@ source model's) and the ratio to the memory.
 """
 from __future__ import annotations
 
-import os
-
 import types
 
 import numpy as np
@@ -30,13 +28,11 @@ from .model import Model
 from .packed import (
     AccToFloatStage, BinaryConvStage, BinaryDenseStage, BitplaneDenseStage, FloatStage, PackedModel, ResidualStage,
     describe_spec, kernel_bits,
-    load_any,
 )
 from .quant_layers import QuantActivation
-from .quantizers import Identity
 from .reactnet import RSign
 
-__all__ = ["Summary", "summarize", "summary_command"]
+__all__ = ["Summary", "summarize"]
 
 
 def _human(n):
@@ -140,14 +136,15 @@ def _flat(container, prefix=""):
 
 def _kernel_bits(layer):
     q = getattr(layer, "kernel_quantizer", None)
-    return 32 if q is None else int(q.precision)
+    return 32 if q is None else q.packed_encoding().bits
 
 
 def _input_bits(layer, incoming):
     q = getattr(layer, "input_quantizer", None)
-    if q is None or isinstance(q, Identity):
+    if q is None:
         return incoming
-    return int(q.precision)
+    encoding = q.packed_encoding()
+    return incoming if encoding.passthrough else encoding.bits
 
 
 def _macs(layer, shape, bits):
@@ -183,7 +180,8 @@ def _macs(layer, shape, bits):
 def _next_bits(layer, bits):
     """Bits of the values after ``layer`` (1 stays 1 through no-ops on +-1 values)."""
     if isinstance(layer, QuantActivation):
-        return bits if isinstance(layer.quantizer, Identity) else int(layer.quantizer.precision)
+        encoding = layer.quantizer.packed_encoding()
+        return bits if encoding.passthrough else encoding.bits
     if isinstance(layer, (Dropout, Flatten, MaxPool2D)):
         return bits
     if isinstance(layer, RSign):  # a sign with learned thresholds: +-1 values
@@ -210,8 +208,8 @@ def _model_rows(model):
             weight_bits = kw
         else:
             kind = "-"
-            if isinstance(layer, QuantActivation) and not isinstance(layer.quantizer, Identity):
-                kind = f"a{layer.quantizer.precision}"
+            if isinstance(layer, QuantActivation) and not layer.quantizer.packed_encoding().passthrough:
+                kind = f"a{layer.quantizer.packed_encoding().bits}"
             weight_bits = 32 if params else None
         rows.append({"index": path, "layer": type(layer).__name__, "kind": kind, "output": _shape(out_shape),
                      "params": params, "bits": weight_bits, "memory": (memory_bits + 7) // 8,
@@ -344,16 +342,3 @@ def _profile_model(model, rows, x, repeats):
             if repeat:
                 times[i].append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
-
-
-def summary_command(path, profile=False, batch_size=100, repeats=5, out=print):
-    """``lowbit summary MODEL.npz [--profile]``: print the summary of a trained or packed model file.
-
-    Returns the :class:`Summary`.
-    """
-    model = load_any(path)
-    result = summarize(model, profile=profile, batch_size=batch_size, repeats=repeats,
-                       file_size=os.path.getsize(path))
-    out(result.table())
-    return result
-

@@ -53,27 +53,27 @@ def cases(f):
     out = []
     for bad in ("missing", "text", "truncated", "huge", "unused"):
         out += [(f"eval {bad}", ["eval", f[bad]]),
-                (f"quantize {bad}", ["quantize", f[bad], "-o", f["empty"] + "/q.npz", "--weights", "1",
-                                     "--activations", "1"]),
+                (f"quantize {bad}", ["quantize", f[bad], "-o", f["empty"] + "/q.npz", "--weight-bits", "1",
+                                     "--activation-bits", "1"]),
                 (f"convert {bad}", ["convert", f[bad], "-o", f["empty"] + "/c.npz"]),
                 (f"summary {bad}", ["summary", f[bad]])]
     out += [
         ("eval --limit -5", ["eval", f["packed"], "--limit", "-5"]),
-        ("quantize --limit -5", ["quantize", f["float"], "-o", f["empty"] + "/q.npz", "--weights", "1",
-                                 "--activations", "1", "--limit", "-5"]),
+        ("quantize --limit -5", ["quantize", f["float"], "-o", f["empty"] + "/q.npz", "--weight-bits", "1",
+                                 "--activation-bits", "1", "--limit", "-5"]),
         ("convert --limit -5", ["convert", f["quantized"], "-o", f["empty"] + "/c.npz", "--limit", "-5"]),
         ("train --limit -5", ["train", "--limit", "-5", "--out", f["empty"] + "/run"]),
         ("eval --json unwritable", ["eval", f["packed"], "--json", f["unwritable"]]),
-        ("quantize -o unwritable", ["quantize", f["float"], "-o", f["unwritable"], "--weights", "1",
-                                    "--activations", "1"]),
+        ("quantize -o unwritable", ["quantize", f["float"], "-o", f["unwritable"], "--weight-bits", "1",
+                                    "--activation-bits", "1"]),
         ("convert -o unwritable", ["convert", f["quantized"], "-o", f["unwritable"]]),
         ("train --out unwritable", ["train", "--out", f["unwritable_dir"], "--epochs", "1"]),
         ("sweep --out unwritable", ["sweep", "--arch", "tfc", "--quick", "--out", f["unwritable_dir"]]),
         ("convert float model", ["convert", f["float"], "-o", f["empty"] + "/c.npz"]),
         ("eval without MNIST", ["eval", f["packed"]]),
         ("train without MNIST", ["train", "--limit", "10", "--epochs", "1", "--out", f["empty"] + "/run"]),
-        ("quantize without MNIST", ["quantize", f["float"], "-o", f["empty"] + "/q.npz", "--weights", "1",
-                                    "--activations", "1"]),
+        ("quantize without MNIST", ["quantize", f["float"], "-o", f["empty"] + "/q.npz", "--weight-bits", "1",
+                                    "--activation-bits", "1"]),
         ("convert without MNIST", ["convert", f["quantized"], "-o", f["empty"] + "/c.npz"]),
         ("sweep-report missing folder", ["sweep-report", f["empty"] + "/nothing"]),
         ("unknown subcommand", ["frobnicate"]),
@@ -113,7 +113,7 @@ def test_version_and_python_dash_m():
 
 
 def test_convert_of_a_float_model_points_to_quantize(files, tmp_path):
-    from lowbit.convert import convert_command
+    from lowbit.cli.convert import convert_command
 
     with pytest.raises(ValueError, match="float model .no quantized layer.: convert has nothing to pack.*lowbit quantize"):
         convert_command(files["float"], tmp_path / "out.npz")
@@ -121,7 +121,7 @@ def test_convert_of_a_float_model_points_to_quantize(files, tmp_path):
 
 
 def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path):
-    from lowbit.convert import convert_command
+    from lowbit.cli.convert import convert_command
     from lowbit.io import check_output_path
 
     with pytest.raises(ValueError, match="output: cannot write .*a_file is a file, not a folder"):
@@ -135,7 +135,7 @@ def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path):
 
 
 def test_commands_announce_their_steps(files, tmp_path, capsys):
-    from lowbit.convert import convert_command
+    from lowbit.cli.convert import convert_command
 
     class Tiny:
         x_test = np.zeros((3, 28, 28), np.uint8)

@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit.data
-from lowbit.convert import convert, post_training_quantize
+from lowbit.convert import convert
+from lowbit.ptq import post_training_quantize
 from lowbit.data import MNIST
 from lowbit.io import save_model
 from lowbit.layers import Affine, BatchNorm, Conv2D, Flatten, MaxPool2D, ReLU

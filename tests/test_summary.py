@@ -7,7 +7,8 @@ from lowbit.convert import convert
 from lowbit.layers import BatchNorm, Flatten
 from lowbit.model import Model
 from lowbit.quant_layers import QuantActivation, QuantAffine
-from lowbit.summary import Summary, summarize, summary_command
+from lowbit.cli.summary import summary_command
+from lowbit.summary import Summary, summarize
 
 
 def small_model():

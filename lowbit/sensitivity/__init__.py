@@ -3,7 +3,7 @@
 :class:`LayerwisePTQ` quantizes a trained float model layer by layer: every quantizable layer
 (``Affine``/``Conv2D``, depth first, first and last included) gets its own weight width and its own
 input-activation width, each of 1..8, 16 or 32 bits.  The weight and activation quantizers are
-those of :func:`lowbit.convert.post_training_quantize` (2..8-bit weights on a symmetric integer grid
+those of :func:`lowbit.ptq.post_training_quantize` (2..8-bit weights on a symmetric integer grid
 over their least-squared-error range, 1-bit weights ``sign(W) * mean|W|`` per output unit with an
 exact scale, 2..8-bit activations :class:`~lowbit.quantizers.DoReFaActivation` over their
 least-squared-error range calibrated on training images, 16 bits float16, 32 bits none), so a
@@ -48,14 +48,14 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The command moved to the command-line layer (lowbit.mixed_cli, issue 23); the old name still
+    # The command moved to the command-line layer (lowbit.cli.mixed, issue 23); the old name still
     # works for a release.
     if name == "sensitivity_command":
         import warnings
 
-        from ..mixed_cli import sensitivity_command
+        from ..cli.mixed import sensitivity_command
 
-        warnings.warn("lowbit.sensitivity.sensitivity_command moved to lowbit.mixed_cli.sensitivity_command", DeprecationWarning,
+        warnings.warn("lowbit.sensitivity.sensitivity_command moved to lowbit.cli.mixed.sensitivity_command", DeprecationWarning,
                       stacklevel=2)
         return sensitivity_command
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

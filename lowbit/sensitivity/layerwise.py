@@ -87,7 +87,7 @@ class LayerwisePTQ:
     """
 
     def __init__(self, model, calibration_images=None, per_channel=True, batch_size=100, seed=0):
-        from ..convert import _RangeRecorder
+        from ..ptq import RangeRecorder
         from ..quantize import quantized_twin
 
         _check_float_model(model)
@@ -119,7 +119,7 @@ class LayerwisePTQ:
                 raise ValueError(f"calibration_images must have shape (N, "
                                  f"{', '.join(map(str, model.input_shape))}), got {images.shape}")
             rng = np.random.default_rng(seed)
-            self.recorders = [_RangeRecorder(100.0, "mse", rng) for _ in targets]
+            self.recorders = [RangeRecorder(100.0, "mse", rng) for _ in targets]
             try:
                 for layer, recorder in zip(targets, self.recorders):
                     layer.input_quantizer = recorder
@@ -156,16 +156,16 @@ class LayerwisePTQ:
 
     def _weight(self, index, bits):
         """``(latent W, kernel quantizer)`` of layer ``index`` at ``bits`` (the float W for 16, 32)."""
-        from ..convert import _exact_binary_scale, _mse_clip
+        from ..ptq import clip_weights_mse, exact_binary_scale
 
         key = (index, bits)
         if key not in self._weights:
             layer = layer_targets(self.base)[index]
             probe = _copy_layer(layer)
             if 2 <= bits <= 8:
-                _mse_clip(probe, bits, self.scale)
+                clip_weights_mse(probe, bits, self.scale)
             elif bits == 1:
-                _exact_binary_scale(probe, self.scale)
+                exact_binary_scale(probe, self.scale)
             self._weights[key] = probe.W
         if 2 <= bits <= 8:
             quantizer = UniformWeight(bits, self.scale)
@@ -197,9 +197,9 @@ class LayerwisePTQ:
         """The quantized model with ``widths[i] = (weight_bits, activation_bits)`` for layer ``i``
         (None: every layer at 32 bits, the float model's predictions exactly)."""
         widths = self.check_widths(widths)
-        from ..convert import _cpu_copy
+        from ..convert import cpu_copy
 
-        twin = _cpu_copy(self.base)
+        twin = cpu_copy(self.base)
         for index, (layer, (wb, ab)) in enumerate(zip(layer_targets(twin), widths)):
             layer.W, layer.kernel_quantizer = self._weight(index, wb)
             layer.W = layer.W.copy()

@@ -4,7 +4,7 @@
 by activation bits (1..8, 16 = float16, 32 = float) and measures every point two ways:
 
 ``ptq``
-    Post-training quantization of the trained float model (:func:`lowbit.convert.post_training_quantize`,
+    Post-training quantization of the trained float model (:func:`lowbit.ptq.post_training_quantize`,
     activation ranges calibrated on training images, 2..8-bit weights and activations both clipped to
     their range of least squared error), no retraining.
 ``qat``

@@ -169,11 +169,12 @@ class PointRunner:
         return self._splits[seed]
 
     def ptq_of(self, model, weight_bits, activation_bits, data_split, seed):
-        from ..convert import post_training_quantize
+        from ..ptq import calibration_images, post_training_quantize
 
         keep = not self.settings["quantize_first_last"]
-        return post_training_quantize(model, weight_bits, activation_bits,
-                                      calibration_images=data_split.x_train[:self.options.calibration],
+        images = calibration_images(self.data.x_train, self.options.calibration, seed,
+                                    val_size=self.settings["val_size"], limit=self.settings["train_limit"])
+        return post_training_quantize(model, weight_bits, activation_bits, calibration_images=images,
                                       keep_first=keep, keep_last=keep, seed=seed,
                                       weight_clipping=self.options.weight_clipping,
                                       activation_clipping=self.options.activation_clipping)

@@ -176,7 +176,7 @@ class SweepSettings:
         QAT points train from scratch unless ``qat_init="ptq"``.  The file's SHA-256 enters the
         settings, so a resumed sweep must name the same file content.
     weight_clipping : "mse" or "max"
-        PTQ's 2..8-bit weight range (:func:`lowbit.convert.post_training_quantize`).  It enters the
+        PTQ's 2..8-bit weight range (:func:`lowbit.ptq.post_training_quantize`).  It enters the
         settings only when ``methods`` has "ptq", so QAT-only sweeps keep their keys; sweeps made
         before it existed used "max".
     activation_clipping : "mse" or "max"

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from .mixed_search import OBJECTIVES, SOLVERS, choose_widths
-from .sensitivity import (WIDTHS, LayerwisePTQ, held_out_images, hessian_traces, measure_sensitivity,
+from ..mixed_search import OBJECTIVES, SOLVERS, choose_widths
+from ..sensitivity import (WIDTHS, LayerwisePTQ, held_out_images, hessian_traces, measure_sensitivity,
                           read_sensitivity_csv, write_sensitivity_reports)
 
 __all__ = ["sensitivity_command", "mixed_command", "parse_fixed", "add_mixed_commands"]
@@ -22,8 +22,8 @@ def sensitivity_command(model_path, out_dir, widths=WIDTHS, images=5000, val_siz
                         hessian_images=500, hessian_samples=16, per_channel=True, batch_size=100, data=None,
                         progress=True, out=print):
     """``lowbit sensitivity``: measure and report every layer's sensitivity (see the module doc)."""
-    from .data import load_mnist  # looked up at call time: tests replace lowbit.data.load_mnist
-    from .io import load_model
+    from ..data import load_mnist  # looked up at call time: tests replace lowbit.data.load_mnist
+    from ..io import load_model
 
     model = load_model(model_path)
     mnist = data if data is not None else load_mnist(progress=False)
@@ -69,10 +69,10 @@ def mixed_command(model_path, out_path, size_kib=None, average_bits=None, bops=N
     ``sensitivity`` is a CSV of :func:`lowbit.sensitivity.write_sensitivity_reports` for the same model
     and split (measured now when None).  Returns the result dict (also written as ``*.json``).
     """
-    from .convert import convert
-    from .data import float_images, load_mnist
-    from .io import load_model, save_model
-    from .trainer import write_json_atomic
+    from ..convert import convert
+    from ..data import float_images, load_mnist
+    from ..io import load_model, save_model
+    from ..trainer import write_json_atomic
 
     if size_kib is None and average_bits is None and bops is None:
         raise ValueError("give a budget: --budget-kib, --average-bits or --budget-bops")
@@ -127,10 +127,10 @@ def mixed_command(model_path, out_path, size_kib=None, average_bits=None, bops=N
 
 def _finetune(quantized, mnist, x_held, y_held, val_size, seed, epochs, lr, images, progress):
     """QAT fine-tuning of the chosen model on the training part of the split; returns its history."""
-    from .data import float_images, train_val_split
-    from .optimizers import get_optimizer
-    from .schedules import build_schedule
-    from .trainer import Trainer
+    from ..data import float_images, train_val_split
+    from ..optimizers import get_optimizer
+    from ..schedules import build_schedule
+    from ..trainer import Trainer
 
     x_train, y_train, _, _ = train_val_split(np.asarray(mnist.x_train), np.asarray(mnist.y_train),
                                              int(val_size), int(seed))
@@ -163,7 +163,7 @@ def _mixed_result(model_path, out_path, ptq, choice, objective, quantized, packe
 
 def _add_to_sweep(sweep_dir, result, finetune_epochs):
     """Append the point to ``sweep_dir/mixed_points.jsonl`` and rewrite that sweep's reports."""
-    from .sweep import report_sweep
+    from ..sweep import report_sweep
 
     line = {"label": f"mixed {result['estimated_bytes'] / 1024:.0f} KiB" + (" +QAT" if finetune_epochs else ""),
             **{k: result[k] for k in ("accuracy", "size_bytes", "bops", "widths", "objective", "model_file",
@@ -177,7 +177,7 @@ def _add_to_sweep(sweep_dir, result, finetune_epochs):
 
 # -- command line -------------------------------------------------------------------------------------
 def _cmd_sensitivity(args):
-    from .io import check_output_path
+    from ..io import check_output_path
 
     check_output_path(args.out, "--out", folder=True)  # before the work, not after it
 
@@ -189,7 +189,7 @@ def _cmd_sensitivity(args):
 
 
 def _cmd_mixed(args):
-    from .io import check_output_path
+    from ..io import check_output_path
 
     check_output_path(args.output, "-o/--output")  # before the work, not after it
     mixed_command(args.model, args.output, size_kib=args.budget_kib, average_bits=args.average_bits,
