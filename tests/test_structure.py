@@ -109,3 +109,15 @@ def test_commands_moved_to_the_cli_layer_still_import_from_their_old_module(old,
     new = getattr(importlib.import_module("lowbit.cli.mixed"), name)
     with pytest.warns(DeprecationWarning, match=f"moved to lowbit.cli.mixed.{name}"):
         assert getattr(importlib.import_module(old), name) is new
+
+
+def test_every_package_is_installed():
+    """``pyproject.toml`` lists the packages explicitly (``lowbit.kernels`` lives in ``kernels/``), so a
+    new sub-package must be added there or a wheel (a non-editable install) would miss it."""
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        listed = set(tomllib.load(fh)["tool"]["setuptools"]["packages"])
+    packages = {module_name(p) for p in LIBRARY.rglob("__init__.py")} | {"lowbit.kernels"}
+    assert packages - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(packages - listed)}"
+    assert listed - packages == set(), f"listed in pyproject.toml but not packages: {sorted(listed - packages)}"
