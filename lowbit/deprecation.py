@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["renamed_argument"]
+__all__ = ["moved_names", "renamed_argument"]
 
 
 def renamed_argument(function, old_name, old_value, new_name, new_value, default=None):
@@ -21,3 +21,21 @@ def renamed_argument(function, old_name, old_value, new_name, new_value, default
     warnings.warn(f"{function}(): {old_name} is deprecated and will be removed in the next release; "
                   f"use {new_name}", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+def moved_names(module, moved):
+    """A module ``__getattr__`` for names that moved: ``moved`` maps an old name of ``module`` to the
+    ``"package.module"`` it lives in now (same name there); asking for one imports it from there with
+    a :class:`DeprecationWarning` that names the new place, for a release.
+
+    Use: ``__getattr__ = moved_names(__name__, {"old_command": "lowbit.cli.mixed"})``.
+    """
+    def __getattr__(name):
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        import importlib
+
+        warnings.warn(f"{module}.{name} moved to {moved[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moved[name]), name)
+
+    return __getattr__

@@ -36,6 +36,8 @@ import os
 
 import numpy as np
 
+from .deprecation import moved_names
+
 __all__ = [
     "SOLVERS", "OBJECTIVES", "solve_allocation", "layer_costs", "budget_rows", "choose_widths",
     "pareto_front", "plot_pareto", "sweep_pareto", "enumerate_allocation",
@@ -459,15 +461,5 @@ def sweep_pareto(out_dir, records, settings):
     return files
 
 
-def __getattr__(name):
-    # The command moved to the command-line layer (lowbit.cli.mixed, issue 23); the old name still
-    # works for a release.
-    if name == "mixed_command":
-        import warnings
-
-        from .cli.mixed import mixed_command
-
-        warnings.warn("lowbit.mixed_search.mixed_command moved to lowbit.cli.mixed.mixed_command", DeprecationWarning,
-                      stacklevel=2)
-        return mixed_command
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The command moved to the command-line layer (issue 23); the old name still works for a release.
+__getattr__ = moved_names(__name__, {"mixed_command": "lowbit.cli.mixed"})

@@ -36,6 +36,7 @@ block's quadratic form is an unbiased estimate of that block's trace (the cross 
 """
 from __future__ import annotations
 
+from ..deprecation import moved_names
 from .hessian import hessian_scores, hessian_traces, rank_correlation
 from .layerwise import KINDS, WIDTHS, LayerInfo, LayerwisePTQ, held_out_images, measure_sensitivity, quantizable_layers
 from .report import draw_heatmap, read_sensitivity_csv, sensitivity_table, write_sensitivity_reports
@@ -47,15 +48,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # The command moved to the command-line layer (lowbit.cli.mixed, issue 23); the old name still
-    # works for a release.
-    if name == "sensitivity_command":
-        import warnings
-
-        from ..cli.mixed import sensitivity_command
-
-        warnings.warn("lowbit.sensitivity.sensitivity_command moved to lowbit.cli.mixed.sensitivity_command", DeprecationWarning,
-                      stacklevel=2)
-        return sensitivity_command
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The command moved to the command-line layer (issue 23); the old name still works for a release.
+__getattr__ = moved_names(__name__, {"sensitivity_command": "lowbit.cli.mixed"})
