@@ -1,0 +1,179 @@
+"""Cache blocking of the CPU GEMM chosen per CPU: a short tuning at first use, cached on disk.
+
+The micro-kernel's register tile (``TILE_ROWS x TILE_COLS``) is fixed by the instruction set (see
+``_intrinsics``); what differs between CPUs of one instruction set is how the work is cut around
+it: how many bytes of A rows a block keeps in L2 (``row_chunk_bytes``) and how many blocks each
+thread gets (``blocks_per_thread``, balance against scheduling overhead).  ``gemm_blocking()``
+returns the pair this process uses.  The result of ``xnor_gemm`` is the same bit for bit whatever
+the pair (every block computes whole dot products; the tests run several).
+
+At the first call of a process it looks in the tuning cache, a JSON file
+``$XDG_CACHE_HOME/lowbit/kernel_tuning.json`` (``~/.cache/lowbit/kernel_tuning.json``), for an
+entry keyed by the CPU model, the lowbit version, the instruction set's tile and the Numba thread
+count.  Without one it times ``CANDIDATES`` on two small problems shaped like the packed models'
+layers (interleaved rounds, medians; about 0.2 s of compute after the kernel is compiled), keeps
+the default unless another pair is at least ``_MIN_GAIN`` faster, and writes the entry (atomic
+replace).  A cache file that cannot be read or holds something else is ignored and rewritten.
+
+``LOWBIT_TUNING=0`` (or ``off``) turns tuning and the cache off: the defaults are used, as the test
+suite does for determinism.  ``LOWBIT_TUNING_FILE`` names another cache file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from ._intrinsics import TILE_COLS, TILE_ROWS
+
+__all__ = ["DEFAULT_BLOCKING", "CANDIDATES", "gemm_blocking", "tune_gemm", "tuning_file", "cpu_model",
+           "tuning_enabled"]
+
+# (row_chunk_bytes, blocks_per_thread): about 128 KiB of A rows per block (half a 256 KiB-1 MiB
+# L2) and at least four blocks per thread.
+DEFAULT_BLOCKING = (131072, 4)
+CANDIDATES = tuple((chunk, blocks) for chunk in (32768, 65536, 131072, 262144, 524288) for blocks in (1, 2, 4, 8))
+# A candidate must beat the default by this fraction to replace it (timings on a shared machine
+# move by a few percent; the default should not lose to noise).
+_MIN_GAIN = 0.03
+_ROUNDS = 3
+_SCHEMA = 1
+
+_chosen: dict = {}
+
+
+def tuning_enabled():
+    """False when ``$LOWBIT_TUNING`` is ``0``, ``off``, ``false`` or ``no``."""
+    return os.environ.get("LOWBIT_TUNING", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def tuning_file():
+    """``$LOWBIT_TUNING_FILE``, else ``$XDG_CACHE_HOME/lowbit/kernel_tuning.json``, else
+    ``~/.cache/lowbit/kernel_tuning.json``."""
+    if os.environ.get("LOWBIT_TUNING_FILE"):
+        return Path(os.environ["LOWBIT_TUNING_FILE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lowbit" / "kernel_tuning.json"
+
+
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``'s ``model name``, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _key(threads):
+    from lowbit import __version__
+
+    return f"{cpu_model()} | lowbit {__version__} | tile {TILE_ROWS}x{TILE_COLS} | threads {threads}"
+
+
+def _valid(value):
+    return (isinstance(value, list) and len(value) == 2 and all(type(v) is int and v > 0 for v in value))
+
+
+def _read_cache(path):
+    """The cache's entries (dict), or {} when the file is missing, unreadable or malformed."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("schema") != _SCHEMA or not isinstance(doc.get("entries"), dict):
+        return {}
+    return {key: entry for key, entry in doc["entries"].items()
+            if isinstance(entry, dict) and _valid(entry.get("gemm_blocking"))}
+
+
+def _write_cache(path, entries):
+    from lowbit.io import write_bytes_atomic
+
+    doc = {"schema": _SCHEMA, "about": "lowbit kernel tuning (kernels/tuning.py); delete to retune",
+           "entries": entries}
+    try:
+        write_bytes_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    except OSError:
+        pass  # a read-only home: tune again next time
+
+
+def _problems(rng):
+    """Two representative products: a batch of 96 against a 4096-wide layer, and a conv-like
+    1152 x 256 x 576 (im2col of a 3x3x64 layer)."""
+    from .gemm import prepare_gemm_weights
+
+    problems = []
+    for m, n, k in ((96, 2048, 4096), (1152, 256, 576)):
+        words = (k + 63) // 64
+        a = rng.integers(0, 2**63, size=(m, words), dtype=np.uint64, endpoint=True)
+        b = rng.integers(0, 2**63, size=(n, words), dtype=np.uint64, endpoint=True)
+        out = np.empty((m, n), dtype=np.int32)
+        problems.append((a, prepare_gemm_weights(b, k), k, out))
+    return problems
+
+
+def tune_gemm(candidates=CANDIDATES, rounds=_ROUNDS, seed=0):
+    """Time ``candidates`` (``(row_chunk_bytes, blocks_per_thread)`` pairs) on the representative
+    problems at the current Numba thread count; returns ``(best, {candidate: median seconds})``.
+
+    ``best`` is the default unless a candidate is at least 3% faster.
+    """
+    from .gemm import _gemm_panels
+
+    threads = numba.get_num_threads()
+    problems = _problems(np.random.default_rng(seed))
+    candidates = list(dict.fromkeys([DEFAULT_BLOCKING, *candidates]))
+
+    def run(candidate):
+        for a, prepared, k, out in problems:
+            _gemm_panels(a.reshape(1, *a.shape), prepared._panels, out.shape[1], k, out, threads, *candidate)
+
+    run(DEFAULT_BLOCKING)  # compiles (or loads) the kernel
+    times = {candidate: [] for candidate in candidates}
+    for _ in range(rounds):
+        for candidate in candidates:
+            start = time.perf_counter()
+            run(candidate)
+            times[candidate].append(time.perf_counter() - start)
+    medians = {candidate: float(np.median(t)) for candidate, t in times.items()}
+    best = min(medians, key=medians.get)
+    if medians[best] > (1 - _MIN_GAIN) * medians[DEFAULT_BLOCKING]:
+        best = DEFAULT_BLOCKING
+    return best, medians
+
+
+def gemm_blocking():
+    """``(row_chunk_bytes, blocks_per_thread)`` for the CPU GEMM of this process and thread count.
+
+    From memory, else from the tuning cache, else tuned now and cached (see the module docstring);
+    ``DEFAULT_BLOCKING`` when ``$LOWBIT_TUNING`` turns tuning off.
+    """
+    threads = numba.get_num_threads()
+    if threads in _chosen:
+        return _chosen[threads]
+    if not tuning_enabled():
+        return DEFAULT_BLOCKING
+    path = tuning_file()
+    key = _key(threads)
+    entries = _read_cache(path)
+    if key in entries:
+        blocking = tuple(entries[key]["gemm_blocking"])
+    else:
+        _chosen[threads] = DEFAULT_BLOCKING  # a nested call during tuning uses the default
+        blocking, medians = tune_gemm()
+        default_s = medians[DEFAULT_BLOCKING]
+        entries[key] = {"gemm_blocking": list(blocking), "gain_over_default": default_s / medians[blocking] - 1,
+                        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_cache(path, entries)
+    _chosen[threads] = blocking
+    return blocking
