@@ -10,6 +10,14 @@ from ..layers import PixelCodes
 from ._common import _check_array, _int, _kernels, _words, make_spec, spec_to_json
 from .stages import Stage, _specs, register_stage
 
+def _prepared_gemm(stage):
+    """``prepare_gemm_weights`` of ``stage.weights`` (length ``stage.k``), made at the first run and
+    anew when ``weights`` is replaced (``to_device`` included)."""
+    if stage._prepared is None or stage._prepared[0] is not stage.weights:
+        stage._prepared = (stage.weights, _kernels().prepare_gemm_weights(stage.weights, stage.k))
+    return stage._prepared[1]
+
+
 def _repack(bits, k, shape_in, axes, k_out):
     """Unpack rows of ``bits`` (O, words(k)), reshape to ``shape_in``, transpose, pack the last axis."""
     kernels = _kernels()
@@ -43,16 +51,18 @@ class BinaryDenseStage(Stage):
         else:
             self.k = 64 * weights.shape[1]
         self.padding_agreements = self.k - self.in_features
+        self._prepared = None  # (the weights it was made from, PreparedGemmWeights)
 
     def run(self, x):
         x = x.reshape(x.shape[0], -1)
-        acc = _kernels().xnor_gemm(x, self.weights, self.k)
+        acc = _kernels().xnor_gemm(x, _prepared_gemm(self), self.k)
         if self.padding_agreements:
             acc -= np.int32(self.padding_agreements)
         return acc
 
     def to_device(self, device):
         self.weights = to_device(self.weights, device)
+        self._prepared = None
         return self
 
     def config(self):
@@ -110,10 +120,33 @@ class BinaryConvStage(Stage):
         self.padding = int(padding)
         self._prepared = None  # (the weights it was made from, PreparedConvWeights)
 
-    def run(self, x):
+    def _prepared_weights(self):
         if self._prepared is None or self._prepared[0] is not self.weights:
             self._prepared = (self.weights, _kernels().prepare_conv_weights(self.weights, self.input_spec[2][0]))
-        return _kernels().binary_conv2d(x, self._prepared[1], None, self.stride, self.padding)
+        return self._prepared[1]
+
+    def run(self, x):
+        return _kernels().binary_conv2d(x, self._prepared_weights(), None, self.stride, self.padding)
+
+    def fused_with(self, following):
+        """A following threshold: ``binary_conv2d_threshold`` (the int32 accumulators stay in cache);
+        a following threshold + max-pool: the same, then ``maxpool_packed`` of the bits with the
+        thresholds' directions (OR where the threshold is ``>=``, AND where it is ``<=``), which is
+        the threshold of the pooled accumulators."""
+        kernels = _kernels()
+        if isinstance(following, ThresholdStage):
+            def conv_threshold(x):
+                return kernels.binary_conv2d_threshold(x, self._prepared_weights(), following.threshold,
+                                                       following.direction, None, self.stride, self.padding)
+            return conv_threshold
+        if isinstance(following, ThresholdMaxPoolStage):
+            def conv_threshold_maxpool(x):
+                bits = kernels.binary_conv2d_threshold(x, self._prepared_weights(), following.threshold,
+                                                       following.direction, None, self.stride, self.padding)
+                return kernels.maxpool_packed(bits, following.kernel, following.stride, following.padding,
+                                              direction=following.direction)
+            return conv_threshold_maxpool
+        return None
 
     def to_device(self, device):
         self.weights = to_device(self.weights, device)
@@ -299,7 +332,7 @@ class BitplaneDenseStage(Stage):
     """A model's ``PixelCodes - [Flatten, Dropout] - binary dense - ... - sign`` start, exactly, on the codes.
 
     ``codes = rint(clip(x, 0, 1) * L)`` (``L = 2^bits - 1``) as :class:`~lowbit.layers.PixelCodes`
-    computes them; ``T = combine_bitplanes(xnor_gemm(pack_bitplanes(codes), weights))`` is the exact
+    computes them; ``T = xnor_gemm_bitplanes(pack_bitplanes(codes), weights)`` is the exact
     integer ``2 * codes . w - L * sum(w)``, of which the simulation's float32 layer output is exactly
     ``T / 2^bits``; the per-channel layers up to the next sign are a threshold on T
     (``threshold_pack``).  Arrays: ``weights`` uint64 ``(O, ceil(K/64))``, ``threshold`` int32,
@@ -316,19 +349,27 @@ class BitplaneDenseStage(Stage):
         self.bits = int(bits)
         self.threshold = threshold
         self.direction = direction
+        self._prepared = None
 
     def codes(self, x):
         """The pixel codes of ``x`` (N, ...) as (N, K) uint8 / uint16, from ``PixelCodes.codes``."""
         codes = PixelCodes.codes(x.reshape(x.shape[0], -1), self.bits)
         return codes.astype(np.uint8 if self.bits <= 8 else np.uint16)
 
+    @property
+    def k(self):
+        return self.in_features
+
     def run(self, x):
         kernels = _kernels()
-        n = x.shape[0]
         planes = kernels.pack_bitplanes(self.codes(x), self.bits)
-        products = kernels.xnor_gemm(planes.reshape(self.bits * n, -1), self.weights, self.in_features)
-        totals = kernels.combine_bitplanes(products.reshape(self.bits, n, -1))
+        totals = kernels.xnor_gemm_bitplanes(planes, _prepared_gemm(self), self.in_features)
         return kernels.threshold_pack(totals, self.threshold, self.direction)
+
+    def to_device(self, device):
+        super().to_device(device)
+        self._prepared = None
+        return self
 
     def config(self):
         return {**super().config(), "in_features": self.in_features, "bits": self.bits}

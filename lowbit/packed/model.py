@@ -72,10 +72,29 @@ class PackedModel(Classifier):
         return _blas_controller().limit(limits=int(blas_threads), user_api="blas")
 
     def forward(self, x):
-        """Run every stage on a batch ``x`` (float32, (N,) + input_shape) of the model's array kind."""
-        for stage in self.stages:
-            x = stage.run(x)
+        """Run every stage on a batch ``x`` (float32, (N,) + input_shape) of the model's array kind.
+
+        Consecutive stages that have a fused kernel (:meth:`Stage.fused_with`: a binary convolution
+        and the threshold after it) run as one step, with the same result.
+        """
+        for step in self._plan():
+            x = step(x)
         return x
+
+    def _plan(self):
+        """The steps of :meth:`forward`: ``stage.run`` or a fused pair, remade when ``stages`` change."""
+        key = tuple(map(id, self.stages))
+        cached = getattr(self, "_cached_plan", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        steps, index = [], 0
+        while index < len(self.stages):
+            stage = self.stages[index]
+            fused = stage.fused_with(self.stages[index + 1]) if index + 1 < len(self.stages) else None
+            steps.append(fused or stage.run)
+            index += 2 if fused else 1
+        self._cached_plan = (key, steps)
+        return steps
 
     def _check_images(self, x):
         arr = x if is_cupy_array(x) else np.asarray(x)

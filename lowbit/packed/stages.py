@@ -54,6 +54,14 @@ class Stage:
         """``(label, callable)`` pairs that together do ``run`` (one per layer for float stages)."""
         return [(self.kind, self.run)]
 
+    def fused_with(self, following):
+        """A callable that does ``following.run(self.run(x))`` in fewer passes, or None (the default).
+
+        :meth:`PackedModel.forward` uses it for each pair of consecutive stages; the result must be
+        equal, bit for bit, to running the two stages.
+        """
+        return None
+
     def __repr__(self):
         return f"{type(self).__name__}({describe_spec(self.input_spec)} -> {describe_spec(self.output_spec)})"
 
