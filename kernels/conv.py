@@ -15,11 +15,11 @@ from ._intrinsics import (
     atomic_load,
     atomic_store,
     popcount64,
-    threshold_word,
+    threshold_word32,
     xnor_microkernel_rows,
 )
 from .gemm import _blocking, _pack_panel
-from .threshold import _check_thresholds, _padded, threshold_pack
+from .threshold import _check_thresholds, int32_bounds, threshold_pack
 
 __all__ = ["binary_conv2d", "binary_conv2d_threshold", "prepare_conv_weights", "PreparedConvWeights"]
 
@@ -81,6 +81,9 @@ def _prepare_panel(source, n_out, kernel_h, kernel_w, words, channels, padded, p
                 row_sum += channels - 2 * count
                 tap_sums[ky + 1, kx + 1, o] = tap_sums[ky, kx + 1, o] + row_sum
 
+
+# Scratch accumulators per block of the fused convolution + threshold (half a 32-48 KiB L1).
+_FUSED_SCRATCH_BYTES = 16384
 
 # Task states in the claim array of one call: free, being run by one thread, done.
 _TASK_FREE, _TASK_TAKEN, _TASK_DONE = 0, 1, 2
@@ -197,7 +200,7 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
 
 @njit(parallel=True, cache=True)
 def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
-                   out, threads, row_chunk_bytes, blocks_per_thread, fused, threshold, direction, packed_out):
+                   out, threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips, valids, packed_out):
     """out (N*OH*OW, O) = the XNOR GEMM of the implicit im2col of ``x_padded`` with the panels.
 
     No patch matrix: each ``TILE_ROWS`` consecutive output positions (across output rows and
@@ -210,10 +213,9 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
 
     With ``fused``, ``out`` is unused: each block holds all output channels of its positions, writes
     their accumulators into a scratch buffer of its own (rows ``64 * words`` wide, so that the
-    64-lane compares of ``threshold_word`` stay inside it; ``threshold`` and ``direction`` are
-    padded to that width with "never", see ``threshold._padded``) and thresholds them into
-    ``packed_out`` (N*OH*OW, words) while they are in cache: the int32 accumulators never reach
-    memory.
+    64-lane compares of ``threshold_word32`` stay inside it; ``bounds``, ``flips`` and ``valids``
+    from ``threshold.int32_bounds``) and thresholds them into ``packed_out`` (N*OH*OW, words) while
+    they are in cache: the int32 accumulators never reach memory.
     """
     height, width = x.shape[1], x.shape[2]
     n_out, kernel_h, kernel_w, _ = weights.shape
@@ -227,7 +229,10 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     n_panels = panels.shape[0]
     padded = pad_h > 0 or pad_w > 0
     if fused:  # one panel block: a block thresholds whole rows of output channels
-        rows_per_block, row_blocks, _, _ = _blocking(m, patch_words * n_panels, 1, threads, row_chunk_bytes,
+        # Blocks small enough that their scratch accumulators (rows x 64 * words int32) stay in L1.
+        scratch_rows = max(TILE_ROWS, _FUSED_SCRATCH_BYTES // (packed_out.shape[1] * 256))
+        chunk = min(row_chunk_bytes, scratch_rows * patch_words * n_panels * 8)
+        rows_per_block, row_blocks, _, _ = _blocking(m, patch_words * n_panels, 1, threads, chunk,
                                                      blocks_per_thread)
         panels_per_block, panel_blocks = n_panels, 1
     else:
@@ -282,8 +287,8 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         if fused:
             for i in range(row_stop - row_start):
                 for w in range(out_words):
-                    packed_out[row_start + i, w] = threshold_word(target, i * stride + w * 64, threshold, direction,
-                                                                  w * 64)
+                    packed_out[row_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds, w * 64,
+                                                                    flips[w], valids[w])
 
 
 @njit(cache=True)
@@ -314,14 +319,14 @@ def _prepare_weights_cpu(weights, channels, panels, tap_sums):
 
 @njit(cache=True)
 def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, mask, threads, panels, tap_sums,
-                       ready, row_chunk_bytes, blocks_per_thread, out, fused, threshold, direction, packed):
+                       ready, row_chunk_bytes, blocks_per_thread, out, fused, bounds, flips, valids, packed):
     """The CPU convolution: scratch buffers, then one parallel region (``_conv_implicit``).
 
     With ``ready`` (prepared weights), ``panels`` and ``tap_sums`` are those of
     ``_prepare_weights_cpu`` and the weights' padding bits were checked then; otherwise both are
     placeholders and the region makes them.  Writes ``out`` (N, OH, OW, O) int32, or with
-    ``fused`` the thresholded bits ``packed`` (N, OH, OW, ceil(O / 64)) uint64 (``threshold`` and
-    ``direction`` padded by ``threshold._padded``; the other output is a placeholder).  Returns
+    ``fused`` the thresholded bits ``packed`` (N, OH, OW, ceil(O / 64)) uint64 (``bounds``,
+    ``flips``, ``valids`` from ``threshold.int32_bounds``; the other output is a placeholder).  Returns
     ``bad``: 1 or 2 (nothing written) when x or the weights have bits of ``mask`` set in their
     last word (padding bits past ``channels``), else 0.
     """
@@ -345,8 +350,8 @@ def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, m
     x_padded = np.empty((batch, padded_h, width + 2 * pad_w, words), dtype=np.uint64)
     state = np.zeros(panels.shape[0] + batch * padded_h, dtype=np.int64)
     _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
-                   out.reshape(-1, out.shape[3]), threads, row_chunk_bytes, blocks_per_thread, fused, threshold,
-                   direction, packed.reshape(-1, packed.shape[3]))
+                   out.reshape(-1, out.shape[3]), threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips,
+                   valids, packed.reshape(-1, packed.shape[3]))
     return 0
 
 
@@ -494,8 +499,8 @@ def _checked_conv(x_packed, w_packed, channels, stride, padding):
 # Placeholders for the output ``_binary_conv2d_cpu`` does not write.
 _NO_ACC = np.empty((0, 0, 0, 1), dtype=np.int32)
 _NO_BITS = np.empty((0, 0, 0, 1), dtype=np.uint64)
-_NO_THRESHOLD = np.empty(0, dtype=np.int64)
-_NO_DIRECTION = np.empty(0, dtype=np.int8)
+_NO_BOUNDS = np.empty(0, dtype=np.int32)
+_NO_WORDS = np.empty(0, dtype=np.uint64)
 
 
 def _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, threshold, direction, packed):
@@ -508,13 +513,10 @@ def _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, thresho
     else:
         panels, tap_sums = prepared._panels, prepared._tap_sums
     fused = threshold is not None
-    if fused:
-        threshold, direction = _padded(threshold, direction)
-    else:
-        threshold, direction = _NO_THRESHOLD, _NO_DIRECTION
+    bounds = int32_bounds(threshold, direction) if fused else (_NO_BOUNDS, _NO_WORDS, _NO_WORDS)
     bad = _binary_conv2d_cpu(
         x_packed, w_packed, channels, *strides, *pads, padding_mask(channels), numba.get_num_threads(), panels,
-        tap_sums, prepared is not None, *gemm_blocking(), out, fused, threshold, direction, packed,
+        tap_sums, prepared is not None, *gemm_blocking(), out, fused, *bounds, packed,
     )
     if bad:
         check_padding_bits(("x_packed", "w_packed")[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises

@@ -198,6 +198,36 @@ def _padded(threshold, direction):
             np.concatenate([direction, np.ones(extra, np.int8)]))
 
 
+def int32_bounds(threshold, direction):
+    """``(bounds, flips, valids)`` for ``_intrinsics.threshold_word32``, from int64 thresholds and
+    +-1 directions of C channels (numpy).
+
+    ``bounds`` int32 (64 * words,), ``flips`` and ``valids`` uint64 (words,): bit c of the word is
+    ``(acc >= bounds[c]) XOR flip_c`` for ``valid_c``, 0 past C.  ``acc <= t`` is
+    ``NOT (acc >= t + 1)``; thresholds beyond the int32 range become constant bits (an int32 ``acc``
+    is always above or below them), so the bits equal ``threshold_pack``'s for every int32 ``acc``.
+    """
+    channels = threshold.shape[0]
+    words = words_for(channels)
+    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    up = direction > 0
+    bound = np.where(up, threshold, threshold + 1)  # the >= bound; flipped below where direction < 0
+    always = bound < low                              # acc >= bound for every acc
+    never = bound > high                              # acc >= bound for no acc
+    flip = ~up
+    bits_valid = ~(never & up)                        # direction +1, never: constant 0
+    flip = np.where(never & ~up, False, flip)         # direction -1, acc <= t always: (acc >= low) = 1
+    bound = np.where(always | never, low, bound)
+    bounds = np.full(64 * words, high, dtype=np.int32)
+    bounds[:channels] = bound
+    weights = np.uint64(1) << (np.arange(channels) % 64).astype(np.uint64)
+    flips = np.zeros(words, dtype=np.uint64)
+    valids = np.zeros(words, dtype=np.uint64)
+    np.bitwise_or.at(flips, np.arange(channels) // 64, np.where(flip, weights, np.uint64(0)))
+    np.bitwise_or.at(valids, np.arange(channels) // 64, np.where(bits_valid, weights, np.uint64(0)))
+    return bounds, flips, valids
+
+
 def threshold_pack(acc, threshold, direction):
     """Apply per-channel integer thresholds to accumulators and pack the resulting sign bits.
 

@@ -252,3 +252,17 @@ def test_packed_model_fused_plan_equals_stage_by_stage():
     packed.stages[3] = copy.copy(packed.stages[3])  # a replaced stage: the plan is made again
     assert packed._plan() is not plan
     np.testing.assert_array_equal(packed.forward(x), expected)
+
+
+@pytest.mark.parametrize("extreme", [2**40, -(2**40), 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, -(2**31) - 2])
+def test_conv_threshold_at_the_int32_edges(extreme):
+    """Thresholds outside (or at the edge of) the int32 range give constant bits, as in threshold_pack
+    (the fused kernel compares in int32: threshold.int32_bounds)."""
+    rng = np.random.default_rng(7)
+    x = kernels.pack_signs(rng.standard_normal((2, 5, 5, 70)).astype(np.float32))
+    w = kernels.pack_signs(rng.standard_normal((66, 3, 3, 70)).astype(np.float32))
+    threshold = np.full(66, extreme, dtype=np.int64)
+    threshold[::3] = rng.integers(-20, 20, size=22)
+    direction = np.tile(np.array([1, -1], dtype=np.int8), 33)
+    expected = kernels.threshold_pack(kernels.binary_conv2d(x, w, 70, 1, 1), threshold, direction)
+    np.testing.assert_array_equal(kernels.binary_conv2d_threshold(x, w, threshold, direction, 70, 1, 1), expected)
