@@ -266,3 +266,31 @@ def test_conv_threshold_at_the_int32_edges(extreme):
     direction = np.tile(np.array([1, -1], dtype=np.int8), 33)
     expected = kernels.threshold_pack(kernels.binary_conv2d(x, w, 70, 1, 1), threshold, direction)
     np.testing.assert_array_equal(kernels.binary_conv2d_threshold(x, w, threshold, direction, 70, 1, 1), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# dropout's {0, +-c} inputs: two sign planes that cancel at the zeros
+# ------------------------------------------------------------------------------------------------
+
+
+@given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 200), scale=st.sampled_from([2.0, 1.25, 10.0]),
+       keep=st.floats(0.0, 1.0), seed=SEEDS)
+def test_masked_gemm_is_exact_on_dropout_outputs(device, m, n, k, scale, keep, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.choice(np.array([-1.0, 1.0]), size=(m, k)) * (rng.random((m, k)) < keep) * scale).astype(np.float32)
+    x[x == 0] = rng.choice(np.array([0.0, -0.0], dtype=np.float32), size=int((x == 0).sum()))
+    w = rng.choice(np.array([-1, 1]), size=(n, k))
+    packed = kernels.pack_masked_signs(device.put(x))
+    weights = device.put(kernels.pack_signs(np.concatenate([w, w], axis=1)))
+    product = device.get(kernels.xnor_gemm(packed, weights, 2 * k))
+    kept_signs = np.sign(x).astype(np.int64)  # 0 where dropped
+    np.testing.assert_array_equal(product, 2 * kept_signs @ w.T)
+
+
+def test_pack_masked_signs_checks():
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.pack_masked_signs(np.array([[0.0, np.nan]], dtype=np.float32))
+    with pytest.raises(TypeError, match="real"):
+        kernels.pack_masked_signs(np.zeros((2, 3), dtype=bool))
+    np.testing.assert_array_equal(kernels.pack_masked_signs(np.array([2.0, 0.0, -2.0])),
+                                  kernels.pack_signs(np.array([1, 1, -1, 1, -1, -1])))
