@@ -11,7 +11,8 @@ at each thread count of ``--threads`` (default 1 and 2) and the same batch size:
                   ``xnor_gemm_bitplanes``, ``binary_conv2d``) on the same inputs with the same
                   prepared weights: what the pipeline would cost if everything between its kernels
                   were free.  ``pipeline_efficiency = kernels time / packed time``;
-* ``sim``         lowbit's float path: the trained model's own float32 simulation;
+* ``sim``         lowbit's float path: the trained model's own float32 simulation (timed with
+                  ``--time-sim``; it always runs once, for the label check);
 * ``torch_fp32``  the same architecture in PyTorch CPU, float32 (``bench`` extra), evaluation mode,
                   under ``torch.inference_mode``; binary activations as ``torch.sign`` after BatchNorm.
 
@@ -31,7 +32,7 @@ says which).  Predictions of packed and simulation are compared label for label 
 
 Usage::
 
-    python experiments/bench_inference.py                # 5,000 images, 3 repeats, 1 and 2 threads (2-3 min)
+    python experiments/bench_inference.py                # 3,000 images, 3 repeats, 1 and 2 threads (about 1 min)
     python experiments/bench_inference.py --quick        # 2,000 images, 2 repeats
     python experiments/bench_inference.py --results experiments/results   # also write bench_inference.json
 
@@ -137,7 +138,7 @@ def kernel_steps(packed, batch):
     return steps, macs
 
 
-def bench_model(name, model, source, x, bs, repeats, threads, torch):
+def bench_model(name, model, source, x, bs, repeats, threads, torch, time_sim):
     import lowbit
 
     packed = lowbit.convert(model)
@@ -162,7 +163,9 @@ def bench_model(name, model, source, x, bs, repeats, threads, torch):
         with torch.inference_mode():
             return np.concatenate([net(xt[i:i + bs]).argmax(1).numpy() for i in range(0, len(x), bs)])
 
-    variants = {"packed": run_packed, "kernels": run_kernels, "sim": run_sim, "torch_fp32": run_torch}
+    variants = {"packed": run_packed, "kernels": run_kernels, "torch_fp32": run_torch}
+    if time_sim:
+        variants["sim"] = run_sim
     for fn in variants.values():
         fn()  # warm-up (Numba compilation, allocator)
     times = {k: [] for k in variants}
@@ -185,7 +188,7 @@ def bench_model(name, model, source, x, bs, repeats, threads, torch):
         "seconds": times, "images_per_second": ips,
         "ratio_packed_over_torch_fp32": ips["packed"] / ips["torch_fp32"],
         "ratio_packed_over_torch_fp32_per_round_median": statistics.median(ratio_rounds),
-        "ratio_packed_over_sim": ips["packed"] / ips["sim"],
+        "ratio_packed_over_sim": ips["packed"] / ips["sim"] if time_sim else None,
         "pipeline_efficiency": ips["packed"] / ips["kernels"],
         "pipeline_efficiency_per_round_median": statistics.median(efficiency_rounds),
         "binary_mac_per_image": macs_per_image,
@@ -201,9 +204,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--images", type=int, default=5000, help="test images per pass (default 5,000)")
+    parser.add_argument("--images", type=int, default=3000, help="test images per pass (default 3,000)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--quick", action="store_true", help="2,000 images, 2 repeats")
+    parser.add_argument("--time-sim", action="store_true",
+                        help="also time lowbit's float simulation (slow; it always runs once for the labels)")
     parser.add_argument("--runs", default=os.path.join(HERE, "runs"))
     parser.add_argument("--results", default=None, metavar="FOLDER",
                         help="write FOLDER/bench_inference.json (default: print only)")
@@ -236,13 +241,13 @@ def main(argv=None):
         limits[threads] = {"limit_binary_mac_per_s": popcount_peak(threads)[0], "gemm_blocking": list(gemm_blocking())}
         for name in ("mlp_det", "cnn"):
             model, source = load_or_build(name, args.runs)
-            row = bench_model(name, model, source, x, args.batch_size, repeats, threads, torch)
+            row = bench_model(name, model, source, x, args.batch_size, repeats, threads, torch, args.time_sim)
             row["share_of_limit"] = row["packed_binary_mac_per_s"] / limits[threads]["limit_binary_mac_per_s"]
             results[f"{name}/{threads}t"] = row
             ips = row["images_per_second"]
             print(f"{name} {threads} thread(s): packed {ips['packed']:.0f} img/s, kernels alone {ips['kernels']:.0f} "
-                  f"(pipeline efficiency {100 * row['pipeline_efficiency']:.0f}%), lowbit float {ips['sim']:.0f}, "
-                  f"torch fp32 {ips['torch_fp32']:.0f} -> {row['ratio_packed_over_torch_fp32']:.1f}x torch "
+                  f"(pipeline efficiency {100 * row['pipeline_efficiency']:.0f}%), "
+                  + (f"lowbit float {ips['sim']:.0f}, " if "sim" in ips else "") + f"torch fp32 {ips['torch_fp32']:.0f} -> {row['ratio_packed_over_torch_fp32']:.1f}x torch "
                   f"(per-round median {row['ratio_packed_over_torch_fp32_per_round_median']:.1f}x); "
                   f"{row['packed_binary_mac_per_s']:.3g} binary MAC/s = {100 * row['share_of_limit']:.0f}% of the "
                   f"limit; file {row['size_ratio']:.1f}x smaller; labels equal "

@@ -88,7 +88,7 @@ def bench_threads(threads, quick, rounds, rng):
         function()  # compile / warm up
     limits, rates = [], {name: [] for name in cases}
     for _ in range(rounds):
-        limits.append(popcount_peak(threads, repeats=500 if quick else 2000, rounds=1)[0])
+        limits.append(popcount_peak(threads, repeats=5000 if quick else 20000, rounds=1)[0])
         for name, (function, macs) in cases.items():
             repeats = 1 if macs > 2e10 else 3
             start = time.perf_counter()
@@ -165,7 +165,8 @@ def main(argv=None):
     if args.results:
         from lowbit.trainer import write_json_atomic
 
-        path = write_json_atomic(os.path.join(args.results, "bench_popcount.json"), doc)
+        path = os.path.join(args.results, "bench_popcount.json")
+        write_json_atomic(path, doc)
         print(f"wrote {path}")
     return doc
 

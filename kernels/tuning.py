@@ -222,12 +222,14 @@ def _xor_popcount_add_threads(words, keys, repeats):
     return totals.sum()
 
 
-def popcount_peak(threads=1, words=1024, repeats=2000, rounds=5, seed=0):
+def popcount_peak(threads=1, words=1024, repeats=20000, rounds=5, seed=0):
     """The CPU's binary MAC/s limit: 64 * (xor + popcount + add of 64-bit words per second).
 
     Each of ``threads`` threads (Numba's ``prange``; 1 runs without a parallel region) makes
     ``repeats`` passes over its own ``words`` words (8 KiB: L1-resident) against 8 keys held in
-    registers.  Returns ``(median MAC/s, list of MAC/s per round)`` over ``rounds`` rounds.
+    registers (about 10 ms a round: long against a scheduler tick, so that a thread another
+    process delays shows as a slower round, not as a 5x slower one).  Returns ``(median MAC/s, list
+    of MAC/s per round)`` over ``rounds`` rounds.
     """
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 2**63, size=(threads, words), dtype=np.uint64, endpoint=True)
