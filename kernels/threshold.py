@@ -198,6 +198,32 @@ def _padded(threshold, direction):
             np.concatenate([direction, np.ones(extra, np.int8)]))
 
 
+@njit(cache=True)
+def _int32_bounds_cpu(threshold, direction, bounds, flips, valids):
+    low, high = np.int64(-(2**31)), np.int64(2**31 - 1)
+    bounds[:] = high
+    flips[:] = 0
+    valids[:] = 0
+    for c in range(threshold.shape[0]):
+        up = direction[c] > 0
+        bound = threshold[c] if up else threshold[c] + 1  # acc <= t is NOT acc >= t + 1
+        flip, valid = not up, True
+        if bound > high:      # acc >= bound for no int32 acc
+            if up:
+                valid = False     # constant 0
+            else:
+                flip = False      # acc <= t always: (acc >= low) = 1, not flipped
+            bound = low
+        elif bound < low:     # acc >= bound for every int32 acc
+            bound = low
+        bounds[c] = bound
+        bit = np.uint64(1) << np.uint64(c & 63)
+        if flip:
+            flips[c >> 6] |= bit
+        if valid:
+            valids[c >> 6] |= bit
+
+
 def int32_bounds(threshold, direction):
     """``(bounds, flips, valids)`` for ``_intrinsics.threshold_word32``, from int64 thresholds and
     +-1 directions of C channels (numpy).
@@ -207,24 +233,11 @@ def int32_bounds(threshold, direction):
     ``NOT (acc >= t + 1)``; thresholds beyond the int32 range become constant bits (an int32 ``acc``
     is always above or below them), so the bits equal ``threshold_pack``'s for every int32 ``acc``.
     """
-    channels = threshold.shape[0]
-    words = words_for(channels)
-    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
-    up = direction > 0
-    bound = np.where(up, threshold, threshold + 1)  # the >= bound; flipped below where direction < 0
-    always = bound < low                              # acc >= bound for every acc
-    never = bound > high                              # acc >= bound for no acc
-    flip = ~up
-    bits_valid = ~(never & up)                        # direction +1, never: constant 0
-    flip = np.where(never & ~up, False, flip)         # direction -1, acc <= t always: (acc >= low) = 1
-    bound = np.where(always | never, low, bound)
-    bounds = np.full(64 * words, high, dtype=np.int32)
-    bounds[:channels] = bound
-    weights = np.uint64(1) << (np.arange(channels) % 64).astype(np.uint64)
-    flips = np.zeros(words, dtype=np.uint64)
-    valids = np.zeros(words, dtype=np.uint64)
-    np.bitwise_or.at(flips, np.arange(channels) // 64, np.where(flip, weights, np.uint64(0)))
-    np.bitwise_or.at(valids, np.arange(channels) // 64, np.where(bits_valid, weights, np.uint64(0)))
+    words = words_for(threshold.shape[0])
+    bounds = np.empty(64 * words, dtype=np.int32)
+    flips = np.empty(words, dtype=np.uint64)
+    valids = np.empty(words, dtype=np.uint64)
+    _int32_bounds_cpu(threshold, direction, bounds, flips, valids)
     return bounds, flips, valids
 
 
