@@ -352,20 +352,24 @@ def _threshold_signs_cpu(x, channels_first, threshold, direction, packed):
     nans = np.zeros(batch, dtype=np.int64)
     for image in prange(batch):
         out = packed[image]
-        for p in range(positions):
-            for w in range(words):
-                out[p, w] = 0
+        # One word of every position at a time, gathered in a contiguous buffer: the inner loop
+        # then reads one channel's row and updates the buffer at unit stride (vectorised), where
+        # out[p, word] would be strided by the word count.
+        local = np.empty(positions, dtype=np.uint64)
         count = 0
-        for c in range(channels):
-            row = x[c, image] if channels_first else x[image, c]
-            word = c >> 6
-            shift = np.uint64(c & 63)
-            t = threshold[c]
-            up = direction[c] > 0  # loop-invariant: LLVM unswitches the loop on it
+        for word in range(words):
+            local[:] = 0
+            for c in range(word * 64, min(channels, word * 64 + 64)):
+                row = x[c, image] if channels_first else x[image, c]
+                shift = np.uint64(c & 63)
+                t = threshold[c]
+                up = direction[c] > 0  # loop-invariant: LLVM unswitches the loop on it
+                for p in range(positions):
+                    v = row[p]
+                    count += v != v
+                    local[p] |= np.uint64((v >= t) if up else (v <= t)) << shift
             for p in range(positions):
-                v = row[p]
-                count += v != v
-                out[p, word] |= np.uint64((v >= t) if up else (v <= t)) << shift
+                out[p, word] = local[p]
         nans[image] = count
     return nans.sum()
 
