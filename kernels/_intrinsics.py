@@ -280,36 +280,46 @@ def threshold_word(typingctx, acc, acc_offset, threshold, direction, channel_off
     return sig, codegen
 
 
-@intrinsic
-def threshold_word32(typingctx, acc, acc_offset, bounds, bounds_offset, flip, valid):
-    """Packed word of 64 thresholded accumulators, compared in int32: ``threshold_word``'s bits from
-    bounds made once per layer (``threshold.int32_bounds``).
+def _threshold_word32_for(lanes):
+    """``threshold_word32`` comparing ``lanes`` (64 or 32) accumulators; with 32, the high half of
+    the word is 0 (a layer of at most 32 channels: half the loads and compares)."""
 
-    Bit j is ``(acc.flat[acc_offset + j] >= bounds[bounds_offset + j]) XOR flip_j``, then ANDed
-    with ``valid``: one 64-lane int32 compare (four on AVX-512), a xor and an and, where
-    ``threshold_word`` widens the accumulators to int64 and selects between two compares.
-    ``acc`` and ``bounds`` are C-contiguous int32; ``flip`` and ``valid`` uint64.
-    """
-    arrays_ok = all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.int32 for a in (acc, bounds))
-    if not arrays_ok:
-        return None
-    sig = types.uint64(acc, types.intp, bounds, types.intp, types.uint64, types.uint64)
+    def typer(typingctx, acc, acc_offset, bounds, bounds_offset, flip, valid):
+        arrays_ok = all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.int32
+                        for a in (acc, bounds))
+        if not arrays_ok:
+            return None
+        sig = types.uint64(acc, types.intp, bounds, types.intp, types.uint64, types.uint64)
 
-    def codegen(context, builder, signature, args):
-        acc_array, acc_offset, bounds_array, bounds_offset, flip, valid = args
-        i32x64 = ir.VectorType(ir.IntType(32), 64)
+        def codegen(context, builder, signature, args):
+            acc_array, acc_offset, bounds_array, bounds_offset, flip, valid = args
+            vector_type = ir.VectorType(ir.IntType(32), lanes)
 
-        def load(array_value, array_type, offset):
-            array = context.make_array(array_type)(context, builder, array_value)
-            pointer = builder.bitcast(builder.gep(array.data, [offset]), i32x64.as_pointer())
-            return builder.load(pointer, align=4)
+            def load(array_value, array_type, offset):
+                array = context.make_array(array_type)(context, builder, array_value)
+                pointer = builder.bitcast(builder.gep(array.data, [offset]), vector_type.as_pointer())
+                return builder.load(pointer, align=4)
 
-        above = builder.icmp_signed(">=", load(acc_array, signature.args[0], acc_offset),
-                                    load(bounds_array, signature.args[2], bounds_offset))
-        word = builder.bitcast(above, ir.IntType(64))
-        return builder.and_(builder.xor(word, flip), valid)
+            above = builder.icmp_signed(">=", load(acc_array, signature.args[0], acc_offset),
+                                        load(bounds_array, signature.args[2], bounds_offset))
+            word = builder.bitcast(above, ir.IntType(lanes))
+            if lanes < 64:
+                word = builder.zext(word, ir.IntType(64))
+            return builder.and_(builder.xor(word, flip), valid)
 
-    return sig, codegen
+        return sig, codegen
+
+    typer.__name__ = f"threshold_word32_{lanes}"
+    return intrinsic(typer)
+
+
+# Packed word of 64 (or 32) thresholded accumulators compared in int32: bit j is
+# ``(acc.flat[acc_offset + j] >= bounds[bounds_offset + j]) XOR flip_j``, then ANDed with ``valid``
+# (``threshold.int32_bounds`` makes them once per layer).  One 64-lane int32 compare (four on
+# AVX-512), a xor and an and, where ``threshold_word`` widens the accumulators to int64 and
+# selects between two compares.  ``acc`` and ``bounds`` are C-contiguous int32.
+threshold_word32 = _threshold_word32_for(64)
+threshold_word32_half = _threshold_word32_for(32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ._intrinsics import (
     atomic_store,
     popcount64,
     threshold_word32,
+    threshold_word32_half,
     xnor_microkernel_rows,
 )
 from .gemm import _blocking, _pack_panel
@@ -213,7 +214,8 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
 
     With ``fused``, ``out`` is unused: each block holds all output channels of its positions, writes
     their accumulators into a scratch buffer of its own (rows ``64 * words`` wide, so that the
-    64-lane compares of ``threshold_word32`` stay inside it; ``bounds``, ``flips`` and ``valids``
+    64-lane compares of ``threshold_word32`` stay inside it; 32 wide and 32-lane compares for at
+    most 32 channels; ``bounds``, ``flips`` and ``valids``
     from ``threshold.int32_bounds``) and thresholds them into ``packed_out`` (N*OH*OW, words) while
     they are in cache: the int32 accumulators never reach memory.
     """
@@ -251,7 +253,7 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
         if fused:
-            target = np.empty((row_stop - row_start, out_words * 64), dtype=np.int32)
+            target = np.empty((row_stop - row_start, 32 if n_out <= 32 else out_words * 64), dtype=np.int32)
             first_row = row_start
         else:
             target = out
@@ -284,7 +286,11 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
                 height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
                 target, row_start, row_stop, panel_start * TILE_COLS, min(n_out, panel_stop * TILE_COLS), first_row,
             )
-        if fused:
+        if fused and n_out <= 32:
+            for i in range(row_stop - row_start):
+                packed_out[row_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
+                                                                     valids[0])
+        elif fused:
             for i in range(row_stop - row_start):
                 for w in range(out_words):
                     packed_out[row_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds, w * 64,
