@@ -93,6 +93,11 @@ def _gemm_block(a, panels, n, k, out, row_start, row_stop, panel_start, panel_st
     """
     planes, m, words = a.shape
     plane_step = -m * words  # from one plane down to the next, in words
+    tail = (row_stop - row_start) % TILE_ROWS
+    if tail:
+        # The block's last rows, copied once into a zero-padded block so the kernel reads no further.
+        padded_rows[:, :, :] = 0
+        padded_rows[:, :tail, :words] = a[:, row_stop - tail:row_stop, :]
     for p in range(panel_start, panel_stop):
         column = p * TILE_COLS
         columns = min(TILE_COLS, n - column)
@@ -103,10 +108,7 @@ def _gemm_block(a, panels, n, k, out, row_start, row_stop, panel_start, panel_st
             if rows == TILE_ROWS:
                 a_address = a.ctypes.data + ((planes - 1) * m + row) * words * 8
                 a_stride, step = words, plane_step
-            else:
-                # Tail rows: copy into a zero-padded block so the kernel reads no further.
-                padded_rows[:, :, :] = 0
-                padded_rows[:, :rows, :words] = a[:, row:row + rows, :]
+            else:  # the tail rows, from padded_rows
                 a_stride = padded_rows.shape[2]
                 step = -TILE_ROWS * a_stride
                 a_address = padded_rows.ctypes.data + (planes - 1) * TILE_ROWS * a_stride * 8
