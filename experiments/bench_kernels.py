@@ -58,7 +58,9 @@ CPUs just before the run (another process on these 2 cores halves every figure).
 ``OPENBLAS_CORETYPE`` or ``OPENBLAS_L2_SIZE`` are set the script re-executes itself without them
 and records which OpenBLAS kernel numpy then used (threadpoolctl).
 
-Run: ``python experiments/bench_kernels.py`` (about 3 minutes), ``--quick`` for a short check.
+Run: ``python experiments/bench_kernels.py`` (about 3 minutes), ``--quick`` for a short check; add
+``--results experiments/results`` to write ``bench_kernels.json`` there (without it nothing is written).
+The CPU's own limit and each kernel as a share of it: ``experiments/bench_popcount.py``.
 """
 from __future__ import annotations
 
@@ -450,13 +452,23 @@ def main_gpu(args):
         "tile_k": tile_k,
         "packing": packing,
     }
-    output = args.output or RESULTS.replace(".json", "_gpu_quick.json" if args.quick else "_gpu.json")
+    print(json.dumps(summary, indent=1))
+    _write(args, result, "_gpu_quick.json" if args.quick else "_gpu.json")
+    return result
+
+
+def _write(args, result, suffix):
+    """Write ``result`` to ``--output``, or ``--results``/bench_kernels<suffix>; neither: nothing."""
+    if args.output:
+        output = args.output
+    elif args.results:
+        output = os.path.join(args.results, os.path.basename(RESULTS).replace(".json", suffix))
+    else:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as handle:
         json.dump(result, handle, indent=1)
-    print(json.dumps(summary, indent=1))
     print(f"wrote {output}")
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,14 +527,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 20 s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None,
-                        help=_common.output_help("results", "results JSON, bench_kernels[_quick].json in the folder"))
+    parser.add_argument("--results", default=None, metavar="FOLDER",
+                        help="write FOLDER/bench_kernels[_quick|_gpu].json (default: print only)")
+    parser.add_argument("--output", default=None, metavar="FILE", help="write the JSON to FILE instead")
     parser.add_argument("--max-load", type=float, default=1.0, help="wait while the 1-min load is above")
     parser.add_argument("--load-retries", type=int, default=5)
     parser.add_argument("--load-wait", type=float, default=60.0, help="seconds per wait")
     parser.add_argument("--gpu-only", action="store_true",
-                        help="only the CUDA part (no PyTorch or CPU baselines); default output "
-                             "results/bench_kernels_gpu[_quick].json")
+                        help="only the CUDA part (no PyTorch or CPU baselines); with --results written "
+                             "to bench_kernels_gpu[_quick].json")
     args = parser.parse_args(argv)
     if args.gpu_only:
         return main_gpu(args)
@@ -640,12 +653,8 @@ def main(argv=None):
         "packing": packing,
         "gpu": gpu,
     }
-    output = args.output or (RESULTS.replace(".json", "_quick.json") if args.quick else RESULTS)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as handle:
-        json.dump(result, handle, indent=1)
     print(json.dumps(summary, indent=1))
-    print(f"wrote {output}")
+    _write(args, result, "_quick.json" if args.quick else ".json")
     return result
 
 

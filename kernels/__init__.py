@@ -53,9 +53,15 @@ the pooled accumulators), and ``threshold_signs(x, threshold, direction)`` compa
 channels-first values ``(N, C)`` / ``(N, C, H, W)`` with per-channel float thresholds and packs them
 channels-last in one pass (threshold 0, direction +1 is ``pack_signs`` of the NHWC values).
 
+Inputs with zeros (dropout's {0, +-c} output on +-1 values): ``pack_masked_signs(x)`` packs each
+row as 2K signs that cancel where ``x`` is 0, so ``xnor_gemm`` against the weights packed twice
+(``pack_signs(concatenate([w, w], -1))``, length 2K) gives ``2 * (x / c) . w`` exactly.
+
 k-bit inputs (a binary first layer on 8-bit images): ``pack_bitplanes(codes, bits)`` packs each
 bit plane of unsigned codes, ``xnor_gemm`` multiplies the planes, and ``combine_bitplanes`` sums
-them weighted by ``2^b`` (see ``kernels/bitplane.py`` for the identity that makes it exact).
+them weighted by ``2^b`` (see ``kernels/bitplane.py`` for the identity that makes it exact);
+``xnor_gemm_bitplanes`` does the last two in one pass, summing the planes in the micro-kernel's
+registers.
 
 CPU path
 --------
@@ -69,10 +75,13 @@ zero-padded copy of the packed input (implicit im2col: each of a tile's rows has
 address, so tiles may span output rows and images), in one parallel region whose blocks also
 prepare, as claimed tasks, the weight panels, tap sums and padded rows they read; zero words stand
 for the padding and each block then subtracts what those taps added (prefix sums over the taps),
-so the result is exact.  For inference, ``prepare_conv_weights(w_packed, channels)`` does the
+so the result is exact.  For inference, ``prepare_gemm_weights(b_packed, k)`` interleaves the
+GEMM's right operand into panels once, and ``prepare_conv_weights(w_packed, channels)`` does the
 weights' share of that once (checks, panels, tap sums): ``binary_conv2d`` takes the
-``PreparedConvWeights`` it returns in place of the packed weights, with the same result.  Thread
-count: ``numba.set_num_threads``.  Around numpy's BLAS, hold BLAS to one thread (``PackedModel``
+``PreparedConvWeights`` it returns in place of the packed weights, with the same result.  The
+cache blocking around the micro-kernel is chosen per CPU at first use and cached on disk
+(``kernels/tuning.py``; ``LOWBIT_TUNING=0`` keeps the defaults); the result does not depend on it.
+Thread count: ``numba.set_num_threads``.  Around numpy's BLAS, hold BLAS to one thread (``PackedModel``
 does): its idle workers spin on the cores these kernels need.
 
 GPU path
@@ -84,19 +93,24 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 ``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
 """
 from .bitplane import combine_bitplanes, pack_bitplanes
-from .conv import PreparedConvWeights, binary_conv2d, prepare_conv_weights
-from .gemm import xnor_gemm
-from .pack import pack_sign_columns, pack_signs, unpack_signs, words_for
+from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
+from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes
+from .pack import pack_masked_signs, pack_sign_columns, pack_signs, unpack_signs, words_for
 from .pool import maxpool_packed
 from .threshold import bn_sign_threshold, threshold_maxpool_pack, threshold_pack, threshold_signs
 
 __all__ = [
     "pack_signs",
+    "pack_masked_signs",
     "pack_sign_columns",
     "unpack_signs",
     "words_for",
     "xnor_gemm",
+    "xnor_gemm_bitplanes",
+    "prepare_gemm_weights",
+    "PreparedGemmWeights",
     "binary_conv2d",
+    "binary_conv2d_threshold",
     "prepare_conv_weights",
     "PreparedConvWeights",
     "bn_sign_threshold",

@@ -49,12 +49,14 @@ def popcount64(typingctx, x):
 
 
 def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, segments, run, panel_address,
-                      out_address, out_stride, k):
+                      out_address, out_stride, k, planes=False):
     """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_rows``.
 
     Row r of A starts at ``a_address + r * a_stride * 8``, or, when ``a_stride`` is None, at the
     r-th int64 address stored at ``a_address``; it is ``segments`` runs of ``run`` words,
-    ``segment_stride`` words apart.
+    ``segment_stride`` words apart.  With ``planes`` every segment reads the same ``run`` panel
+    words (bit planes of one row against one panel) and the accumulators are doubled before each
+    segment (Horner's rule), see ``xnor_microkernel_planes``.
     """
     i32 = ir.IntType(32)
     i64 = ir.IntType(64)
@@ -89,8 +91,14 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
         segment = segment_loop.index
         a_offset = builder.mul(segment, segment_stride)
         segment_rows = [builder.gep(row, [a_offset]) for row in a_rows]
-        panel_offset = builder.mul(builder.mul(segment, run), ir.Constant(i64, TILE_VECTORS))
-        segment_panel = builder.gep(panel, [panel_offset])
+        if planes:
+            segment_panel = panel
+            for row_slots in accumulators:
+                for slot in row_slots:
+                    builder.store(builder.add(builder.load(slot), builder.load(slot)), slot)
+        else:
+            panel_offset = builder.mul(builder.mul(segment, run), ir.Constant(i64, TILE_VECTORS))
+            segment_panel = builder.gep(panel, [panel_offset])
         with cgutils.for_range(builder, run) as loop:
             w = loop.index
             first = builder.mul(w, ir.Constant(i64, TILE_VECTORS))
@@ -158,6 +166,31 @@ def xnor_microkernel_rows(typingctx, row_addresses, segment_stride, segments, ru
         return _emit_microkernel(
             context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
             out_stride, k,
+        )
+
+    return sig, codegen
+
+
+@intrinsic
+def xnor_microkernel_planes(typingctx, a_address, a_stride, plane_stride, planes, words, panel_address, out_address,
+                            out_stride, k):
+    """``xnor_microkernel`` on the bit planes of ``TILE_ROWS`` rows, summed with weights ``2^b``.
+
+    All arguments are ``intp``.  Plane ``b`` of row ``r`` is the ``words`` words at
+    ``a_address + (r * a_stride + (planes - 1 - b) * plane_stride) * 8``: ``a_address`` points at
+    the highest plane and ``plane_stride`` is the (signed) step, in words, from one plane down to
+    the next.  Writes ``k - 2 * sum_b 2^b * popcount(plane_b XOR panel)``: with
+    ``k = (2^planes - 1) * K`` that is ``sum_b 2^b * (K - 2 * popcount_b)``, what
+    ``combine_bitplanes`` makes of the plane products, without writing them.  The accumulators
+    are doubled before each plane (Horner's rule), so no per-word shift is needed.
+    """
+    sig = types.void(*([types.intp] * 9))
+
+    def codegen(context, builder, signature, args):
+        a_address, a_stride, plane_stride, planes, words, panel_address, out_address, out_stride, k = args
+        return _emit_microkernel(
+            context, builder, a_address, a_stride, plane_stride, planes, words, panel_address, out_address,
+            out_stride, k, planes=True,
         )
 
     return sig, codegen
@@ -245,6 +278,48 @@ def threshold_word(typingctx, acc, acc_offset, threshold, direction, channel_off
         return builder.bitcast(builder.select(upward, above, below), ir.IntType(64))
 
     return sig, codegen
+
+
+def _threshold_word32_for(lanes):
+    """``threshold_word32`` comparing ``lanes`` (64 or 32) accumulators; with 32, the high half of
+    the word is 0 (a layer of at most 32 channels: half the loads and compares)."""
+
+    def typer(typingctx, acc, acc_offset, bounds, bounds_offset, flip, valid):
+        arrays_ok = all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.int32
+                        for a in (acc, bounds))
+        if not arrays_ok:
+            return None
+        sig = types.uint64(acc, types.intp, bounds, types.intp, types.uint64, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            acc_array, acc_offset, bounds_array, bounds_offset, flip, valid = args
+            vector_type = ir.VectorType(ir.IntType(32), lanes)
+
+            def load(array_value, array_type, offset):
+                array = context.make_array(array_type)(context, builder, array_value)
+                pointer = builder.bitcast(builder.gep(array.data, [offset]), vector_type.as_pointer())
+                return builder.load(pointer, align=4)
+
+            above = builder.icmp_signed(">=", load(acc_array, signature.args[0], acc_offset),
+                                        load(bounds_array, signature.args[2], bounds_offset))
+            word = builder.bitcast(above, ir.IntType(lanes))
+            if lanes < 64:
+                word = builder.zext(word, ir.IntType(64))
+            return builder.and_(builder.xor(word, flip), valid)
+
+        return sig, codegen
+
+    typer.__name__ = f"threshold_word32_{lanes}"
+    return intrinsic(typer)
+
+
+# Packed word of 64 (or 32) thresholded accumulators compared in int32: bit j is
+# ``(acc.flat[acc_offset + j] >= bounds[bounds_offset + j]) XOR flip_j``, then ANDed with ``valid``
+# (``threshold.int32_bounds`` makes them once per layer).  One 64-lane int32 compare (four on
+# AVX-512), a xor and an and, where ``threshold_word`` widens the accumulators to int64 and
+# selects between two compares.  ``acc`` and ``bounds`` are C-contiguous int32.
+threshold_word32 = _threshold_word32_for(64)
+threshold_word32_half = _threshold_word32_for(32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,23 +17,24 @@ from numba import njit, prange
 from lowbit.backend import cupy
 
 from ._checks import array_kind, check_contiguous, check_dtype, check_int, check_ndim, words_for
+from ._intrinsics import sign_word
 
 __all__ = ["pack_bitplanes", "combine_bitplanes"]
 
 
 @njit(parallel=True, cache=True)
 def _pack_bitplanes_cpu(codes, bits, out):
+    """Plane words by 64-lane compares: lane j of a row buffer holds -1 where bit b of code j is set,
+    0 elsewhere (the padding lanes past K too), and ``~sign_word`` of it is the plane word."""
     rows, k = codes.shape
     words = out.shape[2]
     for row in prange(rows):
-        for w in range(words):
-            start = w * 64
-            stop = min(k, start + 64)
-            for b in range(bits):
-                word = np.uint64(0)
-                for j in range(start, stop):
-                    word |= np.uint64((codes[row, j] >> b) & 1) << np.uint64(j - start)
-                out[b, row, w] = word
+        lanes = np.zeros(words * 64, dtype=np.int8)
+        for b in range(bits):
+            for j in range(k):
+                lanes[j] = -np.int8((codes[row, j] >> b) & 1)
+            for w in range(words):
+                out[b, row, w] = ~sign_word(lanes, w * 64)
 
 
 def pack_bitplanes(codes, bits):

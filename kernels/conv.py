@@ -15,11 +15,14 @@ from ._intrinsics import (
     atomic_load,
     atomic_store,
     popcount64,
+    threshold_word32,
+    threshold_word32_half,
     xnor_microkernel_rows,
 )
 from .gemm import _blocking, _pack_panel
+from .threshold import _check_thresholds, int32_bounds, threshold_pack
 
-__all__ = ["binary_conv2d", "prepare_conv_weights", "PreparedConvWeights"]
+__all__ = ["binary_conv2d", "binary_conv2d_threshold", "prepare_conv_weights", "PreparedConvWeights"]
 
 
 @njit(cache=True)
@@ -80,6 +83,9 @@ def _prepare_panel(source, n_out, kernel_h, kernel_w, words, channels, padded, p
                 tap_sums[ky + 1, kx + 1, o] = tap_sums[ky, kx + 1, o] + row_sum
 
 
+# Scratch accumulators per block of the fused convolution + threshold (half a 32-48 KiB L1).
+_FUSED_SCRATCH_BYTES = 16384
+
 # Task states in the claim array of one call: free, being run by one thread, done.
 _TASK_FREE, _TASK_TAKEN, _TASK_DONE = 0, 1, 2
 
@@ -99,10 +105,11 @@ def _wait_for(state, first, stop):
 
 @njit(cache=True)
 def _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                         tap_sums, out, row_start, row_stop, column_start, column_stop):
+                         tap_sums, out, row_start, row_stop, column_start, column_stop, out_first_row):
     """Subtract from out[row_start:row_stop, column_start:column_stop] what off-input taps added.
 
-    ``out`` is (N*OH*OW, O); the GEMM counted each off-input tap as a zero word against the
+    ``out`` holds output positions ``out_first_row ...`` (all N*OH*OW of them, or one block's) by
+    at least O columns; the GEMM counted each off-input tap as a zero word against the
     weights, where zero padding must count 0.  The taps inside the input form a rectangle
     ``[ky_lo, ky_hi) x [kx_lo, kx_hi)``, so what the others added is the sum over all taps minus
     the sum over the rectangle: five reads of the prefix sums ``tap_sums`` per output channel.
@@ -126,7 +133,7 @@ def _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, 
             for o in range(column_start, column_stop):
                 inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
                           - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
-                out[target, o] -= tap_sums[kernel_h, kernel_w, o] - inside
+                out[target - out_first_row, o] -= tap_sums[kernel_h, kernel_w, o] - inside
         position = row_end
 
 
@@ -194,7 +201,7 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
 
 @njit(parallel=True, cache=True)
 def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
-                   out, threads):
+                   out, threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips, valids, packed_out):
     """out (N*OH*OW, O) = the XNOR GEMM of the implicit im2col of ``x_padded`` with the panels.
 
     No patch matrix: each ``TILE_ROWS`` consecutive output positions (across output rows and
@@ -204,6 +211,13 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     ``gemm._gemm_panels``; each block first makes the padded input rows and weight panels it reads
     (``_run_padding_tasks``), and last removes the contribution of off-input taps from its own
     outputs (``_remove_padding_taps``).
+
+    With ``fused``, ``out`` is unused: each block holds all output channels of its positions, writes
+    their accumulators into a scratch buffer of its own (rows ``64 * words`` wide, so that the
+    64-lane compares of ``threshold_word32`` stay inside it; 32 wide and 32-lane compares for at
+    most 32 channels; ``bounds``, ``flips`` and ``valids``
+    from ``threshold.int32_bounds``) and thresholds them into ``packed_out`` (N*OH*OW, words) while
+    they are in cache: the int32 accumulators never reach memory.
     """
     height, width = x.shape[1], x.shape[2]
     n_out, kernel_h, kernel_w, _ = weights.shape
@@ -216,7 +230,17 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     patch_words = kernel_h * run
     n_panels = panels.shape[0]
     padded = pad_h > 0 or pad_w > 0
-    rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(m, patch_words, n_panels, threads)
+    if fused:  # one panel block: a block thresholds whole rows of output channels
+        # Blocks small enough that their scratch accumulators (rows x 64 * words int32) stay in L1.
+        scratch_rows = max(TILE_ROWS, _FUSED_SCRATCH_BYTES // (packed_out.shape[1] * 256))
+        chunk = min(row_chunk_bytes, scratch_rows * patch_words * n_panels * 8)
+        rows_per_block, row_blocks, _, _ = _blocking(m, patch_words * n_panels, 1, threads, chunk,
+                                                     blocks_per_thread)
+        panels_per_block, panel_blocks = n_panels, 1
+    else:
+        rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
+            m, patch_words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
+    out_words = packed_out.shape[1]
     for block in prange(row_blocks * panel_blocks):
         row_block = block // panel_blocks
         panel_block = block - row_block * panel_blocks
@@ -228,6 +252,13 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
         _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
+        if fused:
+            target = np.empty((row_stop - row_start, 32 if n_out <= 32 else out_words * 64), dtype=np.int32)
+            first_row = row_start
+        else:
+            target = out
+            first_row = 0
+        stride = target.shape[1]
         _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
                            x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
         for p in range(panel_start, panel_stop):
@@ -241,19 +272,29 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
                 if rows == TILE_ROWS and columns == TILE_COLS:
                     xnor_microkernel_rows(
                         row_addresses, padded_w * words, kernel_h, run, panel_address,
-                        out.ctypes.data + (position * n_out + column) * 4, n_out, k,
+                        target.ctypes.data + ((position - first_row) * stride + column) * 4, stride, k,
                     )
                 else:
                     xnor_microkernel_rows(
                         row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
                         TILE_COLS, k,
                     )
-                    out[position:position + rows, column:column + columns] = tile[:rows, :columns]
+                    local = position - first_row
+                    target[local:local + rows, column:column + columns] = tile[:rows, :columns]
         if padded:
             _remove_padding_taps(
                 height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
-                out, row_start, row_stop, panel_start * TILE_COLS, min(n_out, panel_stop * TILE_COLS),
+                target, row_start, row_stop, panel_start * TILE_COLS, min(n_out, panel_stop * TILE_COLS), first_row,
             )
+        if fused and n_out <= 32:
+            for i in range(row_stop - row_start):
+                packed_out[row_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
+                                                                     valids[0])
+        elif fused:
+            for i in range(row_stop - row_start):
+                for w in range(out_words):
+                    packed_out[row_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds, w * 64,
+                                                                    flips[w], valids[w])
 
 
 @njit(cache=True)
@@ -284,28 +325,29 @@ def _prepare_weights_cpu(weights, channels, panels, tap_sums):
 
 @njit(cache=True)
 def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, mask, threads, panels, tap_sums,
-                       ready):
+                       ready, row_chunk_bytes, blocks_per_thread, out, fused, bounds, flips, valids, packed):
     """The CPU convolution: scratch buffers, then one parallel region (``_conv_implicit``).
 
     With ``ready`` (prepared weights), ``panels`` and ``tap_sums`` are those of
     ``_prepare_weights_cpu`` and the weights' padding bits were checked then; otherwise both are
-    placeholders and the region makes them.  Returns ``(out, bad)``: out (N, OH, OW, O) int32, and
-    ``bad`` 1 or 2 (out then unwritten) when x or the weights have bits of ``mask`` set in their
-    last word (padding bits past ``channels``).
+    placeholders and the region makes them.  Writes ``out`` (N, OH, OW, O) int32, or with
+    ``fused`` the thresholded bits ``packed`` (N, OH, OW, ceil(O / 64)) uint64 (``bounds``,
+    ``flips``, ``valids`` from ``threshold.int32_bounds``; the other output is a placeholder).  Returns
+    ``bad``: 1 or 2 (nothing written) when x or the weights have bits of ``mask`` set in their
+    last word (padding bits past ``channels``), else 0.
     """
     batch, height, width, words = x.shape
     n_out, kernel_h, kernel_w, _ = weights.shape
     out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
     out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
-    out = np.empty((batch, out_h, out_w, n_out), dtype=np.int32)
     if mask:
         if _last_word_bits(x, mask):
-            return out, 1
+            return 1
         if not ready and _last_word_bits(weights, mask):
-            return out, 2
+            return 2
     m = batch * out_h * out_w
     if m == 0 or n_out == 0:
-        return out, 0
+        return 0
     if not ready:
         # Not zeroed: a task writes every word before any block reads it.
         panels = np.empty(_panels_shape(n_out, kernel_h, kernel_w, words), dtype=np.uint64)
@@ -314,8 +356,9 @@ def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, m
     x_padded = np.empty((batch, padded_h, width + 2 * pad_w, words), dtype=np.uint64)
     state = np.zeros(panels.shape[0] + batch * padded_h, dtype=np.int64)
     _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
-                   out.reshape(m, n_out), threads)
-    return out, 0
+                   out.reshape(-1, out.shape[3]), threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips,
+                   valids, packed.reshape(-1, packed.shape[3]))
+    return 0
 
 
 # Placeholders for ``panels`` and ``tap_sums`` of ``_binary_conv2d_cpu`` without prepared weights.
@@ -419,6 +462,72 @@ def prepare_conv_weights(w_packed, channels):
     return prepared
 
 
+def _checked_conv(x_packed, w_packed, channels, stride, padding):
+    """The checks shared by ``binary_conv2d`` and ``binary_conv2d_threshold``: returns ``(kind,
+    prepared or None, packed weights, channels, (stride_h, stride_w), (pad_h, pad_w), (out_h, out_w))``."""
+    if isinstance(w_packed, PreparedConvWeights):
+        prepared, w_packed = w_packed, w_packed._weights
+        if channels is None:
+            channels = prepared._channels
+        elif check_int("channels", channels, minimum=1) != prepared._channels:
+            raise ValueError(
+                f"channels={channels} does not match the prepared weights (channels={prepared._channels}); "
+                "pass None or their count"
+            )
+        kind = array_kind(x_packed=x_packed, w_packed=w_packed)
+    else:
+        prepared = None
+        if not (isinstance(w_packed, np.ndarray) or is_cupy_array(w_packed)):
+            raise TypeError(
+                "w_packed must be a numpy or CuPy array or PreparedConvWeights (prepare_conv_weights), got "
+                f"{type(w_packed).__module__}.{type(w_packed).__name__}"
+            )
+        if channels is None:
+            raise TypeError("channels (the real input channel count) is required with packed weights")
+        kind = array_kind(x_packed=x_packed, w_packed=w_packed)
+        _, channels = _check_weights(w_packed, channels)
+    check_packed("x_packed", x_packed, ndim=4, layout="(N, H, W, words)")
+    _check_words("x_packed", x_packed, channels)
+    stride_h, stride_w = check_pair("stride", stride, 1)
+    pad_h, pad_w = check_pair("padding", padding, 0)
+    _, height, width, _ = x_packed.shape
+    _, kernel_h, kernel_w, _ = w_packed.shape
+    if height + 2 * pad_h < kernel_h or width + 2 * pad_w < kernel_w:
+        raise ValueError(
+            f"the padded input ({height + 2 * pad_h}, {width + 2 * pad_w}) is smaller than the kernel "
+            f"({kernel_h}, {kernel_w}); x_packed has shape {tuple(x_packed.shape)}, padding {(pad_h, pad_w)}"
+        )
+    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    return kind, prepared, w_packed, channels, (stride_h, stride_w), (pad_h, pad_w), (out_h, out_w)
+
+
+# Placeholders for the output ``_binary_conv2d_cpu`` does not write.
+_NO_ACC = np.empty((0, 0, 0, 1), dtype=np.int32)
+_NO_BITS = np.empty((0, 0, 0, 1), dtype=np.uint64)
+_NO_BOUNDS = np.empty(0, dtype=np.int32)
+_NO_WORDS = np.empty(0, dtype=np.uint64)
+
+
+def _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, threshold, direction, packed):
+    """The CPU call: ``out`` int32 accumulators, or (``threshold`` given) ``packed`` bits."""
+    from .tuning import gemm_blocking
+
+    # The padding-bit check (check_padding_bits) runs inside the compiled call: one dispatch less.
+    if prepared is None:
+        panels, tap_sums = _NO_PANELS, _NO_TAP_SUMS
+    else:
+        panels, tap_sums = prepared._panels, prepared._tap_sums
+    fused = threshold is not None
+    bounds = int32_bounds(threshold, direction) if fused else (_NO_BOUNDS, _NO_WORDS, _NO_WORDS)
+    bad = _binary_conv2d_cpu(
+        x_packed, w_packed, channels, *strides, *pads, padding_mask(channels), numba.get_num_threads(), panels,
+        tap_sums, prepared is not None, *gemm_blocking(), out, fused, *bounds, packed,
+    )
+    if bad:
+        check_padding_bits(("x_packed", "w_packed")[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises
+
+
 def binary_conv2d(x_packed, w_packed, channels=None, stride=1, padding=0):
     """Convolution of packed +-1 activations with packed +-1 weights, exactly, in int32.
 
@@ -446,58 +555,48 @@ def binary_conv2d(x_packed, w_packed, channels=None, stride=1, padding=0):
     out : same kind as the inputs, int32, shape (N, OH, OW, O)
         ``OH = (H + 2 * pad_h - KH) // stride_h + 1``, likewise ``OW``.
     """
-    if isinstance(w_packed, PreparedConvWeights):
-        prepared, w_packed = w_packed, w_packed._weights
-        if channels is None:
-            channels = prepared._channels
-        elif check_int("channels", channels, minimum=1) != prepared._channels:
-            raise ValueError(
-                f"channels={channels} does not match the prepared weights (channels={prepared._channels}); "
-                "pass None or their count"
-            )
-        kind = array_kind(x_packed=x_packed, w_packed=w_packed)
-    else:
-        prepared = None
-        if not (isinstance(w_packed, np.ndarray) or is_cupy_array(w_packed)):
-            raise TypeError(
-                "w_packed must be a numpy or CuPy array or PreparedConvWeights (prepare_conv_weights), got "
-                f"{type(w_packed).__module__}.{type(w_packed).__name__}"
-            )
-        if channels is None:
-            raise TypeError("channels (the real input channel count) is required with packed weights")
-        kind = array_kind(x_packed=x_packed, w_packed=w_packed)
-        _, channels = _check_weights(w_packed, channels)
-    check_packed("x_packed", x_packed, ndim=4, layout="(N, H, W, words)")
-    _check_words("x_packed", x_packed, channels)
-    stride_h, stride_w = check_pair("stride", stride, 1)
-    pad_h, pad_w = check_pair("padding", padding, 0)
-    batch, height, width, _ = x_packed.shape
-    n_out, kernel_h, kernel_w, _ = w_packed.shape
-    if height + 2 * pad_h < kernel_h or width + 2 * pad_w < kernel_w:
-        raise ValueError(
-            f"the padded input ({height + 2 * pad_h}, {width + 2 * pad_w}) is smaller than the kernel "
-            f"({kernel_h}, {kernel_w}); x_packed has shape {tuple(x_packed.shape)}, padding {(pad_h, pad_w)}"
-        )
+    kind, prepared, w_packed, channels, strides, pads, (out_h, out_w) = _checked_conv(
+        x_packed, w_packed, channels, stride, padding)
     if kind == "cupy":
         from . import _cuda
 
         check_padding_bits("x_packed", x_packed, channels)
         if prepared is None:
             check_padding_bits("w_packed", w_packed, channels)
-        out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-        out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
-        return _cuda.binary_conv2d(
-            x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, out_h, out_w
-        )
-    # The padding-bit check (check_padding_bits) runs inside the compiled call: one dispatch less.
-    if prepared is None:
-        panels, tap_sums = _NO_PANELS, _NO_TAP_SUMS
-    else:
-        panels, tap_sums = prepared._panels, prepared._tap_sums
-    out, bad = _binary_conv2d_cpu(
-        x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, padding_mask(channels),
-        numba.get_num_threads(), panels, tap_sums, prepared is not None,
-    )
-    if bad:
-        check_padding_bits(("x_packed", "w_packed")[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises
+        return _cuda.binary_conv2d(x_packed, w_packed, channels, *strides, *pads, out_h, out_w)
+    out = np.empty((x_packed.shape[0], out_h, out_w, w_packed.shape[0]), dtype=np.int32)
+    _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, None, None, _NO_BITS)
     return out
+
+
+def binary_conv2d_threshold(x_packed, w_packed, threshold, direction, channels=None, stride=1, padding=0):
+    """``threshold_pack(binary_conv2d(x_packed, w_packed, channels, stride, padding), threshold, direction)``
+    in one pass: exactly the same bits, without writing the int32 accumulators to memory.
+
+    On the CPU each block of output positions is thresholded while its accumulators are in cache
+    (``_conv_implicit`` with ``fused``); on the GPU it is the two calls.
+
+    Parameters
+    ----------
+    x_packed, w_packed, channels, stride, padding
+        As for :func:`binary_conv2d`.
+    threshold : same kind, int64, shape (O,)
+    direction : same kind, int8, shape (O,), values +1 or -1
+        As for :func:`~lowbit.kernels.threshold_pack`, one per output channel.
+
+    Returns
+    -------
+    packed : same kind, uint64, shape (N, OH, OW, ceil(O / 64))
+        Bit ``o`` is ``direction[o] * acc[..., o] >= direction[o] * threshold[o]``; padding bits 0.
+    """
+    kind, prepared, w_packed, channels, strides, pads, (out_h, out_w) = _checked_conv(
+        x_packed, w_packed, channels, stride, padding)
+    n_out = w_packed.shape[0]
+    array_kind(x_packed=x_packed, threshold=threshold, direction=direction)
+    _check_thresholds(f"w_packed with {n_out} output channels", threshold, direction, n_out, np.int64)
+    if kind == "cupy":
+        acc = binary_conv2d(x_packed, prepared if prepared is not None else w_packed, channels, stride, padding)
+        return threshold_pack(acc, threshold, direction)
+    packed = np.empty((x_packed.shape[0], out_h, out_w, words_for(n_out)), dtype=np.uint64)
+    _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, _NO_ACC, threshold, direction, packed)
+    return packed

@@ -5,6 +5,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from lowbit.backend import is_cupy_array
+
 from ._checks import (
     array_kind,
     check_contiguous,
@@ -15,13 +17,9 @@ from ._checks import (
     check_padding_bits,
     words_for,
 )
-from ._intrinsics import TILE_COLS, TILE_ROWS, xnor_microkernel
+from ._intrinsics import TILE_COLS, TILE_ROWS, xnor_microkernel, xnor_microkernel_planes
 
-__all__ = ["xnor_gemm"]
-
-# A row chunk of about this many bytes stays in L2 while every B panel of a column chunk passes
-# through L1 against it (a panel is words * TILE_COLS * 8 bytes: 16 KiB at K = 4096).
-_ROW_CHUNK_BYTES = 131072
+__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "prepare_gemm_weights", "PreparedGemmWeights"]
 
 
 @njit(cache=True)
@@ -56,21 +54,22 @@ def _pack_panels(b, panels):
 
 
 @njit(cache=True)
-def _blocking(m, words, n_panels, threads):
+def _blocking(m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread):
     """Split the (M rows) x (panels) work into equal blocks for the threads.
 
     Returns ``(rows_per_block, row_blocks, panels_per_block, panel_blocks)``.  A block is a run of
-    A rows (at most about ``_ROW_CHUNK_BYTES``, a multiple of TILE_ROWS) against a run of panels.
+    A rows (at most about ``row_chunk_bytes``, a multiple of TILE_ROWS) against a run of panels.
     ``prange`` hands each thread an equal count of consecutive blocks, so the blocks are made as
-    equal as the tiles allow, at least ``4 * threads`` of them when M and N allow it, and their
-    count a multiple of ``threads`` when it can be.
+    equal as the tiles allow, at least ``blocks_per_thread * threads`` of them when M and N allow
+    it, and their count a multiple of ``threads`` when it can be.  The two sizes are chosen per CPU
+    by ``tuning.gemm_blocking``; any values give the same result.
     """
     row_tiles = (m + TILE_ROWS - 1) // TILE_ROWS
     if row_tiles == 0 or n_panels == 0:
         return TILE_ROWS, 0, 1, 0
-    max_tiles = max(1, _ROW_CHUNK_BYTES // (max(words, 1) * 8) // TILE_ROWS)
+    max_tiles = max(1, row_chunk_bytes // (max(words, 1) * 8) // TILE_ROWS)
     row_blocks = max(1, (row_tiles + max_tiles - 1) // max_tiles)
-    target_blocks = 4 * threads
+    target_blocks = max(1, blocks_per_thread * threads)
     panel_blocks = min(n_panels, max(1, (target_blocks + row_blocks - 1) // row_blocks))
     panels_per_block = (n_panels + panel_blocks - 1) // panel_blocks
     panel_blocks = (n_panels + panels_per_block - 1) // panels_per_block
@@ -87,48 +86,61 @@ def _blocking(m, words, n_panels, threads):
 def _gemm_block(a, panels, n, k, out, row_start, row_stop, panel_start, panel_stop, tile, padded_rows):
     """out[row_start:row_stop, columns of panels panel_start:panel_stop] of the XNOR GEMM.
 
-    ``tile`` (TILE_ROWS, TILE_COLS) int32 and ``padded_rows`` (TILE_ROWS, >= words) uint64 are
-    scratch buffers owned by the calling thread.
+    ``a`` is (planes, M, words): one plane is the plain GEMM; several are bit planes (plane ``b``
+    weighs ``2^b``) whose weighted sum the plane micro-kernel forms in its registers, and ``k``
+    is then ``(2^planes - 1) * K``.  ``tile`` (TILE_ROWS, TILE_COLS) int32 and ``padded_rows``
+    (planes, TILE_ROWS, >= words) uint64 are scratch buffers owned by the calling thread.
     """
-    words = a.shape[1]
+    planes, m, words = a.shape
+    plane_step = -m * words  # from one plane down to the next, in words
+    tail = (row_stop - row_start) % TILE_ROWS
+    if tail:
+        # The block's last rows, copied once into a zero-padded block so the kernel reads no further.
+        padded_rows[:, :, :] = 0
+        padded_rows[:, :tail, :words] = a[:, row_stop - tail:row_stop, :]
     for p in range(panel_start, panel_stop):
         column = p * TILE_COLS
         columns = min(TILE_COLS, n - column)
         panel_address = panels.ctypes.data + p * words * TILE_COLS * 8
         for row in range(row_start, row_stop, TILE_ROWS):
             rows = min(TILE_ROWS, row_stop - row)
-            if rows == TILE_ROWS and columns == TILE_COLS:
-                xnor_microkernel(
-                    a.ctypes.data + row * words * 8, words, panel_address, words,
-                    out.ctypes.data + (row * n + column) * 4, n, k,
-                )
-                continue
+            full = rows == TILE_ROWS and columns == TILE_COLS
             if rows == TILE_ROWS:
-                a_address = a.ctypes.data + row * words * 8
+                a_address = a.ctypes.data + ((planes - 1) * m + row) * words * 8
+                a_stride, step = words, plane_step
+            else:  # the tail rows, from padded_rows
+                a_stride = padded_rows.shape[2]
+                step = -TILE_ROWS * a_stride
+                a_address = padded_rows.ctypes.data + (planes - 1) * TILE_ROWS * a_stride * 8
+            if full:
+                out_address, out_stride = out.ctypes.data + (row * n + column) * 4, n
             else:
-                # Tail rows: copy into a zero-padded block so the kernel reads no further.
-                padded_rows[:, :] = 0
-                padded_rows[:rows, :words] = a[row:row + rows, :]
-                a_address = padded_rows.ctypes.data
-            xnor_microkernel(a_address, words, panel_address, words, tile.ctypes.data, TILE_COLS, k)
-            out[row:row + rows, column:column + columns] = tile[:rows, :columns]
+                out_address, out_stride = tile.ctypes.data, TILE_COLS
+            if planes == 1:
+                xnor_microkernel(a_address, a_stride, panel_address, words, out_address, out_stride, k)
+            else:
+                xnor_microkernel_planes(a_address, a_stride, step, planes, words, panel_address, out_address,
+                                        out_stride, k)
+            if not full:
+                out[row:row + rows, column:column + columns] = tile[:rows, :columns]
 
 
 @njit(parallel=True, cache=True)
-def _gemm_panels(a, panels, n, k, out, threads):
+def _gemm_panels(a, panels, n, k, out, threads, row_chunk_bytes, blocks_per_thread):
     """out (M, n) int32 = k - 2 * popcount(a XOR b) with B given as interleaved panels.
 
-    ``threads`` is ``numba.get_num_threads()`` of the caller (passed in: calling it here would
-    stop Numba from caching the compiled function).
+    ``a`` is (planes, M, words), see ``_gemm_block``.  ``threads`` is ``numba.get_num_threads()``
+    of the caller (passed in: calling it here would stop Numba from caching the compiled function).
     """
-    m, words = a.shape
+    planes, m, words = a.shape
     n_panels = panels.shape[0]
-    rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(m, words, n_panels, threads)
+    rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
+        m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
     for block in prange(row_blocks * panel_blocks):
         row_block = block // panel_blocks
         panel_block = block - row_block * panel_blocks
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
-        padded_rows = np.empty((TILE_ROWS, max(words, 1)), dtype=np.uint64)
+        padded_rows = np.empty((planes, TILE_ROWS, max(words, 1)), dtype=np.uint64)
         row_start = row_block * rows_per_block
         panel_start = panel_block * panels_per_block
         _gemm_block(
@@ -138,9 +150,9 @@ def _gemm_panels(a, panels, n, k, out, threads):
 
 
 @njit(cache=True)
-def _xnor_gemm_cpu(a, b, k, panels, out, threads):
+def _xnor_gemm_cpu(a, b, k, panels, out, threads, row_chunk_bytes, blocks_per_thread):
     _pack_panels(b, panels)
-    _gemm_panels(a, panels, b.shape[0], k, out, threads)
+    _gemm_panels(a, panels, b.shape[0], k, out, threads, row_chunk_bytes, blocks_per_thread)
 
 
 def panel_buffer(n, words):
@@ -152,6 +164,125 @@ def panel_buffer(n, words):
     return np.empty(((n + TILE_COLS - 1) // TILE_COLS, words, TILE_COLS), dtype=np.uint64)
 
 
+class PreparedGemmWeights:
+    """Packed right-hand operand of ``xnor_gemm`` made ready once for many calls (inference).
+
+    Made by :func:`prepare_gemm_weights`, not by hand.  Holds a private copy of the packed rows
+    (``weights``, (N, ceil(k / 64)) uint64), their length ``k`` and, for numpy weights, the panels
+    the CPU kernel would otherwise interleave on every call (``_pack_panels``: a pass over all of
+    B, about 0.1 ms for 4096 x 4096 bits).  For CuPy weights only the validated copy is held.
+    """
+
+    __slots__ = ("_weights", "_k", "_panels")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PreparedGemmWeights is made by prepare_gemm_weights(b_packed, k)")
+
+    @property
+    def weights(self):
+        """The packed rows (N, ceil(k / 64)) uint64, numpy or CuPy."""
+        return self._weights
+
+    @property
+    def k(self):
+        """The length of the rows in bits."""
+        return self._k
+
+    @property
+    def shape(self):
+        return tuple(self._weights.shape)
+
+    def __repr__(self):
+        kind = "cupy" if is_cupy_array(self._weights) else "numpy"
+        return f"PreparedGemmWeights(shape={self.shape}, k={self._k}, {kind})"
+
+
+def _check_k(k):
+    k = check_int("k", k, minimum=0)
+    if k >= 2**31:
+        raise ValueError(f"k must be < 2**31 so that the int32 result cannot overflow, got {k}")
+    return k
+
+
+def _check_operand(name, arr, k):
+    words = words_for(k)
+    if arr.shape[-1] != words:
+        raise ValueError(
+            f"{name} must have ceil(k / 64) = {words} words per row for k={k}, got shape {tuple(arr.shape)}"
+        )
+    check_padding_bits(name, arr, k)
+
+
+def prepare_gemm_weights(b_packed, k):
+    """``b_packed`` made ready once for many ``xnor_gemm`` calls, as inference engines hold weights.
+
+    ``xnor_gemm(a, prepare_gemm_weights(b, k), k)`` equals ``xnor_gemm(a, b, k)`` bit for bit and
+    skips per call the checks of ``b`` and, on the CPU, interleaving it into the micro-kernel's
+    panels.  ``b_packed`` is copied: changing it afterwards does not change the prepared object.
+
+    Parameters
+    ----------
+    b_packed : numpy.ndarray or cupy.ndarray, uint64, shape (N, ceil(k / 64))
+        As for ``xnor_gemm``: C-contiguous, padding bits 0.
+    k : int
+
+    Returns
+    -------
+    PreparedGemmWeights
+    """
+    kind = array_kind(b_packed=b_packed)
+    check_packed("b_packed", b_packed, ndim=2, layout="(N, words)")
+    k = _check_k(k)
+    _check_operand("b_packed", b_packed, k)
+    prepared = object.__new__(PreparedGemmWeights)
+    prepared._weights = b_packed.copy()
+    prepared._k = k
+    prepared._panels = None
+    if kind == "numpy":
+        prepared._panels = panel_buffer(b_packed.shape[0], b_packed.shape[1])
+        if b_packed.shape[0]:
+            _pack_panels(prepared._weights, prepared._panels)
+    return prepared
+
+
+def _right_operand(b_packed, k):
+    """``(b_packed array, PreparedGemmWeights or None)`` after the checks of ``b_packed``."""
+    if isinstance(b_packed, PreparedGemmWeights):
+        if b_packed._k != k:
+            raise ValueError(f"k={k} does not match the prepared weights (k={b_packed._k})")
+        return b_packed._weights, b_packed
+    if not (isinstance(b_packed, np.ndarray) or is_cupy_array(b_packed)):
+        raise TypeError(
+            "b_packed must be a numpy or CuPy array or PreparedGemmWeights (prepare_gemm_weights), got "
+            f"{type(b_packed).__module__}.{type(b_packed).__name__}"
+        )
+    check_packed("b_packed", b_packed, ndim=2, layout="(N, words)")
+    _check_operand("b_packed", b_packed, k)
+    return b_packed, None
+
+
+def _check_out(out, like, shape):
+    array_kind(a_packed=like, out=out)
+    check_dtype("out", out, np.int32)
+    check_ndim("out", out, 2, "(M, N)")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    check_contiguous("out", out)
+
+
+def _run_cpu(a3, b, prepared, k_total, out):
+    """The CPU product of (planes, M, words) ``a3`` with ``b`` (or its prepared panels) into ``out``."""
+    from .tuning import gemm_blocking
+
+    row_chunk_bytes, blocks_per_thread = gemm_blocking()
+    threads = numba.get_num_threads()
+    if prepared is None:
+        _xnor_gemm_cpu(a3, b, k_total, panel_buffer(b.shape[0], b.shape[1]), out, threads, row_chunk_bytes,
+                       blocks_per_thread)
+    else:
+        _gemm_panels(a3, prepared._panels, b.shape[0], k_total, out, threads, row_chunk_bytes, blocks_per_thread)
+
+
 def xnor_gemm(a_packed, b_packed, k, out=None):
     """Binary matrix product ``sign(A) @ sign(B).T`` from packed signs, exactly, in int32.
 
@@ -159,8 +290,9 @@ def xnor_gemm(a_packed, b_packed, k, out=None):
     ----------
     a_packed : numpy.ndarray or cupy.ndarray, uint64, shape (M, ceil(k / 64))
         Packed rows of A (``pack_signs(A)``), C-contiguous, padding bits 0.
-    b_packed : same kind as ``a_packed``, uint64, shape (N, ceil(k / 64))
-        Packed rows of B, the same way.
+    b_packed : same kind as ``a_packed``, uint64, shape (N, ceil(k / 64)), or PreparedGemmWeights
+        Packed rows of B, the same way, or such rows made ready once by ``prepare_gemm_weights``
+        (the same result, less work per call).
     k : int
         Number of real columns of A and B (the length of the dot products).
     out : same kind, int32, shape (M, N), optional
@@ -171,28 +303,14 @@ def xnor_gemm(a_packed, b_packed, k, out=None):
     product : same kind as the inputs, int32, shape (M, N)
         ``product[i, j] = sum_c sign(A)[i, c] * sign(B)[j, c] = k - 2 * popcount(a_i XOR b_j)``.
     """
+    k = _check_k(k)
+    b_packed, prepared = _right_operand(b_packed, k)
     kind = array_kind(a_packed=a_packed, b_packed=b_packed)
     check_packed("a_packed", a_packed, ndim=2, layout="(M, words)")
-    check_packed("b_packed", b_packed, ndim=2, layout="(N, words)")
-    k = check_int("k", k, minimum=0)
-    if k >= 2**31:
-        raise ValueError(f"k must be < 2**31 so that the int32 result cannot overflow, got {k}")
-    words = words_for(k)
-    for name, arr in (("a_packed", a_packed), ("b_packed", b_packed)):
-        if arr.shape[1] != words:
-            raise ValueError(
-                f"{name} must have ceil(k / 64) = {words} words per row for k={k}, "
-                f"got shape {tuple(arr.shape)}"
-            )
-        check_padding_bits(name, arr, k)
+    _check_operand("a_packed", a_packed, k)
     m, n = a_packed.shape[0], b_packed.shape[0]
     if out is not None:
-        array_kind(a_packed=a_packed, out=out)
-        check_dtype("out", out, np.int32)
-        check_ndim("out", out, 2, "(M, N)")
-        if tuple(out.shape) != (m, n):
-            raise ValueError(f"out must have shape (M, N) = {(m, n)}, got {tuple(out.shape)}")
-        check_contiguous("out", out)
+        _check_out(out, a_packed, (m, n))
     if kind == "cupy":
         from . import _cuda
 
@@ -200,7 +318,58 @@ def xnor_gemm(a_packed, b_packed, k, out=None):
     if out is None:
         out = np.empty((m, n), dtype=np.int32)
     if m and n:
-        _xnor_gemm_cpu(a_packed, b_packed, k, panel_buffer(n, words), out, numba.get_num_threads())
+        _run_cpu(a_packed.reshape(1, m, a_packed.shape[1]), b_packed, prepared, k, out)
+    return out
+
+
+def xnor_gemm_bitplanes(planes, b_packed, k, out=None):
+    """``combine_bitplanes`` of the plane products of ``xnor_gemm``, in one pass, exactly.
+
+    Equal to ``combine_bitplanes(xnor_gemm(planes.reshape(bits * M, -1), b_packed, k).reshape(bits, M, N))``
+    but the CPU kernel sums the planes in its registers (``xnor_microkernel_planes``) instead of
+    writing ``bits`` int32 products of (M, N) and reading them back.
+
+    Parameters
+    ----------
+    planes : numpy.ndarray or cupy.ndarray, uint64, shape (bits, M, ceil(k / 64))
+        ``pack_bitplanes`` of (M, k) codes: C-contiguous, padding bits 0.
+    b_packed : same kind, uint64, shape (N, ceil(k / 64)), or PreparedGemmWeights
+    k : int
+        The length of the rows; ``(2^bits - 1) * k`` must be < 2**31.
+    out : same kind, int32, shape (M, N), optional
+
+    Returns
+    -------
+    totals : same kind, int32, shape (M, N)
+        ``sum_b 2^b * (k - 2 * popcount(planes[b, i] XOR b_j))``.
+    """
+    k = _check_k(k)
+    b_packed, prepared = _right_operand(b_packed, k)
+    kind = array_kind(planes=planes, b_packed=b_packed)
+    check_packed("planes", planes, ndim=3, layout="(bits, M, words)")
+    bits, m = planes.shape[0], planes.shape[1]
+    if bits < 1:
+        raise ValueError("planes must hold at least one plane, got shape (0, ...)")
+    if (2**bits - 1) * k >= 2**31:
+        raise ValueError(f"(2**bits - 1) * k must be < 2**31 so that the int32 sum cannot overflow, got "
+                         f"bits={bits}, k={k}")
+    _check_operand("planes", planes, k)
+    n = b_packed.shape[0]
+    if out is not None:
+        _check_out(out, planes, (m, n))
+    if kind == "cupy":
+        from .bitplane import combine_bitplanes
+
+        products = xnor_gemm(planes.reshape(bits * m, -1), b_packed, k)
+        totals = combine_bitplanes(products.reshape(bits, m, n))
+        if out is None:
+            return totals
+        out[...] = totals
+        return out
+    if out is None:
+        out = np.empty((m, n), dtype=np.int32)
+    if m and n:
+        _run_cpu(planes, b_packed, prepared, (2**bits - 1) * k, out)
     return out
 
 
@@ -214,5 +383,5 @@ def gemm_assembly():
     a = np.zeros((TILE_ROWS, 1), dtype=np.uint64)
     panels = panel_buffer(1, 1)
     out = np.empty((TILE_ROWS, 1), dtype=np.int32)
-    fresh(a, panels, 1, 64, out, 1)
+    fresh(a.reshape(1, TILE_ROWS, 1), panels, 1, 64, out, 1, 131072, 4)
     return fresh.inspect_asm(fresh.signatures[0])

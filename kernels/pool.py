@@ -6,7 +6,7 @@ from numba import njit, prange
 
 from lowbit.backend import get_array_module
 
-from ._checks import array_kind, check_packed, check_pair
+from ._checks import array_kind, check_dtype, check_ndim, check_packed, check_pair, words_for
 
 __all__ = ["maxpool_packed"]
 
@@ -52,7 +52,8 @@ def maxpool_int(acc, kernel, stride=None, padding=0):
 
 
 @njit(parallel=True, cache=True)
-def _maxpool_packed_cpu(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out):
+def _maxpool_packed_cpu(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, up, out):
+    """OR over each window where ``up`` has its bit set, AND elsewhere (``up``: (words,) uint64)."""
     batch, height, width, words = x.shape
     out_h, out_w = out.shape[1], out.shape[2]
     for image_row in prange(batch * out_h):
@@ -64,14 +65,24 @@ def _maxpool_packed_cpu(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
             x_start = max(ox * stride_w - pad_w, 0)
             x_stop = min(ox * stride_w - pad_w + kernel_w, width)
             for w in range(words):
-                word = np.uint64(0)
+                any_set = np.uint64(0)
+                all_set = ~np.uint64(0)
                 for iy in range(y_start, y_stop):
                     for ix in range(x_start, x_stop):
-                        word |= x[image, iy, ix, w]
-                out[image, oy, ox, w] = word
+                        any_set |= x[image, iy, ix, w]
+                        all_set &= x[image, iy, ix, w]
+                out[image, oy, ox, w] = (any_set & up[w]) | (all_set & ~up[w])
 
 
-def maxpool_packed(x_packed, kernel, stride=None, padding=0):
+def _upward_words(direction, words):
+    """uint64 (words,): bit c set where ``direction[c] > 0``; padding bits 0 (numpy or CuPy)."""
+    from .pack import pack_signs
+
+    xp = get_array_module(direction)
+    return pack_signs((direction.astype(xp.int8) > 0).astype(xp.int8) * 2 - 1).reshape(words)
+
+
+def maxpool_packed(x_packed, kernel, stride=None, padding=0, direction=None):
     """Max-pooling of packed +-1 activations: the max of +-1 values is the OR of their bits.
 
     Parameters
@@ -86,24 +97,45 @@ def maxpool_packed(x_packed, kernel, stride=None, padding=0):
         Positions added on each side of H and W; they are ignored (as if -inf), so each window
         takes the max over its positions inside the input.  Must be smaller than the kernel, so
         that every window holds at least one input position.
+    direction : same kind, int8, shape (C,), values +1 or -1, optional
+        For bits that ``threshold_pack`` made from accumulators with these directions: channels
+        with direction -1 take the AND of their window instead of the OR, so that the result is
+        the threshold of the max-pooled accumulators, ``threshold_maxpool_pack``'s bits
+        (``max(acc) >= t`` is any ``acc >= t``; ``max(acc) <= t`` is every ``acc <= t``).
+        ``ceil(C / 64)`` must be ``words``.
 
     Returns
     -------
     out : same kind, uint64, shape (N, OH, OW, words)
         ``OH = (H + 2 * pad_h - KH) // stride_h + 1``, likewise ``OW``; padding bits stay 0.
     """
-    kind = array_kind(x_packed=x_packed)
+    kind = array_kind(x_packed=x_packed) if direction is None else array_kind(x_packed=x_packed, direction=direction)
     check_packed("x_packed", x_packed, ndim=4, layout="(N, H, W, words)")
     kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w = pool_geometry(
         "x_packed", x_packed, kernel, stride, padding)
     batch, _, _, words = x_packed.shape
+    up = None
+    if direction is not None:
+        check_dtype("direction", direction, np.int8)
+        check_ndim("direction", direction, 1, "(C,)")
+        if words_for(direction.shape[0]) != words:
+            raise ValueError(f"direction must have C channels with ceil(C / 64) = {words} (the words of x_packed), "
+                             f"got shape {tuple(direction.shape)}")
+        if not bool(((direction == 1) | (direction == -1)).all()):
+            raise ValueError("direction must hold only +1 and -1")
+        up = _upward_words(direction, words)
     if kind == "cupy":
         from . import _cuda
 
-        return _cuda.maxpool_packed(
-            x_packed, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
-        )
+        def pool(bits):
+            return _cuda.maxpool_packed(bits, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w)
+
+        if up is None:
+            return pool(x_packed)
+        return (pool(x_packed) & up) | (~pool(~x_packed) & ~up)
     out = np.empty((batch, out_h, out_w, words), dtype=np.uint64)
+    if up is None:
+        up = np.full(words, ~np.uint64(0), dtype=np.uint64)
     if out.size:
-        _maxpool_packed_cpu(x_packed, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out)
+        _maxpool_packed_cpu(x_packed, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, up, out)
     return out

@@ -198,6 +198,49 @@ def _padded(threshold, direction):
             np.concatenate([direction, np.ones(extra, np.int8)]))
 
 
+@njit(cache=True)
+def _int32_bounds_cpu(threshold, direction, bounds, flips, valids):
+    low, high = np.int64(-(2**31)), np.int64(2**31 - 1)
+    bounds[:] = high
+    flips[:] = 0
+    valids[:] = 0
+    for c in range(threshold.shape[0]):
+        up = direction[c] > 0
+        bound = threshold[c] if up else threshold[c] + 1  # acc <= t is NOT acc >= t + 1
+        flip, valid = not up, True
+        if bound > high:      # acc >= bound for no int32 acc
+            if up:
+                valid = False     # constant 0
+            else:
+                flip = False      # acc <= t always: (acc >= low) = 1, not flipped
+            bound = low
+        elif bound < low:     # acc >= bound for every int32 acc
+            bound = low
+        bounds[c] = bound
+        bit = np.uint64(1) << np.uint64(c & 63)
+        if flip:
+            flips[c >> 6] |= bit
+        if valid:
+            valids[c >> 6] |= bit
+
+
+def int32_bounds(threshold, direction):
+    """``(bounds, flips, valids)`` for ``_intrinsics.threshold_word32``, from int64 thresholds and
+    +-1 directions of C channels (numpy).
+
+    ``bounds`` int32 (64 * words,), ``flips`` and ``valids`` uint64 (words,): bit c of the word is
+    ``(acc >= bounds[c]) XOR flip_c`` for ``valid_c``, 0 past C.  ``acc <= t`` is
+    ``NOT (acc >= t + 1)``; thresholds beyond the int32 range become constant bits (an int32 ``acc``
+    is always above or below them), so the bits equal ``threshold_pack``'s for every int32 ``acc``.
+    """
+    words = words_for(threshold.shape[0])
+    bounds = np.empty(64 * words, dtype=np.int32)
+    flips = np.empty(words, dtype=np.uint64)
+    valids = np.empty(words, dtype=np.uint64)
+    _int32_bounds_cpu(threshold, direction, bounds, flips, valids)
+    return bounds, flips, valids
+
+
 def threshold_pack(acc, threshold, direction):
     """Apply per-channel integer thresholds to accumulators and pack the resulting sign bits.
 
@@ -309,20 +352,24 @@ def _threshold_signs_cpu(x, channels_first, threshold, direction, packed):
     nans = np.zeros(batch, dtype=np.int64)
     for image in prange(batch):
         out = packed[image]
-        for p in range(positions):
-            for w in range(words):
-                out[p, w] = 0
+        # One word of every position at a time, gathered in a contiguous buffer: the inner loop
+        # then reads one channel's row and updates the buffer at unit stride (vectorised), where
+        # out[p, word] would be strided by the word count.
+        local = np.empty(positions, dtype=np.uint64)
         count = 0
-        for c in range(channels):
-            row = x[c, image] if channels_first else x[image, c]
-            word = c >> 6
-            shift = np.uint64(c & 63)
-            t = threshold[c]
-            up = direction[c] > 0  # loop-invariant: LLVM unswitches the loop on it
+        for word in range(words):
+            local[:] = 0
+            for c in range(word * 64, min(channels, word * 64 + 64)):
+                row = x[c, image] if channels_first else x[image, c]
+                shift = np.uint64(c & 63)
+                t = threshold[c]
+                up = direction[c] > 0  # loop-invariant: LLVM unswitches the loop on it
+                for p in range(positions):
+                    v = row[p]
+                    count += v != v
+                    local[p] |= np.uint64((v >= t) if up else (v <= t)) << shift
             for p in range(positions):
-                v = row[p]
-                count += v != v
-                out[p, word] |= np.uint64((v >= t) if up else (v <= t)) << shift
+                out[p, word] = local[p]
         nans[image] = count
     return nans.sum()
 

@@ -5,6 +5,9 @@ Choose with ``LOWBIT_HYPOTHESIS_PROFILE=dev python -m pytest``.
 """
 import os
 
+# Kernel tuning (lowbit.kernels.tuning) off: the defaults, no timing runs, no cache file written.
+os.environ.setdefault("LOWBIT_TUNING", "0")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
