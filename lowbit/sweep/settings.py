@@ -284,7 +284,7 @@ class SweepSettings:
         self.calibration = check_int("calibration", self._default(self.calibration, "calibration", 1000), 1)
 
     def _check_ptq(self):
-        from ..quantizers import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
+        from ..ptq import ACTIVATION_CLIPPINGS, WEIGHT_CLIPPINGS
 
         check_choice("weight_clipping", self.weight_clipping, WEIGHT_CLIPPINGS)  # before any training
         check_choice("activation_clipping", self.activation_clipping, ACTIVATION_CLIPPINGS)
