@@ -70,16 +70,25 @@ def set_threads(threads=None):
     return previous
 
 
-def _parallel(kernel, *args):
-    """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
-    if _threads is None:
+def run_on_threads(threads, kernel, *args):
+    """``kernel(*args)`` with Numba's thread count set to ``threads`` (None: as it is, else capped
+    by ``NUMBA_NUM_THREADS``) for the call."""
+    if threads is None:
         return kernel(*args)
     previous = numba.get_num_threads()
-    numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if threads == previous:
+        return kernel(*args)
+    numba.set_num_threads(threads)
     try:
         return kernel(*args)
     finally:
         numba.set_num_threads(previous)
+
+
+def _parallel(kernel, *args):
+    """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
+    return run_on_threads(_threads, kernel, *args)
 
 
 def _check_float32(name, arr, ndim=None):

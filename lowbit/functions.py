@@ -22,12 +22,19 @@ traffic and, for fresh buffers, by page faults; see :func:`retain_freed_memory`)
 for CuPy arrays and other dtypes.  Every kernel gives the reference's values bit for bit except the
 BatchNorm ones (float64 sums; equal to float32 rounding).  ``use_fast_ops(False)`` (or the
 ``reference_ops()`` context) selects the reference bodies everywhere, for tests and benchmarks.
+
+Float convolutions on numpy float32 run without im2col (:func:`conv2d_direct`, the register-blocked
+implicit-GEMM kernels of ``lowbit.kernels.float_conv``: forward, backward-data, backward-weights);
+they agree with the im2col reference to float32 rounding, not bit for bit.  ``use_direct_conv(False)``
+(or ``LOWBIT_CONV=im2col`` in the environment) keeps the im2col path with the other fast ops on;
+the padding must be smaller than the kernel (else im2col runs).
 """
 from __future__ import annotations
 
-import numpy as np
-
 import contextlib
+import os
+
+import numpy as np
 
 from .backend import get_array_module
 
@@ -53,10 +60,27 @@ __all__ = [
     "col2im",
     "pool_forward",
     "pool_backward",
+    "use_direct_conv",
+    "direct_conv_enabled",
+    "direct_conv_available",
+    "direct_conv_cache",
+    "conv2d_direct",
+    "conv2d_direct_backward",
 ]
 
 
 _fast_ops = True
+_CONV_PATHS = ("direct", "im2col")
+
+
+def _conv_path_from_environment():
+    value = os.environ.get("LOWBIT_CONV", "direct").strip().lower() or "direct"
+    if value not in _CONV_PATHS:
+        raise ValueError(f"LOWBIT_CONV must be one of {_CONV_PATHS}, got {value!r}")
+    return value == "direct"
+
+
+_direct_conv = _conv_path_from_environment()
 
 
 def use_fast_ops(enabled: bool = True) -> bool:
@@ -403,3 +427,64 @@ def binary_matmul_pm1(xq, wq):
     k = xq.shape[1]
     acc = xnor_gemm(pack_signs(np.ascontiguousarray(xq)), pack_sign_columns(np.ascontiguousarray(wq)), k)
     return acc.astype(np.float32)
+
+
+# -- float convolution without im2col --------------------------------------------------------------
+
+
+def use_direct_conv(enabled: bool = True) -> bool:
+    """Run float32 numpy convolutions on the direct kernels (True, the default unless
+    ``LOWBIT_CONV=im2col``) or through im2col and a BLAS GEMM (False); returns the previous setting.
+    ``use_fast_ops(False)`` selects im2col regardless."""
+    global _direct_conv
+    previous = _direct_conv
+    _direct_conv = bool(enabled)
+    return previous
+
+
+def direct_conv_enabled() -> bool:
+    return _direct_conv
+
+
+def _conv_kernels():
+    from lowbit.kernels import float_conv  # deferred like _kernels()
+
+    return float_conv
+
+
+def direct_conv_available(x, w, padding: int) -> bool:
+    """True when :func:`conv2d_direct` takes input ``x`` and weights ``w`` (O, C, KH, KW): fast ops
+    and direct convolutions on, both numpy float32, ``padding`` smaller than the kernel."""
+    return _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
+
+
+def direct_conv_cache(x, padding: int):
+    """What :func:`conv2d_direct_backward` needs of the input ``x`` (N, C, H, W) float32: its
+    zero-padded channels-last copy (for a convolution whose forward ran elsewhere, e.g. on the
+    binary kernels)."""
+    return _conv_kernels().pad_nhwc(x, padding)
+
+
+def conv2d_direct(x, w, b, stride: int, padding: int):
+    """Float32 convolution of ``x`` (N, C, H, W) with ``w`` (O, C, KH, KW) plus ``b`` (O,) or None,
+    on the direct kernels (check :func:`direct_conv_available` first).
+
+    Returns ``(out, cache)``: ``out`` (N, O, OH, OW) float32, an NCHW view of a channels-last
+    buffer (the elementwise kernels keep that layout, and the next convolution reads it in one
+    pass), and ``cache`` for :func:`conv2d_direct_backward`.
+    """
+    b = None if b is None else np.asarray(b, dtype=np.float32)
+    return _conv_kernels().conv2d_forward(x, w, b, stride, padding)
+
+
+def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):
+    """Gradients of :func:`conv2d_direct`: ``(dx, dW, db)`` from ``dout`` (N, O, OH, OW), the
+    forward's ``cache`` (or :func:`direct_conv_cache` of its input) and ``w``.  ``dx`` is an NCHW
+    view of a channels-last buffer; all float32."""
+    kernels = _conv_kernels()
+    dout = dout.astype(np.float32, copy=False)
+    n, hp, wp, c = cache.shape
+    x_shape = (n, c, hp - 2 * padding, wp - 2 * padding)
+    dw, db = kernels.conv2d_backward_weights(dout, cache, w.shape, stride)
+    dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)
+    return dx, dw, db

@@ -35,7 +35,11 @@ from .functions import (
     binary_matmul_pm1,
     binary_product_available,
     col2im,
+    conv2d_direct,
+    conv2d_direct_backward,
     conv_output_size,
+    direct_conv_available,
+    direct_conv_cache,
     im2col,
     matmul,
     pool_backward,
@@ -297,6 +301,7 @@ class Conv2D(Layer):
             self.param_names = ("W",)
         self.dW = self.db = None
         self._cache_col = None
+        self._cache_direct = None
         self._cache_shape = None
 
     def config(self):
@@ -324,8 +329,14 @@ class Conv2D(Layer):
             out = binary_conv2d_pm1(xq, w, self.stride, self.padding)
             if self.bias:
                 out += self.b[:, None, None]
-            self._cache_col = None
+            self._cache_col = self._cache_direct = None
             self._cache_binary_input = xq
+            return out
+        self._cache_direct = None
+        if direct_conv_available(xq, w, self.padding):  # float32 without im2col (lowbit.functions)
+            self._cache_col = None
+            out, self._cache_direct = conv2d_direct(xq, w, self.b if self.bias else None, self.stride,
+                                                    self.padding)
             return out
         if xq.dtype == np.float16 and get_array_module(xq) is np:
             # float16 on numpy: matmul multiplies in float32 anyway, so build (and cache) the 9x larger
@@ -349,6 +360,17 @@ class Conv2D(Layer):
         d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
         k = self.kernel_size
         c = self.in_channels
+        if self._cache_col is None and self._cache_direct is None and direct_conv_available(
+                self._cache_binary_input, self.effective_weight(), self.padding):
+            self._cache_direct = direct_conv_cache(self._cache_binary_input, self.padding)
+            self._cache_binary_input = None
+        if self._cache_direct is not None:  # the direct kernels, also after a forward on the bit kernel
+            dx, dw, db = conv2d_direct_backward(dout, self._cache_direct, self.effective_weight(), self.stride,
+                                                self.padding)
+            self.dW = self.weight_grad(dw)
+            if self.bias:
+                self.db = db
+            return self.input_grad(dx.astype(dout.dtype, copy=False))
         if self._cache_col is None:  # the forward ran on the bit kernel
             self._cache_col = im2col(self._cache_binary_input, k, k, self.stride, self.padding).reshape(
                 c * k * k, -1)
