@@ -81,6 +81,28 @@ def cpu_model():
     return platform.processor()
 
 
+def check_counts(parser, args, names):
+    """``parser.error`` unless every ``args.<name>`` and every thread count in ``args.threads`` is >= 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(t < 1 for t in args.threads):
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+
+
+def unset_openblas_env(enabled):
+    """With ``enabled``, re-execute this script without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE when
+    either is set (this process only); returns the names that were unset (in the re-executed run:
+    none, as they are gone)."""
+    if not enabled:
+        return []
+    unset = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    if unset:
+        env = {k: v for k, v in os.environ.items() if k not in unset}
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    return unset
+
+
 # -- PyTorch twins ---------------------------------------------------------------------------------
 
 
@@ -459,18 +481,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.warmup, args.profile_steps = 3, 3, 1, 3
-    for name in ("steps", "repeats", "profile_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(t < 1 for t in args.threads):
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-
-    unset = []
-    if args.unset_openblas_env:
-        unset = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-        if unset:
-            env = {k: v for k, v in os.environ.items() if k not in unset}
-            os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    check_counts(parser, args, ("steps", "repeats", "profile_steps", "batch_size"))
+    unset = unset_openblas_env(args.unset_openblas_env)
 
     import torch
     from tqdm import tqdm

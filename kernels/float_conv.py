@@ -49,6 +49,8 @@ __all__ = [
     "conv2d_backward_data",
     "conv2d_backward_weights",
     "pad_nhwc",
+    "padded_input",
+    "forward_plan",
     "tile_shape",
 ]
 
@@ -56,10 +58,18 @@ LANES = 16 if "avx512f" in HOST_FEATURES else 8
 
 # (accumulator rows, vectors per row) by output-channel block: rows * vectors accumulators plus
 # `vectors` weight vectors and one broadcast fit the 32 zmm (AVX-512) or 16 ymm (AVX2) registers.
+# vector registers a block may fill: rows * vectors accumulators, `vectors` weight vectors and one
+# broadcast (one register kept spare for LLVM); and the most rows of a block
+_REGISTERS = 31 if LANES == 16 else 15
+_MAX_ROWS = 28
+# row steps (stride * input channels) that get a block compiled for them: 1 and multiples of LANES
+# up to this; others address their rows through a table (a few general-purpose registers spill)
+_MAX_ROW_STEP = 1024
+# rows of the backward-weights block by vectors per row
 if LANES == 16:
     _TILES = {4: 6, 2: 12, 1: 14}
 else:
-    _TILES = {4: 3, 2: 6, 1: 12}
+    _TILES = {4: 2, 2: 5, 1: 12}
 
 # None: Numba's thread count; an int: at most this many threads for these kernels.
 _threads = None
@@ -99,160 +109,195 @@ def tile_shape(channels):
 # -- the register block ----------------------------------------------------------------------------
 
 
-def _tile_intrinsic(rows, vectors):
-    """Intrinsic ``tile(row_table, a_step, segments, a_segment, run, b, b_step, b_segment, out,
-    out_stride, bias, accumulate)``: one ``rows x (vectors * LANES)`` float32 block
+@intrinsic
+def _fma_tile(typingctx, rows_type, vectors_type, row_step_type, a_address, a_step, segments, a_segment, run,
+              b_address, b_step, b_segment, out_address, out_stride, bias_address, accumulate):
+    """``_fma_tile(rows, vectors, row_step, a, a_step, segments, a_segment, run, b, b_step, b_segment,
+    out, out_stride, bias, accumulate)``: one ``rows x (vectors * LANES)`` float32 block
 
         out[r, :] (+)= sum_{s < segments, k < run} A_r[s * a_segment + k * a_step] * B[s * b_segment + k * b_step, :]
 
-    All arguments are ``intp``; strides count float32 elements.  ``row_table`` is the address of
-    ``rows`` int64 addresses (``A_r``'s first element); ``b`` and ``out`` are addresses of float32
-    element 0 of the block (``out`` rows ``out_stride`` apart).  The accumulators start from the
+    ``rows``, ``vectors`` and ``row_step`` are compile-time ints (literals: one compiled block per
+    triple); the other arguments ``intp``, strides counting float32 elements.  Row ``r`` of A starts
+    at ``a + r * row_step * 4`` when ``row_step`` > 0: one base register and constant displacements,
+    which leaves the general-purpose registers free; with ``row_step == 0`` ``a`` is the address of
+    ``rows`` int64 row addresses instead.  ``b`` and ``out`` are addresses of float32 element 0 of
+    the block (``out`` rows ``out_stride`` apart).  The accumulators start from the
     ``vectors * LANES`` floats at ``bias`` when it is not 0, else from ``out`` when ``accumulate``
     is not 0, else from zero.
     """
+    literals = (rows_type, vectors_type, row_step_type)
+    if not all(isinstance(t, types.IntegerLiteral) for t in literals):
+        return None
+    rows, vectors, row_step = (t.literal_value for t in literals)
+    sig = types.void(*literals, *([types.intp] * 12))
 
-    @intrinsic
-    def tile(typingctx, row_table, a_step, segments, a_segment, run, b_address, b_step, b_segment,
-             out_address, out_stride, bias_address, accumulate):
-        sig = types.void(*([types.intp] * 12))
+    def codegen(context, builder, signature, args):
+        (a_address, a_step, segments, a_segment, run, b_address, b_step, b_segment, out_address,
+         out_stride, bias_address, accumulate) = args[3:]
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(f32, LANES)
+        vec_ptr = vec.as_pointer()
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fmuladd.v{LANES}f32")
+        undef = ir.Constant(vec, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        zero64 = ir.Constant(i64, 0)
 
-        def codegen(context, builder, signature, args):
-            (row_table, a_step, segments, a_segment, run, b_address, b_step, b_segment, out_address,
-             out_stride, bias_address, accumulate) = args
-            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-            vec = ir.VectorType(f32, LANES)
-            vec_ptr = vec.as_pointer()
-            fmuladd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fmuladd.v{LANES}f32")
-            undef = ir.Constant(vec, ir.Undefined)
-            splat_mask = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-            zero64 = ir.Constant(i64, 0)
+        def const(value):
+            return ir.Constant(i64, value)
 
-            def const(value):
-                return ir.Constant(i64, value)
+        def vector_at(base, offset):
+            return builder.bitcast(builder.gep(base, [offset]), vec_ptr)
 
-            def vector_at(base, offset):
-                return builder.bitcast(builder.gep(base, [offset]), vec_ptr)
-
-            table = builder.inttoptr(row_table, i64.as_pointer())
-            a_rows = [builder.inttoptr(builder.load(builder.gep(table, [const(r)]), align=8), f32.as_pointer())
-                      for r in range(rows)]
-            b_base = builder.inttoptr(b_address, f32.as_pointer())
-            out_base = builder.inttoptr(out_address, f32.as_pointer())
-            out_rows = [builder.gep(out_base, [builder.mul(out_stride, const(r))]) for r in range(rows)]
-            # allocas in the entry block; mem2reg keeps them in vector registers
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(vectors)]
-                   for _ in range(rows)]
-            with builder.if_else(builder.icmp_unsigned("!=", bias_address, zero64)) as (with_bias, without):
-                with with_bias:
-                    bias = builder.inttoptr(bias_address, f32.as_pointer())
-                    for v in range(vectors):
-                        value = builder.load(vector_at(bias, const(v * LANES)), align=4)
-                        for r in range(rows):
-                            builder.store(value, acc[r][v])
-                with without:
-                    with builder.if_then(builder.icmp_unsigned("!=", accumulate, zero64)):
-                        for r in range(rows):
-                            for v in range(vectors):
-                                builder.store(builder.load(vector_at(out_rows[r], const(v * LANES)), align=4),
-                                              acc[r][v])
-            with cgutils.for_range(builder, segments) as segment_loop:
-                segment = segment_loop.index
-                a_offset = builder.mul(segment, a_segment)
-                segment_rows = [builder.gep(row, [a_offset]) for row in a_rows]
-                segment_b = builder.gep(b_base, [builder.mul(segment, b_segment)])
-                with cgutils.for_range(builder, run) as loop:
-                    k = loop.index
-                    b_row = builder.gep(segment_b, [builder.mul(k, b_step)])
-                    b_vectors = [builder.load(vector_at(b_row, const(v * LANES)), align=4) for v in range(vectors)]
-                    a_offset_k = builder.mul(k, a_step)
-                    for r in range(rows):
-                        scalar = builder.load(builder.gep(segment_rows[r], [a_offset_k]), align=4)
-                        a_value = builder.shuffle_vector(
-                            builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask)
-                        for v in range(vectors):
-                            slot = acc[r][v]
-                            builder.store(builder.call(fmuladd, [a_value, b_vectors[v], builder.load(slot)]), slot)
-            for r in range(rows):
+        if row_step:
+            a_base = builder.inttoptr(a_address, f32.as_pointer())
+        else:
+            table = builder.inttoptr(a_address, i64.as_pointer())
+            a_rows = [builder.inttoptr(builder.load(builder.gep(table, [const(r)]), align=8),
+                                       f32.as_pointer()) for r in range(rows)]
+        b_base = builder.inttoptr(b_address, f32.as_pointer())
+        out_base = builder.inttoptr(out_address, f32.as_pointer())
+        # allocas in the entry block; mem2reg keeps them in vector registers
+        acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(vectors)]
+               for _ in range(rows)]
+        with builder.if_else(builder.icmp_unsigned("!=", bias_address, zero64)) as (with_bias, without):
+            with with_bias:
+                bias = builder.inttoptr(bias_address, f32.as_pointer())
                 for v in range(vectors):
-                    builder.store(builder.load(acc[r][v]), vector_at(out_rows[r], const(v * LANES)), align=4)
-            return context.get_dummy_value()
+                    value = builder.load(vector_at(bias, const(v * LANES)), align=4)
+                    for r in range(rows):
+                        builder.store(value, acc[r][v])
+            with without:
+                with builder.if_then(builder.icmp_unsigned("!=", accumulate, zero64)):
+                    for r in range(rows):
+                        out_row = builder.gep(out_base, [builder.mul(out_stride, const(r))])
+                        for v in range(vectors):
+                            builder.store(builder.load(vector_at(out_row, const(v * LANES)), align=4),
+                                          acc[r][v])
+        with cgutils.for_range(builder, segments) as segment_loop:
+            segment = segment_loop.index
+            a_offset = builder.mul(segment, a_segment)
+            segment_b = builder.gep(b_base, [builder.mul(segment, b_segment)])
+            if row_step:
+                segment_a = builder.gep(a_base, [a_offset])
+            else:
+                segment_rows = [builder.gep(row, [a_offset]) for row in a_rows]
+            with cgutils.for_range(builder, run) as loop:
+                k = loop.index
+                b_row = builder.gep(segment_b, [builder.mul(k, b_step)])
+                b_vectors = [builder.load(vector_at(b_row, const(v * LANES)), align=4) for v in range(vectors)]
+                a_offset_k = builder.mul(k, a_step)
+                if row_step:
+                    a_k = builder.gep(segment_a, [a_offset_k])
+                for r in range(rows):
+                    if row_step:
+                        pointer = builder.gep(a_k, [const(r * row_step)])
+                    else:
+                        pointer = builder.gep(segment_rows[r], [a_offset_k])
+                    scalar = builder.load(pointer, align=4)
+                    a_value = builder.shuffle_vector(
+                        builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask)
+                    for v in range(vectors):
+                        slot = acc[r][v]
+                        builder.store(builder.call(fmuladd, [a_value, b_vectors[v], builder.load(slot)]), slot)
+        for r in range(rows):
+            out_row = builder.gep(out_base, [builder.mul(out_stride, const(r))])
+            for v in range(vectors):
+                builder.store(builder.load(acc[r][v]), vector_at(out_row, const(v * LANES)), align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return tile
+    return sig, codegen
 
 
-# -- drivers, one set per register block -----------------------------------------------------------
+# -- drivers, one per register block ---------------------------------------------------------------
 
 
-def _make_kernels(rows, vectors):
-    tile = _tile_intrinsic(rows, vectors)
+def _make_forward(rows, vectors, row_step):
+    """The forward driver for output tiles of ``rows`` pixels of one output row, ``row_step = stride *
+    C`` elements apart, or any stride when ``row_step`` is 0 (compile-time, with ``rows`` and
+    ``vectors``: Numba caches one compiled driver per triple)."""
     width = vectors * LANES
 
-    @njit(parallel=True, error_model="numpy")
+    @njit(parallel=True, error_model="numpy", cache=True)
     def forward(xp, weights, bias, has_bias, stride, kh, kw, oh, ow, out, chunks):
-        """out (tiles * rows, O) = the convolution of padded NHWC ``xp`` with packed ``weights``
-        (KH * KW * C, O); rows past N * OH * OW are scratch."""
+        """out (N * OH * OW, O) = the convolution of padded NHWC ``xp`` (whose buffer has slack
+        past its end for the last tile's extra rows) with packed ``weights`` (KH * KW * C, O)."""
         batch, hp, wp, c = xp.shape
         o_pad = weights.shape[1]
-        pixels = batch * oh * ow
-        tiles = (pixels + rows - 1) // rows
         run = kw * c
+        lines = batch * oh
         x_base = xp.ctypes.data
         for chunk in prange(chunks):
+            scratch = np.empty((rows, width), dtype=np.float32)
             table = np.empty(rows, dtype=np.int64)
-            for t in range(chunk * tiles // chunks, (chunk + 1) * tiles // chunks):
-                first = t * rows
-                for r in range(rows):
-                    q = min(first + r, pixels - 1)  # the tail's extra rows repeat the last pixel
-                    n = q // (oh * ow)
-                    y = (q - n * oh * ow) // ow
-                    x = q - n * oh * ow - y * ow
-                    table[r] = x_base + (((n * hp + y * stride) * wp + x * stride) * c) * 4
-                for block in range(o_pad // width):
-                    column = block * width
-                    tile(table.ctypes.data, 1, kh, wp * c, run, weights.ctypes.data + column * 4, o_pad,
-                         run * o_pad, out.ctypes.data + (first * o_pad + column) * 4, o_pad,
-                         bias.ctypes.data + column * 4 if has_bias else 0, 0)
+            for line in range(chunk * lines // chunks, (chunk + 1) * lines // chunks):
+                n = line // oh
+                y = line - n * oh
+                for x0 in range(0, ow, rows):
+                    a = x_base + (((n * hp + y * stride) * wp + x0 * stride) * c) * 4
+                    if row_step == 0:  # rows through a table of addresses
+                        for r in range(rows):
+                            table[r] = a + r * stride * c * 4
+                        a = table.ctypes.data
+                    first = line * ow + x0
+                    valid = min(rows, ow - x0)
+                    for block in range(o_pad // width):
+                        column = block * width
+                        bias_address = bias.ctypes.data + column * 4 if has_bias else 0
+                        # a row's last tile may run past its end: it goes to scratch first
+                        target, stride_out = out.ctypes.data + (first * o_pad + column) * 4, o_pad
+                        if valid < rows:
+                            target, stride_out = scratch.ctypes.data, width
+                        _fma_tile(rows, vectors, row_step, a, 1, kh, wp * c, run, weights.ctypes.data + column * 4,
+                                  o_pad, run * o_pad, target, stride_out, bias_address, 0)
+                        if valid < rows:
+                            for r in range(valid):
+                                for v in range(width):
+                                    out[first + r, column + v] = scratch[r, v]
 
-    @njit(parallel=True, error_model="numpy")
+    return forward
+
+
+def _make_backward_weights(rows, vectors):
+    """The backward-weights driver for tiles of ``rows`` consecutive ``(j, c)`` positions."""
+    width = vectors * LANES
+
+    @njit(parallel=True, error_model="numpy", cache=True)
     def backward_weights(xp, dout, stride, kh, kw, oh, ow, partial, chunks):
         """partial[t] (KH, run_tiles * rows, O) = sum over images chunk t of the patch values times
-        ``dout`` (N * OH * OW, O); rows past KW * C of each kernel row are scratch."""
+        ``dout`` (N * OH * OW, O); rows past KW * C of each kernel row are scratch (``xp``'s buffer
+        has slack past its end)."""
         batch, hp, wp, c = xp.shape
         o_pad = dout.shape[1]
         run = kw * c
         run_pad = partial.shape[2]
         x_base = xp.ctypes.data
+        block_width = width
         for chunk in prange(chunks):
-            table = np.empty(rows, dtype=np.int64)
             target = partial.ctypes.data + chunk * kh * run_pad * o_pad * 4
             for n in range(chunk * batch // chunks, (chunk + 1) * batch // chunks):
                 accumulate = 1 if n > chunk * batch // chunks else 0
                 for i in range(kh):
                     row_base = x_base + ((n * hp + i) * wp * c) * 4
                     for first in range(0, run, rows):
-                        for r in range(rows):
-                            table[r] = row_base + min(first + r, run - 1) * 4
-                        for block in range(o_pad // width):
-                            column = block * width
-                            tile(table.ctypes.data, stride * c, oh, stride * wp * c, ow,
+                        for block in range(o_pad // block_width):
+                            column = block * block_width
+                            _fma_tile(rows, vectors, 1, row_base + first * 4, stride * c, oh, stride * wp * c, ow,
                                  dout.ctypes.data + (n * oh * ow * o_pad + column) * 4, o_pad, ow * o_pad,
                                  target + ((i * run_pad + first) * o_pad + column) * 4, o_pad, 0, accumulate)
 
-    return forward, backward_weights
+    return backward_weights
 
 
 _kernel_cache = {}
 
 
-def _kernels(channels):
-    shape = tile_shape(channels)
-    if shape not in _kernel_cache:
-        _kernel_cache[shape] = _make_kernels(*shape)
-    return shape[0], _kernel_cache[shape]
+def _kernel(kind, *shape):
+    key = (kind,) + shape
+    if key not in _kernel_cache:
+        _kernel_cache[key] = (_make_forward if kind == "forward" else _make_backward_weights)(*shape)
+    return _kernel_cache[key]
 
 
 # -- checks and layout helpers ---------------------------------------------------------------------
@@ -277,19 +322,20 @@ def _output_size(size, kernel, stride, padding, name):
     return out
 
 
-def pad_nhwc(x, top, left=None, height=None, width=None, spread=1):
+def pad_nhwc(x, top, left=None, height=None, width=None, spread=1, slack=0):
     """``x`` (N, C, H, W), any strides, as a C-contiguous zero-padded (N, Hp, Wp, C) float32 buffer
     with value ``(y, x)`` at ``(top + spread * y, left + spread * x)``.  ``left`` defaults to
-    ``top``, ``Hp, Wp`` to ``spread * (H - 1) + 1 + 2 * top`` (``left``).  One pass when ``x`` is an
+    ``top``, ``Hp, Wp`` to ``spread * (H - 1) + 1 + 2 * top`` (``left``).  ``slack`` zero floats
+    follow the buffer in memory (the kernels' last tiles read into them).  One pass when ``x`` is an
     NCHW view of an NHWC buffer."""
     n, c, h, w = x.shape
     left = top if left is None else left
     hp = spread * (h - 1) + 1 + 2 * top if height is None else height
     wp = spread * (w - 1) + 1 + 2 * left if width is None else width
-    nhwc = x.transpose(0, 2, 3, 1)
-    if (top, left, spread, hp, wp) == (0, 0, 1, h, w):
-        return np.ascontiguousarray(nhwc)
-    buffer = np.empty((n, hp, wp, c), dtype=np.float32)
+    size = n * hp * wp * c
+    memory = np.empty(size + slack, dtype=np.float32)
+    memory[size:] = 0
+    buffer = memory[:size].reshape(n, hp, wp, c)
     bottom, right = top + spread * (h - 1) + 1, left + spread * (w - 1) + 1
     if spread == 1:  # zero only the border, then one copy of the interior
         buffer[:, :top] = 0
@@ -298,8 +344,20 @@ def pad_nhwc(x, top, left=None, height=None, width=None, spread=1):
         buffer[:, top:bottom, right:] = 0
     else:
         buffer[...] = 0
-    buffer[:, top:bottom:spread, left:right:spread] = nhwc
+    buffer[:, top:bottom:spread, left:right:spread] = x.transpose(0, 2, 3, 1)
     return buffer
+
+
+def padded_input(x, padding, stride=1):
+    """What :func:`conv2d_backward_weights` reads of an input ``x`` (N, C, H, W): the zero-padded NHWC
+    copy that :func:`conv2d_forward` returns, for a convolution whose forward ran elsewhere."""
+    return pad_nhwc(x, padding, slack=_slack(x.shape[1], stride))
+
+
+def _slack(channels, stride):
+    """Floats past a padded input that the last tiles may read: up to ``_MAX_ROWS`` pixels of a
+    row (forward) or tile rows past the end of a kernel row (backward-weights)."""
+    return (_MAX_ROWS + 1) * stride * channels + _MAX_ROWS + LANES
 
 
 def _pack_weights(weight, o_pad):
@@ -326,20 +384,45 @@ def _chunks(work, threads):
     return max(1, min(work, 4 * threads if threads > 1 else 1))
 
 
+def forward_plan(out_width, channels):
+    """``(rows, vectors)`` of the forward's register block for output rows ``out_width`` pixels wide
+    and ``channels`` output channels (padded to LANES): the fewest computed pixels (a row's last tile
+    may run past its end), then the fewest loads per multiply-add (``(rows + vectors) / (rows *
+    vectors)``)."""
+    blocks = -(-channels // LANES)
+    best = None
+    for vectors in (4, 2, 1):
+        if blocks % vectors:
+            continue
+        for rows in range(1, _MAX_ROWS + 1):
+            if rows * vectors + vectors + 1 > _REGISTERS or (rows < out_width and rows * vectors < 8):
+                continue
+            computed = -(-out_width // rows) * rows
+            score = (computed, (rows + vectors) / (rows * vectors))
+            if best is None or score < best[0]:
+                best = (score, rows, vectors)
+    return best[1], best[2]
+
+
 def _convolve(xp, packed, bias, stride, kh, kw, oh, ow, channels):
-    """Run the forward kernel; returns the (N, OH, OW, channels) NHWC result."""
+    """Run the forward kernel on ``xp`` (from :func:`pad_nhwc` with :func:`_slack`); returns the
+    (N, OH, OW, channels) NHWC result."""
     o_pad = packed.shape[1]
-    rows, (forward, _) = _kernels(o_pad)
+    row_step = stride * xp.shape[3]
+    if row_step == 1 or (row_step % LANES == 0 and row_step <= _MAX_ROW_STEP):
+        rows, vectors = forward_plan(ow, o_pad)
+    else:  # other steps share one compiled block per tile shape (its rows through an address table)
+        (rows, vectors), row_step = tile_shape(o_pad), 0
+    forward = _kernel("forward", rows, vectors, row_step)
     pixels = xp.shape[0] * oh * ow
-    tiles = -(-pixels // rows)
-    out = np.empty((tiles * rows, o_pad), dtype=np.float32)
+    out = np.empty((pixels, o_pad), dtype=np.float32)
     has_bias = bias is not None
     bias_pad = np.zeros(o_pad, dtype=np.float32)
     if has_bias:
         bias_pad[:bias.shape[0]] = bias
-    chunks = _chunks(tiles, _thread_count())
+    chunks = _chunks(xp.shape[0] * oh, _thread_count())
     _run_threads(forward, xp, packed, bias_pad, has_bias, stride, kh, kw, oh, ow, out, chunks)
-    result = out[:pixels].reshape(xp.shape[0], oh, ow, o_pad)
+    result = out.reshape(xp.shape[0], oh, ow, o_pad)
     return result if channels == o_pad else np.ascontiguousarray(result[..., :channels])
 
 
@@ -378,7 +461,7 @@ def conv2d_forward(x, weight, bias, stride, padding):
             raise ValueError(f"bias must have shape ({o},), got {bias.shape}")
     oh = _output_size(x.shape[2], kh, stride, padding, "x height")
     ow = _output_size(x.shape[3], kw, stride, padding, "x width")
-    xp = pad_nhwc(x, padding)
+    xp = padded_input(x, padding, stride)
     if min(xp.shape) == 0 or o == 0:
         out = np.zeros((x.shape[0], oh, ow, o), dtype=np.float32)
         if bias is not None:
@@ -409,7 +492,8 @@ def conv2d_backward_data(dout, weight, x_shape, stride, padding):
     if min(n, c, h, w) == 0 or o == 0:
         return np.zeros((n, h, w, c), dtype=np.float32).transpose(0, 3, 1, 2)
     # the stride-1 convolution of the spread, padded gradient with the flipped, transposed kernel
-    grad = pad_nhwc(dout, kh - 1 - padding, kw - 1 - padding, h + kh - 1, w + kw - 1, spread=stride)
+    grad = pad_nhwc(dout, kh - 1 - padding, kw - 1 - padding, h + kh - 1, w + kw - 1, spread=stride,
+                    slack=_slack(o, 1))
     flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, O, KH, KW)
     packed = _pack_weights(flipped, _padded(c))
     dx = _convolve(grad, packed, None, 1, kh, kw, h, w, c)
@@ -440,7 +524,8 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     db = matrix[:, :o].sum(axis=0, dtype=np.float32)
     if min(n, c, oh, ow) == 0 or o == 0:
         return np.zeros((o, c, kh, kw), dtype=np.float32), db
-    rows, (_, backward_weights) = _kernels(o_pad)
+    rows, vectors = tile_shape(o_pad)
+    backward_weights = _kernel("backward_weights", rows, vectors)
     run = kw * c
     run_pad = -(-run // rows) * rows
     chunks = _chunks(n, _thread_count())

@@ -458,11 +458,11 @@ def direct_conv_available(x, w, padding: int) -> bool:
     return _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
 
 
-def direct_conv_cache(x, padding: int):
+def direct_conv_cache(x, padding: int, stride: int = 1):
     """What :func:`conv2d_direct_backward` needs of the input ``x`` (N, C, H, W) float32: its
     zero-padded channels-last copy (for a convolution whose forward ran elsewhere, e.g. on the
     binary kernels)."""
-    return _conv_kernels().pad_nhwc(x, padding)
+    return _conv_kernels().padded_input(x, padding, stride)
 
 
 def conv2d_direct(x, w, b, stride: int, padding: int):
@@ -480,11 +480,29 @@ def conv2d_direct(x, w, b, stride: int, padding: int):
 def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):
     """Gradients of :func:`conv2d_direct`: ``(dx, dW, db)`` from ``dout`` (N, O, OH, OW), the
     forward's ``cache`` (or :func:`direct_conv_cache` of its input) and ``w``.  ``dx`` is an NCHW
-    view of a channels-last buffer; all float32."""
+    view of a channels-last buffer; all float32.
+
+    With at most a quarter vector of input channels (a network's first layer on gray or RGB images)
+    both gradients go through im2col and the GEMM instead: the register blocks would compute mostly
+    padding channels.
+    """
     kernels = _conv_kernels()
     dout = dout.astype(np.float32, copy=False)
     n, hp, wp, c = cache.shape
     x_shape = (n, c, hp - 2 * padding, wp - 2 * padding)
+    if 4 * c <= kernels.LANES:
+        x = cache[:, padding:hp - padding, padding:wp - padding].transpose(0, 3, 1, 2)
+        return _im2col_conv_backward(dout, x, w, stride, padding)
     dw, db = kernels.conv2d_backward_weights(dout, cache, w.shape, stride)
     dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)
     return dx, dw, db
+
+
+def _im2col_conv_backward(dout, x, w, stride, padding):
+    """``(dx, dW, db)`` of a float32 convolution through im2col, col2im and two GEMMs."""
+    o, c, kh, kw = w.shape
+    col = im2col(x, kh, kw, stride, padding).reshape(c * kh * kw, -1)
+    d2d = dout.transpose(1, 0, 2, 3).reshape(o, -1)  # a copy unless dout is laid out (O, N, OH, OW)
+    dw = (col @ d2d.T).T.reshape(w.shape)
+    dcol = (w.reshape(o, -1).T @ d2d).reshape(c, kh, kw, x.shape[0], dout.shape[2], dout.shape[3])
+    return col2im(dcol, x.shape, stride, padding), np.ascontiguousarray(dw), d2d.sum(axis=1)

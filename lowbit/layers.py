@@ -362,7 +362,7 @@ class Conv2D(Layer):
         c = self.in_channels
         if self._cache_col is None and self._cache_direct is None and direct_conv_available(
                 self._cache_binary_input, self.effective_weight(), self.padding):
-            self._cache_direct = direct_conv_cache(self._cache_binary_input, self.padding)
+            self._cache_direct = direct_conv_cache(self._cache_binary_input, self.padding, self.stride)
             self._cache_binary_input = None
         if self._cache_direct is not None:  # the direct kernels, also after a forward on the bit kernel
             dx, dw, db = conv2d_direct_backward(dout, self._cache_direct, self.effective_weight(), self.stride,

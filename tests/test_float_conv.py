@@ -90,11 +90,17 @@ def test_every_register_block(o, stride):
 
 
 def test_tile_shapes_fit_the_registers():
+    registers = 32 if float_conv.LANES == 16 else 16
     for channels in (1, 16, 17, 32, 64, 80, 128):
-        rows, vectors = float_conv.tile_shape(channels)
         padded = -(-channels // float_conv.LANES) * float_conv.LANES
-        assert padded % (vectors * float_conv.LANES) == 0
-        assert rows * vectors + vectors + 1 <= (32 if float_conv.LANES == 16 else 16)
+        shapes = [float_conv.tile_shape(channels)] + [float_conv.forward_plan(width, channels)
+                                                      for width in (1, 5, 8, 14, 16, 28, 224)]
+        for rows, vectors in shapes:
+            assert padded % (vectors * float_conv.LANES) == 0
+            assert rows * vectors + vectors + 1 <= registers
+    # the forward's blocks waste no pixel on deep_convnet's rows (28, 14, 16, 8 wide)
+    for width, channels in ((28, 16), (14, 32), (16, 32), (8, 64)):
+        assert width % float_conv.forward_plan(width, channels)[0] == 0
 
 
 def steps_on_both_paths(build, steps):
@@ -218,3 +224,23 @@ def test_threads_setting_keeps_the_results():
     assert_close(runs[0][1], runs[1][1], 5 * 81)  # backward-weights: the images split differently
     with pytest.raises(ValueError):
         float_conv.set_threads(0)
+
+
+def test_bench_float_conv_smoke(monkeypatch, capsys):
+    import importlib.util
+    import os
+
+    experiments = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    monkeypatch.syspath_prepend(experiments)  # the script imports bench_training beside it
+    spec = importlib.util.spec_from_file_location("bench_float_conv", os.path.join(experiments, "bench_float_conv.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--threads", "1", "--repeats", "1", "--batch", "2", "--gemm-size", "32", "--no-torch"])
+    (run,) = result["runs"]
+    passes = {(r["contender"], r["pass"]) for r in run["rows"]}
+    assert {("direct", p) for p in bench.PASSES} <= passes and {("im2col", p) for p in bench.PASSES} <= passes
+    assert all(r["best_ms"] > 0 and r["gflops_best"] > 0 for r in run["rows"])
+    assert result["machine"]["cpu_model"] and "loadavg_before" in result["machine"]
+    assert "| direct |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
