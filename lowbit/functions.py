@@ -225,6 +225,12 @@ def _windows(x, kh, kw, stride, padding, fill):
             yield i, j, xp_[:, :, i : i + h_end : stride, j : j + w_end : stride]
 
 
+def _channels_last(x):
+    """True when ``x`` (N, C, H, W) is an NCHW view of a C-contiguous NHWC buffer and not itself
+    C-contiguous (the layout of a direct convolution's output)."""
+    return x.ndim == 4 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
     """Max or average pooling of ``x`` (N, C, H, W).
 
@@ -234,6 +240,9 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
     """
     xp = get_array_module(x)
     if mode == "max" and _fast(x):
+        if padding == 0 and _channels_last(x):  # a direct convolution's output: pool it as it lies
+            out, arg = _kernels().maxpool2d_nhwc(x.transpose(0, 2, 3, 1), kh, kw, stride)
+            return out.transpose(0, 3, 1, 2), arg.transpose(0, 3, 1, 2)
         return _kernels().maxpool2d(np.ascontiguousarray(x), kh, kw, stride, padding)
     if mode == "max":
         out = None
@@ -259,6 +268,11 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
 def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding: int, mode: str):
     """Gradient of :func:`pool_forward` with respect to its input."""
     if mode == "max" and _fast(dout) and isinstance(argmax, np.ndarray):
+        if padding == 0 and stride >= kh and stride >= kw and _channels_last(argmax):
+            n, c, h, w = x_shape
+            dx = _kernels().maxpool2d_nhwc_backward(np.ascontiguousarray(dout.transpose(0, 2, 3, 1)),
+                                                    argmax.transpose(0, 2, 3, 1), (n, h, w, c), kh, kw, stride)
+            return dx.transpose(0, 3, 1, 2)
         return _kernels().maxpool2d_backward(np.ascontiguousarray(dout), np.ascontiguousarray(argmax),
                                              tuple(x_shape), kh, kw, stride, padding)
     xp = get_array_module(dout)

@@ -244,3 +244,38 @@ def test_bench_float_conv_smoke(monkeypatch, capsys):
     assert "| direct |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
+
+
+@pytest.mark.parametrize("k, stride", [(2, 2), (3, 3), (2, 3), (3, 2), (1, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_pooling_of_channels_last_views_bit_for_bit(k, stride, seed):
+    # a direct convolution's output is an NCHW view of an NHWC buffer: pooled as it lies, with the
+    # reference's values, ties (first maximum wins), NaN and signed zeros included
+    rng = np.random.default_rng(seed)
+    edges = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan], dtype=np.float32)
+    nhwc = rng.choice(edges, (3, 9, 10, 20)).astype(np.float32)
+    x = nhwc.transpose(0, 3, 1, 2)
+    out, arg = F.pool_forward(x, k, k, stride, 0, "max")
+    assert not out.flags.c_contiguous and out.transpose(0, 2, 3, 1).flags.c_contiguous
+    dout = rng.standard_normal(out.shape).astype(np.float32).transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+    dx = F.pool_backward(dout, arg, x.shape, k, k, stride, 0, "max")
+    with F.reference_ops():
+        out_ref, arg_ref = F.pool_forward(np.ascontiguousarray(x), k, k, stride, 0, "max")
+        dx_ref = F.pool_backward(np.ascontiguousarray(dout), arg_ref, x.shape, k, k, stride, 0, "max")
+    bits = lambda a: np.ascontiguousarray(a).view(np.uint32)  # noqa: E731
+    np.testing.assert_array_equal(bits(out), bits(out_ref))
+    np.testing.assert_array_equal(arg, arg_ref)
+    np.testing.assert_array_equal(bits(dx), bits(dx_ref))
+
+
+def test_channels_last_pool_kernels_name_bad_arguments():
+    from lowbit.kernels import float_ops
+
+    x = np.zeros((1, 4, 4, 3), np.float32)
+    out, arg = float_ops.maxpool2d_nhwc(x, 2, 2, 2)
+    with pytest.raises(ValueError, match="stride must be >="):
+        float_ops.maxpool2d_nhwc_backward(out, arg, x.shape, 2, 2, 1)
+    with pytest.raises(TypeError, match="argmax must be a numpy int8"):
+        float_ops.maxpool2d_nhwc_backward(out, arg.astype(np.int32), x.shape, 2, 2, 2)
+    with pytest.raises(ValueError, match="x_shape must be"):
+        float_ops.maxpool2d_nhwc_backward(out, arg, (1, 3, 4, 4), 2, 2, 2)

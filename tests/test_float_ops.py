@@ -68,7 +68,8 @@ def test_maxpool_takes_non_contiguous_input_and_names_bad_arguments():
     with pytest.raises(ValueError, match="does not fit"):
         float_ops.maxpool2d(np.zeros((1, 1, 2, 2), np.float32), 3, 3, 1, 0)
     with pytest.raises(ValueError, match="argmax must have the shape of dout"):
-        float_ops.maxpool2d_backward(out, np.ascontiguousarray(arg[:, :, :1]), x.shape, 2, 2, 2, 0)
+        float_ops.maxpool2d_backward(np.ascontiguousarray(out), np.ascontiguousarray(arg[:, :, :1]), x.shape,
+                                     2, 2, 2, 0)
 
 
 @pytest.mark.parametrize("size", [7, 70_000])  # one thread, and the prange path
