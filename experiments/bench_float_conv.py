@@ -16,13 +16,15 @@ input channels) the script times, interleaved repeat by repeat so that all see t
   that the issue measures the kernels against (>= 80% asked).
 
 Figures: the fastest of ``--repeats`` repeats (what the code reaches when the shared machine lets
-it) and the median; GFLOP/s count ``2 * N * OH * OW * O * C * KH * KW`` per pass.  The JSON records
+it) and the median, of elapsed time or, with ``--clock cpu``, of the process's CPU time (at one
+thread the time the work itself took, which other processes on a shared machine do not inflate); GFLOP/s count ``2 * N * OH * OW * O * C * KH * KW`` per pass.  The JSON records
 the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load average before and after.
 
 Usage::
 
     python experiments/bench_float_conv.py                       # prints the table, threads 1 2
     python experiments/bench_float_conv.py --threads 1 --repeats 5
+    python experiments/bench_float_conv.py --threads 1 --clock cpu     # on a busy machine
     python experiments/bench_float_conv.py --results             # also writes
                                                                  # experiments/results/bench_float_conv.json
 """
@@ -128,12 +130,13 @@ def bench(threads, args, torch, progress):
                 flops[(name, layer, pass_name)] = 2.0 * args.batch * out_size * out_size * o * c * 9
     for fn in timers.values():  # compile, warm up
         fn()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {key: [] for key in timers}
     for _ in range(args.repeats):
         for key, fn in timers.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
         progress.update(1)
     peak = flops[("sgemm", "", "")] / min(times[("sgemm", "", "")]) / 1e9
     rows = []
@@ -156,7 +159,7 @@ def markdown(result):
              "", f"Command: `{result['command']}`", ""]
     for run in result["runs"]:
         lines += [f"## {run['threads']} thread(s): numpy SGEMM {result['gemm_size']}^3 "
-                  f"{run['sgemm_gflops_best']:.1f} GFLOP/s (best of {result['repeats']})", "",
+                  f"{run['sgemm_gflops_best']:.1f} GFLOP/s (best of {result['repeats']}, {result['clock']} clock)", "",
                   "| layer | pass | direct ms | GFLOP/s | share of SGEMM | im2col ms | torch ms |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         by_key = {(r["contender"], r["layer"], r["pass"]): r for r in run["rows"]}
@@ -184,6 +187,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--gemm-size", type=int, default=2048)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time (time.process_time), which a "
+                             "shared machine's other processes do not inflate; meaningful at 1 thread, "
+                             "where it is the time the work took on its core")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--results", action="store_true",
                         help="write experiments/results/bench_float_conv.json and .md (else print only)")
@@ -226,6 +233,7 @@ def main(argv=None):
     result = {
         "benchmark": "Direct float32 convolution kernels on deep_convnet's layers vs im2col + SGEMM and PyTorch",
         "batch": args.batch, "repeats": args.repeats, "gemm_size": args.gemm_size, "vector_lanes": LANES,
+        "clock": args.clock,
         "runs": runs, "unset_env": unset, "blas": blas,
         "blas_kernel": ", ".join(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')}"
                                  for b in blas if b.get("internal_api") in ("openblas", "mkl", "blis")),

@@ -50,7 +50,7 @@ __all__ = [
     "conv2d_backward_weights",
     "pad_nhwc",
     "padded_input",
-    "forward_plan",
+    "block_plan",
     "tile_shape",
 ]
 
@@ -384,20 +384,21 @@ def _chunks(work, threads):
     return max(1, min(work, 4 * threads if threads > 1 else 1))
 
 
-def forward_plan(out_width, channels):
-    """``(rows, vectors)`` of the forward's register block for output rows ``out_width`` pixels wide
-    and ``channels`` output channels (padded to LANES): the fewest computed pixels (a row's last tile
-    may run past its end), then the fewest loads per multiply-add (``(rows + vectors) / (rows *
-    vectors)``)."""
+def block_plan(length, channels):
+    """``(rows, vectors)`` of a register block for runs of ``length`` rows (the forward: an output row
+    of that many pixels; backward-weights: a kernel row's ``KW * C`` positions) against ``channels``
+    output channels (padded to LANES): the fewest computed rows (a run's last block may reach past
+    its end), then the fewest loads per multiply-add (``(rows + vectors) / (rows * vectors)``), with
+    at least 8 accumulators (the FMA latency) unless one block covers the run."""
     blocks = -(-channels // LANES)
     best = None
     for vectors in (4, 2, 1):
         if blocks % vectors:
             continue
         for rows in range(1, _MAX_ROWS + 1):
-            if rows * vectors + vectors + 1 > _REGISTERS or (rows < out_width and rows * vectors < 8):
+            if rows * vectors + vectors + 1 > _REGISTERS or (rows < length and rows * vectors < 8):
                 continue
-            computed = -(-out_width // rows) * rows
+            computed = -(-length // rows) * rows
             score = (computed, (rows + vectors) / (rows * vectors))
             if best is None or score < best[0]:
                 best = (score, rows, vectors)
@@ -410,7 +411,7 @@ def _convolve(xp, packed, bias, stride, kh, kw, oh, ow, channels):
     o_pad = packed.shape[1]
     row_step = stride * xp.shape[3]
     if row_step == 1 or (row_step % LANES == 0 and row_step <= _MAX_ROW_STEP):
-        rows, vectors = forward_plan(ow, o_pad)
+        rows, vectors = block_plan(ow, o_pad)
     else:  # other steps share one compiled block per tile shape (its rows through an address table)
         (rows, vectors), row_step = tile_shape(o_pad), 0
     forward = _kernel("forward", rows, vectors, row_step)
@@ -524,7 +525,7 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     db = matrix[:, :o].sum(axis=0, dtype=np.float32)
     if min(n, c, oh, ow) == 0 or o == 0:
         return np.zeros((o, c, kh, kw), dtype=np.float32), db
-    rows, vectors = tile_shape(o_pad)
+    rows, vectors = block_plan(kw * c, o_pad)
     backward_weights = _kernel("backward_weights", rows, vectors)
     run = kw * c
     run_pad = -(-run // rows) * rows

@@ -93,14 +93,16 @@ def test_tile_shapes_fit_the_registers():
     registers = 32 if float_conv.LANES == 16 else 16
     for channels in (1, 16, 17, 32, 64, 80, 128):
         padded = -(-channels // float_conv.LANES) * float_conv.LANES
-        shapes = [float_conv.tile_shape(channels)] + [float_conv.forward_plan(width, channels)
+        shapes = [float_conv.tile_shape(channels)] + [float_conv.block_plan(width, channels)
                                                       for width in (1, 5, 8, 14, 16, 28, 224)]
         for rows, vectors in shapes:
             assert padded % (vectors * float_conv.LANES) == 0
             assert rows * vectors + vectors + 1 <= registers
-    # the forward's blocks waste no pixel on deep_convnet's rows (28, 14, 16, 8 wide)
-    for width, channels in ((28, 16), (14, 32), (16, 32), (8, 64)):
-        assert width % float_conv.forward_plan(width, channels)[0] == 0
+    # the blocks waste no row on deep_convnet's output rows (28, 14, 16, 8 wide) and kernel rows
+    # (3 * 16, 3 * 32, 3 * 64 positions)
+    for length, channels in ((28, 16), (14, 32), (16, 32), (8, 64), (48, 16), (48, 32), (96, 32), (96, 64),
+                             (192, 64)):
+        assert length % float_conv.block_plan(length, channels)[0] == 0
 
 
 def steps_on_both_paths(build, steps):
