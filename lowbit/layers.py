@@ -355,11 +355,6 @@ class Conv2D(Layer):
         return out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
-        xp = get_array_module(dout)
-        n, o, oh, ow = dout.shape
-        d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
-        k = self.kernel_size
-        c = self.in_channels
         if self._cache_col is None and self._cache_direct is None and direct_conv_available(
                 self._cache_binary_input, self.effective_weight(), self.padding):
             self._cache_direct = direct_conv_cache(self._cache_binary_input, self.padding, self.stride)
@@ -371,6 +366,11 @@ class Conv2D(Layer):
             if self.bias:
                 self.db = db
             return self.input_grad(dx.astype(dout.dtype, copy=False))
+        xp = get_array_module(dout)
+        n, o, oh, ow = dout.shape
+        d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
+        k = self.kernel_size
+        c = self.in_channels
         if self._cache_col is None:  # the forward ran on the bit kernel
             self._cache_col = im2col(self._cache_binary_input, k, k, self.stride, self.padding).reshape(
                 c * k * k, -1)
