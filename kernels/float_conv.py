@@ -39,7 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._checks import check_contiguous, check_dtype, check_int, check_ndim
-from ._intrinsics import HOST_FEATURES
+from ._intrinsics import HOST_FEATURES, atomic_claim
 from .float_ops import run_on_threads
 
 __all__ = [
@@ -220,41 +220,47 @@ def _make_forward(rows, vectors, row_step):
     width = vectors * LANES
 
     @njit(parallel=True, error_model="numpy", cache=True)
-    def forward(xp, weights, bias, has_bias, stride, kh, kw, oh, ow, out, chunks):
+    def forward(xp, weights, bias, has_bias, stride, kh, kw, oh, ow, out, claims, threads):
         """out (N * OH * OW, O) = the convolution of padded NHWC ``xp`` (whose buffer has slack
-        past its end for the last tile's extra rows) with packed ``weights`` (KH * KW * C, O)."""
+        past its end for the last tile's extra rows) with packed ``weights`` (KH * KW * C, O); the
+        output rows in ``claims.size`` chunks (zeroed int64) that ``threads`` threads claim."""
         batch, hp, wp, c = xp.shape
         o_pad = weights.shape[1]
         run = kw * c
         lines = batch * oh
         x_base = xp.ctypes.data
-        for chunk in prange(chunks):
+        chunks = claims.size
+        for thread in prange(threads):
             scratch = np.empty((rows, width), dtype=np.float32)
             table = np.empty(rows, dtype=np.int64)
-            for line in range(chunk * lines // chunks, (chunk + 1) * lines // chunks):
-                n = line // oh
-                y = line - n * oh
-                for x0 in range(0, ow, rows):
-                    a = x_base + (((n * hp + y * stride) * wp + x0 * stride) * c) * 4
-                    if row_step == 0:  # rows through a table of addresses
-                        for r in range(rows):
-                            table[r] = a + r * stride * c * 4
-                        a = table.ctypes.data
-                    first = line * ow + x0
-                    valid = min(rows, ow - x0)
-                    for block in range(o_pad // width):
-                        column = block * width
-                        bias_address = bias.ctypes.data + column * 4 if has_bias else 0
-                        # a row's last tile may run past its end: it goes to scratch first
-                        target, stride_out = out.ctypes.data + (first * o_pad + column) * 4, o_pad
-                        if valid < rows:
-                            target, stride_out = scratch.ctypes.data, width
-                        _fma_tile(rows, vectors, row_step, a, 1, kh, wp * c, run, weights.ctypes.data + column * 4,
-                                  o_pad, run * o_pad, target, stride_out, bias_address, 0)
-                        if valid < rows:
-                            for r in range(valid):
-                                for v in range(width):
-                                    out[first + r, column + v] = scratch[r, v]
+            chunk = _next_chunk(claims, -1, thread, threads)
+            while chunk >= 0:
+                for line in range(chunk * lines // chunks, (chunk + 1) * lines // chunks):
+                    n = line // oh
+                    y = line - n * oh
+                    for x0 in range(0, ow, rows):
+                        a = x_base + (((n * hp + y * stride) * wp + x0 * stride) * c) * 4
+                        if row_step == 0:  # rows through a table of addresses
+                            for r in range(rows):
+                                table[r] = a + r * stride * c * 4
+                            a = table.ctypes.data
+                        first = line * ow + x0
+                        valid = min(rows, ow - x0)
+                        for block in range(o_pad // width):
+                            column = block * width
+                            bias_address = bias.ctypes.data + column * 4 if has_bias else 0
+                            # a row's last tile may run past its end: it goes to scratch first
+                            target, stride_out = out.ctypes.data + (first * o_pad + column) * 4, o_pad
+                            if valid < rows:
+                                target, stride_out = scratch.ctypes.data, width
+                            _fma_tile(rows, vectors, row_step, a, 1, kh, wp * c, run,
+                                      weights.ctypes.data + column * 4, o_pad, run * o_pad, target, stride_out,
+                                      bias_address, 0)
+                            if valid < rows:
+                                for r in range(valid):
+                                    for v in range(width):
+                                        out[first + r, column + v] = scratch[r, v]
+                chunk = _next_chunk(claims, chunk, thread, threads)
 
     return forward
 
@@ -264,30 +270,55 @@ def _make_backward_weights(rows, vectors):
     width = vectors * LANES
 
     @njit(parallel=True, error_model="numpy", cache=True)
-    def backward_weights(xp, dout, stride, kh, kw, oh, ow, partial, chunks):
-        """partial[t] (KH, run_tiles * rows, O) = sum over images chunk t of the patch values times
-        ``dout`` (N * OH * OW, O); rows past KW * C of each kernel row are scratch (``xp``'s buffer
-        has slack past its end)."""
+    def backward_weights(xp, dout, stride, kh, kw, oh, ow, partial, claims):
+        """partial[t] (KH, run_tiles * rows, O) = sum, over the images thread t claimed, of the patch
+        values times ``dout`` (N * OH * OW, O); the images in ``claims.size`` chunks (zeroed int64),
+        one thread per entry of ``partial``.  Rows past KW * C of each kernel row are scratch
+        (``xp``'s buffer has slack past its end)."""
         batch, hp, wp, c = xp.shape
         o_pad = dout.shape[1]
         run = kw * c
         run_pad = partial.shape[2]
         x_base = xp.ctypes.data
-        block_width = width
-        for chunk in prange(chunks):
-            target = partial.ctypes.data + chunk * kh * run_pad * o_pad * 4
-            for n in range(chunk * batch // chunks, (chunk + 1) * batch // chunks):
-                accumulate = 1 if n > chunk * batch // chunks else 0
-                for i in range(kh):
-                    row_base = x_base + ((n * hp + i) * wp * c) * 4
-                    for first in range(0, run, rows):
-                        for block in range(o_pad // block_width):
-                            column = block * block_width
-                            _fma_tile(rows, vectors, 1, row_base + first * 4, stride * c, oh, stride * wp * c, ow,
-                                 dout.ctypes.data + (n * oh * ow * o_pad + column) * 4, o_pad, ow * o_pad,
-                                 target + ((i * run_pad + first) * o_pad + column) * 4, o_pad, 0, accumulate)
+        threads = partial.shape[0]
+        chunks = claims.size
+        for thread in prange(threads):
+            target = partial.ctypes.data + thread * kh * run_pad * o_pad * 4
+            accumulate = 0
+            chunk = _next_chunk(claims, -1, thread, threads)
+            while chunk >= 0:
+                for n in range(chunk * batch // chunks, (chunk + 1) * batch // chunks):
+                    for i in range(kh):
+                        row_base = x_base + ((n * hp + i) * wp * c) * 4
+                        for first in range(0, run, rows):
+                            for block in range(o_pad // width):
+                                column = block * width
+                                _fma_tile(rows, vectors, 1, row_base + first * 4, stride * c, oh, stride * wp * c,
+                                          ow, dout.ctypes.data + (n * oh * ow * o_pad + column) * 4, o_pad,
+                                          ow * o_pad, target + ((i * run_pad + first) * o_pad + column) * 4, o_pad,
+                                          0, accumulate)
+                    accumulate = 1
+                chunk = _next_chunk(claims, chunk, thread, threads)
+            if accumulate == 0:  # claimed nothing: its share is zero
+                partial[thread] = 0
 
     return backward_weights
+
+
+@njit(error_model="numpy", cache=True)
+def _next_chunk(claims, previous, thread, threads):
+    """The next chunk this thread claims (-1: none left).  Thread ``t`` starts at chunk
+    ``t * chunks // threads`` and walks on, taking what no other thread has taken: an even split
+    while all run, and the work moves to the threads that do when another process holds a core."""
+    chunks = claims.size
+    start = thread * chunks // threads
+    step = 0 if previous < 0 else (previous - start) % chunks + 1
+    while step < chunks:
+        chunk = (start + step) % chunks
+        if atomic_claim(claims.ctypes.data + chunk * 8):
+            return chunk
+        step += 1
+    return -1
 
 
 _kernel_cache = {}
@@ -380,8 +411,9 @@ def _nhwc_matrix(dout, o_pad):
 
 
 def _chunks(work, threads):
-    """How many pieces ``prange`` gets: a few per thread for balance, at most one per unit of work."""
-    return max(1, min(work, 4 * threads if threads > 1 else 1))
+    """How many pieces the threads claim: several per thread, so that a thread slowed by another
+    process leaves its last ones to the others; at most one per unit of work."""
+    return max(1, min(work, 8 * threads if threads > 1 else 1))
 
 
 def block_plan(length, channels):
@@ -421,8 +453,9 @@ def _convolve(xp, packed, bias, stride, kh, kw, oh, ow, channels):
     bias_pad = np.zeros(o_pad, dtype=np.float32)
     if has_bias:
         bias_pad[:bias.shape[0]] = bias
-    chunks = _chunks(xp.shape[0] * oh, _thread_count())
-    _run_threads(forward, xp, packed, bias_pad, has_bias, stride, kh, kw, oh, ow, out, chunks)
+    threads = _thread_count()
+    claims = np.zeros(_chunks(xp.shape[0] * oh, threads), dtype=np.int64)
+    _run_threads(forward, xp, packed, bias_pad, has_bias, stride, kh, kw, oh, ow, out, claims, threads)
     result = out.reshape(xp.shape[0], oh, ow, o_pad)
     return result if channels == o_pad else np.ascontiguousarray(result[..., :channels])
 
@@ -529,10 +562,10 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     backward_weights = _kernel("backward_weights", rows, vectors)
     run = kw * c
     run_pad = -(-run // rows) * rows
-    chunks = _chunks(n, _thread_count())
-    chunks = min(chunks, _thread_count())  # each piece keeps a private dW: one per thread
-    partial = np.empty((chunks, kh, run_pad, o_pad), dtype=np.float32)
-    _run_threads(backward_weights, x_padded, matrix, stride, kh, kw, oh, ow, partial, chunks)
-    total = partial[0] if chunks == 1 else partial.sum(axis=0)
+    threads = min(_thread_count(), n)
+    partial = np.empty((threads, kh, run_pad, o_pad), dtype=np.float32)  # a private dW per thread
+    claims = np.zeros(_chunks(n, threads), dtype=np.int64)
+    _run_threads(backward_weights, x_padded, matrix, stride, kh, kw, oh, ow, partial, claims)
+    total = partial[0] if threads == 1 else partial.sum(axis=0)
     dw = total[:, :run, :o].reshape(kh, kw, c, o).transpose(3, 2, 0, 1)
     return np.ascontiguousarray(dw), db
