@@ -351,15 +351,17 @@ def timed_function(function, key, timers):
 
 
 def op_summary(ops):
-    """One step's per-op seconds grouped as issue 21 asks: convolution forward, backward-data and
+    """One step's per-op seconds grouped as issue 21 asks: convolution (Conv2D, QuantConv2D) forward, backward-data and
     backward-weights (the direct kernels' own time; what else Conv2D.backward spends (layouts, bias,
     im2col for a first layer) is ``conv backward, other``, and all of it when the convolutions ran on
     im2col, where the two passes are not timed apart), max pooling, and the rest of the step."""
-    conv_forward = ops.get("Conv2D.forward", 0.0)
-    conv_backward = ops.get("Conv2D.backward", 0.0)
+    def total_of(kind, method):  # Conv2D and QuantConv2D alike
+        return sum(v for k, v in ops.items() if k.split(".")[0].endswith(kind) and k.endswith("." + method))
+
+    conv_forward, conv_backward = total_of("Conv2D", "forward"), total_of("Conv2D", "backward")
     data = ops.get("conv kernel: backward-data", 0.0)
     weights = ops.get("conv kernel: backward-weights", 0.0)
-    pool = ops.get("MaxPool2D.forward", 0.0) + ops.get("MaxPool2D.backward", 0.0)
+    pool = total_of("MaxPool2D", "forward") + total_of("MaxPool2D", "backward")
     total = ops.get("total", 0.0)
     return {"conv forward": conv_forward, "conv backward-data": data, "conv backward-weights": weights,
             "conv backward, other": conv_backward - data - weights, "max pool": pool,

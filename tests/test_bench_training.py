@@ -64,3 +64,11 @@ def test_bench_training_im2col_contender_and_op_groups(tmp_path):
     parts = sum(v for k, v in after.items() if k != "total")
     assert parts == pytest.approx(after["total"], rel=0.05)
     assert "ms per step by op group" in (tmp_path / "bench.md").read_text()
+
+
+def test_op_summary_groups_quantized_convolutions():
+    summary = load_bench().op_summary({"QuantConv2D.forward": 1.0, "Conv2D.forward": 2.0, "QuantConv2D.backward": 5.0,
+                                       "conv kernel: backward-data": 2.0, "conv kernel: backward-weights": 1.5,
+                                       "MaxPool2D.backward": 0.5, "ReLU.forward": 0.25, "total": 10.25})
+    assert summary["conv forward"] == 3.0 and summary["conv backward, other"] == 1.5
+    assert summary["max pool"] == 0.5 and summary["rest"] == 10.25 - 3.0 - 5.0 - 0.5
