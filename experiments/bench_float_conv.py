@@ -17,8 +17,13 @@ input channels) the script times, interleaved repeat by repeat so that all see t
 
 Figures: the fastest of ``--repeats`` repeats (what the code reaches when the shared machine lets
 it) and the median, of elapsed time or, with ``--clock cpu``, of the process's CPU time (at one
-thread the time the work itself took, which other processes on a shared machine do not inflate); GFLOP/s count ``2 * N * OH * OW * O * C * KH * KW`` per pass.  The JSON records
-the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load average before and after.
+thread the time the work itself took, which other processes on a shared machine do not inflate).
+GFLOP/s count ``2 * N * OH * OW * O * C * KH * KW`` for the forward and backward-weights and
+``2 * N * H * W * C * O * KH * KW`` for backward-data (one sum of ``O * KH * KW`` terms per input
+pixel: fewer terms than the forward's when the padding is wider than ``KH // 2``).  The JSON records
+the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load average before and after.  In
+training, a first layer with at most a quarter vector of input channels (conv1 here) runs its backward
+through im2col instead of these kernels (``lowbit.functions.conv2d_direct_backward``).
 
 Usage::
 
@@ -127,7 +132,8 @@ def bench(threads, args, torch, progress):
         for name, passes in contenders.items():
             for pass_name, fn in passes.items():
                 timers[(name, layer, pass_name)] = fn
-                flops[(name, layer, pass_name)] = 2.0 * args.batch * out_size * out_size * o * c * 9
+                pixels = size * size if pass_name == "backward_data" else out_size * out_size
+                flops[(name, layer, pass_name)] = 2.0 * args.batch * pixels * o * c * 9
     for fn in timers.values():  # compile, warm up
         fn()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
