@@ -32,6 +32,7 @@ the padding must be smaller than the kernel (else im2col runs).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import numpy as np
@@ -151,6 +152,31 @@ def matmul(a, b, keep_float32=False):
     float16 twin.  CuPy multiplies float16 natively (cuBLAS, fp32 compute); ``keep_float32`` is ignored
     there.
     """
+    if _fast_ops and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == b.ndim == 2 and \
+            a.shape[0] * a.shape[1] * b.shape[1] < _SMALL_GEMM:
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            return _matmul(a, b, keep_float32)
+    return _matmul(a, b, keep_float32)
+
+
+# Products of fewer multiply-adds than this (a classifier's dense layers, a first convolution's
+# im2col GEMMs) run on one BLAS thread while the fast ops are on: a threaded OpenBLAS call leaves its
+# workers spinning for a while afterwards, on the cores that the Numba kernels of the next layers
+# need (deep_convnet at 2 threads on the quiet 2-core AMD EPYC: 83 ms a step with numpy's BLAS on
+# two threads, 46 ms with it on one), and at these sizes one thread is about as fast.
+_SMALL_GEMM = 1 << 24
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One threadpoolctl controller for the process (its scan of the loaded libraries costs about a
+    millisecond), made after numpy has loaded its BLAS."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _matmul(a, b, keep_float32):
     if (a.dtype == np.float16 or b.dtype == np.float16) and get_array_module(a) is np:
         product = a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)
         if keep_float32:
@@ -517,6 +543,6 @@ def _im2col_conv_backward(dout, x, w, stride, padding):
     o, c, kh, kw = w.shape
     col = im2col(x, kh, kw, stride, padding).reshape(c * kh * kw, -1)
     d2d = dout.transpose(1, 0, 2, 3).reshape(o, -1)  # a copy unless dout is laid out (O, N, OH, OW)
-    dw = (col @ d2d.T).T.reshape(w.shape)
-    dcol = (w.reshape(o, -1).T @ d2d).reshape(c, kh, kw, x.shape[0], dout.shape[2], dout.shape[3])
+    dw = matmul(col, d2d.T).T.reshape(w.shape)
+    dcol = matmul(w.reshape(o, -1).T, d2d).reshape(c, kh, kw, x.shape[0], dout.shape[2], dout.shape[3])
     return col2im(dcol, x.shape, stride, padding), np.ascontiguousarray(dw), d2d.sum(axis=1)

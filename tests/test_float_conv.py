@@ -281,3 +281,19 @@ def test_channels_last_pool_kernels_name_bad_arguments():
         float_ops.maxpool2d_nhwc_backward(out, arg.astype(np.int32), x.shape, 2, 2, 2)
     with pytest.raises(ValueError, match="x_shape must be"):
         float_ops.maxpool2d_nhwc_backward(out, arg, (1, 3, 4, 4), 2, 2, 2)
+
+
+def test_small_products_run_on_one_blas_thread_and_equal_numpy():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((100, 1024)).astype(np.float32)
+    b = rng.standard_normal((1024, 50)).astype(np.float32)
+    before = blas_threads()
+    np.testing.assert_array_equal(F.matmul(a, b), a @ b)
+    assert blas_threads() == before  # the one-thread limit is lifted after the product
+    half = F.matmul(a.astype(np.float16), b.astype(np.float16))
+    assert half.dtype == np.float16
