@@ -6,8 +6,8 @@ input channels) the script times, interleaved repeat by repeat so that all see t
 
 * ``direct``: forward, backward-data and backward-weights of ``lowbit.kernels.float_conv``
   (``lowbit.functions.conv2d_direct`` / ``conv2d_direct_backward``), input layout as in training
-  (each layer's input an NCHW view of the previous layer's channels-last output; the first layer's
-  and the pooled layers' inputs NCHW);
+  (each layer's input an NCHW view of the previous layer's channels-last output, the first layer's
+  NCHW);
 * ``im2col``: the same three through ``lowbit.functions.im2col`` / ``col2im`` and numpy's SGEMM
   (the path ``Conv2D`` takes with ``lowbit.functions.use_direct_conv(False)``);
 * ``torch`` (if installed): ``torch.nn.functional.conv2d`` and ``torch.nn.grad.conv2d_input`` /
@@ -47,9 +47,10 @@ from bench_training import blas_info, check_counts, cpu_model, unset_openblas_en
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (input channels, output channels, input size, padding, input is a channels-last view) of
-# deep_convnet's convolutions: the first and the pooled ones get NCHW inputs
-LAYERS = ((1, 16, 28, 1, False), (16, 16, 28, 1, True), (16, 32, 14, 1, False), (32, 32, 14, 2, True),
-          (32, 64, 8, 1, False), (64, 64, 8, 1, True))
+# deep_convnet's convolutions: all but the first get the previous convolution's channels-last output
+# (through ReLU, and the max pool, which keeps the layout)
+LAYERS = ((1, 16, 28, 1, False), (16, 16, 28, 1, True), (16, 32, 14, 1, True), (32, 32, 14, 2, True),
+          (32, 64, 8, 1, True), (64, 64, 8, 1, True))
 PASSES = ("forward", "backward_data", "backward_weights")
 
 
