@@ -12,13 +12,15 @@ The kernels are implicit GEMMs.  For one output pixel and one kernel row ``i`` t
 input values it multiplies are contiguous in the padded NHWC buffer, so a pixel's patch is ``KH``
 runs of ``KW * C`` floats, ``(W + 2p) * C`` apart; no patch matrix is ever materialised.
 
-The inner block (:func:`_tile_intrinsic`) is written in LLVM IR, like the XNOR GEMM's, so that its
+The inner block (:func:`_fma_tile`) is written in LLVM IR, like the XNOR GEMM's, so that its
 ``rows x vectors`` accumulators stay in vector registers: per step of the reduction it loads
 ``vectors`` weight vectors, broadcasts one value of each of ``rows`` patch rows and issues
-``rows * vectors`` fused multiply-adds.  The three passes are this block with different strides:
+``rows * vectors`` fused multiply-adds.  Its rows lie at compile-time displacements from one base
+address (``row_step``), which keeps the general-purpose registers free; :func:`block_plan` sizes it
+per layer.  The three passes are this block with different strides:
 
-* forward: rows are output pixels (any ``rows`` consecutive pixels of the batch, through a table of
-  their patch addresses), vectors are output channels, the reduction runs over ``(i, j, c)``;
+* forward: rows are ``rows`` consecutive pixels of one output row, vectors are output channels,
+  the reduction runs over ``(i, j, c)``; the threads claim chunks of output rows;
 * backward-data, stride 1: the forward of the output gradient (zero-padded by ``KH - 1 - p``) with
   the kernel flipped and its channel axes swapped; a stride ``s > 1`` first spreads the gradient
   ``s`` apart (zeros between), which costs ``s * s`` times the arithmetic of the nonzero terms;
@@ -56,8 +58,6 @@ __all__ = [
 
 LANES = 16 if "avx512f" in HOST_FEATURES else 8
 
-# (accumulator rows, vectors per row) by output-channel block: rows * vectors accumulators plus
-# `vectors` weight vectors and one broadcast fit the 32 zmm (AVX-512) or 16 ymm (AVX2) registers.
 # vector registers a block may fill: rows * vectors accumulators, `vectors` weight vectors and one
 # broadcast (one register kept spare for LLVM); and the most rows of a block
 _REGISTERS = 31 if LANES == 16 else 15
@@ -65,7 +65,8 @@ _MAX_ROWS = 28
 # row steps (stride * input channels) that get a block compiled for them: 1 and multiples of LANES
 # up to this; others address their rows through a table (a few general-purpose registers spill)
 _MAX_ROW_STEP = 1024
-# rows of the backward-weights block by vectors per row
+# rows of the forward's block by vectors per row when its rows go through an address table (row
+# steps without a compiled block of their own)
 if LANES == 16:
     _TILES = {4: 6, 2: 12, 1: 14}
 else:
@@ -98,7 +99,7 @@ def _run_threads(kernel, *args):
 
 
 def tile_shape(channels):
-    """``(rows, vectors)`` of the register block used for ``channels`` (padded) output channels."""
+    """``(rows, vectors)`` of the address-table block for ``channels`` (padded) output channels."""
     padded = -(-channels // LANES) * LANES
     for vectors in (4, 2, 1):
         if padded % (vectors * LANES) == 0:
