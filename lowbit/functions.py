@@ -67,6 +67,7 @@ __all__ = [
     "direct_conv_cache",
     "conv2d_direct",
     "conv2d_direct_backward",
+    "im2col_layout",
 ]
 
 
@@ -515,6 +516,12 @@ def conv2d_direct(x, w, b, stride: int, padding: int):
     """
     b = None if b is None else np.asarray(b, dtype=np.float32)
     return _conv_kernels().conv2d_forward(x, w, b, stride, padding)
+
+
+def im2col_layout(out):
+    """``out`` (N, O, OH, OW) as the im2col path lays a convolution's output out in memory,
+    ``(O, N, OH, OW)`` (an NCHW view of it): the same values, and what packed models mirror."""
+    return out.transpose(1, 0, 2, 3).copy().transpose(1, 0, 2, 3)
 
 
 def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):

@@ -41,6 +41,7 @@ from .functions import (
     direct_conv_available,
     direct_conv_cache,
     im2col,
+    im2col_layout,
     matmul,
     pool_backward,
     pool_forward,
@@ -337,7 +338,9 @@ class Conv2D(Layer):
             self._cache_col = None
             out, self._cache_direct = conv2d_direct(xq, w, self.b if self.bias else None, self.stride,
                                                     self.padding)
-            return out
+            # in inference, the im2col path's memory layout: packed models mirror it, and reductions
+            # downstream (GlobalAvgPool2D's mean) then sum in the same order
+            return out if train else im2col_layout(out)
         if xq.dtype == np.float16 and get_array_module(xq) is np:
             # float16 on numpy: matmul multiplies in float32 anyway, so build (and cache) the 9x larger
             # patch buffer in float32 from the exact float16 values, cast once here instead of in

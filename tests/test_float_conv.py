@@ -297,3 +297,14 @@ def test_small_products_run_on_one_blas_thread_and_equal_numpy():
     assert blas_threads() == before  # the one-thread limit is lifted after the product
     half = F.matmul(a.astype(np.float16), b.astype(np.float16))
     assert half.dtype == np.float16
+
+
+def test_inference_output_has_the_im2col_layout_and_the_training_values():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4, 9, 9)).astype(np.float32)
+    layer = Conv2D(4, 16, 3, padding=1, seed=1)
+    trained = layer.forward(x, train=True)
+    inferred = layer.forward(x, train=False)
+    assert trained.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last while training
+    assert inferred.transpose(1, 0, 2, 3).flags.c_contiguous  # (O, N, OH, OW), as im2col lays it out
+    np.testing.assert_array_equal(inferred, trained)
