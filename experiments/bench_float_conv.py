@@ -22,8 +22,8 @@ GFLOP/s count ``2 * N * OH * OW * O * C * KH * KW`` for the forward and backward
 ``2 * N * H * W * C * O * KH * KW`` for backward-data (one sum of ``O * KH * KW`` terms per input
 pixel: fewer terms than the forward's when the padding is wider than ``KH // 2``).  The JSON records
 the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load average before and after.  In
-training, a first layer with at most a quarter vector of input channels (conv1 here) runs its backward
-through im2col instead of these kernels (``lowbit.functions.conv2d_direct_backward``).
+training, a first layer with at most a quarter vector of input channels (conv1 here) gets its
+backward-data from one GEMM and col2im instead (``lowbit.functions.conv2d_direct_backward``).
 
 Usage::
 

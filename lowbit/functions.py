@@ -526,30 +526,29 @@ def im2col_layout(out):
 
 def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):
     """Gradients of :func:`conv2d_direct`: ``(dx, dW, db)`` from ``dout`` (N, O, OH, OW), the
-    forward's ``cache`` (or :func:`direct_conv_cache` of its input) and ``w``.  ``dx`` is an NCHW
-    view of a channels-last buffer; all float32.
+    forward's ``cache`` (or :func:`direct_conv_cache` of its input) and ``w``; all float32.
 
     With at most a quarter vector of input channels (a network's first layer on gray or RGB images)
-    both gradients go through im2col and the GEMM instead: the register blocks would compute mostly
-    padding channels.
+    ``dx`` comes from one GEMM and col2im (:func:`_gemm_backward_data`): the register blocks would
+    compute mostly padding channels.  Otherwise ``dx`` is an NCHW view of a channels-last buffer.
     """
     kernels = _conv_kernels()
     dout = dout.astype(np.float32, copy=False)
     n, hp, wp, c = cache.shape
     x_shape = (n, c, hp - 2 * padding, wp - 2 * padding)
-    if 4 * c <= kernels.LANES:
-        x = cache[:, padding:hp - padding, padding:wp - padding].transpose(0, 3, 1, 2)
-        return _im2col_conv_backward(dout, x, w, stride, padding)
     dw, db = kernels.conv2d_backward_weights(dout, cache, w.shape, stride)
-    dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)
+    if 4 * c <= kernels.LANES:
+        dx = _gemm_backward_data(dout, w, x_shape, stride, padding)
+    else:
+        dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)
     return dx, dw, db
 
 
-def _im2col_conv_backward(dout, x, w, stride, padding):
-    """``(dx, dW, db)`` of a float32 convolution through im2col, col2im and two GEMMs."""
+def _gemm_backward_data(dout, w, x_shape, stride, padding):
+    """``dx`` of a float32 convolution: the patch gradients as one GEMM of the channels-last output
+    gradient (N * OH * OW, O) with ``w`` (O, C * KH * KW), summed back by :func:`col2im`."""
     o, c, kh, kw = w.shape
-    col = im2col(x, kh, kw, stride, padding).reshape(c * kh * kw, -1)
-    d2d = dout.transpose(1, 0, 2, 3).reshape(o, -1)  # a copy unless dout is laid out (O, N, OH, OW)
-    dw = matmul(col, d2d.T).T.reshape(w.shape)
-    dcol = matmul(w.reshape(o, -1).T, d2d).reshape(c, kh, kw, x.shape[0], dout.shape[2], dout.shape[3])
-    return col2im(dcol, x.shape, stride, padding), np.ascontiguousarray(dw), d2d.sum(axis=1)
+    n, _, oh, ow = dout.shape
+    rows = dout.transpose(0, 2, 3, 1).reshape(-1, o)  # no copy when dout is channels-last
+    patches = matmul(rows, w.reshape(o, -1)).reshape(n, oh, ow, c, kh, kw)
+    return col2im(patches.transpose(3, 4, 5, 0, 1, 2), x_shape, stride, padding)
