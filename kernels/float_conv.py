@@ -25,8 +25,9 @@ per layer.  The three passes are this block with different strides:
   the kernel flipped and its channel axes swapped; a stride ``s > 1`` first spreads the gradient
   ``s`` apart (zeros between), which costs ``s * s`` times the arithmetic of the nonzero terms;
 * backward-weights: rows are ``(j, c)`` positions of one kernel row, vectors are output channels,
-  the reduction runs over the output pixels; each thread sums its share of the images into a
-  private ``dW`` and the shares are added at the end.
+  the reduction runs over the output pixels; the images in 8 chunks, each summed into a ``dW`` of
+  its own, whichever thread claims it, and the 8 added in order: deterministic, on any number of
+  threads.
 
 Arithmetic: float32 fused multiply-adds, the reduction in the order above; results agree with the
 im2col reference (``lowbit.functions``) to float32 rounding, not bit for bit.
@@ -71,6 +72,9 @@ if LANES == 16:
     _TILES = {4: 6, 2: 12, 1: 14}
 else:
     _TILES = {4: 2, 2: 5, 1: 12}
+
+# backward-weights splits the images into this many chunks whatever the thread count
+_WEIGHT_CHUNKS = 8
 
 # None: Numba's thread count; an int: at most this many threads for these kernels.
 _threads = None
@@ -271,24 +275,25 @@ def _make_backward_weights(rows, vectors):
     width = vectors * LANES
 
     @njit(parallel=True, error_model="numpy", cache=True)
-    def backward_weights(xp, dout, stride, kh, kw, oh, ow, partial, claims):
-        """partial[t] (KH, run_tiles * rows, O) = sum, over the images thread t claimed, of the patch
-        values times ``dout`` (N * OH * OW, O); the images in ``claims.size`` chunks (zeroed int64),
-        one thread per entry of ``partial``.  Rows past KW * C of each kernel row are scratch
-        (``xp``'s buffer has slack past its end)."""
+    def backward_weights(xp, dout, stride, kh, kw, oh, ow, partial, claims, threads):
+        """partial[t] (KH, run_tiles * rows, O) = sum, over the images of chunk t (of
+        ``claims.size == partial.shape[0]``, zeroed int64, claimed by ``threads`` threads), of the patch
+        values times ``dout`` (N * OH * OW, O).  Each chunk sums its images in order into its own
+        block, whichever thread takes it, so the result does not depend on the threads.  Rows past
+        KW * C of each kernel row are scratch (``xp``'s buffer has slack past its end)."""
         batch, hp, wp, c = xp.shape
         o_pad = dout.shape[1]
         run = kw * c
         run_pad = partial.shape[2]
         x_base = xp.ctypes.data
-        threads = partial.shape[0]
         chunks = claims.size
         for thread in prange(threads):
-            target = partial.ctypes.data + thread * kh * run_pad * o_pad * 4
-            accumulate = 0
             chunk = _next_chunk(claims, -1, thread, threads)
             while chunk >= 0:
-                for n in range(chunk * batch // chunks, (chunk + 1) * batch // chunks):
+                target = partial.ctypes.data + chunk * kh * run_pad * o_pad * 4
+                first_image = chunk * batch // chunks
+                for n in range(first_image, (chunk + 1) * batch // chunks):
+                    accumulate = 1 if n > first_image else 0
                     for i in range(kh):
                         row_base = x_base + ((n * hp + i) * wp * c) * 4
                         for first in range(0, run, rows):
@@ -298,10 +303,7 @@ def _make_backward_weights(rows, vectors):
                                           ow, dout.ctypes.data + (n * oh * ow * o_pad + column) * 4, o_pad,
                                           ow * o_pad, target + ((i * run_pad + first) * o_pad + column) * 4, o_pad,
                                           0, accumulate)
-                    accumulate = 1
                 chunk = _next_chunk(claims, chunk, thread, threads)
-            if accumulate == 0:  # claimed nothing: its share is zero
-                partial[thread] = 0
 
     return backward_weights
 
@@ -563,10 +565,12 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     backward_weights = _kernel("backward_weights", rows, vectors)
     run = kw * c
     run_pad = -(-run // rows) * rows
-    threads = min(_thread_count(), n)
-    partial = np.empty((threads, kh, run_pad, o_pad), dtype=np.float32)  # a private dW per thread
-    claims = np.zeros(_chunks(n, threads), dtype=np.int64)
-    _run_threads(backward_weights, x_padded, matrix, stride, kh, kw, oh, ow, partial, claims)
-    total = partial[0] if threads == 1 else partial.sum(axis=0)
+    # a fixed number of image chunks, each summed into its own dW and the dWs added in order: the
+    # same result on any number of threads
+    chunks = min(n, _WEIGHT_CHUNKS)
+    partial = np.empty((chunks, kh, run_pad, o_pad), dtype=np.float32)
+    claims = np.zeros(chunks, dtype=np.int64)
+    _run_threads(backward_weights, x_padded, matrix, stride, kh, kw, oh, ow, partial, claims, _thread_count())
+    total = partial[0] if chunks == 1 else partial.sum(axis=0)
     dw = total[:, :run, :o].reshape(kh, kw, c, o).transpose(3, 2, 0, 1)
     return np.ascontiguousarray(dw), db
