@@ -23,12 +23,16 @@ numpy reference ops, ``lowbit.functions.use_fast_ops(False)``), ``torch``, and a
 ``lowbit.kernels.float_ops.set_threads(None)``, where lowbit's default holds them to one while BLAS
 and the binary kernels keep all: whether their ``prange`` pays beside BLAS's threads); with ``--mixed16`` also ``lowbit_mixed16``,
 deep_convnet in lowbit's mixed precision (float16 emulated on numpy: what matching a GPU's numerics
-costs on a CPU, ``lowbit_mixed16_over_lowbit``).  Figures are medians
-over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
+costs on a CPU, ``lowbit_mixed16_over_lowbit``); with ``--im2col-contender`` also ``lowbit_im2col``,
+the compiled kernels with the convolutions on im2col + BLAS (``lowbit.functions.use_direct_conv(False)``:
+what the direct convolution kernels of ``lowbit.kernels.float_conv`` give, ``lowbit_over_lowbit_im2col``).
+Figures are medians over ``--repeats`` repeats of ``--steps`` steps, and the median of the per-repeat paired ratios.
 Each thread count in ``--threads`` sets numpy's BLAS (threadpoolctl), Numba's and torch's threads.
 The per-op table times every layer type's forward and backward and the optimizer step for both
 lowbit contenders (median over ``--profile-steps`` instrumented steps, run apart from the timed
-repeats).  The JSON records the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load.
+repeats), and a summary by op group: convolution forward, backward-data and backward-weights (the
+direct kernels' own time), the rest of the convolutions' backward, max pooling, everything else.  The
+JSON records the CPU model (lscpu), the BLAS kernel (threadpoolctl) and the load.
 
 If ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` are set they slow numpy's OpenBLAS;
 ``--unset-openblas-env`` re-executes this script without them (for this process only) and the JSON
@@ -43,6 +47,7 @@ Usage::
     python experiments/bench_training.py --networks bnn_mlp --threads 1
     python experiments/bench_training.py --retain-freed-memory    # no page faults (lowbit.memory)
     python experiments/bench_training.py --networks deep_convnet --mixed16
+    python experiments/bench_training.py --networks deep_convnet --im2col-contender
 """
 from __future__ import annotations
 
@@ -82,6 +87,28 @@ def cpu_model():
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def check_counts(parser, args, names):
+    """``parser.error`` unless every ``args.<name>`` and every thread count in ``args.threads`` is >= 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(t < 1 for t in args.threads):
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+
+
+def unset_openblas_env(enabled):
+    """With ``enabled``, re-execute this script without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE when
+    either is set (this process only); returns the names that were unset (in the re-executed run:
+    none, as they are gone)."""
+    if not enabled:
+        return []
+    unset = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    if unset:
+        env = {k: v for k, v in os.environ.items() if k not in unset}
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    return unset
 
 
 # -- PyTorch twins ---------------------------------------------------------------------------------
@@ -238,7 +265,7 @@ def lowbit_model(name):
 class LowbitRunner:
     """One lowbit model trained with the compiled kernels (``fast``) or the reference ops."""
 
-    def __init__(self, name, batches, fast, kernel_threads="default"):
+    def __init__(self, name, batches, fast, kernel_threads="default", direct_conv=True):
         from lowbit.losses import SoftmaxCrossEntropy
         from lowbit.optimizers import Adam
 
@@ -248,13 +275,15 @@ class LowbitRunner:
         self.batches = batches
         self.fast = fast
         self.kernel_threads = kernel_threads
+        self.direct_conv = direct_conv
         self.i = 0
 
     def steps(self, n):
-        from lowbit.functions import use_fast_ops
+        from lowbit.functions import use_direct_conv, use_fast_ops
         from lowbit.kernels import float_ops
 
         previous = use_fast_ops(self.fast)
+        previous_conv = use_direct_conv(self.direct_conv)
         default = self.kernel_threads == "default"  # lowbit's own setting, untouched
         threads = None if default else float_ops.set_threads(self.kernel_threads)
         try:
@@ -266,6 +295,7 @@ class LowbitRunner:
                 self.opt.step(self.model)
         finally:
             use_fast_ops(previous)
+            use_direct_conv(previous_conv)
             if not default:
                 float_ops.set_threads(threads)
 
@@ -277,27 +307,21 @@ class LowbitRunner:
         layers = [layer for _, layer in self.model.named_layers() if not layer.children()]
 
         def wrap(layer, method):
-            original = getattr(layer, method)
             key = f"{type(layer).__name__}.{method}"
-
-            def timed(*args, **kwargs):
-                t0 = time.perf_counter()
-                out = original(*args, **kwargs)
-                timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
-                return out
-            setattr(layer, method, timed)
+            setattr(layer, method, timed_function(getattr(layer, method), key, timers))
 
         for layer in layers:
             wrap(layer, "forward")
             wrap(layer, "backward")
-        original_step = self.opt.step
+        # the direct convolution kernels, which lowbit.functions reaches through the module
+        from lowbit.kernels import float_conv
 
-        def timed_step(model, lr=None):
-            t0 = time.perf_counter()
-            original_step(model, lr)
-            timers["Adam.step+clip"] = timers.get("Adam.step+clip", 0.0) + time.perf_counter() - t0
-
-        self.opt.step = timed_step
+        kernel_names = {"conv2d_forward": "conv kernel: forward", "conv2d_backward_data": "conv kernel: backward-data",
+                        "conv2d_backward_weights": "conv kernel: backward-weights"}
+        originals = {name: getattr(float_conv, name) for name in kernel_names}
+        for name, key in kernel_names.items():
+            setattr(float_conv, name, timed_function(originals[name], key, timers))
+        self.opt.step = timed_function(self.opt.step, "Adam.step+clip", timers)
         try:
             for _ in range(n):
                 timers.clear()
@@ -309,8 +333,42 @@ class LowbitRunner:
             for layer in layers:
                 del layer.forward, layer.backward  # back to the class methods
             del self.opt.step
+            for name, original in originals.items():
+                setattr(float_conv, name, original)
         keys = sorted({k for r in records for k in r})
+        self.summary = {}  # op_summary of each step, then medians: its rows add up within a step
+        summaries = [op_summary(r) for r in records]
+        for key in summaries[0]:
+            self.summary[key] = 1000 * statistics.median(s[key] for s in summaries)
         return {k: 1000 * statistics.median(r.get(k, 0.0) for r in records) for k in keys}
+
+
+def timed_function(function, key, timers):
+    """``function`` that adds its seconds to ``timers[key]``."""
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = function(*args, **kwargs)
+        timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
+        return out
+    return timed
+
+
+def op_summary(ops):
+    """One step's per-op seconds grouped as issue 21 asks: convolution (Conv2D, QuantConv2D) forward, backward-data and
+    backward-weights (the direct kernels' own time; what else Conv2D.backward spends (layouts, bias,
+    im2col for a first layer) is ``conv backward, other``, and all of it when the convolutions ran on
+    im2col, where the two passes are not timed apart), max pooling, and the rest of the step."""
+    def total_of(kind, method):  # Conv2D and QuantConv2D alike
+        return sum(v for k, v in ops.items() if k.split(".")[0].endswith(kind) and k.endswith("." + method))
+
+    conv_forward, conv_backward = total_of("Conv2D", "forward"), total_of("Conv2D", "backward")
+    data = ops.get("conv kernel: backward-data", 0.0)
+    weights = ops.get("conv kernel: backward-weights", 0.0)
+    pool = total_of("MaxPool2D", "forward") + total_of("MaxPool2D", "backward")
+    total = ops.get("total", 0.0)
+    return {"conv forward": conv_forward, "conv backward-data": data, "conv backward-weights": weights,
+            "conv backward, other": conv_backward - data - weights, "max pool": pool,
+            "rest": total - conv_forward - conv_backward - pool, "total": total}
 
 
 class MixedRunner(LowbitRunner):
@@ -381,6 +439,9 @@ def bench_network(name, threads, args, torch, progress):
                "torch": TorchRunner(torch, name, batches)}
     if args.mixed16 and name == "deep_convnet":
         runners["lowbit_mixed16"] = MixedRunner(name, batches)
+    if args.im2col_contender:
+        # the compiled kernels with the convolutions on im2col + BLAS (use_direct_conv(False))
+        runners["lowbit_im2col"] = LowbitRunner(name, batches, True, direct_conv=False)
     if threads > 1:
         # the compiled kernels on every thread (lowbit's default: one) beside BLAS's: whether their
         # prange pays here
@@ -405,14 +466,22 @@ def bench_network(name, threads, args, torch, progress):
     if "lowbit_mixed16" in rates:
         paired["lowbit_mixed16_over_lowbit"] = statistics.median(
             a / b for a, b in zip(rates["lowbit_mixed16"], rates["lowbit"]))
+    if "lowbit_im2col" in rates:
+        paired["lowbit_over_lowbit_im2col"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit"], rates["lowbit_im2col"]))
+        paired["lowbit_im2col_over_torch"] = statistics.median(
+            a / b for a, b in zip(rates["lowbit_im2col"], rates["torch"]))
     if "lowbit_kernels_all_threads" in rates:
         paired["lowbit_kernels_all_threads_over_lowbit"] = statistics.median(
             a / b for a, b in zip(rates["lowbit_kernels_all_threads"], rates["lowbit"]))
     # profile() wraps the layers of a LowbitRunner's model; the mixed runner is left out
-    ops = {"after": runners["lowbit"].profile(args.profile_steps),
-           "before": runners["lowbit_reference"].profile(args.profile_steps)}
+    profiled = {"after": runners["lowbit"], "before": runners["lowbit_reference"]}
+    if args.im2col_contender:
+        profiled["im2col"] = runners["lowbit_im2col"]
+    ops = {key: runner.profile(args.profile_steps) for key, runner in profiled.items()}
     return {"images_per_second": rates, "median_images_per_second": med,
-            "median_paired_ratio": paired, "op_ms_per_step": ops}
+            "median_paired_ratio": paired, "op_ms_per_step": ops,
+            "op_summary_ms_per_step": {key: runner.summary for key, runner in profiled.items()}}
 
 
 def markdown(result):
@@ -432,6 +501,17 @@ def markdown(result):
                      f"{ratio['lowbit_over_torch']:.2f}x | {ratio['lowbit_reference_over_torch']:.2f}x | "
                      f"{ratio['lowbit_over_lowbit_reference']:.2f}x | "
                      f"{ratio.get('lowbit_kernels_all_threads_over_lowbit', 1.0):.2f}x |")
+    for run in result["runs"]:
+        summary = run.get("op_summary_ms_per_step")
+        if not summary:
+            continue
+        columns = [k for k in ("before", "im2col", "after") if k in summary]
+        names = {"before": "reference ops", "im2col": "compiled kernels, convolutions on im2col",
+                 "after": "compiled kernels, direct convolutions"}
+        lines += ["", f"## {run['network']}, {run['threads']} thread(s): ms per step by op group", "",
+                  "| op | " + " | ".join(names[k] for k in columns) + " |", "| --- |" + " ---: |" * len(columns)]
+        for key in summary[columns[0]]:
+            lines.append(f"| {key} | " + " | ".join(f"{summary[c][key]:.2f}" for c in columns) + " |")
     for run in result["runs"]:
         ops = run["op_ms_per_step"]
         lines += ["", f"## {run['network']}, {run['threads']} thread(s): ms per step, before (reference "
@@ -454,6 +534,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 repeats x 3 steps, 3 profiled steps")
     parser.add_argument("--mixed16", action="store_true",
                         help="also time deep_convnet in lowbit's mixed precision (float16 emulated on numpy)")
+    parser.add_argument("--im2col-contender", action="store_true",
+                        help="also time lowbit with the convolutions on im2col + BLAS (use_direct_conv(False)): "
+                             "what the direct convolution kernels give")
     parser.add_argument("--unset-openblas-env", action="store_true")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="lowbit.memory.retain_freed_memory() first: freed blocks stay in the heap, "
@@ -464,18 +547,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.warmup, args.profile_steps = 3, 3, 1, 3
-    for name in ("steps", "repeats", "profile_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(t < 1 for t in args.threads):
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-
-    unset = []
-    if args.unset_openblas_env:
-        unset = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-        if unset:
-            env = {k: v for k, v in os.environ.items() if k not in unset}
-            os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    check_counts(parser, args, ("steps", "repeats", "profile_steps", "batch_size"))
+    unset = unset_openblas_env(args.unset_openblas_env)
 
     import torch
     from tqdm import tqdm
@@ -527,9 +600,11 @@ def main(argv=None):
     os.replace(md + ".tmp", md)
     for run in runs:
         r = run["median_paired_ratio"]
+        im2col = (f", lowbit/lowbit_im2col {r['lowbit_over_lowbit_im2col']:.2f}x"
+                  if "lowbit_over_lowbit_im2col" in r else "")
         print(f"{run['network']:>13} {run['threads']} thread(s): lowbit/torch {r['lowbit_over_torch']:.2f}x, "
               f"reference/torch {r['lowbit_reference_over_torch']:.2f}x, "
-              f"lowbit/reference {r['lowbit_over_lowbit_reference']:.2f}x")
+              f"lowbit/reference {r['lowbit_over_lowbit_reference']:.2f}x{im2col}")
     print(f"{result['wall_seconds']} s -> {args.out}, {md}")
     return result
 

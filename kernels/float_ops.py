@@ -36,6 +36,8 @@ __all__ = [
     "dense_flat",
     "maxpool2d",
     "maxpool2d_backward",
+    "maxpool2d_nhwc",
+    "maxpool2d_nhwc_backward",
     "relu",
     "relu_backward",
     "sign_ste",
@@ -70,16 +72,25 @@ def set_threads(threads=None):
     return previous
 
 
-def _parallel(kernel, *args):
-    """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
-    if _threads is None:
+def run_on_threads(threads, kernel, *args):
+    """``kernel(*args)`` with Numba's thread count set to ``threads`` (None: as it is, else capped
+    by ``NUMBA_NUM_THREADS``) for the call."""
+    if threads is None:
         return kernel(*args)
     previous = numba.get_num_threads()
-    numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if threads == previous:
+        return kernel(*args)
+    numba.set_num_threads(threads)
     try:
         return kernel(*args)
     finally:
         numba.set_num_threads(previous)
+
+
+def _parallel(kernel, *args):
+    """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
+    return run_on_threads(_threads, kernel, *args)
 
 
 def _check_float32(name, arr, ndim=None):
@@ -282,6 +293,96 @@ def maxpool2d_backward(dout, argmax, x_shape, kernel_h, kernel_w, stride, paddin
     dx = np.empty(tuple(x_shape), dtype=np.float32)
     overlapping = stride < kernel_h or stride < kernel_w
     _parallel(_maxpool_backward_cpu, dout, argmax, kernel_h, kernel_w, stride, padding, dx, overlapping)
+    return dx
+
+
+# -- max pooling of channels-last arrays (what the direct convolutions hand on) ---------------------
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _maxpool_nhwc(x, kernel_h, kernel_w, stride, out, arg):
+    """Unpadded max pooling of (N, H, W, C): per output pixel, the taps in the reference's order (the
+    first maximum wins, NaN at tap 0 stays), each a vector compare-and-select over the channels."""
+    batch, channels = x.shape[0], x.shape[3]
+    out_h, out_w = out.shape[1], out.shape[2]
+    for line in prange(batch * out_h):
+        n = line // out_h
+        oy = line - n * out_h
+        for ox in range(out_w):
+            best, taps = out[n, oy, ox], arg[n, oy, ox]
+            first = x[n, oy * stride, ox * stride]
+            for ch in range(channels):
+                best[ch] = first[ch]
+                taps[ch] = 0
+            for i in range(kernel_h):
+                for j in range(kernel_w):
+                    if i == 0 and j == 0:
+                        continue
+                    row = x[n, oy * stride + i, ox * stride + j]
+                    tap = np.int8(i * kernel_w + j)
+                    for ch in range(channels):
+                        v = row[ch]
+                        better = v > best[ch]
+                        best[ch] = v if better else best[ch]
+                        taps[ch] = tap if better else taps[ch]
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _maxpool_nhwc_backward(dout, arg, kernel_h, kernel_w, stride, dx):
+    """Gradient of :func:`_maxpool_nhwc` for windows that do not overlap (stride >= kernel): each
+    covered input gets its window's gradient or 0, once; ``dx`` arrives zeroed."""
+    batch, channels = dx.shape[0], dx.shape[3]
+    out_h, out_w = dout.shape[1], dout.shape[2]
+    zero = np.float32(0)
+    for line in prange(batch * out_h):
+        n = line // out_h
+        oy = line - n * out_h
+        for ox in range(out_w):
+            grad, taps = dout[n, oy, ox], arg[n, oy, ox]
+            for i in range(kernel_h):
+                for j in range(kernel_w):
+                    target = dx[n, oy * stride + i, ox * stride + j]
+                    tap = np.int8(i * kernel_w + j)
+                    for ch in range(channels):
+                        target[ch] = grad[ch] if taps[ch] == tap else zero
+
+
+def maxpool2d_nhwc(x, kernel_h, kernel_w, stride):
+    """Unpadded max pooling of a channels-last ``x`` (N, H, W, C) float32, C-contiguous.
+
+    Returns ``(out, argmax)``, (N, OH, OW, C) float32 and int8: the values of :func:`maxpool2d` on
+    the NCHW view, bit for bit, in channels-last layout.
+    """
+    _check_float32("x", x, 4)
+    n, h, w, c = x.shape
+    kernel_h, kernel_w, stride, _, out_h, out_w = _pool_geometry((n, c, h, w), kernel_h, kernel_w, stride, 0)
+    out = np.empty((n, out_h, out_w, c), dtype=np.float32)
+    arg = np.empty((n, out_h, out_w, c), dtype=np.int8)
+    _parallel(_maxpool_nhwc, x, kernel_h, kernel_w, stride, out, arg)
+    return out, arg
+
+
+def maxpool2d_nhwc_backward(dout, argmax, x_shape, kernel_h, kernel_w, stride):
+    """Gradient of :func:`maxpool2d_nhwc` for ``stride >= kernel_h, kernel_w`` (windows that do not
+    overlap): ``dout`` (N, OH, OW, C) float32 and ``argmax`` int8, both C-contiguous, ``x_shape``
+    (N, H, W, C).  Returns (N, H, W, C) float32, :func:`maxpool2d_backward`'s values bit for bit."""
+    _check_float32("dout", dout, 4)
+    if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int8:
+        raise TypeError(f"argmax must be a numpy int8 array, got {getattr(argmax, 'dtype', type(argmax))}")
+    check_contiguous("argmax", argmax)
+    _check_same_shape("argmax", argmax, "dout", dout)
+    if len(x_shape) != 4 or (x_shape[0], x_shape[3]) != (dout.shape[0], dout.shape[3]):
+        raise ValueError(f"x_shape must be (N, H, W, C) with N, C of dout {(dout.shape[0], dout.shape[3])}, "
+                         f"got {x_shape}")
+    n, h, w, c = x_shape
+    kernel_h, kernel_w, stride, _, out_h, out_w = _pool_geometry((n, c, h, w), kernel_h, kernel_w, stride, 0)
+    if stride < kernel_h or stride < kernel_w:
+        raise ValueError(f"stride must be >= the window {(kernel_h, kernel_w)} (no overlap), got {stride}")
+    if (out_h, out_w) != dout.shape[1:3]:
+        raise ValueError(f"dout must have spatial shape {(out_h, out_w)} for x_shape {tuple(x_shape)}, "
+                         f"got {dout.shape[1:3]}")
+    dx = np.zeros(tuple(x_shape), dtype=np.float32)
+    _parallel(_maxpool_nhwc_backward, dout, argmax, kernel_h, kernel_w, stride, dx)
     return dx
 
 

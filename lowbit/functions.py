@@ -22,12 +22,20 @@ traffic and, for fresh buffers, by page faults; see :func:`retain_freed_memory`)
 for CuPy arrays and other dtypes.  Every kernel gives the reference's values bit for bit except the
 BatchNorm ones (float64 sums; equal to float32 rounding).  ``use_fast_ops(False)`` (or the
 ``reference_ops()`` context) selects the reference bodies everywhere, for tests and benchmarks.
+
+Float convolutions on numpy float32 run without im2col (:func:`conv2d_direct`, the register-blocked
+implicit-GEMM kernels of ``lowbit.kernels.float_conv``: forward, backward-data, backward-weights);
+they agree with the im2col reference to float32 rounding, not bit for bit.  ``use_direct_conv(False)``
+(or ``LOWBIT_CONV=im2col`` in the environment) keeps the im2col path with the other fast ops on;
+the padding must be smaller than the kernel (else im2col runs).
 """
 from __future__ import annotations
 
-import numpy as np
-
 import contextlib
+import functools
+import os
+
+import numpy as np
 
 from .backend import get_array_module
 
@@ -53,10 +61,28 @@ __all__ = [
     "col2im",
     "pool_forward",
     "pool_backward",
+    "use_direct_conv",
+    "direct_conv_enabled",
+    "direct_conv_available",
+    "direct_conv_cache",
+    "conv2d_direct",
+    "conv2d_direct_backward",
+    "im2col_layout",
 ]
 
 
 _fast_ops = True
+_CONV_PATHS = ("direct", "im2col")
+
+
+def _conv_path_from_environment():
+    value = os.environ.get("LOWBIT_CONV", "direct").strip().lower() or "direct"
+    if value not in _CONV_PATHS:
+        raise ValueError(f"LOWBIT_CONV must be one of {_CONV_PATHS}, got {value!r}")
+    return value == "direct"
+
+
+_direct_conv = _conv_path_from_environment()
 
 
 def use_fast_ops(enabled: bool = True) -> bool:
@@ -127,6 +153,31 @@ def matmul(a, b, keep_float32=False):
     float16 twin.  CuPy multiplies float16 natively (cuBLAS, fp32 compute); ``keep_float32`` is ignored
     there.
     """
+    if _fast_ops and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == b.ndim == 2 and \
+            a.shape[0] * a.shape[1] * b.shape[1] < _SMALL_GEMM:
+        with blas_controller().limit(limits=1, user_api="blas"):
+            return _matmul(a, b, keep_float32)
+    return _matmul(a, b, keep_float32)
+
+
+# Products of fewer multiply-adds than this (a classifier's dense layers, a first convolution's
+# im2col GEMMs) run on one BLAS thread while the fast ops are on: a threaded OpenBLAS call leaves its
+# workers spinning for a while afterwards, on the cores that the Numba kernels of the next layers
+# need (deep_convnet at 2 threads on the quiet 2-core AMD EPYC: 83 ms a step with numpy's BLAS on
+# two threads, 46 ms with it on one), and at these sizes one thread is about as fast.
+_SMALL_GEMM = 1 << 24
+
+
+@functools.lru_cache(maxsize=1)
+def blas_controller():
+    """One threadpoolctl controller for the process (its scan of the loaded libraries costs about a
+    millisecond), made after numpy has loaded its BLAS."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _matmul(a, b, keep_float32):
     if (a.dtype == np.float16 or b.dtype == np.float16) and get_array_module(a) is np:
         product = a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)
         if keep_float32:
@@ -201,6 +252,12 @@ def _windows(x, kh, kw, stride, padding, fill):
             yield i, j, xp_[:, :, i : i + h_end : stride, j : j + w_end : stride]
 
 
+def _channels_last(x):
+    """True when ``x`` (N, C, H, W) is an NCHW view of a C-contiguous NHWC buffer and not itself
+    C-contiguous (the layout of a direct convolution's output)."""
+    return x.ndim == 4 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
     """Max or average pooling of ``x`` (N, C, H, W).
 
@@ -210,6 +267,9 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
     """
     xp = get_array_module(x)
     if mode == "max" and _fast(x):
+        if padding == 0 and _channels_last(x):  # a direct convolution's output: pool it as it lies
+            out, arg = _kernels().maxpool2d_nhwc(x.transpose(0, 2, 3, 1), kh, kw, stride)
+            return out.transpose(0, 3, 1, 2), arg.transpose(0, 3, 1, 2)
         return _kernels().maxpool2d(np.ascontiguousarray(x), kh, kw, stride, padding)
     if mode == "max":
         out = None
@@ -235,6 +295,11 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
 def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding: int, mode: str):
     """Gradient of :func:`pool_forward` with respect to its input."""
     if mode == "max" and _fast(dout) and isinstance(argmax, np.ndarray):
+        if padding == 0 and stride >= kh and stride >= kw and _channels_last(argmax):
+            n, c, h, w = x_shape
+            dx = _kernels().maxpool2d_nhwc_backward(np.ascontiguousarray(dout.transpose(0, 2, 3, 1)),
+                                                    argmax.transpose(0, 2, 3, 1), (n, h, w, c), kh, kw, stride)
+            return dx.transpose(0, 3, 1, 2)
         return _kernels().maxpool2d_backward(np.ascontiguousarray(dout), np.ascontiguousarray(argmax),
                                              tuple(x_shape), kh, kw, stride, padding)
     xp = get_array_module(dout)
@@ -403,3 +468,87 @@ def binary_matmul_pm1(xq, wq):
     k = xq.shape[1]
     acc = xnor_gemm(pack_signs(np.ascontiguousarray(xq)), pack_sign_columns(np.ascontiguousarray(wq)), k)
     return acc.astype(np.float32)
+
+
+# -- float convolution without im2col --------------------------------------------------------------
+
+
+def use_direct_conv(enabled: bool = True) -> bool:
+    """Run float32 numpy convolutions on the direct kernels (True, the default unless
+    ``LOWBIT_CONV=im2col``) or through im2col and a BLAS GEMM (False); returns the previous setting.
+    ``use_fast_ops(False)`` selects im2col regardless."""
+    global _direct_conv
+    previous = _direct_conv
+    _direct_conv = bool(enabled)
+    return previous
+
+
+def direct_conv_enabled() -> bool:
+    return _direct_conv
+
+
+def _conv_kernels():
+    from lowbit.kernels import float_conv  # deferred like _kernels()
+
+    return float_conv
+
+
+def direct_conv_available(x, w, padding: int) -> bool:
+    """True when :func:`conv2d_direct` takes input ``x`` and weights ``w`` (O, C, KH, KW): fast ops
+    and direct convolutions on, both numpy float32, ``padding`` smaller than the kernel."""
+    return _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
+
+
+def direct_conv_cache(x, padding: int, stride: int = 1):
+    """What :func:`conv2d_direct_backward` needs of the input ``x`` (N, C, H, W) float32: its
+    zero-padded channels-last copy (for a convolution whose forward ran elsewhere, e.g. on the
+    binary kernels)."""
+    return _conv_kernels().padded_input(x, padding, stride)
+
+
+def conv2d_direct(x, w, b, stride: int, padding: int):
+    """Float32 convolution of ``x`` (N, C, H, W) with ``w`` (O, C, KH, KW) plus ``b`` (O,) or None,
+    on the direct kernels (check :func:`direct_conv_available` first).
+
+    Returns ``(out, cache)``: ``out`` (N, O, OH, OW) float32, an NCHW view of a channels-last
+    buffer (the elementwise kernels keep that layout, and the next convolution reads it in one
+    pass), and ``cache`` for :func:`conv2d_direct_backward`.
+    """
+    b = None if b is None else np.asarray(b, dtype=np.float32)
+    return _conv_kernels().conv2d_forward(x, w, b, stride, padding)
+
+
+def im2col_layout(out):
+    """``out`` (N, O, OH, OW) as the im2col path lays a convolution's output out in memory,
+    ``(O, N, OH, OW)`` (an NCHW view of it): the same values, and what packed models mirror."""
+    return out.transpose(1, 0, 2, 3).copy().transpose(1, 0, 2, 3)
+
+
+def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):
+    """Gradients of :func:`conv2d_direct`: ``(dx, dW, db)`` from ``dout`` (N, O, OH, OW), the
+    forward's ``cache`` (or :func:`direct_conv_cache` of its input) and ``w``; all float32.
+
+    With at most a quarter vector of input channels (a network's first layer on gray or RGB images)
+    ``dx`` comes from one GEMM and col2im (:func:`_gemm_backward_data`): the register blocks would
+    compute mostly padding channels.  Otherwise ``dx`` is an NCHW view of a channels-last buffer.
+    """
+    kernels = _conv_kernels()
+    dout = dout.astype(np.float32, copy=False)
+    n, hp, wp, c = cache.shape
+    x_shape = (n, c, hp - 2 * padding, wp - 2 * padding)
+    dw, db = kernels.conv2d_backward_weights(dout, cache, w.shape, stride)
+    if 4 * c <= kernels.LANES:
+        dx = _gemm_backward_data(dout, w, x_shape, stride, padding)
+    else:
+        dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)
+    return dx, dw, db
+
+
+def _gemm_backward_data(dout, w, x_shape, stride, padding):
+    """``dx`` of a float32 convolution: the patch gradients as one GEMM of the channels-last output
+    gradient (N * OH * OW, O) with ``w`` (O, C * KH * KW), summed back by :func:`col2im`."""
+    o, c, kh, kw = w.shape
+    n, _, oh, ow = dout.shape
+    rows = dout.transpose(0, 2, 3, 1).reshape(-1, o)  # no copy when dout is channels-last
+    patches = matmul(rows, w.reshape(o, -1)).reshape(n, oh, ow, c, kh, kw)
+    return col2im(patches.transpose(3, 4, 5, 0, 1, 2), x_shape, stride, padding)

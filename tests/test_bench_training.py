@@ -50,3 +50,25 @@ def test_bench_training_mixed16_contender(tmp_path):
     (run,) = smoke_run(tmp_path, "deep_convnet", "--mixed16")["runs"]
     assert run["median_images_per_second"]["lowbit_mixed16"] > 0
     assert run["median_paired_ratio"]["lowbit_mixed16_over_lowbit"] > 0
+
+
+@pytest.mark.slow
+def test_bench_training_im2col_contender_and_op_groups(tmp_path):
+    (run,) = smoke_run(tmp_path, "deep_convnet", "--im2col-contender")["runs"]
+    assert run["median_paired_ratio"]["lowbit_over_lowbit_im2col"] > 0
+    summary = run["op_summary_ms_per_step"]
+    assert set(summary) == {"before", "after", "im2col"}
+    after = summary["after"]
+    assert after["conv forward"] > 0 and after["conv backward-data"] > 0 and after["conv backward-weights"] > 0
+    assert summary["im2col"]["conv backward-data"] == 0  # not timed apart on im2col
+    parts = sum(v for k, v in after.items() if k != "total")
+    assert parts == pytest.approx(after["total"], rel=0.05)
+    assert "ms per step by op group" in (tmp_path / "bench.md").read_text()
+
+
+def test_op_summary_groups_quantized_convolutions():
+    summary = load_bench().op_summary({"QuantConv2D.forward": 1.0, "Conv2D.forward": 2.0, "QuantConv2D.backward": 5.0,
+                                       "conv kernel: backward-data": 2.0, "conv kernel: backward-weights": 1.5,
+                                       "MaxPool2D.backward": 0.5, "ReLU.forward": 0.25, "total": 10.25})
+    assert summary["conv forward"] == 3.0 and summary["conv backward, other"] == 1.5
+    assert summary["max pool"] == 0.5 and summary["rest"] == 10.25 - 3.0 - 5.0 - 0.5

@@ -5,7 +5,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..functions import (
-    binary_conv2d_pm1, binary_matmul_pm1, binary_product_available, col2im, conv_output_size, im2col, matmul
+    binary_conv2d_pm1, binary_matmul_pm1, binary_product_available, col2im, conv2d_direct, conv2d_direct_backward,
+    conv_output_size, direct_conv_available, direct_conv_cache, im2col, im2col_layout, matmul,
 )
 from ..initializers import initialize
 from .base import Layer, check_input, check_nonnegative_int, check_positive_int, register_layer
@@ -130,6 +131,7 @@ class Conv2D(Layer):
             self.param_names = ("W",)
         self.dW = self.db = None
         self._cache_col = None
+        self._cache_direct = None
         self._cache_shape = None
 
     def config(self):
@@ -157,9 +159,17 @@ class Conv2D(Layer):
             out = binary_conv2d_pm1(xq, w, self.stride, self.padding)
             if self.bias:
                 out += self.b[:, None, None]
-            self._cache_col = None
+            self._cache_col = self._cache_direct = None
             self._cache_binary_input = xq
             return out
+        self._cache_direct = None
+        if direct_conv_available(xq, w, self.padding):  # float32 without im2col (lowbit.functions)
+            self._cache_col = None
+            out, self._cache_direct = conv2d_direct(xq, w, self.b if self.bias else None, self.stride,
+                                                    self.padding)
+            # in inference, the im2col path's memory layout: packed models mirror it, and reductions
+            # downstream (GlobalAvgPool2D's mean) then sum in the same order
+            return out if train else im2col_layout(out)
         if xq.dtype == np.float16 and get_array_module(xq) is np:
             # float16 on numpy: matmul multiplies in float32 anyway, so build (and cache) the 9x larger
             # patch buffer in float32 from the exact float16 values, cast once here instead of in
@@ -177,6 +187,17 @@ class Conv2D(Layer):
         return out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
+        if self._cache_col is None and self._cache_direct is None and direct_conv_available(
+                self._cache_binary_input, self.effective_weight(), self.padding):
+            self._cache_direct = direct_conv_cache(self._cache_binary_input, self.padding, self.stride)
+            self._cache_binary_input = None
+        if self._cache_direct is not None:  # the direct kernels, also after a forward on the bit kernel
+            dx, dw, db = conv2d_direct_backward(dout, self._cache_direct, self.effective_weight(), self.stride,
+                                                self.padding)
+            self.dW = self.weight_grad(dw)
+            if self.bias:
+                self.db = db
+            return self.input_grad(dx.astype(dout.dtype, copy=False))
         xp = get_array_module(dout)
         n, o, oh, ow = dout.shape
         d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)

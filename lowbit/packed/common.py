@@ -1,20 +1,10 @@
 """What the packed-model modules share: domain specs, array checks and the lazy kernel import."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
+
 PACKED_FORMAT = "lowbit.packed"
-
-
-@functools.lru_cache(maxsize=1)
-def blas_controller():
-    """One threadpoolctl controller for the process: made once (its scan of the loaded libraries
-    costs about 0.5 ms), after numpy has loaded its BLAS."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
 
 
 def kernels_module():

@@ -11,7 +11,8 @@ from ..backend import is_cupy_array, to_device, to_numpy
 from ..io import ModelFileError, read_archive, write_archive
 from ..layers import Sequential
 from ..model import Classifier, check_no_nan
-from .common import PACKED_FORMAT, blas_controller, describe_spec, make_spec
+from ..functions import blas_controller
+from .common import PACKED_FORMAT, describe_spec, make_spec
 from .stages import FloatStage, ResidualStage, build_stages
 
 # -- the model ------------------------------------------------------------------------------------
