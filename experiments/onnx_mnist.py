@@ -165,10 +165,12 @@ def run_import(args, mnist, x_test, y_test, results):
 
 # -- export -------------------------------------------------------------------------------------------
 def ptq(model, mnist, bits=4, seed=0, count=1000):
-    """W{bits}A{bits} post-training quantization with ``lowbit quantize``'s defaults."""
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(len(mnist.x_train), count, replace=False))
-    return lowbit.post_training_quantize(model, bits, bits, float_images(mnist.x_train[picks]), seed=seed)
+    """W{bits}A{bits} post-training quantization with ``lowbit quantize``'s defaults (its calibration
+    rule, :func:`lowbit.ptq.calibration_images`: the first ``count`` training images after the
+    10,000-image validation split of ``seed``)."""
+    from lowbit.ptq import calibration_images
+
+    return lowbit.post_training_quantize(model, bits, bits, calibration_images(mnist.x_train, count, seed), seed=seed)
 
 
 def run_export(args, mnist, x_test, y_test, results):

@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from ..backend import is_cupy_array, to_device, to_numpy
+from ..functions import blas_controller
 from ..io import ModelFileError, read_archive, write_archive
 from ..layers import Sequential
 from ..model import Classifier, check_no_nan
-from ..functions import blas_controller
 from .common import PACKED_FORMAT, describe_spec, make_spec
 from .stages import FloatStage, ResidualStage, build_stages
 
