@@ -493,10 +493,16 @@ def _conv_kernels():
     return float_conv
 
 
-def direct_conv_available(x, w, padding: int) -> bool:
+def direct_conv_available(x, w, padding: int, train: bool = True) -> bool:
     """True when :func:`conv2d_direct` takes input ``x`` and weights ``w`` (O, C, KH, KW): fast ops
-    and direct convolutions on, both numpy float32, ``padding`` smaller than the kernel."""
-    return _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
+    and direct convolutions on, both numpy float32, ``padding`` smaller than the kernel.
+
+    ``train=False`` (an inference forward, whose output must be copied to the im2col path's layout,
+    :func:`im2col_layout`) also asks that the input have more than a quarter vector of channels: on a
+    first layer of gray or RGB images the copy costs more than im2col saves (binary_cnn's 1 -> 32
+    convolution at batch 100, one thread: 6-8 ms direct plus copy against 1.4 ms on im2col)."""
+    available = _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
+    return available and (train or 4 * w.shape[1] > _conv_kernels().LANES)
 
 
 def direct_conv_cache(x, padding: int, stride: int = 1):

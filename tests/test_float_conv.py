@@ -302,10 +302,28 @@ def test_small_products_run_on_one_blas_thread_and_equal_numpy():
 
 def test_inference_output_has_the_im2col_layout_and_the_training_values():
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((3, 4, 9, 9)).astype(np.float32)
-    layer = Conv2D(4, 16, 3, padding=1, seed=1)
+    x = rng.standard_normal((3, 8, 9, 9)).astype(np.float32)
+    layer = Conv2D(8, 16, 3, padding=1, seed=1)
     trained = layer.forward(x, train=True)
     inferred = layer.forward(x, train=False)
     assert trained.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last while training
     assert inferred.transpose(1, 0, 2, 3).flags.c_contiguous  # (O, N, OH, OW), as im2col lays it out
     np.testing.assert_array_equal(inferred, trained)
+
+
+def test_inference_on_few_input_channels_runs_im2col():
+    # A first layer on gray images: in inference the copy to the im2col layout would cost more than
+    # the direct kernel saves, so im2col runs (its values, within rounding of the training forward).
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 1, 9, 9)).astype(np.float32)
+    layer = Conv2D(1, 16, 3, padding=1, seed=1)
+    trained = layer.forward(x, train=True)
+    inferred = layer.forward(x, train=False)
+    assert inferred.transpose(1, 0, 2, 3).flags.c_contiguous
+    previous = F.use_direct_conv(False)
+    try:
+        reference = layer.forward(x, train=False)
+    finally:
+        F.use_direct_conv(previous)
+    np.testing.assert_array_equal(inferred, reference)
+    np.testing.assert_allclose(inferred, trained, rtol=1e-5, atol=1e-5)

@@ -163,7 +163,7 @@ class Conv2D(Layer):
             self._cache_binary_input = xq
             return out
         self._cache_direct = None
-        if direct_conv_available(xq, w, self.padding):  # float32 without im2col (lowbit.functions)
+        if direct_conv_available(xq, w, self.padding, train):  # float32 without im2col (lowbit.functions)
             self._cache_col = None
             out, self._cache_direct = conv2d_direct(xq, w, self.b if self.bias else None, self.stride,
                                                     self.padding)
