@@ -360,8 +360,10 @@ def _run_here(runner, todo, total, skipped, points_path, progress):
 def _interrupted(out_dir, points_path, settings):
     records = load_points(points_path, settings["key"], repair=False)
     write_reports(out_dir, records, settings)
-    print(f"\nsweep interrupted: {len(records)} points done in {out_dir}; rerun the same command to "
-          "continue (an unfinished training run resumes from its last epoch)")
+    from ..progress import step
+
+    step(f"sweep interrupted: {len(records)} points done in {out_dir}; rerun the same command to "
+         "continue (an unfinished training run resumes from its last epoch)")
 
 
 def _finish(out_dir, points_path, settings, new, skipped, reports=True):
