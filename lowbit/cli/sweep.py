@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from ..device import DEVICES
 from .common import DeprecatedAliases
 from .quantize import CALIBRATION_RULE, add_clipping_arguments
 
@@ -82,7 +83,7 @@ def add_sweep_arguments(parser):
                         "(Brevitas' selection) beside the validation-chosen accuracy")
     p.add_argument("--quick", action="store_true",
                    help="tiny sweep for CI: 1 epoch, 2000 images, W {1, 32} x A {1, 32}")
-    p.add_argument("--device", dest="sweep_device", default="cpu", choices=["cpu", "gpu"],
+    p.add_argument("--device", dest="sweep_device", default="cpu", choices=DEVICES,
                    help="train on the CPU (numpy, default) or a CUDA GPU (CuPy); the recipe, and so the "
                         "sweep's settings key, is the same on both, and a run resumes on either")
     where = parser.add_mutually_exclusive_group()

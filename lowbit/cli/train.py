@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from ..device import DEVICES
 from .common import count, positive_seconds
 
 
@@ -24,15 +25,10 @@ def _model_options(pairs):
 
 
 def _schedule(args, epochs):
-    from ..optimizers import get_schedule
+    from ..schedules import build_schedule
 
-    if args.schedule == "constant":
-        return get_schedule("constant", lr=args.lr)
-    if args.schedule == "step":
-        return get_schedule("step", lr=args.lr, step_size=args.step_size, gamma=args.gamma)
-    if args.schedule == "exponential":
-        return get_schedule("exponential", lr=args.lr, lr_end=args.lr_end, epochs=epochs)
-    return get_schedule("cosine", lr=args.lr, epochs=epochs, lr_min=args.lr_end if args.lr_end else 0.0)
+    return build_schedule(args.schedule, args.lr, epochs, lr_end=args.lr_end, step_size=args.step_size,
+                          gamma=args.gamma)
 
 
 def cmd_train(args):
@@ -113,7 +109,7 @@ def add_parser(sub):
     p.add_argument("--val", type=count, default=0, help="hold out this many training images for validation")
     p.add_argument("--limit", type=count, default=0, help="train on the first N images only (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--precision", default="fp32", choices=["fp32", "mixed16"],
                    help="mixed16: float16 passes, float32 master weights, dynamic loss scaling")
     p.add_argument("--out", default="runs/train", help="folder for checkpoints, history and model.npz")
