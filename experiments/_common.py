@@ -151,3 +151,18 @@ def run_main(main):
               "(the scripts resume by themselves)", file=sys.stderr)
         sys.exit(130)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def thread_counts(parser, text):
+    """``--threads 1,2`` of the benchmarks: the thread counts, each between 1 and Numba's maximum
+    (``parser.error`` otherwise)."""
+    import numba
+
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(t < 1 or t > numba.config.NUMBA_NUM_THREADS for t in counts):
+        parser.error(f"--threads must be comma-separated counts between 1 and {numba.config.NUMBA_NUM_THREADS}, "
+                     f"got {text!r}")
+    return counts

@@ -226,9 +226,7 @@ def main(argv=None):
     from lowbit.kernels.tuning import cpu_model, gemm_blocking, popcount_peak
     from lowbit.trainer import write_json_atomic
 
-    thread_counts = [int(t) for t in args.threads.split(",")]
-    if any(t < 1 or t > numba.config.NUMBA_NUM_THREADS for t in thread_counts):
-        parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {args.threads}")
+    thread_counts = _common.thread_counts(parser, args.threads)
     mnist = load_mnist(progress=False)
     images = 2000 if args.quick else args.images
     repeats = 2 if args.quick else args.repeats

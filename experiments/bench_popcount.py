@@ -136,11 +136,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import numba
 
-    from _common import command_line, environment
+    from _common import command_line, environment, thread_counts
 
-    threads = [int(t) for t in args.threads.split(",")]
-    if any(t < 1 or t > numba.config.NUMBA_NUM_THREADS for t in threads):
-        parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {args.threads}")
+    threads = thread_counts(parser, args.threads)
     rounds = 3 if args.quick else args.rounds
     rng = np.random.default_rng(args.seed)
     load_before = list(os.getloadavg())

@@ -61,6 +61,18 @@ def _leading_rows(shape):
     return rows
 
 
+def _check_packable(x):
+    """The array kind of ``x`` after the checks every sign packer makes: a real dtype, at least one
+    dimension, C-contiguous."""
+    kind = array_kind(x=x)
+    if x.dtype.kind not in _PACKABLE_KINDS:
+        raise TypeError(f"x must have a real (float or integer) dtype, got {x.dtype.name}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension (..., K), got a 0-D array")
+    check_contiguous("x", x)
+    return kind
+
+
 def pack_signs(x):
     """Pack the signs of a real array into bits along its last axis.
 
@@ -82,12 +94,7 @@ def pack_signs(x):
     ValueError
         ``x`` is 0-D, not C-contiguous, or holds NaN.
     """
-    kind = array_kind(x=x)
-    if x.dtype.kind not in _PACKABLE_KINDS:
-        raise TypeError(f"x must have a real (float or integer) dtype, got {x.dtype.name}")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension (..., K), got a 0-D array")
-    check_contiguous("x", x)
+    kind = _check_packable(x)
     k = x.shape[-1]
     rows = _leading_rows(x.shape)
     out_shape = x.shape[:-1] + (words_for(k),)
@@ -229,12 +236,7 @@ def pack_masked_signs(x):
     packed : same kind, uint64, shape (..., ceil(2K / 64))
         ``pack_signs`` of the 2K signs above (padding bits 0).
     """
-    kind = array_kind(x=x)
-    if x.dtype.kind not in _PACKABLE_KINDS:
-        raise TypeError(f"x must have a real (float or integer) dtype, got {x.dtype.name}")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension (..., K), got a 0-D array")
-    check_contiguous("x", x)
+    kind = _check_packable(x)
     if kind == "cupy":
         from lowbit.backend import cupy as xp
     else:
