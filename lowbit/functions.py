@@ -172,12 +172,14 @@ _blas_held = 0  # depth of one_blas_thread() contexts that hold BLAS to one thre
 @contextlib.contextmanager
 def one_blas_thread(enabled=True):
     """``with one_blas_thread(): ...`` runs numpy's BLAS on one thread inside (every product, whatever
-    its size), then restores its thread count; a no-op when not ``enabled``.
+    its size), then restores its thread count; a no-op when not ``enabled``.  Inside, the float
+    kernels of ``lowbit.kernels.float_ops`` run on Numba's threads: their one-thread default guards
+    them against those spinning workers, which are now held.
 
     For passes that interleave BLAS products with the parallel Numba kernels (a model whose
     convolutions run on ``lowbit.kernels``, see :meth:`lowbit.model.Model.forward`): after a
     product on several threads OpenBLAS's idle workers spin for up to about 0.1 s on the cores
-    those kernels need.  The results do not depend on BLAS's thread count.
+    those kernels need.  The results do not depend on BLAS's thread count, nor on the float kernels'.
     """
     global _blas_held
     if not enabled:
@@ -185,9 +187,11 @@ def one_blas_thread(enabled=True):
         return
     with blas_controller().limit(limits=1, user_api="blas"):
         _blas_held += 1
+        kernel_threads = _kernels().set_threads(None)
         try:
             yield
         finally:
+            _kernels().set_threads(kernel_threads)
             _blas_held -= 1
 
 
