@@ -153,8 +153,8 @@ def matmul(a, b, keep_float32=False):
     float16 twin.  CuPy multiplies float16 natively (cuBLAS, fp32 compute); ``keep_float32`` is ignored
     there.
     """
-    if _fast_ops and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == b.ndim == 2 and \
-            a.shape[0] * a.shape[1] * b.shape[1] < _SMALL_GEMM:
+    if _fast_ops and not _blas_held and type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == b.ndim == 2 \
+            and a.shape[0] * a.shape[1] * b.shape[1] < _SMALL_GEMM:
         with blas_controller().limit(limits=1, user_api="blas"):
             return _matmul(a, b, keep_float32)
     return _matmul(a, b, keep_float32)
@@ -166,6 +166,33 @@ def matmul(a, b, keep_float32=False):
 # need (deep_convnet at 2 threads on the quiet 2-core AMD EPYC: 83 ms a step with numpy's BLAS on
 # two threads, 46 ms with it on one), and at these sizes one thread is about as fast.
 _SMALL_GEMM = 1 << 24
+_blas_held = 0  # depth of one_blas_thread() contexts that hold BLAS to one thread
+
+
+@contextlib.contextmanager
+def one_blas_thread(enabled=True):
+    """``with one_blas_thread(): ...`` runs numpy's BLAS on one thread inside (every product, whatever
+    its size), then restores its thread count; a no-op when not ``enabled``.  Inside, the float
+    kernels of ``lowbit.kernels.float_ops`` run on Numba's threads: their one-thread default guards
+    them against those spinning workers, which are now held.
+
+    For passes that interleave BLAS products with the parallel Numba kernels (a model whose
+    convolutions run on ``lowbit.kernels``, see :meth:`lowbit.model.Model.forward`): after a
+    product on several threads OpenBLAS's idle workers spin for up to about 0.1 s on the cores
+    those kernels need.  The results do not depend on BLAS's thread count, nor on the float kernels'.
+    """
+    global _blas_held
+    if not enabled:
+        yield
+        return
+    with blas_controller().limit(limits=1, user_api="blas"):
+        _blas_held += 1
+        kernel_threads = _kernels().set_threads(None)
+        try:
+            yield
+        finally:
+            _kernels().set_threads(kernel_threads)
+            _blas_held -= 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -530,9 +557,10 @@ def im2col_layout(out):
     return out.transpose(1, 0, 2, 3).copy().transpose(1, 0, 2, 3)
 
 
-def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):
+def conv2d_direct_backward(dout, cache, w, stride: int, padding: int, input_grad: bool = True):
     """Gradients of :func:`conv2d_direct`: ``(dx, dW, db)`` from ``dout`` (N, O, OH, OW), the
     forward's ``cache`` (or :func:`direct_conv_cache` of its input) and ``w``; all float32.
+    ``dx`` is None with ``input_grad=False`` (a model's first layer: nothing reads it).
 
     With at most a quarter vector of input channels (a network's first layer on gray or RGB images)
     ``dx`` comes from one GEMM and col2im (:func:`_gemm_backward_data`): the register blocks would
@@ -543,7 +571,9 @@ def conv2d_direct_backward(dout, cache, w, stride: int, padding: int):
     n, hp, wp, c = cache.shape
     x_shape = (n, c, hp - 2 * padding, wp - 2 * padding)
     dw, db = kernels.conv2d_backward_weights(dout, cache, w.shape, stride)
-    if 4 * c <= kernels.LANES:
+    if not input_grad:
+        dx = None
+    elif 4 * c <= kernels.LANES:
         dx = _gemm_backward_data(dout, w, x_shape, stride, padding)
     else:
         dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)

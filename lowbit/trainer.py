@@ -306,7 +306,8 @@ class Trainer(CheckpointMixin):
                         f"loss became {loss} at epoch {self.epoch + 1}, batch "
                         f"{start // self.batch_size}; lower the learning rate"
                     )
-                self.model.backward(self.loss.backward())
+                # nothing reads the input gradient: the first layer skips it (Sequential.backward)
+                self.model.backward(self.loss.backward(), input_grad=False)
                 if self._reducer is not None:
                     self._reducer.allreduce(self.model, len(idx) / batch)
                 self.optimizer.step(self.model, lr)

@@ -83,6 +83,17 @@ class Layer:
                 yield (f"{path}.{attr}" if path else attr), layer, attr
 
     # -- training hooks ------------------------------------------------------------------------
+    def backward_params(self, dout):
+        """The parameter gradients of ``backward(dout)`` (``dW``, ``db``, ...) without the input
+        gradient, where nothing reads it: a model's first layer in a training step.  Returns None.
+        Layers that can skip the input gradient's work override this (``Affine``, ``Conv2D``,
+        ``Sequential``); the default runs ``backward`` and drops its result."""
+        self.backward(dout)
+
+    def has_parameters(self) -> bool:
+        """True when this layer or a nested one has a trainable array."""
+        return any(True for _ in self.named_arrays(buffers=False))
+
     def constrain(self):
         """Project parameters back onto their constraint set after an update (default: none)."""
 

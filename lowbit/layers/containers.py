@@ -36,10 +36,25 @@ class Sequential(_Composite):
             x = layer.forward(x, train)
         return x
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad=True):
+        """``dout`` through every layer in reverse; returns the input gradient.  With
+        ``input_grad=False`` only the parameter gradients are computed and None is returned (see
+        :meth:`backward_params`): a training step that discards the model's input gradient."""
+        if not input_grad:
+            return self.backward_params(dout)
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         return dout
+
+    def backward_params(self, dout):
+        """The parameter gradients only: the leading layers without parameters (a Flatten, a
+        Rescale) get no backward at all, and the first layer with parameters skips its input
+        gradient where it can (:meth:`Layer.backward_params`)."""
+        first = next((i for i, layer in enumerate(self.layers) if layer.has_parameters()), len(self.layers))
+        for layer in reversed(self.layers[first + 1:]):
+            dout = layer.backward(dout)
+        if first < len(self.layers):
+            self.layers[first].backward_params(dout)
 
     def output_shape(self, input_shape):
         for layer in self.layers:

@@ -91,11 +91,14 @@ class Affine(Layer):
         return out
 
     def backward(self, dout):
+        self.backward_params(dout)
+        dx = self.input_grad(matmul(dout, self.effective_weight().T))
+        return dx.reshape(self._cache_shape)
+
+    def backward_params(self, dout):
         self.dW = self.weight_grad(matmul(self._cache_x.T, dout))
         if self.bias:
             self.db = dout.sum(axis=0)
-        dx = self.input_grad(matmul(dout, self.effective_weight().T))
-        return dx.reshape(self._cache_shape)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)
@@ -187,17 +190,25 @@ class Conv2D(Layer):
         return out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
+        return self._backward(dout, True)
+
+    def backward_params(self, dout):
+        self._backward(dout, False)
+
+    def _backward(self, dout, input_grad):
+        """``dW`` (and ``db``) from ``dout``; returns the input gradient, or None without
+        ``input_grad``."""
         if self._cache_col is None and self._cache_direct is None and direct_conv_available(
                 self._cache_binary_input, self.effective_weight(), self.padding):
             self._cache_direct = direct_conv_cache(self._cache_binary_input, self.padding, self.stride)
             self._cache_binary_input = None
         if self._cache_direct is not None:  # the direct kernels, also after a forward on the bit kernel
             dx, dw, db = conv2d_direct_backward(dout, self._cache_direct, self.effective_weight(), self.stride,
-                                                self.padding)
+                                                self.padding, input_grad)
             self.dW = self.weight_grad(dw)
             if self.bias:
                 self.db = db
-            return self.input_grad(dx.astype(dout.dtype, copy=False))
+            return self.input_grad(dx.astype(dout.dtype, copy=False)) if input_grad else None
         xp = get_array_module(dout)
         n, o, oh, ow = dout.shape
         d2d = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
@@ -212,6 +223,8 @@ class Conv2D(Layer):
         self.dW = self.weight_grad(matmul(self._cache_col, d2d.T).T.reshape(o, c, k, k))
         if self.bias:
             self.db = d2d.sum(axis=1)
+        if not input_grad:
+            return None
         w2d = self.effective_weight().reshape(o, -1)
         # float16 on numpy: the patch gradients stay float32 until summed back into the image, and the
         # sum is rounded once (a GPU's backward-data convolution also accumulates in float32).
