@@ -291,7 +291,7 @@ class LowbitRunner:
                 x, y = self.batches[self.i % len(self.batches)]
                 self.i += 1
                 self.loss.forward(self.model.forward(x, train=True), y)
-                self.model.backward(self.loss.backward())
+                self.model.backward(self.loss.backward(), input_grad=False)
                 self.opt.step(self.model)
         finally:
             use_fast_ops(previous)

@@ -92,7 +92,7 @@ def mixed_precision_step(model, loss_fn, optimizer, scaler, x, y, lr):
         finite = finite and math.isfinite(loss)
         if finite:
             dscores = loss_fn.backward() * np.float32(scaler.scale)
-            model.backward(dscores.astype(np.float16))
+            model.backward(dscores.astype(np.float16), input_grad=False)  # dx of the images is not used
     finally:
         for layer, attr, master in masters:
             setattr(layer, attr, master)
