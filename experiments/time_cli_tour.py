@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import time
 
@@ -69,11 +70,17 @@ def cpu_model():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=os.path.join("runs", "cli_tour"),
-                        help="folder the commands write into (default runs/cli_tour)")
+                        help="folder the commands write into, emptied first so that no command resumes "
+                             "an earlier run's work (default runs/cli_tour)")
     parser.add_argument("--results", default=_common.default_output("results"),
                         help=_common.output_help("results", "folder of cli_tour.json"))
     args = parser.parse_args(argv)
-    os.makedirs(args.work, exist_ok=True)
+    if shutil.which("lowbit") is None:
+        parser.error("the lowbit command is not on PATH: install the project (pip install -e .) or "
+                     "activate its environment")
+    # A sweep resumes its folder: timing it again over finished points would measure nothing.
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
     rows, failed = [], False
     load_before = os.getloadavg()
     for command in tour(args.work):
