@@ -166,3 +166,21 @@ def thread_counts(parser, text):
         parser.error(f"--threads must be comma-separated counts between 1 and {numba.config.NUMBA_NUM_THREADS}, "
                      f"got {text!r}")
     return counts
+
+
+def cpu_model():
+    """The CPU's model name, as every benchmark records it (:func:`lowbit.kernels.tuning.cpu_model`,
+    the name the kernel tuning cache is keyed by)."""
+    from lowbit.kernels.tuning import cpu_model as model
+
+    return model()
+
+
+def blas_info():
+    """numpy's BLAS libraries as threadpoolctl reports them (API, version, kernel, threads, file)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "threadpoolctl not installed"}]
+    return [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
+            for d in threadpool_info()]

@@ -35,7 +35,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_training import blas_info, cpu_model  # noqa: E402  (experiments share these helpers)
+from _common import blas_info, cpu_model  # noqa: E402
 
 BATCH = 100
 

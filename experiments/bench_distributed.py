@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from _common import COMMITTED, command_line, default_output, environment, output_help
+from _common import COMMITTED, blas_info, command_line, cpu_model, default_output, environment, output_help
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,24 +61,6 @@ MARK_END = "<!-- scaling-model:end -->"
 
 
 # -- provenance ------------------------------------------------------------------------------------
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def blas_info():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"note": "threadpoolctl not installed"}]
-    return [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-            for d in threadpool_info()]
 
 
 def child_environment(threads):

@@ -43,7 +43,8 @@ import time
 
 import numpy as np
 
-from bench_training import blas_info, check_counts, cpu_model, unset_openblas_env
+from _common import blas_info, cpu_model
+from bench_training import check_counts, unset_openblas_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (input channels, output channels, input size, padding, input is a channels-last view) of
@@ -254,14 +255,12 @@ def main(argv=None):
     table = markdown(result)
     print(table)
     if args.results:
-        from lowbit.trainer import write_json_atomic
+        from lowbit.io import write_bytes_atomic, write_json_atomic
 
         out = os.path.join(HERE, "results", "bench_float_conv.json")
         write_json_atomic(out, result)
         md = os.path.splitext(out)[0] + ".md"
-        with open(md + ".tmp", "w") as f:
-            f.write(table)
-        os.replace(md + ".tmp", md)
+        write_bytes_atomic(md, table.encode())
         print(f"-> {out}, {md}")
     return result
 

@@ -55,7 +55,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -65,28 +64,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # loaded by path (tests), not run as python experiments/bench_training.py
     sys.path.insert(0, HERE)
 import _common  # noqa: E402
+from _common import blas_info, cpu_model  # noqa: E402
+
 NETWORKS = ("deep_convnet", "bnn_mlp", "binary_cnn")
 BNN_HIDDEN = (1024, 1024, 1024)
-
-
-def blas_info():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"note": "threadpoolctl not installed"}]
-    return [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
-                                   "filepath")} for d in threadpool_info()]
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def check_counts(parser, args, names):
@@ -553,7 +534,7 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
-    from lowbit.trainer import write_json_atomic
+    from lowbit.io import write_bytes_atomic, write_json_atomic
 
     retained = False
     if args.retain_freed_memory:
@@ -595,9 +576,7 @@ def main(argv=None):
     }
     write_json_atomic(args.out, result)
     md = os.path.splitext(args.out)[0] + ".md"
-    with open(md + ".tmp", "w") as f:
-        f.write(markdown(result))
-    os.replace(md + ".tmp", md)
+    write_bytes_atomic(md, markdown(result).encode())
     for run in runs:
         r = run["median_paired_ratio"]
         im2col = (f", lowbit/lowbit_im2col {r['lowbit_over_lowbit_im2col']:.2f}x"

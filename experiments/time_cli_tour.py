@@ -56,17 +56,6 @@ def tour(work):
     ]
 
 
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=os.path.join("runs", "cli_tour"),
@@ -94,7 +83,7 @@ def main(argv=None):
             row["stderr_tail"] = proc.stderr.strip().splitlines()[-5:]
         rows.append(row)
         print(f"{seconds:8.1f} s  rc={proc.returncode}  {row['command']}", flush=True)
-    result = {"command": _common.command_line(__file__, argv), "cpu": cpu_model(),
+    result = {"command": _common.command_line(__file__, argv), "cpu": _common.cpu_model(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "environment": _common.environment(), "commands": rows}
     os.makedirs(args.results, exist_ok=True)

@@ -529,7 +529,14 @@ def direct_conv_available(x, w, padding: int, train: bool = True) -> bool:
     first layer of gray or RGB images the copy costs more than im2col saves (binary_cnn's 1 -> 32
     convolution at batch 100, one thread: 6-8 ms direct plus copy against 1.4 ms on im2col)."""
     available = _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
-    return available and (train or 4 * w.shape[1] > _conv_kernels().LANES)
+    return available and (train or not _few_channels(w.shape[1]))
+
+
+def _few_channels(channels):
+    """At most a quarter vector of input channels (a first layer on gray or RGB images): the direct
+    kernels' register blocks would then compute mostly padding channels, so their backward-data and
+    an inference forward take the GEMM (im2col) path instead."""
+    return 4 * channels <= _conv_kernels().LANES
 
 
 def direct_conv_cache(x, padding: int, stride: int = 1):
@@ -573,7 +580,7 @@ def conv2d_direct_backward(dout, cache, w, stride: int, padding: int, input_grad
     dw, db = kernels.conv2d_backward_weights(dout, cache, w.shape, stride)
     if not input_grad:
         dx = None
-    elif 4 * c <= kernels.LANES:
+    elif _few_channels(c):
         dx = _gemm_backward_data(dout, w, x_shape, stride, padding)
     else:
         dx = kernels.conv2d_backward_data(dout, w, x_shape, stride, padding)
