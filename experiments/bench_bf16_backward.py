@@ -59,7 +59,9 @@ def cpu_flags():
     return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
-def median_time(fn, inner):
+def mean_seconds(fn, inner):
+    """Seconds per call of ``fn``, averaged over ``inner`` calls (one repeat; the medians are taken
+    over repeats)."""
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
@@ -86,7 +88,7 @@ def measure(torch, name, m, k, n, repeats, inner, rng):
     times = {key: [] for key in contenders}
     for _ in range(repeats):
         for key, fn in contenders.items():
-            times[key].append(median_time(fn, inner))
+            times[key].append(mean_seconds(fn, inner))
     exact = a.astype(np.float64) @ b.astype(np.float64)
     bf16 = torch.matmul(ta16, tb16).float().numpy().astype(np.float64)
     fp32 = np.matmul(a, b).astype(np.float64)
