@@ -609,6 +609,15 @@ def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
             out_row[f] = gamma[f] * t + beta[f]
 
 
+def _channels_last_rows(arr):
+    """``arr`` (N, C, H, W) as the (N * H * W, C) matrix of its memory when it is an NCHW view of a
+    C-contiguous NHWC buffer (a direct or binary convolution's training output), else None."""
+    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.flags.c_contiguous:
+        return None
+    nhwc = arr.transpose(0, 2, 3, 1)
+    return nhwc.reshape(-1, arr.shape[1]) if nhwc.flags.c_contiguous else None
+
+
 def _bn_checked_view(name, arr, **per_channel):
     """Check ``arr`` (float32 (N, C) or (N, C, H, W)) and its per-channel (C,) float32 arrays; return
     ``arr`` as (N, C) or (N, C, H*W)."""
@@ -627,16 +636,23 @@ def _bn_checked_view(name, arr, **per_channel):
 def batchnorm_forward(x, gamma, beta, eps):
     """Training-mode BatchNorm of float32 ``x`` (N, C) or (N, C, H, W) over all axes but 1.
 
+    ``x`` is C-contiguous, or (4-D) the NCHW view of a C-contiguous NHWC buffer, which is read as an
+    (N * H * W, C) matrix and gives outputs in that layout (no copy between channels-last layers).
+
     Returns ``(out, xn, mean, var, inv_std)``: ``xn = (x - mean) * inv_std``, ``out = gamma * xn +
     beta`` (shape of ``x``), and the per-channel float32 batch mean, biased variance and
     ``1 / sqrt(var + eps)`` (C,).  Sums run in float64.
     """
-    view = _bn_checked_view("x", x, gamma=gamma, beta=beta)
+    rows = _channels_last_rows(x)
+    view = _bn_checked_view("x", x if rows is None else rows, gamma=gamma, beta=beta)
     channels = x.shape[1]
-    out = np.empty_like(x)
+    out = np.empty_like(x)  # the layout of x
     xn = np.empty_like(x)
     mean, var, inv_std = (np.empty(channels, dtype=np.float32) for _ in range(3))
-    if x.ndim == 2:
+    if rows is not None:
+        _bn_forward_columns(rows, gamma, beta, float(eps), _channels_last_rows(xn), _channels_last_rows(out),
+                            mean, var, inv_std)
+    elif x.ndim == 2:
         _bn_forward_columns(view, gamma, beta, float(eps), xn, out, mean, var, inv_std)
     else:
         _parallel(_bn_forward_nchw, view, gamma, beta, float(eps), xn.reshape(view.shape), out.reshape(view.shape),
@@ -704,14 +720,24 @@ def batchnorm_backward(dout, xn, gamma, inv_std):
     ``dx = gamma * inv_std * (dout - mean(dout) - xn * mean(dout * xn))``, the reference's compact form
     with the factor ``gamma`` taken out of the means.
     """
-    _check_float32("xn", xn)
+    rows = _channels_last_rows(dout)
+    if rows is not None:
+        xn_rows = _channels_last_rows(xn)
+        if xn_rows is None:
+            raise ValueError(f"xn must have the layout of dout (channels-last, strides {dout.strides}), "
+                             f"got strides {getattr(xn, 'strides', None)}")
+        _check_float32("xn", xn_rows)
+    else:
+        _check_float32("xn", xn)
     _check_same_shape("xn", xn, "dout", dout)
-    view = _bn_checked_view("dout", dout, gamma=gamma, inv_std=inv_std)
+    view = _bn_checked_view("dout", dout if rows is None else rows, gamma=gamma, inv_std=inv_std)
     channels = dout.shape[1]
-    dx = np.empty_like(dout)
+    dx = np.empty_like(dout)  # the layout of dout
     dgamma = np.empty(channels, dtype=np.float32)
     dbeta = np.empty(channels, dtype=np.float32)
-    if dout.ndim == 2:
+    if rows is not None:
+        _bn_backward_columns(rows, xn_rows, gamma, inv_std, _channels_last_rows(dx), dgamma, dbeta)
+    elif dout.ndim == 2:
         _bn_backward_columns(view, xn, gamma, inv_std, dx, dgamma, dbeta)
     else:
         _parallel(_bn_backward_nchw, view, xn.reshape(view.shape), gamma, inv_std, dx.reshape(view.shape), dgamma, dbeta)

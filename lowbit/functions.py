@@ -410,8 +410,10 @@ def batchnorm_forward(x, gamma, beta, eps):
     per-channel arrays (C,) in the dtype of ``x``.
     """
     if _fast(x, gamma, beta) and x.ndim in (2, 4):
-        return _kernels().batchnorm_forward(np.ascontiguousarray(x), np.ascontiguousarray(gamma),
-                                            np.ascontiguousarray(beta), eps)
+        # a channels-last view (a convolution's training output) is read as it lies, and the outputs
+        # keep that layout for the sign and convolution that follow
+        x = x if _channels_last(x) else np.ascontiguousarray(x)
+        return _kernels().batchnorm_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), eps)
     xp = get_array_module(x)
     axes, bshape = batchnorm_axes(x)
     mean = x.mean(axis=axes)
@@ -427,8 +429,12 @@ def batchnorm_backward(dout, xn, gamma, inv_std):
     """Gradient of training-mode :func:`batchnorm_forward` from its cached ``xn`` and ``inv_std``:
     ``(dx, dgamma, dbeta)``."""
     if _fast(dout, xn, gamma, inv_std) and dout.ndim in (2, 4) and dout.shape == xn.shape:
-        return _kernels().batchnorm_backward(np.ascontiguousarray(dout), np.ascontiguousarray(xn),
-                                             np.ascontiguousarray(gamma), np.ascontiguousarray(inv_std))
+        if _channels_last(xn):  # the forward's layout: dout is brought to it (a copy only if it differs)
+            xn, dout = _same_layout(xn, dout)
+        else:
+            xn, dout = np.ascontiguousarray(xn), np.ascontiguousarray(dout)
+        return _kernels().batchnorm_backward(dout, xn, np.ascontiguousarray(gamma),
+                                             np.ascontiguousarray(inv_std))
     axes, bshape = batchnorm_axes(dout)
     dbeta = dout.sum(axis=axes)
     dgamma = (dout * xn).sum(axis=axes)
@@ -470,19 +476,27 @@ def binary_product_available(*arrays):
     return _fast(*arrays)
 
 
-def binary_conv2d_pm1(xq, wq, stride: int, padding: int):
+def binary_conv2d_pm1(xq, wq, stride: int, padding: int, channels_last: bool = False):
     """Convolution of +-1 float32 ``xq`` (N, C, H, W) with +-1 float32 ``wq`` (O, C, KH, KW), zero
     padding, through the XNOR-popcount kernel (``lowbit.kernels.binary_conv2d``).
 
     Every value being +-1 and every sum an integer below 2^24, this equals the float convolution
-    (im2col and a float32 GEMM) bit for bit.  Returns C-contiguous float32 (N, O, OH, OW).
+    (im2col and a float32 GEMM) bit for bit.  Returns float32 (N, O, OH, OW): C-contiguous, or with
+    ``channels_last`` (training, where the BatchNorm, pooling and sign kernels that follow take that
+    layout as it lies) the NCHW view of the kernel's NHWC result, without the transposing copy.
+    ``xq`` may be C-contiguous or channels-last (then packed along its contiguous channels).
     """
     from lowbit.kernels import binary_conv2d, pack_signs, threshold_signs
 
     channels = xq.shape[1]
-    packed_x = threshold_signs(xq, np.zeros(channels, np.float32), np.ones(channels, np.int8))
+    if _channels_last(xq):
+        packed_x = pack_signs(xq.transpose(0, 2, 3, 1))
+    else:
+        packed_x = threshold_signs(xq, np.zeros(channels, np.float32), np.ones(channels, np.int8))
     packed_w = pack_signs(np.ascontiguousarray(wq.transpose(0, 2, 3, 1)))
     acc = binary_conv2d(packed_x, packed_w, channels, stride, padding)  # (N, OH, OW, O) int32
+    if channels_last:
+        return acc.astype(np.float32).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(acc.transpose(0, 3, 1, 2), dtype=np.float32)
 
 

@@ -125,6 +125,65 @@ def test_batchnorm_within_float32_rounding(shape, seed, offset):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+def channels_last(x):
+    """``x`` (N, C, H, W) as the NCHW view of an NHWC buffer (a convolution's training output)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@given(shape=st.sampled_from([(2, 3, 1, 2), (3, 4, 5, 6), (16, 8, 7, 7), (5, 64, 3, 3)]),
+       seed=st.integers(0, 2 ** 16), offset=st.floats(-3, 3), dout_layout=st.sampled_from(["nchw", "nhwc"]))
+def test_batchnorm_on_channels_last_views(shape, seed, offset, dout_layout):
+    """A channels-last input is normalised as it lies: outputs in its layout, values within float32
+    rounding of the reference on the NCHW copy; the backward takes dout in either layout."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.standard_normal(shape).astype(np.float32) * 2 + np.float32(offset)
+    gamma, beta = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    fast = F.batchnorm_forward(channels_last(x), gamma, beta, 1e-4)
+    with F.reference_ops():
+        ref = F.batchnorm_forward(x, gamma, beta, 1e-4)
+    assert F._channels_last(fast[0]) and F._channels_last(fast[1])
+    for a, b in zip(fast, ref):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    dout = rng.standard_normal(shape).astype(np.float32)
+    grads = F.batchnorm_backward(channels_last(dout) if dout_layout == "nhwc" else dout, fast[1], gamma,
+                                 fast[4])
+    with F.reference_ops():
+        ref_grads = F.batchnorm_backward(dout, ref[1], gamma, ref[4])
+    assert F._channels_last(grads[0])
+    scales = (np.abs(dout).max() * np.abs(gamma * ref[4]).max(), np.abs(dout).sum(), np.abs(dout).sum())
+    for a, b, scale in zip(grads, ref_grads, scales):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_batchnorm_kernel_refuses_mixed_layouts():
+    x = channels_last(np.ones((2, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="xn must have the layout of dout"):
+        float_ops.batchnorm_backward(x, np.ones((2, 3, 4, 4), np.float32), np.ones(3, np.float32),
+                                     np.ones(3, np.float32))
+
+
+@given(n=st.integers(1, 3), c=st.sampled_from([1, 2, 4, 8, 16, 32, 64, 70]), h=st.integers(1, 7),
+       w=st.integers(1, 7), o=st.integers(1, 9), padding=st.integers(0, 1), stride=st.integers(1, 2),
+       layout=st.sampled_from(["nchw", "nhwc"]), seed=st.integers(0, 2 ** 16))
+def test_binary_conv2d_pm1_channels_last_bit_for_bit(n, c, h, w, o, padding, stride, layout, seed):
+    """The training layout of the bit kernel's output (an NCHW view of its NHWC result), from either
+    input layout, holds the values of the contiguous one and of the float convolution."""
+    if h + 2 * padding < 3 or w + 2 * padding < 3:
+        return
+    rng = np.random.default_rng(seed)
+    xq = np.where(rng.random((n, c, h, w)) < 0.5, -1, 1).astype(np.float32)
+    wq = np.where(rng.random((o, c, 3, 3)) < 0.5, -1, 1).astype(np.float32)
+    x_in = channels_last(xq) if layout == "nhwc" else xq
+    last = F.binary_conv2d_pm1(x_in, wq, stride, padding, channels_last=True)
+    flat = F.binary_conv2d_pm1(xq, wq, stride, padding)
+    assert flat.flags.c_contiguous and last.transpose(0, 2, 3, 1).flags.c_contiguous
+    assert_same_bits(last, flat)
+    col = F.im2col(xq, 3, 3, stride, padding).reshape(c * 9, -1)
+    ref = (wq.reshape(o, -1) @ col).reshape(o, n, *flat.shape[2:]).transpose(1, 0, 2, 3)
+    assert_same_bits(flat, np.ascontiguousarray(ref))
+
+
 @pytest.mark.parametrize("size", [9, 50_001])
 @pytest.mark.parametrize("bounds", [None, (-1.0, 1.0)])
 def test_adam_update_bit_for_bit(size, bounds):

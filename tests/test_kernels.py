@@ -120,6 +120,28 @@ def test_unpack_dtype(device, dtype):
     np.testing.assert_array_equal(values, [[-1, 1, 1]])
 
 
+@given(k=st.sampled_from([1, 2, 4, 8, 16, 32]), rows=st.integers(1, 300),
+       dtype=st.sampled_from([np.float32, np.float64, np.int8]), seed=SEEDS)
+def test_pack_narrow_rows_match_loops(k, rows, dtype, seed):
+    """Rows of k < 64 elements, k dividing 64 (a narrow convolution's channels-last input): one
+    64-lane compare covers several rows (kernels.pack._pack_signs_narrow_cpu); the last rows alone."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)) * 10
+    x[rng.random(x.shape) < 0.1] = 0
+    x = x.astype(dtype)
+    if dtype != np.int8:
+        x[rng.random(x.shape) < 0.05] = -0.0
+    np.testing.assert_array_equal(kernels.pack_signs(x), reference.pack_signs_loops(x))
+
+
+@pytest.mark.parametrize("where", [0, 63, 64 * 3 - 1, 64 * 3])
+def test_pack_narrow_rows_reject_nan(where):
+    x = np.ones(64 * 3 + 32, dtype=np.float32)
+    x[where] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.pack_signs(x.reshape(-1, 32))
+
+
 def test_pack_rejects_nan(device):
     x = np.zeros((2, 70), dtype=np.float32)
     x[1, 66] = np.nan

@@ -159,7 +159,7 @@ class Conv2D(Layer):
         self._cache_shape = x.shape
         if self.binary_operands() and binary_product_available(xq, w):
             # +-1 operands: the bit kernel, exact; the patches are built in backward, if it runs
-            out = binary_conv2d_pm1(xq, w, self.stride, self.padding)
+            out = binary_conv2d_pm1(xq, w, self.stride, self.padding, channels_last=train)
             if self.bias:
                 out += self.b[:, None, None]
             self._cache_col = self._cache_direct = None
