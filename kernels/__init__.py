@@ -55,7 +55,8 @@ channels-last in one pass (threshold 0, direction +1 is ``pack_signs`` of the NH
 
 Inputs with zeros (dropout's {0, +-c} output on +-1 values): ``pack_masked_signs(x)`` packs each
 row as 2K signs that cancel where ``x`` is 0, so ``xnor_gemm`` against the weights packed twice
-(``pack_signs(concatenate([w, w], -1))``, length 2K) gives ``2 * (x / c) . w`` exactly.
+(``pack_signs(concatenate([w, w], -1))``, length 2K) gives ``2 * (x / c) . w`` exactly;
+``masked_scale(x)`` finds ``c`` (0.0 when ``x`` is not of that form).
 
 k-bit inputs (a binary first layer on 8-bit images): ``pack_bitplanes(codes, bits)`` packs each
 bit plane of unsigned codes, ``xnor_gemm`` multiplies the planes, and ``combine_bitplanes`` sums
@@ -95,13 +96,14 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
 from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes
-from .pack import pack_masked_signs, pack_sign_columns, pack_signs, unpack_signs, words_for
+from .pack import masked_scale, pack_masked_signs, pack_sign_columns, pack_signs, unpack_signs, words_for
 from .pool import maxpool_packed
 from .threshold import bn_sign_threshold, threshold_maxpool_pack, threshold_pack, threshold_signs
 
 __all__ = [
     "pack_signs",
     "pack_masked_signs",
+    "masked_scale",
     "pack_sign_columns",
     "unpack_signs",
     "words_for",

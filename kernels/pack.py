@@ -7,7 +7,7 @@ from numba import njit, prange
 from ._checks import array_kind, check_contiguous, check_int, check_packed, check_padding_bits, words_for
 from ._intrinsics import nan_word, sign_word
 
-__all__ = ["pack_signs", "pack_masked_signs", "pack_sign_columns", "unpack_signs", "words_for"]
+__all__ = ["pack_signs", "pack_masked_signs", "masked_scale", "pack_sign_columns", "unpack_signs", "words_for"]
 
 # Real dtypes packed as they are; float16 is widened to float32 first (exact).
 _PACKABLE_KINDS = "fiu"
@@ -265,6 +265,13 @@ def pack_masked_signs(x):
         ``pack_signs`` of the 2K signs above (padding bits 0).
     """
     kind = _check_packable(x)
+    if kind == "numpy" and x.dtype == np.float32:  # one compiled pass, no int8 planes in between
+        k = x.shape[-1]
+        rows = _leading_rows(x.shape)
+        packed = np.zeros((rows, words_for(2 * k)), dtype=np.uint64)
+        if _pack_masked_signs_cpu(x.reshape(rows, k), packed):
+            raise ValueError("x holds NaN, which has no sign; pack_masked_signs needs finite or infinite values")
+        return packed.reshape(x.shape[:-1] + (packed.shape[1],))
     if kind == "cupy":
         from lowbit.backend import cupy as xp
     else:
@@ -273,3 +280,59 @@ def pack_masked_signs(x):
     if kind == "numpy" and x.dtype.kind == "f" and np.isnan(x).any():
         raise ValueError("x holds NaN, which has no sign; pack_masked_signs needs finite or infinite values")
     return pack_signs(xp.ascontiguousarray(planes))
+
+
+@njit(parallel=True, cache=True)
+def _pack_masked_signs_cpu(values, packed):
+    """The two sign planes of ``pack_masked_signs`` for float32 ``values`` (rows, k) into the zeroed
+    ``packed`` (rows, words of 2k): bit j is ``x[j] >= 0``, bit k + j is ``x[j] > 0``; 64 values
+    at a time (a fixed-length loop that LLVM turns into vector compares).  Returns the NaN count."""
+    rows, k = values.shape
+    nan_count = 0
+    for row in prange(rows):
+        out = packed[row]
+        x = values[row]
+        for start in range(0, k, 64):
+            stop = min(k, start + 64)
+            plus = np.uint64(0)
+            minus = np.uint64(0)
+            nans = 0
+            for j in range(start, stop):
+                v = x[j]
+                shift = np.uint64(j - start)
+                plus |= np.uint64(v >= 0) << shift
+                minus |= np.uint64(v > 0) << shift
+                nans += v != v
+            nan_count += nans
+            # plus lands at bit start, minus at bit k + start (k need not be a multiple of 64)
+            out[start >> 6] |= plus
+            offset = k + start
+            low = np.uint64(offset & 63)
+            out[offset >> 6] |= minus << low
+            if low and (offset >> 6) + 1 < out.shape[0]:
+                out[(offset >> 6) + 1] |= minus >> (np.uint64(64) - low)
+    return nan_count
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _masked_scale_cpu(flat):
+    scale = np.float32(0)
+    for i in range(flat.size):  # the first nonzero magnitude
+        if flat[i] != 0:
+            scale = abs(flat[i])
+            break
+    others = 0
+    for i in range(flat.size):  # a vectorised count of the values of another magnitude (NaN too)
+        magnitude = abs(flat[i])
+        others += not (magnitude == 0 or magnitude == scale)
+    return scale if others == 0 else np.float32(-1)
+
+
+def masked_scale(x):
+    """``c`` when every element of the float32 numpy array ``x`` is 0 (either sign), ``+c`` or ``-c``
+    for one finite ``c > 0`` (dropout's output on +-1 values, ``c = 1 / (1 - ratio)``), else 0.0.
+    One pass that stops at the first value of another magnitude; 0.0 too when ``x`` is all zeros."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise TypeError(f"x must be a float32 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    scale = float(_masked_scale_cpu(np.ascontiguousarray(x).reshape(-1)))
+    return scale if 0 < scale < np.inf else 0.0

@@ -94,6 +94,11 @@ def use_fast_ops(enabled: bool = True) -> bool:
     return previous
 
 
+def fast_arrays(*arrays) -> bool:
+    """True when the compiled kernels take these arrays: fast ops on, all numpy float32."""
+    return _fast(*arrays)
+
+
 def fast_ops_enabled() -> bool:
     return _fast_ops
 
@@ -167,6 +172,11 @@ def matmul(a, b, keep_float32=False):
 # two threads, 46 ms with it on one), and at these sizes one thread is about as fast.
 _SMALL_GEMM = 1 << 24
 _blas_held = 0  # depth of one_blas_thread() contexts that hold BLAS to one thread
+
+
+def blas_held() -> bool:
+    """True inside :func:`one_blas_thread` (numpy's BLAS held to one thread)."""
+    return _blas_held > 0
 
 
 @contextlib.contextmanager
@@ -279,7 +289,7 @@ def _windows(x, kh, kw, stride, padding, fill):
             yield i, j, xp_[:, :, i : i + h_end : stride, j : j + w_end : stride]
 
 
-def _channels_last(x):
+def channels_last(x):
     """True when ``x`` (N, C, H, W) is an NCHW view of a C-contiguous NHWC buffer and not itself
     C-contiguous (the layout of a direct convolution's output)."""
     return x.ndim == 4 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
@@ -294,7 +304,7 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
     """
     xp = get_array_module(x)
     if mode == "max" and _fast(x):
-        if padding == 0 and _channels_last(x):  # a direct convolution's output: pool it as it lies
+        if padding == 0 and channels_last(x):  # a direct convolution's output: pool it as it lies
             out, arg = _kernels().maxpool2d_nhwc(x.transpose(0, 2, 3, 1), kh, kw, stride)
             return out.transpose(0, 3, 1, 2), arg.transpose(0, 3, 1, 2)
         return _kernels().maxpool2d(np.ascontiguousarray(x), kh, kw, stride, padding)
@@ -322,7 +332,7 @@ def pool_forward(x, kh: int, kw: int, stride: int, padding: int, mode: str):
 def pool_backward(dout, argmax, x_shape, kh: int, kw: int, stride: int, padding: int, mode: str):
     """Gradient of :func:`pool_forward` with respect to its input."""
     if mode == "max" and _fast(dout) and isinstance(argmax, np.ndarray):
-        if padding == 0 and stride >= kh and stride >= kw and _channels_last(argmax):
+        if padding == 0 and stride >= kh and stride >= kw and channels_last(argmax):
             n, c, h, w = x_shape
             dx = _kernels().maxpool2d_nhwc_backward(np.ascontiguousarray(dout.transpose(0, 2, 3, 1)),
                                                     argmax.transpose(0, 2, 3, 1), (n, h, w, c), kh, kw, stride)
@@ -412,7 +422,7 @@ def batchnorm_forward(x, gamma, beta, eps):
     if _fast(x, gamma, beta) and x.ndim in (2, 4):
         # a channels-last view (a convolution's training output) is read as it lies, and the outputs
         # keep that layout for the sign and convolution that follow
-        x = x if _channels_last(x) else np.ascontiguousarray(x)
+        x = x if channels_last(x) else np.ascontiguousarray(x)
         return _kernels().batchnorm_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), eps)
     xp = get_array_module(x)
     axes, bshape = batchnorm_axes(x)
@@ -429,7 +439,7 @@ def batchnorm_backward(dout, xn, gamma, inv_std):
     """Gradient of training-mode :func:`batchnorm_forward` from its cached ``xn`` and ``inv_std``:
     ``(dx, dgamma, dbeta)``."""
     if _fast(dout, xn, gamma, inv_std) and dout.ndim in (2, 4) and dout.shape == xn.shape:
-        if _channels_last(xn):  # the forward's layout: dout is brought to it (a copy only if it differs)
+        if channels_last(xn):  # the forward's layout: dout is brought to it (a copy only if it differs)
             xn, dout = _same_layout(xn, dout)
         else:
             xn, dout = np.ascontiguousarray(xn), np.ascontiguousarray(dout)
@@ -468,47 +478,6 @@ def adam_update(param, grad, m, v, c1, c2, step, eps, bounds=None):
     param -= np.float32(step) * m / (xp.sqrt(v) + np.float32(eps))
     if bounds is not None:
         xp.clip(param, bounds[0], bounds[1], out=param)
-
-
-def binary_product_available(*arrays):
-    """True when :func:`binary_conv2d_pm1` / :func:`binary_matmul_pm1` take these arrays (fast ops on,
-    numpy float32); the caller still has to know that they hold only +-1."""
-    return _fast(*arrays)
-
-
-def binary_conv2d_pm1(xq, wq, stride: int, padding: int, channels_last: bool = False):
-    """Convolution of +-1 float32 ``xq`` (N, C, H, W) with +-1 float32 ``wq`` (O, C, KH, KW), zero
-    padding, through the XNOR-popcount kernel (``lowbit.kernels.binary_conv2d``).
-
-    Every value being +-1 and every sum an integer below 2^24, this equals the float convolution
-    (im2col and a float32 GEMM) bit for bit.  Returns float32 (N, O, OH, OW): C-contiguous, or with
-    ``channels_last`` (training, where the BatchNorm, pooling and sign kernels that follow take that
-    layout as it lies) the NCHW view of the kernel's NHWC result, without the transposing copy.
-    ``xq`` may be C-contiguous or channels-last (then packed along its contiguous channels).
-    """
-    from lowbit.kernels import binary_conv2d, pack_signs, threshold_signs
-
-    channels = xq.shape[1]
-    if _channels_last(xq):
-        packed_x = pack_signs(xq.transpose(0, 2, 3, 1))
-    else:
-        packed_x = threshold_signs(xq, np.zeros(channels, np.float32), np.ones(channels, np.int8))
-    packed_w = pack_signs(np.ascontiguousarray(wq.transpose(0, 2, 3, 1)))
-    acc = binary_conv2d(packed_x, packed_w, channels, stride, padding)  # (N, OH, OW, O) int32
-    if channels_last:
-        return acc.astype(np.float32).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(acc.transpose(0, 3, 1, 2), dtype=np.float32)
-
-
-def binary_matmul_pm1(xq, wq):
-    """``xq @ wq`` of +-1 float32 ``xq`` (N, K) and ``wq`` (K, M) through the XNOR-popcount GEMM,
-    equal to the float32 product bit for bit (integer sums below 2^24); ``wq`` is packed by columns
-    in place of a transposed copy.  Returns float32 (N, M)."""
-    from lowbit.kernels import pack_sign_columns, pack_signs, xnor_gemm
-
-    k = xq.shape[1]
-    acc = xnor_gemm(pack_signs(np.ascontiguousarray(xq)), pack_sign_columns(np.ascontiguousarray(wq)), k)
-    return acc.astype(np.float32)
 
 
 # -- float convolution without im2col --------------------------------------------------------------

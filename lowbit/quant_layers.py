@@ -37,7 +37,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .layers import Affine, Conv2D, Layer, register_layer
-from .quantizers import SteSign, StochasticBinary, get_quantizer
+from .quantizers import Identity, SteSign, StochasticBinary, get_quantizer
 
 __all__ = ["QuantAffine", "QuantConv2D", "QuantActivation", "KERNEL_CONSTRAINTS", "glorot_lr_factor"]
 
@@ -151,6 +151,12 @@ class _QuantKernel(_StochasticRNG):
         """Both quantizers give only +-1 (an unscaled ``SteSign`` or a ``StochasticBinary``): the
         float layer's product then runs on the XNOR-popcount kernels, bit for bit the same."""
         return _plus_minus_one(self.input_quantizer) and _plus_minus_one(self.kernel_quantizer)
+
+    def binary_weight_float_input(self):
+        """+-1 weights (as :meth:`binary_operands`) and no input quantizer: an input of dropout's form
+        {0, +-c} (a BNN's hidden layer after Dropout) then runs on the masked XNOR-popcount product,
+        bit for bit the float one (:func:`lowbit.bit_products.masked_binary_matmul`)."""
+        return type(self.input_quantizer) is Identity and _plus_minus_one(self.kernel_quantizer)
 
     def weight_grad(self, dW_eff):
         return self.kernel_quantizer.backward(self.W, dW_eff, channel_axis=self.kernel_channel_axis)

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowbit import bit_products
 from lowbit import functions as F
 from lowbit.kernels import float_ops, pack_sign_columns, pack_signs
 from lowbit.losses import SoftmaxCrossEntropy
@@ -142,7 +143,7 @@ def test_batchnorm_on_channels_last_views(shape, seed, offset, dout_layout):
     fast = F.batchnorm_forward(channels_last(x), gamma, beta, 1e-4)
     with F.reference_ops():
         ref = F.batchnorm_forward(x, gamma, beta, 1e-4)
-    assert F._channels_last(fast[0]) and F._channels_last(fast[1])
+    assert F.channels_last(fast[0]) and F.channels_last(fast[1])
     for a, b in zip(fast, ref):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     dout = rng.standard_normal(shape).astype(np.float32)
@@ -150,7 +151,7 @@ def test_batchnorm_on_channels_last_views(shape, seed, offset, dout_layout):
                                  fast[4])
     with F.reference_ops():
         ref_grads = F.batchnorm_backward(dout, ref[1], gamma, ref[4])
-    assert F._channels_last(grads[0])
+    assert F.channels_last(grads[0])
     scales = (np.abs(dout).max() * np.abs(gamma * ref[4]).max(), np.abs(dout).sum(), np.abs(dout).sum())
     for a, b, scale in zip(grads, ref_grads, scales):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
@@ -175,8 +176,8 @@ def test_binary_conv2d_pm1_channels_last_bit_for_bit(n, c, h, w, o, padding, str
     xq = np.where(rng.random((n, c, h, w)) < 0.5, -1, 1).astype(np.float32)
     wq = np.where(rng.random((o, c, 3, 3)) < 0.5, -1, 1).astype(np.float32)
     x_in = channels_last(xq) if layout == "nhwc" else xq
-    last = F.binary_conv2d_pm1(x_in, wq, stride, padding, channels_last=True)
-    flat = F.binary_conv2d_pm1(xq, wq, stride, padding)
+    last = bit_products.binary_conv2d_pm1(x_in, wq, stride, padding, channels_last=True)
+    flat = bit_products.binary_conv2d_pm1(xq, wq, stride, padding)
     assert flat.flags.c_contiguous and last.transpose(0, 2, 3, 1).flags.c_contiguous
     assert_same_bits(last, flat)
     col = F.im2col(xq, 3, 3, stride, padding).reshape(c * 9, -1)
@@ -288,6 +289,38 @@ def test_binary_conv_layer_on_bit_kernels_equals_float_simulation(n, c, o, h, w,
         dx_ref = layers[1].backward(dout)
     assert_same_bits(dx, dx_ref)
     assert_same_bits(layers[0].dW, layers[1].dW)
+
+
+@given(n=st.integers(1, 12), k=st.integers(1, 200), m=st.integers(1, 70),
+       scale=st.sampled_from([2.0, 1.25, 4.0, 0.5]), keep=st.floats(0.0, 1.0), bias=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_binary_affine_on_dropout_outputs_equals_float_simulation(n, k, m, scale, keep, bias, seed):
+    """A +-1-weight QuantAffine without input quantizer (a BNN hidden layer after Dropout) runs
+    dropout's {0, +-c} inputs on the masked XNOR-popcount product, bit for bit the float one."""
+    rng = np.random.default_rng(seed)
+    layers = [QuantAffine(k, m, bias=bias, seed=seed, kernel_quantizer="ste_sign") for _ in range(2)]
+    x = (rng.choice(np.array([-1.0, 1.0]), (n, k)) * (rng.random((n, k)) < keep) * scale).astype(np.float32)
+    x[x == 0] = rng.choice(np.array([0.0, -0.0], dtype=np.float32), int((x == 0).sum()))
+    assert layers[0].binary_weight_float_input()
+    assert bit_products.masked_binary_matmul(x, layers[0].effective_weight()) is not None or not np.any(x)
+    out = layers[0].forward(x, train=True)
+    with F.reference_ops():
+        out_ref = layers[1].forward(x, train=True)
+    assert_same_bits(out, out_ref)
+
+
+def test_masked_product_only_for_dropout_outputs():
+    from lowbit.kernels import masked_scale
+
+    w = np.ones((64, 3), np.float32)
+    assert masked_scale(np.array([0, -0.0, 2, -2], np.float32)) == 2.0
+    for x in ([0, 2, 1], [0, 0], [2, np.nan], [np.inf, -np.inf]):
+        assert masked_scale(np.array(x, np.float32)) == 0.0
+    assert bit_products.masked_binary_matmul(np.full((2, 64), 0.5, np.float32) + np.eye(2, 64, dtype=np.float32), w) is None
+    # c = 1 / 0.7 has a 24-bit mantissa: sums of it round, so the float product is kept
+    assert bit_products.masked_binary_matmul(np.full((2, 64), 1 / 0.7, np.float32), w) is None
+    with pytest.raises(TypeError, match="float32"):
+        masked_scale(np.zeros(3))
 
 
 @pytest.mark.parametrize("n,k,m", [(1, 1, 1), (5, 63, 3), (7, 64, 65), (3, 130, 17), (100, 3136, 256)])

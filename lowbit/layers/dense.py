@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
+from ..bit_products import binary_conv2d_pm1, binary_matmul_pm1, binary_product_available, masked_binary_matmul
 from ..functions import (
-    binary_conv2d_pm1, binary_matmul_pm1, binary_product_available, col2im, conv2d_direct, conv2d_direct_backward,
-    conv_output_size, direct_conv_available, direct_conv_cache, im2col, im2col_layout, matmul,
+    col2im, conv2d_direct, conv2d_direct_backward, conv_output_size, direct_conv_available, direct_conv_cache, im2col,
+    im2col_layout, matmul,
 )
 from ..initializers import initialize
 from .base import Layer, check_input, check_nonnegative_int, check_positive_int, register_layer
@@ -69,6 +70,11 @@ class Affine(Layer):
         product may then run on the bit kernels, with the same result."""
         return False
 
+    def binary_weight_float_input(self):
+        """True when the effective weight holds only +-1 and the input is taken as it comes (binary
+        twins override it): an input of dropout's form {0, +-c} then runs on the bit kernels."""
+        return False
+
     def forward(self, x, train=False):
         if x.ndim < 2:
             raise ValueError(f"Affine expects (N, {self.in_features}), got an input of shape {x.shape}")
@@ -82,9 +88,12 @@ class Affine(Layer):
         xq = self.effective_input(x, train)
         self._cache_x = xq
         w = self.effective_weight()
+        out = None
         if self.binary_operands() and binary_product_available(xq, w):
             out = binary_matmul_pm1(xq, w)
-        else:
+        elif self.binary_weight_float_input() and binary_product_available(xq, w):
+            out = masked_binary_matmul(xq, w)  # None unless xq is {0, +-c}
+        if out is None:
             out = matmul(xq, w)
         if self.bias:
             out = out + self.b
