@@ -86,6 +86,9 @@ def _prepare_panel(source, n_out, kernel_h, kernel_w, words, channels, padded, p
 # Scratch accumulators per block of the fused convolution + threshold (half a 32-48 KiB L1).
 _FUSED_SCRATCH_BYTES = 16384
 
+# Correction rows that _remove_padding_taps keeps per call (a 3x3 kernel with padding 1 meets 8).
+_CORRECTION_SLOTS = 16
+
 # Task states in the claim array of one call: free, being run by one thread, done.
 _TASK_FREE, _TASK_TAKEN, _TASK_DONE = 0, 1, 2
 
@@ -105,36 +108,74 @@ def _wait_for(state, first, stop):
 
 @njit(cache=True)
 def _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                         tap_sums, out, row_start, row_stop, column_start, column_stop, out_first_row):
+                         tap_sums, out, row_start, row_stop, column_start, column_stop, out_first_row, slot_of,
+                         corrections):
     """Subtract from out[row_start:row_stop, column_start:column_stop] what off-input taps added.
 
     ``out`` holds output positions ``out_first_row ...`` (all N*OH*OW of them, or one block's) by
     at least O columns; the GEMM counted each off-input tap as a zero word against the
     weights, where zero padding must count 0.  The taps inside the input form a rectangle
     ``[ky_lo, ky_hi) x [kx_lo, kx_hi)``, so what the others added is the sum over all taps minus
-    the sum over the rectangle: five reads of the prefix sums ``tap_sums`` per output channel.
-    Positions are walked one output row at a time; an interior position costs two comparisons.
+    the sum over the rectangle (five reads of the prefix sums ``tap_sums`` per output channel).
+    Few rectangles occur (9 for a 3x3 kernel with padding 1), so each one's correction row is
+    computed once, at its first position, and every border position then subtracts a whole row
+    (one vector pass); positions are walked one output row at a time, skipping a row's interior
+    run.  ``slot_of`` (int32, ``(KH+1)^2 (KW+1)^2`` keys, -1 where unknown, then the count of
+    slots taken) and ``corrections``
+    (``_CORRECTION_SLOTS + 1`` rows of at least ``column_stop - column_start`` int32) are the
+    caller's scratch (:func:`_correction_scratch`), kept across calls on the same columns.
     """
+    columns = column_stop - column_start
+    sides_h, sides_w = kernel_h + 1, kernel_w + 1
+    # output columns whose window lies inside the input across: [inside_lo, inside_hi)
+    inside_lo = (pad_w + stride_w - 1) // stride_w
+    inside_hi = max(inside_lo, (width - kernel_w + pad_w) // stride_w + 1)
+    # the correction rows of the first _CORRECTION_SLOTS rectangles met (their count in slot_of's last
+    # entry); others are computed each time
+    slots = slot_of[slot_of.shape[0] - 1]
     position = row_start
     while position < row_stop:
         first_ox = position % out_w
         row_end = min(row_stop, position - first_ox + out_w)
         iy0 = (position // out_w) % out_h * stride_h - pad_h
-        ky_lo = max(0, -iy0)
+        ky_lo = min(kernel_h, max(0, -iy0))  # padding may pass the kernel: a window all padding
         ky_hi = max(ky_lo, min(kernel_h, height - iy0))  # empty when the window misses the input
-        row_inside = ky_lo == 0 and ky_hi == kernel_h
-        for ox in range(first_ox, first_ox + row_end - position):
-            ix0 = ox * stride_w - pad_w
-            if row_inside and ix0 >= 0 and ix0 + kernel_w <= width:
-                continue
-            kx_lo = max(0, -ix0)
-            kx_hi = max(kx_lo, min(kernel_w, width - ix0))
-            target = position + ox - first_ox
-            for o in range(column_start, column_stop):
-                inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
-                          - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
-                out[target - out_first_row, o] -= tap_sums[kernel_h, kernel_w, o] - inside
+        last_ox = first_ox + row_end - position
+        # an output row inside the input vertically: only its columns outside [inside_lo, inside_hi)
+        skip_lo, skip_hi = (inside_lo, inside_hi) if ky_lo == 0 and ky_hi == kernel_h else (last_ox, last_ox)
+        for part in range(2):
+            lo, hi = (first_ox, min(last_ox, skip_lo)) if part == 0 else (max(first_ox, skip_hi), last_ox)
+            for ox in range(lo, hi):
+                ix0 = ox * stride_w - pad_w
+                kx_lo = min(kernel_w, max(0, -ix0))
+                kx_hi = max(kx_lo, min(kernel_w, width - ix0))
+                key = ((ky_lo * sides_h + ky_hi) * sides_w + kx_lo) * sides_w + kx_hi
+                slot = slot_of[key]
+                if slot < 0:
+                    slot = min(slots, _CORRECTION_SLOTS)  # the last row is scratch, never kept
+                    for c in range(columns):
+                        o = column_start + c
+                        inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
+                                  - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
+                        corrections[slot, c] = tap_sums[kernel_h, kernel_w, o] - inside
+                    if slots < _CORRECTION_SLOTS:
+                        slot_of[key] = slot
+                        slots += 1
+                        slot_of[slot_of.shape[0] - 1] = slots
+                correction = corrections[slot]
+                row = out[position + ox - first_ox - out_first_row, column_start:column_stop]
+                for c in range(columns):
+                    row[c] -= correction[c]
         position = row_end
+
+
+@njit(cache=True)
+def _correction_scratch(kernel_h, kernel_w, columns):
+    """Empty ``(slot_of, corrections)`` scratch of :func:`_remove_padding_taps` for ``columns`` output
+    channels."""
+    slot_of = np.full((kernel_h + 1) ** 2 * (kernel_w + 1) ** 2 + 1, -1, dtype=np.int32)
+    slot_of[-1] = 0  # how many slots are taken
+    return slot_of, np.empty((_CORRECTION_SLOTS + 1, max(columns, 1)), dtype=np.int32)
 
 
 @njit(cache=True)
@@ -231,15 +272,15 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     n_panels = panels.shape[0]
     padded = pad_h > 0 or pad_w > 0
     if fused:  # one panel block: a block thresholds whole rows of output channels
-        # Blocks small enough that their scratch accumulators (rows x 64 * words int32) stay in L1.
-        scratch_rows = max(TILE_ROWS, _FUSED_SCRATCH_BYTES // (packed_out.shape[1] * 256))
-        chunk = min(row_chunk_bytes, scratch_rows * patch_words * n_panels * 8)
-        rows_per_block, row_blocks, _, _ = _blocking(m, patch_words * n_panels, 1, threads, chunk,
-                                                     blocks_per_thread)
+        rows_per_block, row_blocks, _, _ = _blocking(m, patch_words, 1, threads, row_chunk_bytes, blocks_per_thread)
         panels_per_block, panel_blocks = n_panels, 1
+        # ... in pieces whose scratch accumulators (rows x 64 * words int32) stay in L1: all panels of
+        # a piece, its padding correction and its thresholds, then the next piece
+        piece_rows = max(1, _FUSED_SCRATCH_BYTES // (packed_out.shape[1] * 256 * TILE_ROWS)) * TILE_ROWS
     else:
         rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
             m, patch_words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
+        piece_rows = rows_per_block
     out_words = packed_out.shape[1]
     for block in prange(row_blocks * panel_blocks):
         row_block = block // panel_blocks
@@ -253,48 +294,55 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
         if fused:
-            target = np.empty((row_stop - row_start, 32 if n_out <= 32 else out_words * 64), dtype=np.int32)
-            first_row = row_start
+            target = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
+                              dtype=np.int32)
         else:
             target = out
-            first_row = 0
         stride = target.shape[1]
         _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
                            x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
-        for p in range(panel_start, panel_stop):
-            column = p * TILE_COLS
-            columns = min(TILE_COLS, n_out - column)
-            panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
-            for t in range(tiles):
-                position = row_start + t * TILE_ROWS
-                rows = min(TILE_ROWS, row_stop - position)
-                row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
-                if rows == TILE_ROWS and columns == TILE_COLS:
-                    xnor_microkernel_rows(
-                        row_addresses, padded_w * words, kernel_h, run, panel_address,
-                        target.ctypes.data + ((position - first_row) * stride + column) * 4, stride, k,
-                    )
-                else:
-                    xnor_microkernel_rows(
-                        row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
-                        TILE_COLS, k,
-                    )
-                    local = position - first_row
-                    target[local:local + rows, column:column + columns] = tile[:rows, :columns]
-        if padded:
-            _remove_padding_taps(
-                height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
-                target, row_start, row_stop, panel_start * TILE_COLS, min(n_out, panel_stop * TILE_COLS), first_row,
-            )
-        if fused and n_out <= 32:
-            for i in range(row_stop - row_start):
-                packed_out[row_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
-                                                                     valids[0])
-        elif fused:
-            for i in range(row_stop - row_start):
-                for w in range(out_words):
-                    packed_out[row_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds, w * 64,
-                                                                    flips[w], valids[w])
+        column_stop = min(n_out, panel_stop * TILE_COLS)
+        slot_of, corrections = _correction_scratch(kernel_h, kernel_w, column_stop - panel_start * TILE_COLS)
+        for piece_start in range(row_start, row_stop, piece_rows):
+            piece_stop = min(row_stop, piece_start + piece_rows)
+            first_row = piece_start if fused else 0  # the output row of target's row 0
+            first_tile = (piece_start - row_start) // TILE_ROWS
+            piece_tiles = (piece_stop - piece_start + TILE_ROWS - 1) // TILE_ROWS
+            for p in range(panel_start, panel_stop):
+                column = p * TILE_COLS
+                columns = min(TILE_COLS, n_out - column)
+                panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
+                for t in range(first_tile, first_tile + piece_tiles):
+                    position = row_start + t * TILE_ROWS
+                    rows = min(TILE_ROWS, piece_stop - position)
+                    row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
+                    if rows == TILE_ROWS and columns == TILE_COLS:
+                        xnor_microkernel_rows(
+                            row_addresses, padded_w * words, kernel_h, run, panel_address,
+                            target.ctypes.data + ((position - first_row) * stride + column) * 4, stride, k,
+                        )
+                    else:
+                        xnor_microkernel_rows(
+                            row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
+                            TILE_COLS, k,
+                        )
+                        local = position - first_row
+                        target[local:local + rows, column:column + columns] = tile[:rows, :columns]
+            if padded:
+                _remove_padding_taps(
+                    height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
+                    target, piece_start, piece_stop, panel_start * TILE_COLS, column_stop, first_row, slot_of,
+                    corrections,
+                )
+            if fused and n_out <= 32:
+                for i in range(piece_stop - piece_start):
+                    packed_out[piece_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
+                                                                           valids[0])
+            elif fused:
+                for i in range(piece_stop - piece_start):
+                    for w in range(out_words):
+                        packed_out[piece_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds,
+                                                                          w * 64, flips[w], valids[w])
 
 
 @njit(cache=True)
