@@ -16,7 +16,7 @@ On numpy float32 arrays the ops below that have one run a compiled kernel from
 ``lowbit.kernels.float_ops`` (one pass over memory, shared out to the cores) instead of their
 numpy body: max pooling, ReLU, training-mode BatchNorm, sign with its NaN check, the
 straight-through gradient and the Adam update; convolutions and dense products of +-1 operands run
-on the XNOR-popcount kernels (:func:`binary_conv2d_pm1`, :func:`binary_matmul_pm1`).  im2col and
+on the XNOR-popcount kernels (:mod:`lowbit.bit_products`).  im2col and
 col2im stay numpy's strided copies: compiled versions measured no faster (both are bound by memory
 traffic and, for fresh buffers, by page faults; see :func:`retain_freed_memory`).  The numpy body stays the reference, and the path
 for CuPy arrays and other dtypes.  Every kernel gives the reference's values bit for bit except the
@@ -51,9 +51,9 @@ __all__ = [
     "batchnorm_forward",
     "batchnorm_backward",
     "adam_update",
-    "binary_product_available",
-    "binary_conv2d_pm1",
-    "binary_matmul_pm1",
+    "fast_arrays",
+    "channels_last",
+    "blas_held",
     "matmul",
     "conv_output_size",
     "pad2d",

@@ -36,6 +36,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module
+from .bf16 import bf16_backward_enabled, round_bfloat16
 from .layers import Affine, Conv2D, Layer, register_layer
 from .quantizers import Identity, SteSign, StochasticBinary, get_quantizer
 
@@ -157,6 +158,20 @@ class _QuantKernel(_StochasticRNG):
         {0, +-c} (a BNN's hidden layer after Dropout) then runs on the masked XNOR-popcount product,
         bit for bit the float one (:func:`lowbit.bit_products.masked_binary_matmul`)."""
         return type(self.input_quantizer) is Identity and _plus_minus_one(self.kernel_quantizer)
+
+    def backward(self, dout):
+        return super().backward(self._backward_operand(dout))
+
+    def backward_params(self, dout):
+        return super().backward_params(self._backward_operand(dout))
+
+    def _backward_operand(self, dout):
+        """``dout`` as the backward products take it: rounded to bfloat16 inside
+        :func:`lowbit.bf16.bf16_backward` when the weights are +-1 (float32 only), else as it is."""
+        if (bf16_backward_enabled() and dout.dtype == np.float32
+                and (self.binary_operands() or self.binary_weight_float_input())):
+            return round_bfloat16(dout)
+        return dout
 
     def weight_grad(self, dW_eff):
         return self.kernel_quantizer.backward(self.W, dW_eff, channel_axis=self.kernel_channel_axis)

@@ -179,6 +179,20 @@ def test_recipe_options_in_the_scripts_and_the_ablation_table(script, tmp_path):
     assert "| all | 0 0 |" in text and "| 1+1/1+1 |" in text  # both seeds-0 runs, two stages of 1 epoch
 
 
+def test_bf16_backward_accuracy_smoke_run(script, tmp_path):
+    argv = ["--networks", "bnn_mlp", "--epochs", "1", "--limit", "200", "--eval-limit", "100",
+            *outputs(tmp_path, "runs", "results", "models")]
+    result = script("bf16_backward_accuracy").main(argv)
+    assert [run["backward"] for run in result["runs"]] == ["fp32", "bf16"]
+    assert result["test_images"] == 100 and result["train_images"] == 200
+    assert (tmp_path / "results" / "bf16_backward_accuracy_limit200_eval100.json").exists()
+    models = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert models == ["bf16_backward_bnn_mlp_bf16_limit200_eval100_seed0.npz",
+                      "bf16_backward_bnn_mlp_fp32_limit200_eval100_seed0.npz"]
+    fp32, bf16 = result["runs"]
+    assert fp32["train_loss"] != bf16["train_loss"]  # the rounding reached the weights
+
+
 def test_outputs_default_to_the_ignored_runs_folder(script, tmp_path):
     """A script run without output options writes under ``runs/`` (git-ignored); the committed
     ``experiments/results`` and ``experiments/models`` are written only when named."""

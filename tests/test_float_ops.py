@@ -316,7 +316,8 @@ def test_masked_product_only_for_dropout_outputs():
     assert masked_scale(np.array([0, -0.0, 2, -2], np.float32)) == 2.0
     for x in ([0, 2, 1], [0, 0], [2, np.nan], [np.inf, -np.inf]):
         assert masked_scale(np.array(x, np.float32)) == 0.0
-    assert bit_products.masked_binary_matmul(np.full((2, 64), 0.5, np.float32) + np.eye(2, 64, dtype=np.float32), w) is None
+    mixed = np.full((2, 64), 0.5, np.float32) + np.eye(2, 64, dtype=np.float32)  # 0.5 and 1.5
+    assert bit_products.masked_binary_matmul(mixed, w) is None
     # c = 1 / 0.7 has a 24-bit mantissa: sums of it round, so the float product is kept
     assert bit_products.masked_binary_matmul(np.full((2, 64), 1 / 0.7, np.float32), w) is None
     with pytest.raises(TypeError, match="float32"):
