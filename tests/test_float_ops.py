@@ -309,6 +309,19 @@ def test_binary_affine_on_dropout_outputs_equals_float_simulation(n, k, m, scale
     assert_same_bits(out, out_ref)
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0, 1.25])
+@pytest.mark.parametrize("k", [64, 100])
+def test_binary_affine_on_signs_without_zeros_equals_float_simulation(scale, k):
+    """+-c without zeros (a hidden layer at evaluation, dropout off): the plain sign product."""
+    rng = np.random.default_rng(k)
+    layers = [QuantAffine(k, 9, bias=False, seed=3, kernel_quantizer="ste_sign") for _ in range(2)]
+    x = (rng.choice(np.array([-1.0, 1.0]), (6, k)) * scale).astype(np.float32)
+    out = layers[0].forward(x, train=False)
+    with F.reference_ops():
+        out_ref = layers[1].forward(x, train=False)
+    assert_same_bits(out, out_ref)
+
+
 def test_masked_product_only_for_dropout_outputs():
     from lowbit.kernels import masked_scale
 
