@@ -12,7 +12,7 @@ one contiguous loop over ``q`` (unit stride for stride 1), with the ``C * KH * K
 register.  Positions with ``ow >= OW`` are computed and dropped (``(WP - OW) / WP`` of the work:
 7% for a 3 x 3, padding-1 convolution of 28 x 28 images; about half for stride 2).
 
-Arithmetic (the same in both kernels: both call one helper, ``channel``, compiled per shape): every output
+Arithmetic (the same in both kernels: both inline one helper, :func:`_channel`): every output
 value is ``acc = 0; for c, i, j (in that order): acc = acc + w * x``, then ``acc + bias``, a
 separate float32 multiply and add (Numba without ``fastmath`` does not contract them into fused
 multiply-adds).  The values agree with the im2col reference of ``lowbit.functions`` (a BLAS GEMM,
@@ -40,57 +40,62 @@ from .threshold import _check_thresholds
 __all__ = ["few_channel_conv2d", "few_channel_conv2d_threshold"]
 
 
-def _make_kernels(channels, kernel_h, kernel_w, stride):
-    """The helper and the two drivers for one ``(C, KH, KW, stride)`` (compile-time constants, so
-    that the tap loops unroll and the loops over positions vectorise; Numba caches each one)."""
+@njit(inline="always", error_model="numpy")
+def _channel(padded, padded_width, weights, bias, has_bias, o, values, threshold, up, bits,
+             channels, kernel_h, kernel_w, stride):
+    """Output channel ``o`` of one image at the flat positions ``q < length`` (the module docstring),
+    written as float32 into ``values`` (when ``bits`` is empty), or else as bit ``o % 64`` of
+    ``bits[q]`` (set where the value is ``>= threshold`` when ``up``, ``<=`` otherwise); returns the
+    number of NaN values seen in bit mode.
 
-    @njit(cache=True, error_model="numpy")
-    def channel(padded, padded_width, weights, bias, has_bias, o, values, threshold, up, bits):
-        """Output channel ``o`` of one image at the flat positions ``q < length`` (the module
-        docstring), written as float32 into ``values`` (when ``bits`` is empty), or else as bit
-        ``o % 64`` of ``bits[q]`` (set where the value is ``>= threshold`` when ``up``, ``<=``
-        otherwise); returns the number of NaN values seen in bit mode.
-
-        The one place the arithmetic is written, so that both drivers give the same values; the
-        loop-invariant branches are unswitched by LLVM, which then vectorises each loop."""
-        # unsigned offsets: Numba then skips its negative-index wraparound, which would turn the
-        # loads into gathers
-        plane_size = np.uint64(padded.size // channels)
-        row = np.uint64(padded_width)
-        floats = bits.size == 0
-        length = values.size if floats else bits.size
-        bit = np.uint64(1) << np.uint64(o & 63)
-        count = 0
-        for q in range(length):
-            start = np.uint64(stride) * np.uint64(q)
-            total = np.float32(0.0)
-            for c in range(channels):
-                for i in range(kernel_h):
-                    for j in range(kernel_w):
-                        tap = np.uint64(c) * plane_size + np.uint64(i) * row + np.uint64(j)
-                        total = total + weights[o, c, i, j] * padded[tap + start]
-            if has_bias:
-                total = total + bias[o]
-            if floats:
-                values[q] = total
-            else:
-                passes = total >= threshold if up else total <= threshold
-                bits[q] |= bit if passes else np.uint64(0)
-                count += 1 if total != total else 0
-        return count
-
-    @njit(cache=True)
-    def pad_image(x, image, padding, padded):
-        """The zero-padded (C, HP, WP) planes of one image, flat."""
-        height, width = x.shape[2], x.shape[3]
-        padded_width = np.uint64(width + 2 * padding)
-        plane_size = np.uint64(height + 2 * padding) * padded_width
-        padded[:] = 0.0
+    The one place the arithmetic is written, so that both drivers give the same values.  Inlined by
+    Numba into drivers (:func:`_make_kernels`) whose ``channels, kernel_h, kernel_w, stride`` are
+    compile-time constants: the tap loops then unroll, LLVM unswitches the loop-invariant branches and
+    vectorises each loop over ``q``.  (Drivers that call a jitted closure instead are not cached on disk
+    by Numba, and a call per value is not inlined.)"""
+    # unsigned offsets: Numba then skips its negative-index wraparound, which would turn the loads
+    # into gathers
+    plane_size = np.uint64(padded.size // channels)
+    row = np.uint64(padded_width)
+    floats = bits.size == 0
+    length = values.size if floats else bits.size
+    bit = np.uint64(1) << np.uint64(o & 63)
+    count = 0
+    for q in range(length):
+        start = np.uint64(stride) * np.uint64(q)
+        total = np.float32(0.0)
         for c in range(channels):
-            for r in range(height):
-                start = np.uint64(c) * plane_size + np.uint64(r + padding) * padded_width + np.uint64(padding)
-                for col in range(width):
-                    padded[start + np.uint64(col)] = x[image, c, r, col]
+            for i in range(kernel_h):
+                for j in range(kernel_w):
+                    tap = np.uint64(c) * plane_size + np.uint64(i) * row + np.uint64(j)
+                    total = total + weights[o, c, i, j] * padded[tap + start]
+        if has_bias:
+            total = total + bias[o]
+        if floats:
+            values[q] = total
+        else:
+            passes = total >= threshold if up else total <= threshold
+            bits[q] |= bit if passes else np.uint64(0)
+            count += 1 if total != total else 0
+    return count
+
+
+@njit(cache=True)
+def _pad_image(x, image, padding, padded):
+    """The zero-padded (C, HP, WP) planes of image ``image`` of ``x`` (N, C, H, W), flat."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    padded_width = np.uint64(width + 2 * padding)
+    plane_size = np.uint64(height + 2 * padding) * padded_width
+    padded[:] = 0.0
+    for c in range(channels):
+        for r in range(height):
+            start = np.uint64(c) * plane_size + np.uint64(r + padding) * padded_width + np.uint64(padding)
+            for col in range(width):
+                padded[start + np.uint64(col)] = x[image, c, r, col]
+
+
+def _make_kernels(channels, kernel_h, kernel_w, stride):
+    """The two drivers for one ``(C, KH, KW, stride)``, compile-time constants (Numba caches each)."""
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def convolve(x, weights, bias, has_bias, padding, out):
@@ -101,11 +106,12 @@ def _make_kernels(channels, kernel_h, kernel_w, stride):
         length = (out_h - 1) * padded_width + out_w
         for image in prange(batch):
             padded = np.empty(channels * (height + 2 * padding) * padded_width, dtype=np.float32)
-            pad_image(x, image, padding, padded)
+            _pad_image(x, image, padding, padded)
             acc = np.empty(length, dtype=np.float32)
             no_bits = np.empty(0, dtype=np.uint64)
             for o in range(outputs):
-                channel(padded, padded_width, weights, bias, has_bias, o, acc, np.float32(0.0), True, no_bits)
+                _channel(padded, padded_width, weights, bias, has_bias, o, acc, np.float32(0.0), True, no_bits,
+                         channels, kernel_h, kernel_w, stride)
                 target = out[o, image]
                 for r in range(out_h):
                     target[r, :] = acc[r * padded_width:r * padded_width + out_w]
@@ -122,7 +128,7 @@ def _make_kernels(channels, kernel_h, kernel_w, stride):
         nans = np.zeros(batch, dtype=np.int64)
         for image in prange(batch):
             padded = np.empty(channels * (height + 2 * padding) * padded_width, dtype=np.float32)
-            pad_image(x, image, padding, padded)
+            _pad_image(x, image, padding, padded)
             # one word of every flat position at a time (as threshold_signs does), then the OW
             # positions of each output row into the packed array
             local = np.empty(length, dtype=np.uint64)
@@ -131,8 +137,8 @@ def _make_kernels(channels, kernel_h, kernel_w, stride):
             for word in range(words):
                 local[:] = 0
                 for o in range(word * 64, min(outputs, word * 64 + 64)):
-                    count += channel(padded, padded_width, weights, bias, has_bias, o, no_values, threshold[o],
-                                     direction[o] > 0, local)
+                    count += _channel(padded, padded_width, weights, bias, has_bias, o, no_values, threshold[o],
+                                      direction[o] > 0, local, channels, kernel_h, kernel_w, stride)
                 for r in range(out_h):
                     for col in range(out_w):
                         packed[image, r * out_w + col, word] = local[r * padded_width + col]
