@@ -152,6 +152,8 @@ class FloatStage(Stage):
                 x = x.astype(self.dtype)
             for layer in self.layers[:-1]:
                 x = layer.forward(x, train=False)
+            if type(x) is not np.ndarray:  # CuPy: the two stages, without quantizing the input twice
+                return following.run(conv.forward(x, train=False))
             xq = conv.effective_input(x, False)
             # what the layer's forward multiplies (QuantConv2D quantizes its kernel on each forward)
             w = conv.quantized_kernel(train=False) if hasattr(conv, "quantized_kernel") else conv.effective_weight()
