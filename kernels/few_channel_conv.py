@@ -12,7 +12,7 @@ one contiguous loop over ``q`` (unit stride for stride 1), with the ``C * KH * K
 register.  Positions with ``ow >= OW`` are computed and dropped (``(WP - OW) / WP`` of the work:
 7% for a 3 x 3, padding-1 convolution of 28 x 28 images; about half for stride 2).
 
-Arithmetic (the same in both kernels: both inline one helper, :func:`_channel`): every output
+Arithmetic (the same in both kernels: both inline one helper, :func:`_channels`): every output
 value is ``acc = 0; for c, i, j (in that order): acc = acc + w * x``, then ``acc + bias``, a
 separate float32 multiply and add (Numba without ``fastmath`` does not contract them into fused
 multiply-adds).  The values agree with the im2col reference of ``lowbit.functions`` (a BLAS GEMM,
@@ -41,42 +41,53 @@ __all__ = ["few_channel_conv2d", "few_channel_conv2d_threshold"]
 
 
 @njit(inline="always", error_model="numpy")
-def _channel(padded, padded_width, weights, bias, has_bias, o, values, threshold, up, bits,
-             channels, kernel_h, kernel_w, stride):
-    """Output channel ``o`` of one image at the flat positions ``q < length`` (the module docstring),
-    written as float32 into ``values`` (when ``bits`` is empty), or else as bit ``o % 64`` of
-    ``bits[q]`` (set where the value is ``>= threshold`` when ``up``, ``<=`` otherwise); returns the
-    number of NaN values seen in bit mode.
+def _channels(padded, padded_width, weights, bias, has_bias, first, second, values, second_values, threshold,
+              direction, bits, channels, kernel_h, kernel_w, stride):
+    """Output channels ``first`` and ``second`` (the same channel twice for a lone last one) of one
+    image at the flat positions ``q < length`` (the module docstring): written as float32 into
+    ``values`` and ``second_values`` (when ``bits`` is empty), or else as bits ``first % 64`` and
+    ``second % 64`` of ``bits[q]`` (set where the value is ``>= threshold[o]`` for ``direction[o] >
+    0``, ``<=`` otherwise); returns the number of NaN values seen in bit mode.
 
-    The one place the arithmetic is written, so that both drivers give the same values.  Inlined by
-    Numba into drivers (:func:`_make_kernels`) whose ``channels, kernel_h, kernel_w, stride`` are
-    compile-time constants: the tap loops then unroll, LLVM unswitches the loop-invariant branches and
-    vectorises each loop over ``q``.  (Drivers that call a jitted closure instead are not cached on disk
-    by Numba, and a call per value is not inlined.)"""
+    The one place the arithmetic is written, so that both drivers give the same values; two channels
+    share each input load.  Inlined by Numba into drivers (:func:`_make_kernels`) whose ``channels,
+    kernel_h, kernel_w, stride`` are compile-time constants: the tap loops then unroll, LLVM unswitches
+    the loop-invariant branches and vectorises each loop over ``q``.  (Drivers that call a jitted
+    closure instead are not cached on disk by Numba, and a call per value is not inlined.)"""
     # unsigned offsets: Numba then skips its negative-index wraparound, which would turn the loads
     # into gathers
     plane_size = np.uint64(padded.size // channels)
     row = np.uint64(padded_width)
     floats = bits.size == 0
     length = values.size if floats else bits.size
-    bit = np.uint64(1) << np.uint64(o & 63)
+    bit = np.uint64(1) << np.uint64(first & 63)
+    second_bit = np.uint64(1) << np.uint64(second & 63)
+    limit, second_limit = threshold[first], threshold[second]
+    up, second_up = direction[first] > 0, direction[second] > 0
+    second_nan = 1 if second != first else 0
     count = 0
     for q in range(length):
         start = np.uint64(stride) * np.uint64(q)
         total = np.float32(0.0)
+        second_total = np.float32(0.0)
         for c in range(channels):
             for i in range(kernel_h):
                 for j in range(kernel_w):
-                    tap = np.uint64(c) * plane_size + np.uint64(i) * row + np.uint64(j)
-                    total = total + weights[o, c, i, j] * padded[tap + start]
+                    x = padded[np.uint64(c) * plane_size + np.uint64(i) * row + np.uint64(j) + start]
+                    total = total + weights[first, c, i, j] * x
+                    second_total = second_total + weights[second, c, i, j] * x
         if has_bias:
-            total = total + bias[o]
+            total = total + bias[first]
+            second_total = second_total + bias[second]
         if floats:
             values[q] = total
+            second_values[q] = second_total
         else:
-            passes = total >= threshold if up else total <= threshold
-            bits[q] |= bit if passes else np.uint64(0)
-            count += 1 if total != total else 0
+            # both comparisons and a select (no branch on the direction inside the loop)
+            passes = ((total >= limit) & up) | ((total <= limit) & (not up))
+            second_passes = ((second_total >= second_limit) & second_up) | ((second_total <= second_limit) & (not second_up))
+            bits[q] |= (bit if passes else np.uint64(0)) | (second_bit if second_passes else np.uint64(0))
+            count += (1 if total != total else 0) + (second_nan if second_total != second_total else 0)
     return count
 
 
@@ -104,17 +115,22 @@ def _make_kernels(channels, kernel_h, kernel_w, stride):
         outputs, _, out_h, out_w = out.shape
         padded_width = width + 2 * padding
         length = (out_h - 1) * padded_width + out_w
+        no_threshold = np.zeros(outputs, dtype=np.float32)
+        no_direction = np.ones(outputs, dtype=np.int8)
         for image in prange(batch):
             padded = np.empty(channels * (height + 2 * padding) * padded_width, dtype=np.float32)
             _pad_image(x, image, padding, padded)
             acc = np.empty(length, dtype=np.float32)
+            second_acc = np.empty(length, dtype=np.float32)
             no_bits = np.empty(0, dtype=np.uint64)
-            for o in range(outputs):
-                _channel(padded, padded_width, weights, bias, has_bias, o, acc, np.float32(0.0), True, no_bits,
-                         channels, kernel_h, kernel_w, stride)
-                target = out[o, image]
-                for r in range(out_h):
-                    target[r, :] = acc[r * padded_width:r * padded_width + out_w]
+            for o in range(0, outputs, 2):
+                second = min(o + 1, outputs - 1)
+                _channels(padded, padded_width, weights, bias, has_bias, o, second, acc, second_acc, no_threshold,
+                          no_direction, no_bits, channels, kernel_h, kernel_w, stride)
+                for channel, values in ((o, acc), (second, second_acc)):
+                    target = out[channel, image]
+                    for r in range(out_h):
+                        target[r, :] = values[r * padded_width:r * padded_width + out_w]
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def convolve_threshold(x, weights, bias, has_bias, padding, threshold, direction, out_h, out_w, packed):
@@ -136,9 +152,10 @@ def _make_kernels(channels, kernel_h, kernel_w, stride):
             count = 0
             for word in range(words):
                 local[:] = 0
-                for o in range(word * 64, min(outputs, word * 64 + 64)):
-                    count += _channel(padded, padded_width, weights, bias, has_bias, o, no_values, threshold[o],
-                                      direction[o] > 0, local, channels, kernel_h, kernel_w, stride)
+                end = min(outputs, word * 64 + 64)
+                for o in range(word * 64, end, 2):
+                    count += _channels(padded, padded_width, weights, bias, has_bias, o, min(o + 1, end - 1), no_values,
+                                       no_values, threshold, direction, local, channels, kernel_h, kernel_w, stride)
                 for r in range(out_h):
                     for col in range(out_w):
                         packed[image, r * out_w + col, word] = local[r * padded_width + col]
