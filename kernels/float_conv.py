@@ -43,6 +43,7 @@ from numba.extending import intrinsic
 
 from ._checks import check_contiguous, check_dtype, check_int, check_ndim
 from ._intrinsics import HOST_FEATURES, atomic_claim
+from .few_channel_conv import few_channel_conv2d, few_channel_conv2d_threshold  # noqa: F401 (few input channels)
 from .float_ops import run_on_threads
 
 __all__ = [

@@ -23,8 +23,8 @@ for CuPy arrays and other dtypes.  Every kernel gives the reference's values bit
 BatchNorm ones (float64 sums; equal to float32 rounding).  ``use_fast_ops(False)`` (or the
 ``reference_ops()`` context) selects the reference bodies everywhere, for tests and benchmarks.
 
-Float convolutions on numpy float32 run without im2col (:func:`conv2d_direct`, the register-blocked
-implicit-GEMM kernels of ``lowbit.kernels.float_conv``: forward, backward-data, backward-weights);
+Float convolutions on numpy float32 run without im2col (:func:`conv2d_direct`, the implicit-GEMM kernels
+of ``lowbit.kernels.float_conv``; an inference forward with few input channels :func:`conv2d_few_channels`);
 they agree with the im2col reference to float32 rounding, not bit for bit.  ``use_direct_conv(False)``
 (or ``LOWBIT_CONV=im2col`` in the environment) keeps the im2col path with the other fast ops on;
 the padding must be smaller than the kernel (else im2col runs).
@@ -68,6 +68,8 @@ __all__ = [
     "conv2d_direct",
     "conv2d_direct_backward",
     "im2col_layout",
+    "few_channel_conv_available",
+    "conv2d_few_channels",
 ]
 
 
@@ -508,17 +510,26 @@ def direct_conv_available(x, w, padding: int, train: bool = True) -> bool:
     and direct convolutions on, both numpy float32, ``padding`` smaller than the kernel.
 
     ``train=False`` (an inference forward, whose output must be copied to the im2col path's layout,
-    :func:`im2col_layout`) also asks that the input have more than a quarter vector of channels: on a
-    first layer of gray or RGB images the copy costs more than im2col saves (binary_cnn's 1 -> 32
-    convolution at batch 100, one thread: 6-8 ms direct plus copy against 1.4 ms on im2col)."""
+    :func:`im2col_layout`) also asks that the input have more than a quarter vector of channels;
+    fewer (a first layer on gray or RGB images) run :func:`conv2d_few_channels` instead."""
     available = _direct_conv and _fast(x, w) and w.ndim == 4 and padding < min(w.shape[2], w.shape[3])
     return available and (train or not _few_channels(w.shape[1]))
 
 
+def few_channel_conv_available(x, w, padding: int) -> bool:
+    """True when an inference forward of ``x`` with ``w`` runs on :func:`conv2d_few_channels` (not im2col)."""
+    return direct_conv_available(x, w, padding) and _few_channels(w.shape[1])
+
+
+def conv2d_few_channels(x, w, b, stride: int, padding: int):
+    """Inference forward on ``lowbit.kernels.few_channel_conv`` (im2col's values to float32 rounding, its layout)."""
+    return _conv_kernels().few_channel_conv2d(np.ascontiguousarray(x), w, b, stride, padding)
+
+
 def _few_channels(channels):
     """At most a quarter vector of input channels (a first layer on gray or RGB images): the direct
-    kernels' register blocks would then compute mostly padding channels, so their backward-data and
-    an inference forward take the GEMM (im2col) path instead."""
+    kernels' register blocks would then compute mostly padding channels, so their backward-data takes
+    the GEMM (im2col) path and an inference forward the few-channel kernel."""
     return 4 * channels <= _conv_kernels().LANES
 
 

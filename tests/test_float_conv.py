@@ -311,19 +311,22 @@ def test_inference_output_has_the_im2col_layout_and_the_training_values():
     np.testing.assert_array_equal(inferred, trained)
 
 
-def test_inference_on_few_input_channels_runs_im2col():
-    # A first layer on gray images: in inference the copy to the im2col layout would cost more than
-    # the direct kernel saves, so im2col runs (its values, within rounding of the training forward).
+def test_inference_on_few_input_channels_runs_the_few_channel_kernel():
+    # A first layer on gray images: in inference the few-channel kernel (vectorised over pixels) runs,
+    # in the im2col layout; its values are within rounding of im2col's and of the training forward's.
+    from lowbit.kernels.few_channel_conv import few_channel_conv2d
+
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, 1, 9, 9)).astype(np.float32)
     layer = Conv2D(1, 16, 3, padding=1, seed=1)
     trained = layer.forward(x, train=True)
     inferred = layer.forward(x, train=False)
     assert inferred.transpose(1, 0, 2, 3).flags.c_contiguous
+    np.testing.assert_array_equal(inferred, few_channel_conv2d(x, layer.W, layer.b, 1, 1))
     previous = F.use_direct_conv(False)
     try:
         reference = layer.forward(x, train=False)
     finally:
         F.use_direct_conv(previous)
-    np.testing.assert_array_equal(inferred, reference)
+    np.testing.assert_allclose(inferred, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(inferred, trained, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ import numpy as np
 from ..backend import get_array_module
 from ..bit_products import binary_conv2d_pm1, binary_matmul_pm1, binary_product_available, masked_binary_matmul
 from ..functions import (
-    col2im, conv2d_direct, conv2d_direct_backward, conv_output_size, direct_conv_available, direct_conv_cache, im2col,
+    col2im, conv2d_direct, conv2d_direct_backward, conv2d_few_channels, conv_output_size, direct_conv_available,
+    direct_conv_cache, few_channel_conv_available, im2col,
     im2col_layout, matmul,
 )
 from ..initializers import initialize
@@ -175,6 +176,11 @@ class Conv2D(Layer):
             self._cache_binary_input = xq
             return out
         self._cache_direct = None
+        if not train and few_channel_conv_available(xq, w, self.padding):
+            # few input channels (a first layer): vectorised over pixels, in the im2col path's layout; a
+            # backward, should one follow, builds its cache from the input as after the bit kernel
+            self._cache_col, self._cache_binary_input = None, xq
+            return conv2d_few_channels(xq, w, self.b if self.bias else None, self.stride, self.padding)
         if direct_conv_available(xq, w, self.padding, train):  # float32 without im2col (lowbit.functions)
             self._cache_col = None
             out, self._cache_direct = conv2d_direct(xq, w, self.b if self.bias else None, self.stride,

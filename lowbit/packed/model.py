@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from ..backend import is_cupy_array, to_device, to_numpy
-from ..functions import blas_controller
+from ..functions import blas_controller, one_blas_thread
 from ..io import ModelFileError, read_archive, write_archive
 from ..layers import Sequential
 from ..model import Classifier, check_no_nan
@@ -70,13 +70,16 @@ class PackedModel(Classifier):
             return contextlib.nullcontext()
         if isinstance(blas_threads, bool) or not isinstance(blas_threads, (int, np.integer)) or blas_threads < 1:
             raise ValueError(f"blas_threads must be 'auto', None or an int >= 1, got {blas_threads!r}")
+        if blas_threads == 1:  # BLAS's workers held: the float kernels (float_ops) may take Numba's threads
+            return one_blas_thread()
         return blas_controller().limit(limits=int(blas_threads), user_api="blas")
 
     def forward(self, x):
         """Run every stage on a batch ``x`` (float32, (N,) + input_shape) of the model's array kind.
 
         Consecutive stages that have a fused kernel (:meth:`Stage.fused_with`: a binary convolution
-        and the threshold after it) run as one step, with the same result.
+        and the threshold after it; a first convolution with few input channels and the pack after
+        it) run as one step, with the same result.
         """
         for step in self._plan():
             x = step(x)

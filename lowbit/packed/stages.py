@@ -133,6 +133,39 @@ class FloatStage(Stage):
         return [(type(layer).__name__, (lambda x, layer=layer: layer.forward(x, train=False)))
                 for layer in self.layers]
 
+    def fused_with(self, following):
+        """A following pack stage (thresholds or the plain sign, channels-last) after a last float32
+        convolution with few input channels: ``few_channel_conv2d_threshold`` writes the sign bits of
+        the values that ``few_channel_conv2d`` gives the simulation, without the floats, whenever the
+        simulation's forward takes that kernel (:func:`~lowbit.functions.few_channel_conv_available`,
+        asked on every call; otherwise the two stages run).  The layers before the convolution, and its
+        input quantizer, run as in :meth:`run`."""
+        conv = self.layers[-1] if self.layers else None
+        if not (isinstance(following, PackStage) and following.output_spec[1] == "nhwc" and isinstance(conv, Conv2D)
+                and self.dtype == np.float32 and not conv.binary_operands()):
+            return None
+        from ..functions import few_channel_conv_available
+        from ..kernels.few_channel_conv import few_channel_conv2d_threshold
+
+        def conv_pack(x):
+            if x.dtype != self.dtype:
+                x = x.astype(self.dtype)
+            for layer in self.layers[:-1]:
+                x = layer.forward(x, train=False)
+            if type(x) is not np.ndarray:  # CuPy: the two stages, without quantizing the input twice
+                return following.run(conv.forward(x, train=False))
+            xq = conv.effective_input(x, False)
+            # what the layer's forward multiplies (QuantConv2D quantizes its kernel on each forward)
+            w = conv.quantized_kernel(train=False) if hasattr(conv, "quantized_kernel") else conv.effective_weight()
+            threshold, direction = following.threshold, following.direction
+            if threshold is None:
+                threshold, direction = np.zeros(following.channels, np.float32), np.ones(following.channels, np.int8)
+            if not (few_channel_conv_available(xq, w, conv.padding) and type(threshold) is np.ndarray):
+                return following.run(conv.forward(x, train=False))
+            return few_channel_conv2d_threshold(np.ascontiguousarray(xq), w, conv.b if conv.bias else None,
+                                                conv.stride, conv.padding, threshold, direction)
+        return conv_pack
+
     def config(self):
         out = {**super().config(), "layers": [layer.spec() for layer in self.layers],
                "weights": {path: info for path, (info, _) in self.encodings.items()}}
