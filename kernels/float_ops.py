@@ -609,6 +609,73 @@ def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
             out_row[f] = gamma[f] * t + beta[f]
 
 
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bn_forward_rows_par(x, gamma, beta, eps, xn, out, mean, var, inv_std, blocks):
+    """``_bn_forward_columns`` of a large (rows, C) matrix (a channels-last activation) on the
+    threads: ``blocks`` row blocks sum into their own float64 rows, added in block order, so the
+    statistics do not depend on the thread count."""
+    rows, features = x.shape
+    chunk = (rows + blocks - 1) // blocks
+    partial = np.zeros((blocks, features))
+    for b in prange(blocks):
+        total = partial[b]
+        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
+            row = x[r]
+            for f in range(features):
+                total[f] += row[f]
+    for f in range(features):
+        mean[f] = np.float32(partial[:, f].sum() / rows)
+    partial[:] = 0.0
+    for b in prange(blocks):
+        total = partial[b]
+        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
+            row = x[r]
+            for f in range(features):
+                d = np.float64(row[f] - mean[f])
+                total[f] += d * d
+    for f in range(features):
+        var[f] = np.float32(partial[:, f].sum() / rows)
+        inv_std[f] = np.float32(1) / np.sqrt(var[f] + np.float32(eps))
+    for b in prange(blocks):
+        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
+            row, xn_row, out_row = x[r], xn[r], out[r]
+            for f in range(features):
+                t = (row[f] - mean[f]) * inv_std[f]
+                xn_row[f] = t
+                out_row[f] = gamma[f] * t + beta[f]
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bn_backward_rows_par(dout, xn, gamma, inv_std, dx, dgamma, dbeta, blocks):
+    """``_bn_backward_columns`` on the threads, summed by row blocks as ``_bn_forward_rows_par``."""
+    rows, features = dout.shape
+    chunk = (rows + blocks - 1) // blocks
+    sums_d = np.zeros((blocks, features))
+    sums_dxn = np.zeros((blocks, features))
+    for b in prange(blocks):
+        sum_d, sum_dxn = sums_d[b], sums_dxn[b]
+        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
+            d_row, xn_row = dout[r], xn[r]
+            for f in range(features):
+                sum_d[f] += d_row[f]
+                sum_dxn[f] += d_row[f] * xn_row[f]
+    mean_d = np.empty(features, dtype=np.float32)
+    mean_dxn = np.empty(features, dtype=np.float32)
+    scale = np.empty(features, dtype=np.float32)
+    for f in range(features):
+        total_d, total_dxn = sums_d[:, f].sum(), sums_dxn[:, f].sum()
+        dbeta[f] = total_d
+        dgamma[f] = total_dxn
+        mean_d[f] = np.float32(total_d / rows)
+        mean_dxn[f] = np.float32(total_dxn / rows)
+        scale[f] = gamma[f] * inv_std[f]
+    for b in prange(blocks):
+        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
+            d_row, xn_row, dx_row = dout[r], xn[r], dx[r]
+            for f in range(features):
+                dx_row[f] = scale[f] * (d_row[f] - mean_d[f] - xn_row[f] * mean_dxn[f])
+
+
 def _channels_last_rows(arr):
     """``arr`` (N, C, H, W) as the (N * H * W, C) matrix of its memory when it is an NCHW view of a
     C-contiguous NHWC buffer (a direct or binary convolution's training output), else None."""
@@ -649,7 +716,10 @@ def batchnorm_forward(x, gamma, beta, eps):
     out = np.empty_like(x)  # the layout of x
     xn = np.empty_like(x)
     mean, var, inv_std = (np.empty(channels, dtype=np.float32) for _ in range(3))
-    if rows is not None:
+    if rows is not None and rows.size >= _PARALLEL_MIN and _threads != 1:
+        _parallel(_bn_forward_rows_par, rows, gamma, beta, float(eps), _channels_last_rows(xn),
+                  _channels_last_rows(out), mean, var, inv_std, _BLOCKS)
+    elif rows is not None:
         _bn_forward_columns(rows, gamma, beta, float(eps), _channels_last_rows(xn), _channels_last_rows(out),
                             mean, var, inv_std)
     elif x.ndim == 2:
@@ -735,7 +805,10 @@ def batchnorm_backward(dout, xn, gamma, inv_std):
     dx = np.empty_like(dout)  # the layout of dout
     dgamma = np.empty(channels, dtype=np.float32)
     dbeta = np.empty(channels, dtype=np.float32)
-    if rows is not None:
+    if rows is not None and rows.size >= _PARALLEL_MIN and _threads != 1:
+        _parallel(_bn_backward_rows_par, rows, xn_rows, gamma, inv_std, _channels_last_rows(dx), dgamma, dbeta,
+                  _BLOCKS)
+    elif rows is not None:
         _bn_backward_columns(rows, xn_rows, gamma, inv_std, _channels_last_rows(dx), dgamma, dbeta)
     elif dout.ndim == 2:
         _bn_backward_columns(view, xn, gamma, inv_std, dx, dgamma, dbeta)

@@ -157,6 +157,35 @@ def test_batchnorm_on_channels_last_views(shape, seed, offset, dout_layout):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_batchnorm_channels_last_on_threads_repeats_on_any_thread_count():
+    """A large channels-last BatchNorm runs on the threads (row blocks with float64 sums of their
+    own, added in block order): the same bits on 1 and 2 threads, within float32 rounding of the
+    reference."""
+    import numba
+
+    rng = np.random.default_rng(7)
+    shape = (16, 64, 16, 16)  # 262,144 values: the parallel kernels' threshold
+    x = channels_last(rng.standard_normal(shape).astype(np.float32) * 3 + 1)
+    gamma, beta = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
+    dout = channels_last(rng.standard_normal(shape).astype(np.float32))
+    previous = float_ops.set_threads(None)
+    results = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            forward = float_ops.run_on_threads(threads, float_ops.batchnorm_forward, x, gamma, beta, 1e-4)
+            backward = float_ops.run_on_threads(threads, float_ops.batchnorm_backward, dout, forward[1], gamma,
+                                                forward[4])
+            results.append(forward + backward)
+    finally:
+        float_ops.set_threads(previous)
+    for a, b in zip(*results):
+        assert_same_bits(np.ascontiguousarray(a), np.ascontiguousarray(b))
+    with F.reference_ops():
+        ref = F.batchnorm_forward(np.ascontiguousarray(x), gamma, beta, 1e-4)
+    for a, b in zip(results[0][:5], ref):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
 def test_batchnorm_kernel_refuses_mixed_layouts():
     x = channels_last(np.ones((2, 3, 4, 4), np.float32))
     with pytest.raises(ValueError, match="xn must have the layout of dout"):
