@@ -581,6 +581,26 @@ def _bn_forward_nchw(x, gamma, beta, eps, xn, out, mean, var, inv_std):
 
 
 @njit(error_model="numpy", cache=True)
+def _normalize_rows(x, gamma, beta, mean, inv_std, xn, out, lo, hi):
+    """Rows ``lo:hi`` of (rows, C) ``x``: ``xn = (x - mean) * inv_std``, ``out = gamma * xn + beta``."""
+    for r in range(lo, hi):
+        row, xn_row, out_row = x[r], xn[r], out[r]
+        for f in range(x.shape[1]):
+            t = (row[f] - mean[f]) * inv_std[f]
+            xn_row[f] = t
+            out_row[f] = gamma[f] * t + beta[f]
+
+
+@njit(error_model="numpy", cache=True)
+def _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, lo, hi):
+    """Rows ``lo:hi`` of BatchNorm's input gradient: ``scale * (dout - mean_d - xn * mean_dxn)``."""
+    for r in range(lo, hi):
+        d_row, xn_row, dx_row = dout[r], xn[r], dx[r]
+        for f in range(dout.shape[1]):
+            dx_row[f] = scale[f] * (d_row[f] - mean_d[f] - xn_row[f] * mean_dxn[f])
+
+
+@njit(error_model="numpy", cache=True)
 def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
     """BatchNorm of the columns of ``x`` (N, F): sums by rows into per-column float64 arrays (the
     loops over contiguous rows vectorize; one thread: dense layers' BatchNorm is small)."""
@@ -601,12 +621,7 @@ def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
     for f in range(features):
         var[f] = np.float32(total[f] / batch)
         inv_std[f] = np.float32(1) / np.sqrt(var[f] + np.float32(eps))
-    for n in range(batch):
-        row, xn_row, out_row = x[n], xn[n], out[n]
-        for f in range(features):
-            t = (row[f] - mean[f]) * inv_std[f]
-            xn_row[f] = t
-            out_row[f] = gamma[f] * t + beta[f]
+    _normalize_rows(x, gamma, beta, mean, inv_std, xn, out, 0, batch)
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
@@ -637,12 +652,7 @@ def _bn_forward_rows_par(x, gamma, beta, eps, xn, out, mean, var, inv_std, block
         var[f] = np.float32(partial[:, f].sum() / rows)
         inv_std[f] = np.float32(1) / np.sqrt(var[f] + np.float32(eps))
     for b in prange(blocks):
-        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
-            row, xn_row, out_row = x[r], xn[r], out[r]
-            for f in range(features):
-                t = (row[f] - mean[f]) * inv_std[f]
-                xn_row[f] = t
-                out_row[f] = gamma[f] * t + beta[f]
+        _normalize_rows(x, gamma, beta, mean, inv_std, xn, out, b * chunk, min(rows, (b + 1) * chunk))
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
@@ -670,10 +680,7 @@ def _bn_backward_rows_par(dout, xn, gamma, inv_std, dx, dgamma, dbeta, blocks):
         mean_dxn[f] = np.float32(total_dxn / rows)
         scale[f] = gamma[f] * inv_std[f]
     for b in prange(blocks):
-        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
-            d_row, xn_row, dx_row = dout[r], xn[r], dx[r]
-            for f in range(features):
-                dx_row[f] = scale[f] * (d_row[f] - mean_d[f] - xn_row[f] * mean_dxn[f])
+        _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, b * chunk, min(rows, (b + 1) * chunk))
 
 
 def _channels_last_rows(arr):
@@ -777,10 +784,7 @@ def _bn_backward_columns(dout, xn, gamma, inv_std, dx, dgamma, dbeta):
         mean_d[f] = np.float32(sum_d[f] / batch)
         mean_dxn[f] = np.float32(sum_dxn[f] / batch)
         scale[f] = gamma[f] * inv_std[f]
-    for n in range(batch):
-        d_row, xn_row, dx_row = dout[n], xn[n], dx[n]
-        for f in range(features):
-            dx_row[f] = scale[f] * (d_row[f] - mean_d[f] - xn_row[f] * mean_dxn[f])
+    _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, 0, batch)
 
 
 def batchnorm_backward(dout, xn, gamma, inv_std):
