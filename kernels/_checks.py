@@ -57,6 +57,28 @@ def check_contiguous(name, arr):
         )
 
 
+def check_float32_array(name, arr, ndim=None, contiguous=True):
+    """``arr`` must be a numpy float32 array (of ``ndim`` dimensions when given; C-contiguous unless
+    ``contiguous=False``): the check of every float32 CPU kernel's operands."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
+    check_dtype(name, arr, np.float32)
+    if ndim is not None:
+        check_ndim(name, arr, ndim)
+    if contiguous:
+        check_contiguous(name, arr)
+
+
+def conv_output_size(size, kernel, stride, padding, name):
+    """Output size of a convolution or pooling window along one axis; ``ValueError`` naming ``name``
+    when the window does not fit."""
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out <= 0:
+        raise ValueError(f"{name}: a window of {kernel} with stride {stride} and padding {padding} does not "
+                         f"fit an input of size {size}")
+    return out
+
+
 def check_packed(name, arr, ndim=None, layout=""):
     """A packed array: uint64, C-contiguous, optionally of a given ndim."""
     check_dtype(name, arr, np.uint64)

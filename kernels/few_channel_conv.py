@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._checks import check_contiguous, check_dtype, check_int, check_ndim, words_for
+from ._checks import check_dtype, check_float32_array, check_int, conv_output_size, words_for
 from .float_ops import _parallel
 from .threshold import _check_thresholds
 
@@ -177,12 +177,8 @@ def _kernels(channels, kernel_h, kernel_w, stride):
 
 def _check_operands(x, weight, bias, stride, padding):
     """Checks shared by both functions; returns ``(stride, padding, out_h, out_w, has_bias, bias)``."""
-    for name, arr, ndim in (("x", x, 4), ("weight", weight, 4)):
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
-        check_dtype(name, arr, np.float32)
-        check_ndim(name, arr, ndim)
-        check_contiguous(name, arr)
+    check_float32_array("x", x, 4)
+    check_float32_array("weight", weight, 4)
     stride = check_int("stride", stride, 1)
     padding = check_int("padding", padding, 0)
     outputs, channels, kernel_h, kernel_w = weight.shape
@@ -192,13 +188,8 @@ def _check_operands(x, weight, bias, stride, padding):
         raise ValueError(f"x must have {channels} channels for weight of shape {weight.shape}, got shape {x.shape}")
     if channels == 0:
         raise ValueError(f"weight must have at least one input channel, got shape {weight.shape}")
-    sizes = []
-    for name, size, kernel in (("height", x.shape[2], kernel_h), ("width", x.shape[3], kernel_w)):
-        out = (size + 2 * padding - kernel) // stride + 1
-        if out <= 0:
-            raise ValueError(f"x {name}: a window of {kernel} with stride {stride} and padding {padding} does "
-                             f"not fit an input of size {size}")
-        sizes.append(out)
+    out_h = conv_output_size(x.shape[2], kernel_h, stride, padding, "x height")
+    out_w = conv_output_size(x.shape[3], kernel_w, stride, padding, "x width")
     if bias is None:
         bias = np.zeros(max(outputs, 1), dtype=np.float32)
         has_bias = False
@@ -210,7 +201,7 @@ def _check_operands(x, weight, bias, stride, padding):
             raise ValueError(f"bias must have shape ({outputs},), got {tuple(bias.shape)}")
         bias = np.ascontiguousarray(bias)
         has_bias = True
-    return stride, padding, sizes[0], sizes[1], has_bias, bias
+    return stride, padding, out_h, out_w, has_bias, bias
 
 
 def few_channel_conv2d(x, weight, bias, stride, padding):

@@ -41,7 +41,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._checks import check_contiguous, check_dtype, check_int, check_ndim
+from ._checks import check_contiguous, check_float32_array, check_int, conv_output_size
 from ._intrinsics import HOST_FEATURES, atomic_claim
 from .few_channel_conv import few_channel_conv2d, few_channel_conv2d_threshold  # noqa: F401 (few input channels)
 from .float_ops import run_on_threads
@@ -338,23 +338,8 @@ def _kernel(kind, *shape):
 # -- checks and layout helpers ---------------------------------------------------------------------
 
 
-def _check_array(name, arr, ndim):
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
-    check_dtype(name, arr, np.float32)
-    check_ndim(name, arr, ndim)
-
-
 def _padded(channels):
     return -(-channels // LANES) * LANES
-
-
-def _output_size(size, kernel, stride, padding, name):
-    out = (size + 2 * padding - kernel) // stride + 1
-    if out <= 0:
-        raise ValueError(f"{name}: a window of {kernel} with stride {stride} and padding {padding} does not "
-                         f"fit an input of size {size}")
-    return out
 
 
 def pad_nhwc(x, top, left=None, height=None, width=None, spread=1, slack=0):
@@ -486,19 +471,19 @@ def conv2d_forward(x, weight, bias, stride, padding):
     x_padded : numpy.ndarray, float32, (N, H + 2 padding, W + 2 padding, C)
         The zero-padded NHWC input, for :func:`conv2d_backward_weights`.
     """
-    _check_array("x", x, 4)
-    _check_array("weight", weight, 4)
+    check_float32_array("x", x, 4, contiguous=False)
+    check_float32_array("weight", weight, 4, contiguous=False)
     stride = check_int("stride", stride, 1)
     padding = check_int("padding", padding, 0)
     o, c, kh, kw = weight.shape
     if x.shape[1] != c:
         raise ValueError(f"x must have {c} channels for weight of shape {weight.shape}, got shape {x.shape}")
     if bias is not None:
-        _check_array("bias", bias, 1)
+        check_float32_array("bias", bias, 1, contiguous=False)
         if bias.shape[0] != o:
             raise ValueError(f"bias must have shape ({o},), got {bias.shape}")
-    oh = _output_size(x.shape[2], kh, stride, padding, "x height")
-    ow = _output_size(x.shape[3], kw, stride, padding, "x width")
+    oh = conv_output_size(x.shape[2], kh, stride, padding, "x height")
+    ow = conv_output_size(x.shape[3], kw, stride, padding, "x width")
     xp = padded_input(x, padding, stride)
     if min(xp.shape) == 0 or o == 0:
         out = np.zeros((x.shape[0], oh, ow, o), dtype=np.float32)
@@ -514,14 +499,14 @@ def conv2d_backward_data(dout, weight, x_shape, stride, padding):
     """Gradient of :func:`conv2d_forward` with respect to ``x``: (N, C, H, W) float32, an NCHW view of
     an NHWC buffer.  ``dout`` (N, O, OH, OW) float32, any strides.  Needs ``padding < KH`` and
     ``padding < KW`` (``ValueError`` otherwise)."""
-    _check_array("dout", dout, 4)
-    _check_array("weight", weight, 4)
+    check_float32_array("dout", dout, 4, contiguous=False)
+    check_float32_array("weight", weight, 4, contiguous=False)
     stride = check_int("stride", stride, 1)
     padding = check_int("padding", padding, 0)
     o, c, kh, kw = weight.shape
     n, _, h, w = (int(v) for v in x_shape)
-    oh = _output_size(h, kh, stride, padding, "x_shape height")
-    ow = _output_size(w, kw, stride, padding, "x_shape width")
+    oh = conv_output_size(h, kh, stride, padding, "x_shape height")
+    ow = conv_output_size(w, kw, stride, padding, "x_shape width")
     if dout.shape != (n, o, oh, ow):
         raise ValueError(f"dout must have shape {(n, o, oh, ow)} for x_shape {tuple(x_shape)} and weight "
                          f"{weight.shape}, got {dout.shape}")
@@ -544,8 +529,8 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     ``dout`` (N, O, OH, OW) float32, any strides; ``x_padded`` the (N, Hp, Wp, C) buffer that
     :func:`conv2d_forward` returned.  Returns ``(dW, db)``: (O, C, KH, KW) and (O,) float32.
     """
-    _check_array("dout", dout, 4)
-    _check_array("x_padded", x_padded, 4)
+    check_float32_array("dout", dout, 4, contiguous=False)
+    check_float32_array("x_padded", x_padded, 4, contiguous=False)
     check_contiguous("x_padded", x_padded)
     stride = check_int("stride", stride, 1)
     o, c, kh, kw = (int(v) for v in weight_shape)
@@ -553,8 +538,8 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     if xc != c:
         raise ValueError(f"x_padded must have {c} channels (last axis) for weight_shape {tuple(weight_shape)}, "
                          f"got shape {x_padded.shape}")
-    oh = _output_size(hp, kh, stride, 0, "x_padded height")
-    ow = _output_size(wp, kw, stride, 0, "x_padded width")
+    oh = conv_output_size(hp, kh, stride, 0, "x_padded height")
+    ow = conv_output_size(wp, kw, stride, 0, "x_padded width")
     if dout.shape != (n, o, oh, ow):
         raise ValueError(f"dout must have shape {(n, o, oh, ow)} for x_padded {x_padded.shape}, got {dout.shape}")
     o_pad = _padded(o)

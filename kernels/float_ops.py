@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._checks import check_contiguous, check_dtype, check_int, check_ndim
+from ._checks import check_contiguous, check_dtype, check_float32_array, check_int
 
 __all__ = [
     "set_threads",
@@ -91,15 +91,6 @@ def run_on_threads(threads, kernel, *args):
 def _parallel(kernel, *args):
     """``kernel(*args)`` on the thread count :func:`set_threads` chose."""
     return run_on_threads(_threads, kernel, *args)
-
-
-def _check_float32(name, arr, ndim=None):
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(arr).__module__}.{type(arr).__name__}")
-    check_dtype(name, arr, np.float32)
-    if ndim is not None:
-        check_ndim(name, arr, ndim)
-    check_contiguous(name, arr)
 
 
 def _check_same_shape(name, arr, like_name, like):
@@ -261,7 +252,7 @@ def maxpool2d(x, kernel_h, kernel_w, stride, padding):
     tap ``i * kernel_w + j`` of the first maximum of each window (``lowbit.functions.pool_forward``'s
     values, bit for bit).
     """
-    _check_float32("x", x, 4)
+    check_float32_array("x", x, 4)
     kernel_h, kernel_w, stride, padding, out_h, out_w = _pool_geometry(x.shape, kernel_h, kernel_w,
                                                                        stride, padding)
     n, c = x.shape[:2]
@@ -278,7 +269,7 @@ def maxpool2d_backward(dout, argmax, x_shape, kernel_h, kernel_w, stride, paddin
     """Gradient of :func:`maxpool2d`: ``dout`` (N, C, OH, OW) float32 goes to each window's argmax
     tap in a zero (N, C, H, W) array; where windows overlap, contributions add in the reference's
     order (``lowbit.functions.pool_backward``, bit for bit)."""
-    _check_float32("dout", dout, 4)
+    check_float32_array("dout", dout, 4)
     if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int8:
         raise TypeError(f"argmax must be a numpy int8 array, got {getattr(argmax, 'dtype', type(argmax))}")
     check_contiguous("argmax", argmax)
@@ -353,7 +344,7 @@ def maxpool2d_nhwc(x, kernel_h, kernel_w, stride):
     Returns ``(out, argmax)``, (N, OH, OW, C) float32 and int8: the values of :func:`maxpool2d` on
     the NCHW view, bit for bit, in channels-last layout.
     """
-    _check_float32("x", x, 4)
+    check_float32_array("x", x, 4)
     n, h, w, c = x.shape
     kernel_h, kernel_w, stride, _, out_h, out_w = _pool_geometry((n, c, h, w), kernel_h, kernel_w, stride, 0)
     out = np.empty((n, out_h, out_w, c), dtype=np.float32)
@@ -366,7 +357,7 @@ def maxpool2d_nhwc_backward(dout, argmax, x_shape, kernel_h, kernel_w, stride):
     """Gradient of :func:`maxpool2d_nhwc` for ``stride >= kernel_h, kernel_w`` (windows that do not
     overlap): ``dout`` (N, OH, OW, C) float32 and ``argmax`` int8, both C-contiguous, ``x_shape``
     (N, H, W, C).  Returns (N, H, W, C) float32, :func:`maxpool2d_backward`'s values bit for bit."""
-    _check_float32("dout", dout, 4)
+    check_float32_array("dout", dout, 4)
     if not isinstance(argmax, np.ndarray) or argmax.dtype != np.int8:
         raise TypeError(f"argmax must be a numpy int8 array, got {getattr(argmax, 'dtype', type(argmax))}")
     check_contiguous("argmax", argmax)
@@ -601,27 +592,53 @@ def _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, lo, hi):
 
 
 @njit(error_model="numpy", cache=True)
-def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
-    """BatchNorm of the columns of ``x`` (N, F): sums by rows into per-column float64 arrays (the
-    loops over contiguous rows vectorize; one thread: dense layers' BatchNorm is small)."""
-    batch, features = x.shape
-    total = np.zeros(features)
-    for n in range(batch):
-        row = x[n]
-        for f in range(features):
+def _add_column_sums(x, lo, hi, total):
+    """``total[f] += x[r, f]`` over rows ``lo:hi`` of (rows, C) ``x``, in float64."""
+    for r in range(lo, hi):
+        row = x[r]
+        for f in range(x.shape[1]):
             total[f] += row[f]
-    for f in range(features):
-        mean[f] = np.float32(total[f] / batch)
-        total[f] = 0.0
-    for n in range(batch):
-        row = x[n]
-        for f in range(features):
+
+
+@njit(error_model="numpy", cache=True)
+def _add_column_square_deviations(x, mean, lo, hi, total):
+    """``total[f] += (x[r, f] - mean[f]) ** 2`` over rows ``lo:hi``; the difference in float32, as
+    the reference, its square and the sum in float64."""
+    for r in range(lo, hi):
+        row = x[r]
+        for f in range(x.shape[1]):
             d = np.float64(row[f] - mean[f])
             total[f] += d * d
-    for f in range(features):
-        var[f] = np.float32(total[f] / batch)
+
+
+@njit(error_model="numpy", cache=True)
+def _set_mean(partials, rows, mean):
+    """``mean`` from per-block column sums ``partials`` (blocks, C), added in block order."""
+    for f in range(mean.shape[0]):
+        mean[f] = np.float32(partials[:, f].sum() / rows)
+
+
+@njit(error_model="numpy", cache=True)
+def _set_variance(partials, rows, eps, var, inv_std):
+    """``var`` and ``inv_std = 1 / sqrt(var + eps)`` from per-block sums of squared deviations."""
+    for f in range(var.shape[0]):
+        var[f] = np.float32(partials[:, f].sum() / rows)
         inv_std[f] = np.float32(1) / np.sqrt(var[f] + np.float32(eps))
-    _normalize_rows(x, gamma, beta, mean, inv_std, xn, out, 0, batch)
+
+
+@njit(error_model="numpy", cache=True)
+def _bn_forward_columns(x, gamma, beta, eps, xn, out, mean, var, inv_std):
+    """BatchNorm of the columns of ``x`` (N, F): sums by rows into per-column float64 arrays (the
+    loops over contiguous rows vectorize; one thread: dense layers' BatchNorm is small).  The
+    one-block case of :func:`_bn_forward_rows_par`, with its helpers."""
+    rows = x.shape[0]
+    partial = np.zeros((1, x.shape[1]))
+    _add_column_sums(x, 0, rows, partial[0])
+    _set_mean(partial, rows, mean)
+    partial[:] = 0.0
+    _add_column_square_deviations(x, mean, 0, rows, partial[0])
+    _set_variance(partial, rows, eps, var, inv_std)
+    _normalize_rows(x, gamma, beta, mean, inv_std, xn, out, 0, rows)
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
@@ -629,46 +646,35 @@ def _bn_forward_rows_par(x, gamma, beta, eps, xn, out, mean, var, inv_std, block
     """``_bn_forward_columns`` of a large (rows, C) matrix (a channels-last activation) on the
     threads: ``blocks`` row blocks sum into their own float64 rows, added in block order, so the
     statistics do not depend on the thread count."""
-    rows, features = x.shape
+    rows = x.shape[0]
     chunk = (rows + blocks - 1) // blocks
-    partial = np.zeros((blocks, features))
+    partial = np.zeros((blocks, x.shape[1]))
     for b in prange(blocks):
-        total = partial[b]
-        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
-            row = x[r]
-            for f in range(features):
-                total[f] += row[f]
-    for f in range(features):
-        mean[f] = np.float32(partial[:, f].sum() / rows)
+        _add_column_sums(x, b * chunk, min(rows, (b + 1) * chunk), partial[b])
+    _set_mean(partial, rows, mean)
     partial[:] = 0.0
     for b in prange(blocks):
-        total = partial[b]
-        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
-            row = x[r]
-            for f in range(features):
-                d = np.float64(row[f] - mean[f])
-                total[f] += d * d
-    for f in range(features):
-        var[f] = np.float32(partial[:, f].sum() / rows)
-        inv_std[f] = np.float32(1) / np.sqrt(var[f] + np.float32(eps))
+        _add_column_square_deviations(x, mean, b * chunk, min(rows, (b + 1) * chunk), partial[b])
+    _set_variance(partial, rows, eps, var, inv_std)
     for b in prange(blocks):
         _normalize_rows(x, gamma, beta, mean, inv_std, xn, out, b * chunk, min(rows, (b + 1) * chunk))
 
 
-@njit(parallel=True, error_model="numpy", cache=True)
-def _bn_backward_rows_par(dout, xn, gamma, inv_std, dx, dgamma, dbeta, blocks):
-    """``_bn_backward_columns`` on the threads, summed by row blocks as ``_bn_forward_rows_par``."""
-    rows, features = dout.shape
-    chunk = (rows + blocks - 1) // blocks
-    sums_d = np.zeros((blocks, features))
-    sums_dxn = np.zeros((blocks, features))
-    for b in prange(blocks):
-        sum_d, sum_dxn = sums_d[b], sums_dxn[b]
-        for r in range(b * chunk, min(rows, (b + 1) * chunk)):
-            d_row, xn_row = dout[r], xn[r]
-            for f in range(features):
-                sum_d[f] += d_row[f]
-                sum_dxn[f] += d_row[f] * xn_row[f]
+@njit(error_model="numpy", cache=True)
+def _add_grad_sums(dout, xn, lo, hi, sum_d, sum_dxn):
+    """``sum_d += dout`` and ``sum_dxn += dout * xn`` by columns over rows ``lo:hi``, in float64."""
+    for r in range(lo, hi):
+        d_row, xn_row = dout[r], xn[r]
+        for f in range(dout.shape[1]):
+            sum_d[f] += d_row[f]
+            sum_dxn[f] += d_row[f] * xn_row[f]
+
+
+@njit(error_model="numpy", cache=True)
+def _bn_grad_scales(sums_d, sums_dxn, rows, gamma, inv_std, dgamma, dbeta):
+    """``dbeta``, ``dgamma`` from per-block sums (blocks, C) added in block order; returns the
+    per-column ``(mean_d, mean_dxn, gamma * inv_std)`` that :func:`_bn_input_grad_rows` takes."""
+    features = gamma.shape[0]
     mean_d = np.empty(features, dtype=np.float32)
     mean_dxn = np.empty(features, dtype=np.float32)
     scale = np.empty(features, dtype=np.float32)
@@ -679,6 +685,19 @@ def _bn_backward_rows_par(dout, xn, gamma, inv_std, dx, dgamma, dbeta, blocks):
         mean_d[f] = np.float32(total_d / rows)
         mean_dxn[f] = np.float32(total_dxn / rows)
         scale[f] = gamma[f] * inv_std[f]
+    return mean_d, mean_dxn, scale
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bn_backward_rows_par(dout, xn, gamma, inv_std, dx, dgamma, dbeta, blocks):
+    """``_bn_backward_columns`` on the threads, summed by row blocks as ``_bn_forward_rows_par``."""
+    rows = dout.shape[0]
+    chunk = (rows + blocks - 1) // blocks
+    sums_d = np.zeros((blocks, dout.shape[1]))
+    sums_dxn = np.zeros((blocks, dout.shape[1]))
+    for b in prange(blocks):
+        _add_grad_sums(dout, xn, b * chunk, min(rows, (b + 1) * chunk), sums_d[b], sums_dxn[b])
+    mean_d, mean_dxn, scale = _bn_grad_scales(sums_d, sums_dxn, rows, gamma, inv_std, dgamma, dbeta)
     for b in prange(blocks):
         _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, b * chunk, min(rows, (b + 1) * chunk))
 
@@ -695,12 +714,12 @@ def _channels_last_rows(arr):
 def _bn_checked_view(name, arr, **per_channel):
     """Check ``arr`` (float32 (N, C) or (N, C, H, W)) and its per-channel (C,) float32 arrays; return
     ``arr`` as (N, C) or (N, C, H*W)."""
-    _check_float32(name, arr)
+    check_float32_array(name, arr)
     if arr.ndim not in (2, 4):
         raise ValueError(f"{name} must be (N, C) or (N, C, H, W), got shape {arr.shape}")
     channels = arr.shape[1]
     for other, values in per_channel.items():
-        _check_float32(other, values, 1)
+        check_float32_array(other, values, 1)
         if values.shape[0] != channels:
             raise ValueError(f"{other} must have shape ({channels},) for {name} of shape {arr.shape}, "
                              f"got {values.shape}")
@@ -767,24 +786,13 @@ def _bn_backward_nchw(dout, xn, gamma, inv_std, dx, dgamma, dbeta):
 
 @njit(error_model="numpy", cache=True)
 def _bn_backward_columns(dout, xn, gamma, inv_std, dx, dgamma, dbeta):
-    batch, features = dout.shape
-    sum_d = np.zeros(features)
-    sum_dxn = np.zeros(features)
-    for n in range(batch):
-        d_row, xn_row = dout[n], xn[n]
-        for f in range(features):
-            sum_d[f] += d_row[f]
-            sum_dxn[f] += d_row[f] * xn_row[f]
-    mean_d = np.empty(features, dtype=np.float32)
-    mean_dxn = np.empty(features, dtype=np.float32)
-    scale = np.empty(features, dtype=np.float32)
-    for f in range(features):
-        dbeta[f] = sum_d[f]
-        dgamma[f] = sum_dxn[f]
-        mean_d[f] = np.float32(sum_d[f] / batch)
-        mean_dxn[f] = np.float32(sum_dxn[f] / batch)
-        scale[f] = gamma[f] * inv_std[f]
-    _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, 0, batch)
+    """The one-block case of :func:`_bn_backward_rows_par`, with its helpers."""
+    rows = dout.shape[0]
+    sums_d = np.zeros((1, dout.shape[1]))
+    sums_dxn = np.zeros((1, dout.shape[1]))
+    _add_grad_sums(dout, xn, 0, rows, sums_d[0], sums_dxn[0])
+    mean_d, mean_dxn, scale = _bn_grad_scales(sums_d, sums_dxn, rows, gamma, inv_std, dgamma, dbeta)
+    _bn_input_grad_rows(dout, xn, scale, mean_d, mean_dxn, dx, 0, rows)
 
 
 def batchnorm_backward(dout, xn, gamma, inv_std):
@@ -800,9 +808,9 @@ def batchnorm_backward(dout, xn, gamma, inv_std):
         if xn_rows is None:
             raise ValueError(f"xn must have the layout of dout (channels-last, strides {dout.strides}), "
                              f"got strides {getattr(xn, 'strides', None)}")
-        _check_float32("xn", xn_rows)
+        check_float32_array("xn", xn_rows)
     else:
-        _check_float32("xn", xn)
+        check_float32_array("xn", xn)
     _check_same_shape("xn", xn, "dout", dout)
     view = _bn_checked_view("dout", dout if rows is None else rows, gamma=gamma, inv_std=inv_std)
     channels = dout.shape[1]
@@ -855,7 +863,7 @@ def adam_update(param, grad, m, v, c1, c2, step, eps, bounds=None):
     for bit to the numpy update in ``lowbit.optimizers.Adam`` followed by ``numpy.clip``.
     """
     for name, arr in (("param", param), ("grad", grad), ("m", m), ("v", v)):
-        _check_float32(name, arr)
+        check_float32_array(name, arr)
         if name != "param":
             _check_same_shape(name, arr, "param", param)
     if bounds is None:
