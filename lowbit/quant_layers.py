@@ -13,6 +13,7 @@ pseudo-gradients (:mod:`lowbit.quantizers`):
 
 This is done by overriding the four hooks of the float layers (``effective_weight``,
 ``effective_input``, ``weight_grad``, ``input_grad``); the product itself is the float layer's code.
+A fifth hook, ``product_grad``, is where :func:`lowbit.bf16.bf16_backward` rounds ``dy``.
 
 Cached quantized weight
     ``forward`` quantizes ``W`` once and keeps it; ``backward`` (and ``effective_weight()`` until the
@@ -159,13 +160,7 @@ class _QuantKernel(_StochasticRNG):
         bit for bit the float one (:func:`lowbit.bit_products.masked_binary_matmul`)."""
         return type(self.input_quantizer) is Identity and _plus_minus_one(self.kernel_quantizer)
 
-    def backward(self, dout):
-        return super().backward(self._backward_operand(dout))
-
-    def backward_params(self, dout):
-        return super().backward_params(self._backward_operand(dout))
-
-    def _backward_operand(self, dout):
+    def product_grad(self, dout):
         """``dout`` as the backward products take it: rounded to bfloat16 inside
         :func:`lowbit.bf16.bf16_backward` when the weights are +-1 (float32 only), else as it is."""
         if (bf16_backward_enabled() and dout.dtype == np.float32

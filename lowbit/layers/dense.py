@@ -66,6 +66,10 @@ class Affine(Layer):
     def input_grad(self, dx_eff):
         return dx_eff
 
+    def product_grad(self, dout):
+        """The output gradient as the backward products take it (binary twins may round it)."""
+        return dout
+
     def binary_operands(self):
         """True when the effective input and weight hold only +-1 (binary twins override it): the
         product may then run on the bit kernels, with the same result."""
@@ -101,11 +105,15 @@ class Affine(Layer):
         return out
 
     def backward(self, dout):
-        self.backward_params(dout)
+        dout = self.product_grad(dout)
+        self._param_grads(dout)
         dx = self.input_grad(matmul(dout, self.effective_weight().T))
         return dx.reshape(self._cache_shape)
 
     def backward_params(self, dout):
+        self._param_grads(self.product_grad(dout))
+
+    def _param_grads(self, dout):
         self.dW = self.weight_grad(matmul(self._cache_x.T, dout))
         if self.bias:
             self.db = dout.sum(axis=0)
@@ -156,6 +164,7 @@ class Conv2D(Layer):
     effective_input = Affine.effective_input
     weight_grad = Affine.weight_grad
     input_grad = Affine.input_grad
+    product_grad = Affine.product_grad
     binary_operands = Affine.binary_operands
 
     def forward(self, x, train=False):
@@ -205,10 +214,10 @@ class Conv2D(Layer):
         return out.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
     def backward(self, dout):
-        return self._backward(dout, True)
+        return self._backward(self.product_grad(dout), True)
 
     def backward_params(self, dout):
-        self._backward(dout, False)
+        self._backward(self.product_grad(dout), False)
 
     def _backward(self, dout, input_grad):
         """``dW`` (and ``db``) from ``dout``; returns the input gradient, or None without
