@@ -331,7 +331,8 @@ def _masked_scale_cpu(flat):
 def masked_scale(x):
     """``c`` when every element of the float32 numpy array ``x`` is 0 (either sign), ``+c`` or ``-c``
     for one finite ``c > 0`` (dropout's output on +-1 values, ``c = 1 / (1 - ratio)``), else 0.0.
-    One pass that stops at the first value of another magnitude; 0.0 too when ``x`` is all zeros."""
+    Two passes: to the first nonzero value, then a vectorised count of the values of another
+    magnitude over all of ``x``; 0.0 too when ``x`` is all zeros."""
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise TypeError(f"x must be a float32 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
     scale = float(_masked_scale_cpu(np.ascontiguousarray(x).reshape(-1)))

@@ -84,21 +84,20 @@ def masked_binary_matmul(x, wq):
     if odd.bit_length() + k.bit_length() > 24:
         return None
 
-    x = np.ascontiguousarray(x)
-    zeros = np.count_nonzero(x) < x.size  # none at evaluation (dropout off) or when none was dropped
-
-    def product():
-        columns = pack_sign_columns(np.ascontiguousarray(wq))
-        if not zeros:  # +-c only: the plain product of the signs, S, at the full rate
-            return xnor_gemm(pack_signs(x), columns, k)
-        if k % 64 == 0:  # the weights' two copies are whole words: pack once, repeat the words
-            packed_w = np.concatenate([columns, columns], axis=1)
-        else:
-            packed_w = pack_signs(np.ascontiguousarray(np.concatenate([wq, wq], axis=0).T))
-        return xnor_gemm(pack_masked_signs(x), packed_w, 2 * k)  # 2 S
-
     # All on one Numba thread unless numpy's BLAS is held to one (one_blas_thread): OpenMP's workers
     # spin after a parallel region, and beside the threaded products of the backward they cost
     # 8 ms a call on 2 cores (bnn_mlp 3x1024 at 2 threads: a step 3x slower).
-    acc = float_ops.run_on_threads(None if blas_held() else 1, product)
-    return acc.astype(np.float32) * np.float32(scale if not zeros else scale / 2)
+    threads = None if blas_held() else 1
+    x = np.ascontiguousarray(x)
+    if np.count_nonzero(x) == x.size:  # +-c only (evaluation, dropout off): the plain sign product S
+        return float_ops.run_on_threads(threads, binary_matmul_pm1, x, wq) * np.float32(scale)
+
+    def product():  # 2 S from the two sign planes
+        if k % 64 == 0:  # the weights' two copies are whole words: pack once, repeat the words
+            columns = pack_sign_columns(np.ascontiguousarray(wq))
+            packed_w = np.concatenate([columns, columns], axis=1)
+        else:
+            packed_w = pack_signs(np.ascontiguousarray(np.concatenate([wq, wq], axis=0).T))
+        return xnor_gemm(pack_masked_signs(x), packed_w, 2 * k)
+
+    return float_ops.run_on_threads(threads, product).astype(np.float32) * np.float32(scale / 2)
