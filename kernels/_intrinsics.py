@@ -49,8 +49,12 @@ def popcount64(typingctx, x):
 
 
 def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, segments, run, panel_address,
-                      out_address, out_stride, k, planes=False):
+                      out_address, out_stride, k, planes=False, threshold=None):
     """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_rows``.
+
+    With ``threshold`` = ``(bound_rows, bounds_offset, flip, valid)`` the block is thresholded instead of
+    stored (``xnor_microkernel_rows_threshold``): ``out_address`` then points at a uint32 of packed
+    bits, rows ``out_stride`` uint32 apart.
 
     Row r of A starts at ``a_address + r * a_stride * 8``, or, when ``a_stride`` is None, at the
     r-th int64 address stored at ``a_address``; it is ``segments`` runs of ``run`` words,
@@ -112,6 +116,9 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
                     count = builder.call(ctpop, [builder.xor(a_word, b_vectors[v])])
                     slot = accumulators[r][v]
                     builder.store(builder.add(builder.load(slot), count), slot)
+    if threshold is not None:
+        _emit_threshold_epilogue(builder, accumulators, k, out_address, out_stride, *threshold)
+        return context.get_dummy_value()
     out_base = builder.inttoptr(out_address, i32.as_pointer())
     k_vec = splat(k)
     one = ir.Constant(vec, [1] * LANES)
@@ -123,6 +130,84 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
             target = builder.bitcast(first_column, vec32.as_pointer())
             builder.store(builder.trunc(dot, vec32), target, align=4)
     return context.get_dummy_value()
+
+
+def _emit_threshold_epilogue(builder, accumulators, k, out_address, out_stride, bound_rows, bounds_offset, flip,
+                             valid):
+    """Threshold a block's accumulators into one uint32 of packed bits per row.
+
+    Bit ``c`` of row ``r``'s uint32 is ``((k - 2 * count[r, c]) >= bounds_r[c]) XOR flip_c``, ANDed
+    with ``valid``, where ``bounds_r`` is the TILE_COLS int32 at ``bound_rows[r] + bounds_offset``
+    (``bound_rows``: the address of TILE_ROWS int64 addresses, one bounds row per block row) and
+    ``flip``, ``valid`` hold the 32 bits of this block's columns in the low half of an int64: what
+    ``threshold_word32`` computes from stored accumulators.  The counts are at most ``k < 2**31``,
+    so the low int32 half of each int64 lane holds them: two accumulators' halves are gathered into
+    one vector of 2 * LANES int32 (``vpermt2d``), the result computed and compared there, the
+    compare masks joined into the word.
+    """
+    i32 = ir.IntType(32)
+    i64 = ir.IntType(64)
+    wide = 2 * LANES
+    wide32 = ir.VectorType(i32, wide)
+    undef = ir.Constant(wide32, ir.Undefined)
+    k_wide = builder.shuffle_vector(builder.insert_element(undef, builder.trunc(k, i32), ir.Constant(i32, 0)), undef,
+                                    ir.Constant(wide32, [0] * wide))
+    low_halves = ir.Constant(wide32, list(range(0, 2 * wide, 2)))
+    rows_bounds = builder.inttoptr(bound_rows, i64.as_pointer())
+    flip32, valid32 = builder.trunc(flip, i32), builder.trunc(valid, i32)
+    out_base = builder.inttoptr(out_address, i32.as_pointer())
+    for r, row in enumerate(accumulators):
+        row_bounds = builder.add(builder.load(builder.gep(rows_bounds, [ir.Constant(i64, r)]), align=8),
+                                 bounds_offset)
+        bounds = builder.inttoptr(row_bounds, wide32.as_pointer())
+        word = None
+        for j in range(TILE_VECTORS // 2):
+            counts = builder.shuffle_vector(builder.bitcast(builder.load(row[2 * j]), wide32),
+                                            builder.bitcast(builder.load(row[2 * j + 1]), wide32), low_halves)
+            dot = builder.sub(k_wide, builder.add(counts, counts))
+            bound = builder.load(builder.gep(bounds, [ir.Constant(i64, j)]), align=4)
+            bits = builder.zext(builder.bitcast(builder.icmp_signed(">=", dot, bound), ir.IntType(wide)), i32)
+            if j:
+                bits = builder.shl(bits, ir.Constant(i32, j * wide))
+            word = bits if word is None else builder.or_(word, bits)
+        word = builder.and_(builder.xor(word, flip32), valid32)
+        builder.store(word, builder.gep(out_base, [builder.mul(out_stride, ir.Constant(i64, r))]), align=4)
+
+
+# The threshold epilogue packs one block's columns into one uint32: TILE_COLS = 32 (AVX-512).
+THRESHOLD_EPILOGUE = TILE_COLS == 32 and TILE_VECTORS % 2 == 0
+
+
+@intrinsic
+def xnor_microkernel_rows_threshold(typingctx, row_addresses, segment_stride, segments, run, panel_address,
+                                    bound_rows, bounds_offset, flip, valid, out_address, out_stride, k):
+    """``xnor_microkernel_rows`` whose block is thresholded in registers into packed bits.
+
+    All arguments are ``intp``.  Instead of storing ``k - 2 * popcount`` as int32, writes for each
+    of the ``TILE_ROWS`` rows the uint32 at ``out_address + r * out_stride * 4`` whose bit ``c`` is
+    ``((k - 2 * popcount[r, c]) >= bounds_r[c]) XOR (flip >> c & 1)``, ANDed with ``valid`` (the
+    low 32 bits of ``flip`` and ``valid``), the bits ``threshold_word32`` makes of stored
+    accumulators.  Row ``r``'s bounds are the ``TILE_COLS`` int32 at ``bound_rows[r] +
+    bounds_offset`` (``bound_rows`` points at ``TILE_ROWS`` int64 addresses): rows may have bounds
+    of their own (the convolution folds a border position's padding correction into them).  Only
+    where ``THRESHOLD_EPILOGUE`` (32 columns per block, so a block is half a packed word); elsewhere
+    it compiles to a trap, so that callers type on every CPU and branch on ``THRESHOLD_EPILOGUE``.
+    """
+    sig = types.void(*([types.intp] * 12))
+
+    def codegen(context, builder, signature, args):
+        if not THRESHOLD_EPILOGUE:
+            trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
+            builder.call(trap, [])
+            return context.get_dummy_value()
+        (row_addresses, segment_stride, segments, run, panel_address, bound_rows, bounds_offset, flip, valid,
+         out_address, out_stride, k) = args
+        return _emit_microkernel(
+            context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
+            out_stride, k, threshold=(bound_rows, bounds_offset, flip, valid),
+        )
+
+    return sig, codegen
 
 
 @intrinsic

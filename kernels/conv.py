@@ -9,6 +9,7 @@ from lowbit.backend import is_cupy_array
 
 from ._checks import array_kind, check_int, check_packed, check_padding_bits, check_pair, padding_mask, words_for
 from ._intrinsics import (
+    THRESHOLD_EPILOGUE,
     TILE_COLS,
     TILE_ROWS,
     atomic_claim,
@@ -18,6 +19,7 @@ from ._intrinsics import (
     threshold_word32,
     threshold_word32_half,
     xnor_microkernel_rows,
+    xnor_microkernel_rows_threshold,
 )
 from .gemm import _blocking, _pack_panel
 from .threshold import _check_thresholds, int32_bounds, threshold_pack
@@ -216,10 +218,17 @@ def _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_
 
 
 @njit(cache=True)
-def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses):
+def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses, row_keys=None,
+                   column_keys=None, n_column_spans=0, row_bytes=0, bound_rows=None):
     """``addresses[i]``: address of the first word read for output position ``row_start + i`` (its
     window's top-left word in ``x_padded``); past ``row_stop`` (to fill the last tile) the address
-    of the last position again."""
+    of the last position again.
+
+    With ``bound_rows``, also ``bound_rows[i]``: the byte offset of the position's row in the table
+    of ``_corrected_bounds`` (``row_bytes`` a row; rows ordered row span major, then column span,
+    the spans' indices ``row_keys[oy]`` and ``column_keys[ox]``).  Offsets, not addresses: the caller
+    adds ``table.ctypes.data`` where it calls the micro-kernel, which keeps ``table`` alive until
+    then (Numba frees an array after its last use)."""
     _, padded_h, padded_w, words = x_padded.shape
     base = x_padded.ctypes.data
     image_row = row_start // out_w
@@ -227,9 +236,12 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
     image = image_row // out_h
     oy = image_row - image * out_h
     address = base
+    offset = 0
     for i in range(addresses.shape[0]):
         if row_start + i < row_stop:
             address = base + (((image * padded_h + oy * stride_h) * padded_w + ox * stride_w) * words) * 8
+            if bound_rows is not None:
+                offset = (row_keys[oy] * n_column_spans + column_keys[ox]) * row_bytes
             ox += 1
             if ox == out_w:
                 ox = 0
@@ -238,6 +250,128 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
                     oy = 0
                     image += 1
         addresses[i] = address
+        if bound_rows is not None:
+            bound_rows[i] = offset
+
+
+@njit(cache=True)
+def _window_keys(size, kernel, stride, pad, out_size):
+    """Along one axis: ``keys[o]``, the index of output o's in-input tap range ``[lo, hi)`` among the
+    distinct ranges, and ``spans`` (count, 2) those ranges (the interior's is ``(0, kernel)``)."""
+    index_of = np.full((kernel + 1) ** 2, -1, dtype=np.int64)
+    keys = np.empty(out_size, dtype=np.int64)
+    spans = np.empty((min(out_size, (kernel + 1) ** 2), 2), dtype=np.int64)
+    count = 0
+    for o in range(out_size):
+        i0 = o * stride - pad
+        lo = min(kernel, max(0, -i0))
+        hi = max(lo, min(kernel, size - i0))
+        key = lo * (kernel + 1) + hi
+        if index_of[key] < 0:
+            index_of[key] = count
+            spans[count, 0] = lo
+            spans[count, 1] = hi
+            count += 1
+        keys[o] = index_of[key]
+    return keys, spans[:count]
+
+
+@njit(cache=True)
+def _corrected_bounds(bounds, tap_sums, n_out, kernel_h, kernel_w, row_spans, column_spans, padded):
+    """One row of int32 bounds per window rectangle (row span x column span): ``bounds`` plus what
+    the rectangle's off-input taps added to the GEMM's count (``_remove_padding_taps``' correction),
+    so that ``count >= corrected`` is ``count - correction >= bound``.  Sums beyond int32 saturate:
+    with ``k < 2**30`` a count never reaches either end, so the compare is unchanged."""
+    table = np.empty((row_spans.shape[0] * column_spans.shape[0], bounds.shape[0]), dtype=np.int32)
+    for i in range(row_spans.shape[0]):
+        ky_lo, ky_hi = row_spans[i, 0], row_spans[i, 1]
+        for j in range(column_spans.shape[0]):
+            kx_lo, kx_hi = column_spans[j, 0], column_spans[j, 1]
+            row = table[i * column_spans.shape[0] + j]
+            row[:] = bounds
+            if not padded:
+                continue
+            for o in range(n_out):
+                inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
+                          - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
+                value = np.int64(bounds[o]) + tap_sums[kernel_h, kernel_w, o] - inside
+                row[o] = min(max(value, -(2**31)), 2**31 - 1)
+    return table
+
+
+@njit(cache=True)
+def _threshold_block(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, row_start,
+                     row_stop, bounds, flips, valids, packed_out):
+    """One block of the fused convolution + threshold, thresholded in the micro-kernel's registers.
+
+    Every whole tile runs ``xnor_microkernel_rows_threshold`` against the bounds of its positions'
+    window rectangles (``_corrected_bounds``: a border position's padding correction folded into
+    its bounds), each panel writing its uint32 half of the packed words; no int32 accumulator
+    reaches memory.  The block's last, partial tile goes through a scratch tile, the padding
+    correction and ``threshold_word32`` as in ``_conv_implicit``.
+    """
+    height, width = x.shape[1], x.shape[2]
+    n_out, kernel_h, kernel_w, _ = weights.shape
+    batch, padded_h, padded_w, words = x_padded.shape
+    out_h = (padded_h - kernel_h) // stride_h + 1
+    out_w = (padded_w - kernel_w) // stride_w + 1
+    k = kernel_h * kernel_w * channels
+    run = kernel_w * words
+    patch_words = kernel_h * run
+    n_panels = panels.shape[0]
+    out_words = packed_out.shape[1]
+    padded = pad_h > 0 or pad_w > 0
+    row_keys, row_spans = _window_keys(height, kernel_h, stride_h, pad_h, out_h)
+    column_keys, column_spans = _window_keys(width, kernel_w, stride_w, pad_w, out_w)
+    table = _corrected_bounds(bounds, tap_sums, n_out, kernel_h, kernel_w, row_spans, column_spans, padded)
+    tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
+    addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+    bound_rows = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+    _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses, row_keys, column_keys,
+                   column_spans.shape[0], table.shape[1] * 4, bound_rows)
+    whole_tiles = (row_stop - row_start) // TILE_ROWS
+    tail = row_start + whole_tiles * TILE_ROWS  # the partial tile's first position
+    scratch = np.empty((TILE_ROWS, 32 if n_out <= 32 else out_words * 64), dtype=np.int32)
+    tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
+    halves = packed_out.reshape(-1).view(np.uint32)  # panel p of a row writes its uint32 p
+    half_stride = out_words * 2
+    for p in range(n_panels):
+        column = p * TILE_COLS
+        panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
+        shift = (p % 2) * 32
+        flip = np.int64((flips[p // 2] >> shift) & 0xFFFFFFFF)
+        valid = np.int64((valids[p // 2] >> shift) & 0xFFFFFFFF)
+        no_other_half = p == n_panels - 1 and p % 2 == 0  # the last word's high half has no channels
+        for t in range(whole_tiles):
+            position = row_start + t * TILE_ROWS
+            xnor_microkernel_rows_threshold(
+                addresses.ctypes.data + t * TILE_ROWS * 8, padded_w * words, kernel_h, run, panel_address,
+                bound_rows.ctypes.data + t * TILE_ROWS * 8, table.ctypes.data + column * 4, flip, valid,
+                halves.ctypes.data + (position * half_stride + p) * 4, half_stride, k,
+            )
+            if no_other_half:
+                for i in range(TILE_ROWS):
+                    halves[(position + i) * half_stride + p + 1] = 0
+        if tail < row_stop:
+            xnor_microkernel_rows(
+                addresses.ctypes.data + whole_tiles * TILE_ROWS * 8, padded_w * words, kernel_h, run, panel_address,
+                tile.ctypes.data, TILE_COLS, k,
+            )
+            columns = min(TILE_COLS, n_out - column)
+            scratch[:row_stop - tail, column:column + columns] = tile[:row_stop - tail, :columns]
+    if tail < row_stop:
+        if padded:
+            slot_of, corrections = _correction_scratch(kernel_h, kernel_w, n_out)
+            _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                                 tap_sums, scratch, tail, row_stop, 0, n_out, tail, slot_of, corrections)
+        for i in range(row_stop - tail):
+            if n_out <= 32:
+                packed_out[tail + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0, flips[0],
+                                                                valids[0])
+            else:
+                for w in range(out_words):
+                    packed_out[tail + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds,
+                                                               w * 64, flips[w], valids[w])
 
 
 @njit(parallel=True, cache=True)
@@ -253,7 +387,9 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     (``_run_padding_tasks``), and last removes the contribution of off-input taps from its own
     outputs (``_remove_padding_taps``).
 
-    With ``fused``, ``out`` is unused: each block holds all output channels of its positions, writes
+    With ``fused``, ``out`` is unused and each block holds all output channels of its positions.  On
+    AVX-512 (``THRESHOLD_EPILOGUE``) the block is thresholded in the micro-kernel's registers
+    (``_threshold_block``).  Otherwise it writes
     their accumulators into a scratch buffer of its own (rows ``64 * words`` wide, so that the
     64-lane compares of ``threshold_word32`` stay inside it; 32 wide and 32-lane compares for at
     most 32 channels; ``bounds``, ``flips`` and ``valids``
@@ -282,6 +418,8 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
             m, patch_words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
         piece_rows = rows_per_block
     out_words = packed_out.shape[1]
+    # Fused, on AVX-512: tiles are thresholded in the micro-kernel's registers (_threshold_block)
+    epilogue = fused and THRESHOLD_EPILOGUE and k < 2**30
     for block in prange(row_blocks * panel_blocks):
         row_block = block // panel_blocks
         panel_block = block - row_block * panel_blocks
@@ -289,60 +427,64 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         row_stop = min(m, row_start + rows_per_block)
         panel_start = panel_block * panels_per_block
         panel_stop = min(n_panels, panel_start + panels_per_block)
-        tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
-        addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
-        _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
-        tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
-        if fused:
-            target = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
-                              dtype=np.int32)
-        else:
-            target = out
-        stride = target.shape[1]
         _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
                            x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
-        column_stop = min(n_out, panel_stop * TILE_COLS)
-        slot_of, corrections = _correction_scratch(kernel_h, kernel_w, column_stop - panel_start * TILE_COLS)
-        for piece_start in range(row_start, row_stop, piece_rows):
-            piece_stop = min(row_stop, piece_start + piece_rows)
-            first_row = piece_start if fused else 0  # the output row of target's row 0
-            first_tile = (piece_start - row_start) // TILE_ROWS
-            piece_tiles = (piece_stop - piece_start + TILE_ROWS - 1) // TILE_ROWS
-            for p in range(panel_start, panel_stop):
-                column = p * TILE_COLS
-                columns = min(TILE_COLS, n_out - column)
-                panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
-                for t in range(first_tile, first_tile + piece_tiles):
-                    position = row_start + t * TILE_ROWS
-                    rows = min(TILE_ROWS, piece_stop - position)
-                    row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
-                    if rows == TILE_ROWS and columns == TILE_COLS:
-                        xnor_microkernel_rows(
-                            row_addresses, padded_w * words, kernel_h, run, panel_address,
-                            target.ctypes.data + ((position - first_row) * stride + column) * 4, stride, k,
-                        )
-                    else:
-                        xnor_microkernel_rows(
-                            row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
-                            TILE_COLS, k,
-                        )
-                        local = position - first_row
-                        target[local:local + rows, column:column + columns] = tile[:rows, :columns]
-            if padded:
-                _remove_padding_taps(
-                    height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
-                    target, piece_start, piece_stop, panel_start * TILE_COLS, column_stop, first_row, slot_of,
-                    corrections,
-                )
-            if fused and n_out <= 32:
-                for i in range(piece_stop - piece_start):
-                    packed_out[piece_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
-                                                                           valids[0])
-            elif fused:
-                for i in range(piece_stop - piece_start):
-                    for w in range(out_words):
-                        packed_out[piece_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds,
-                                                                          w * 64, flips[w], valids[w])
+        if epilogue:
+            _threshold_block(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums,
+                             row_start, row_stop, bounds, flips, valids, packed_out)
+        else:
+            tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
+            addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+            _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
+            tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
+            if fused:
+                target = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
+                                  dtype=np.int32)
+            else:
+                target = out
+            stride = target.shape[1]
+            column_stop = min(n_out, panel_stop * TILE_COLS)
+            slot_of, corrections = _correction_scratch(kernel_h, kernel_w, column_stop - panel_start * TILE_COLS)
+            for piece_start in range(row_start, row_stop, piece_rows):
+                piece_stop = min(row_stop, piece_start + piece_rows)
+                first_row = piece_start if fused else 0  # the output row of target's row 0
+                first_tile = (piece_start - row_start) // TILE_ROWS
+                piece_tiles = (piece_stop - piece_start + TILE_ROWS - 1) // TILE_ROWS
+                for p in range(panel_start, panel_stop):
+                    column = p * TILE_COLS
+                    columns = min(TILE_COLS, n_out - column)
+                    panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
+                    for t in range(first_tile, first_tile + piece_tiles):
+                        position = row_start + t * TILE_ROWS
+                        rows = min(TILE_ROWS, piece_stop - position)
+                        row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
+                        if rows == TILE_ROWS and columns == TILE_COLS:
+                            xnor_microkernel_rows(
+                                row_addresses, padded_w * words, kernel_h, run, panel_address,
+                                target.ctypes.data + ((position - first_row) * stride + column) * 4, stride, k,
+                            )
+                        else:
+                            xnor_microkernel_rows(
+                                row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
+                                TILE_COLS, k,
+                            )
+                            local = position - first_row
+                            target[local:local + rows, column:column + columns] = tile[:rows, :columns]
+                if padded:
+                    _remove_padding_taps(
+                        height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
+                        target, piece_start, piece_stop, panel_start * TILE_COLS, column_stop, first_row, slot_of,
+                        corrections,
+                    )
+                if fused and n_out <= 32:
+                    for i in range(piece_stop - piece_start):
+                        packed_out[piece_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
+                                                                               valids[0])
+                elif fused:
+                    for i in range(piece_stop - piece_start):
+                        for w in range(out_words):
+                            packed_out[piece_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds,
+                                                                              w * 64, flips[w], valids[w])
 
 
 @njit(cache=True)

@@ -149,6 +149,79 @@ def test_conv_threshold_equals_threshold_of_conv(device, batch, channels, out_ch
     np.testing.assert_array_equal(device.get(bits), reference.pack_signs_loops(np.where(expected, 1, -1)))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels, out_channels, size, stride, pad", [
+    (64, 96, 17, 1, 1),   # an odd panel count: the last word's high half written 0
+    (128, 128, 14, 2, 1),
+    (70, 33, 11, 1, 2),   # windows all in padding at the corners
+    (32, 64, 23, 1, 0),
+])
+def test_conv_threshold_in_registers_on_many_blocks(threads, channels, out_channels, size, stride, pad):
+    """Larger layers than the property test draws, on one and two threads: many blocks, each with
+    whole tiles thresholded in the micro-kernel's registers against corrected bounds and a last
+    partial tile through the scratch path; prepared and plain weights alike."""
+    rng = np.random.default_rng(size)
+    x = kernels.pack_signs(rng.standard_normal((3, size, size, channels)).astype(np.float32))
+    w = kernels.pack_signs(rng.standard_normal((out_channels, 3, 3, channels)).astype(np.float32))
+    fan_in = 9 * channels
+    threshold = rng.integers(-fan_in // 8, fan_in // 8, size=out_channels).astype(np.int64)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=out_channels)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        expected = kernels.threshold_pack(kernels.binary_conv2d(x, w, channels, stride, pad), threshold, direction)
+        for weights in (w, kernels.prepare_conv_weights(w, channels)):
+            bits = kernels.binary_conv2d_threshold(x, weights, threshold, direction, channels, stride, pad)
+            np.testing.assert_array_equal(bits, expected)
+    finally:
+        numba.set_num_threads(previous)
+
+
+_AVX2_CHECK = """
+import numpy as np
+import lowbit.kernels as K
+from lowbit.kernels import _intrinsics
+assert (_intrinsics.TILE_ROWS, _intrinsics.TILE_COLS, _intrinsics.THRESHOLD_EPILOGUE) == (4, 12, False)
+rng = np.random.default_rng(0)
+for c, o, size, stride, pad in [(64, 96, 17, 1, 1), (70, 33, 11, 1, 2), (32, 20, 9, 2, 1)]:
+    x = K.pack_signs(rng.standard_normal((2, size, size, c)).astype(np.float32))
+    w = K.pack_signs(rng.standard_normal((o, 3, 3, c)).astype(np.float32))
+    t = rng.integers(-20, 20, size=o).astype(np.int64)
+    d = rng.choice(np.array([-1, 1], np.int8), size=o)
+    acc = K.binary_conv2d(x, w, c, stride, pad)
+    # the accumulators against the +-1 convolution in numpy (zero padding)
+    xv = K.unpack_signs(x.reshape(-1, x.shape[3]), c).reshape(2, size, size, c)
+    wv = K.unpack_signs(w.reshape(-1, w.shape[3]), c).reshape(o, 3, 3, c)
+    xp = np.pad(xv, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = acc.shape[1]
+    expected = sum(np.einsum("nhwc,oc->nhwo", xp[:, i:i + stride * out:stride, j:j + stride * out:stride], wv[:, i, j])
+                   for i in range(3) for j in range(3))
+    np.testing.assert_array_equal(acc, expected)
+    ref = K.threshold_pack(acc, t, d)
+    np.testing.assert_array_equal(K.binary_conv2d_threshold(x, w, t, d, c, stride, pad), ref)
+    np.testing.assert_array_equal(K.binary_conv2d_threshold(x, K.prepare_conv_weights(w, c), t, d, c, stride, pad), ref)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_avx2_build_of_the_conv_kernels(tmp_path):
+    """The AVX2 build (4 x 12 tile, no threshold epilogue: the fused convolution's scratch path),
+    compiled in a subprocess for a Haswell target with its own Numba cache, gives the same bits as
+    the unfused kernels.  The machines that run the suite have AVX-512, so without this that path
+    would go untested."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+popcnt,+sse4.2,+bmi,+bmi2,+f16c,+lzcnt,+movbe")
+    result = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
 @given(batch=st.integers(1, 2), channels=st.sampled_from([1, 30, 64, 65, 130]), height=st.integers(1, 8),
        width=st.integers(1, 8), kernel=st.integers(1, 3), stride=st.integers(1, 3), pad=st.integers(0, 2),
        seed=SEEDS)
