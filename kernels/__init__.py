@@ -75,8 +75,9 @@ to the cores by ``prange``.  ``binary_conv2d`` feeds the same micro-kernel strai
 zero-padded copy of the packed input (implicit im2col: each of a tile's rows has its own start
 address, so tiles may span output rows and images), in one parallel region whose blocks also
 prepare, as claimed tasks, the weight panels, tap sums and padded rows they read; zero words stand
-for the padding and each block then subtracts what those taps added (prefix sums over the taps),
-so the result is exact.  For inference, ``prepare_gemm_weights(b_packed, k)`` interleaves the
+for the padding, and the micro-kernel subtracts each position's counts from K less what its
+off-input taps added (one row per window rectangle, from prefix sums over the taps), so the result
+is exact with no correction pass.  For inference, ``prepare_gemm_weights(b_packed, k)`` interleaves the
 GEMM's right operand into panels once, and ``prepare_conv_weights(w_packed, channels)`` does the
 weights' share of that once (checks, panels, tap sums): ``binary_conv2d`` takes the
 ``PreparedConvWeights`` it returns in place of the packed weights, with the same result.  The

@@ -49,12 +49,12 @@ def popcount64(typingctx, x):
 
 
 def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, segments, run, panel_address,
-                      out_address, out_stride, k, planes=False, threshold=None):
+                      out_address, out_stride, k, planes=False, row_k=None, threshold=None):
     """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_rows``.
 
-    With ``threshold`` = ``(bound_rows, bounds_offset, flip, valid)`` the block is thresholded instead of
-    stored (``xnor_microkernel_rows_threshold``): ``out_address`` then points at a uint32 of packed
-    bits, rows ``out_stride`` uint32 apart.
+    With ``row_k`` = ``(k_rows, k_base)`` (``k`` unused) each row subtracts from a k row of its own
+    (``_emit_row_k_epilogue``); with ``threshold`` = ``(bounds_address, flip, valid)`` besides, the
+    block is thresholded instead of stored (``xnor_microkernel_rows_threshold``).
 
     Row r of A starts at ``a_address + r * a_stride * 8``, or, when ``a_stride`` is None, at the
     r-th int64 address stored at ``a_address``; it is ``segments`` runs of ``run`` words,
@@ -116,8 +116,8 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
                     count = builder.call(ctpop, [builder.xor(a_word, b_vectors[v])])
                     slot = accumulators[r][v]
                     builder.store(builder.add(builder.load(slot), count), slot)
-    if threshold is not None:
-        _emit_threshold_epilogue(builder, accumulators, k, out_address, out_stride, *threshold)
+    if row_k is not None:
+        _emit_row_k_epilogue(builder, accumulators, *row_k, out_address, out_stride, threshold)
         return context.get_dummy_value()
     out_base = builder.inttoptr(out_address, i32.as_pointer())
     k_vec = splat(k)
@@ -132,46 +132,65 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
     return context.get_dummy_value()
 
 
-def _emit_threshold_epilogue(builder, accumulators, k, out_address, out_stride, bound_rows, bounds_offset, flip,
-                             valid):
-    """Threshold a block's accumulators into one uint32 of packed bits per row.
+def _emit_row_k_epilogue(builder, accumulators, k_rows, k_base, out_address, out_stride, threshold):
+    """Store (or threshold) ``k_r[c] - 2 * count[r, c]``, with a k row of its own for each block row.
 
-    Bit ``c`` of row ``r``'s uint32 is ``((k - 2 * count[r, c]) >= bounds_r[c]) XOR flip_c``, ANDed
-    with ``valid``, where ``bounds_r`` is the TILE_COLS int32 at ``bound_rows[r] + bounds_offset``
-    (``bound_rows``: the address of TILE_ROWS int64 addresses, one bounds row per block row) and
-    ``flip``, ``valid`` hold the 32 bits of this block's columns in the low half of an int64: what
-    ``threshold_word32`` computes from stored accumulators.  The counts are at most ``k < 2**31``,
-    so the low int32 half of each int64 lane holds them: two accumulators' halves are gathered into
-    one vector of 2 * LANES int32 (``vpermt2d``), the result computed and compared there, the
-    compare masks joined into the word.
+    Row ``r``'s ``TILE_COLS`` int32 k values are at ``k_rows[r] + k_base`` (``k_rows``: the address
+    of ``TILE_ROWS`` int64 byte offsets): a convolution's border position gets ``K`` minus what its
+    off-input taps added to the count, so no correction pass follows.  Counts are at most ``K <
+    2**31``, so the low int32 half of each int64 lane holds them: two accumulators' halves are
+    gathered into one vector of 2 * LANES int32 (``vpermt2d`` on AVX-512) and the doubling,
+    subtraction and store (or compare) run once per pair; an odd last accumulator (AVX2) is
+    truncated alone.
+
+    Without ``threshold`` the int32 results go to ``out_address``, rows ``out_stride`` int32 apart.
+    With ``threshold`` = ``(bounds_address, flip, valid)`` (``THRESHOLD_EPILOGUE`` only: 32
+    columns) bit ``c`` of row ``r``'s uint32 at ``out_address + r * out_stride * 4`` is
+    ``(result >= bounds[c]) XOR flip_c``, ANDed with ``valid`` (``bounds``: ``TILE_COLS`` int32;
+    ``flip``, ``valid``: this block's 32 bits in the low half of an int64), as ``threshold_word32``
+    computes it from stored results.
     """
     i32 = ir.IntType(32)
     i64 = ir.IntType(64)
+    vec32 = ir.VectorType(i32, LANES)
     wide = 2 * LANES
     wide32 = ir.VectorType(i32, wide)
-    undef = ir.Constant(wide32, ir.Undefined)
-    k_wide = builder.shuffle_vector(builder.insert_element(undef, builder.trunc(k, i32), ir.Constant(i32, 0)), undef,
-                                    ir.Constant(wide32, [0] * wide))
     low_halves = ir.Constant(wide32, list(range(0, 2 * wide, 2)))
-    rows_bounds = builder.inttoptr(bound_rows, i64.as_pointer())
-    flip32, valid32 = builder.trunc(flip, i32), builder.trunc(valid, i32)
+    offsets = builder.inttoptr(k_rows, i64.as_pointer())
     out_base = builder.inttoptr(out_address, i32.as_pointer())
+    if threshold is not None:
+        bounds_address, flip, valid = threshold
+        bounds = builder.inttoptr(bounds_address, wide32.as_pointer())
+        bound_vectors = [builder.load(builder.gep(bounds, [ir.Constant(i64, j)]), align=4)
+                         for j in range(TILE_VECTORS // 2)]
+        flip32, valid32 = builder.trunc(flip, i32), builder.trunc(valid, i32)
     for r, row in enumerate(accumulators):
-        row_bounds = builder.add(builder.load(builder.gep(rows_bounds, [ir.Constant(i64, r)]), align=8),
-                                 bounds_offset)
-        bounds = builder.inttoptr(row_bounds, wide32.as_pointer())
+        k_row = builder.inttoptr(builder.add(builder.load(builder.gep(offsets, [ir.Constant(i64, r)]), align=8),
+                                             k_base), i32.as_pointer())
+        out_row = builder.gep(out_base, [builder.mul(out_stride, ir.Constant(i64, r))])
         word = None
-        for j in range(TILE_VECTORS // 2):
-            counts = builder.shuffle_vector(builder.bitcast(builder.load(row[2 * j]), wide32),
-                                            builder.bitcast(builder.load(row[2 * j + 1]), wide32), low_halves)
-            dot = builder.sub(k_wide, builder.add(counts, counts))
-            bound = builder.load(builder.gep(bounds, [ir.Constant(i64, j)]), align=4)
-            bits = builder.zext(builder.bitcast(builder.icmp_signed(">=", dot, bound), ir.IntType(wide)), i32)
-            if j:
-                bits = builder.shl(bits, ir.Constant(i32, j * wide))
+        for v in range(0, TILE_VECTORS, 2):
+            column = ir.Constant(i64, v * LANES)
+            if v + 1 < TILE_VECTORS:
+                counts = builder.shuffle_vector(builder.bitcast(builder.load(row[v]), wide32),
+                                                builder.bitcast(builder.load(row[v + 1]), wide32), low_halves)
+                vector_type = wide32
+            else:
+                counts = builder.trunc(builder.load(row[v]), vec32)
+                vector_type = vec32
+            k_vector = builder.load(builder.bitcast(builder.gep(k_row, [column]), vector_type.as_pointer()), align=4)
+            result = builder.sub(k_vector, builder.add(counts, counts))
+            if threshold is None:
+                builder.store(result, builder.bitcast(builder.gep(out_row, [column]), vector_type.as_pointer()),
+                              align=4)
+                continue
+            above = builder.icmp_signed(">=", result, bound_vectors[v // 2])
+            bits = builder.zext(builder.bitcast(above, ir.IntType(wide)), i32)
+            if v:
+                bits = builder.shl(bits, ir.Constant(i32, v * LANES))
             word = bits if word is None else builder.or_(word, bits)
-        word = builder.and_(builder.xor(word, flip32), valid32)
-        builder.store(word, builder.gep(out_base, [builder.mul(out_stride, ir.Constant(i64, r))]), align=4)
+        if threshold is not None:
+            builder.store(builder.and_(builder.xor(word, flip32), valid32), out_row, align=4)
 
 
 # The threshold epilogue packs one block's columns into one uint32: TILE_COLS = 32 (AVX-512).
@@ -179,19 +198,18 @@ THRESHOLD_EPILOGUE = TILE_COLS == 32 and TILE_VECTORS % 2 == 0
 
 
 @intrinsic
-def xnor_microkernel_rows_threshold(typingctx, row_addresses, segment_stride, segments, run, panel_address,
-                                    bound_rows, bounds_offset, flip, valid, out_address, out_stride, k):
+def xnor_microkernel_rows_threshold(typingctx, row_addresses, segment_stride, segments, run, panel_address, k_rows,
+                                    k_base, bounds_address, flip, valid, out_address, out_stride):
     """``xnor_microkernel_rows`` whose block is thresholded in registers into packed bits.
 
-    All arguments are ``intp``.  Instead of storing ``k - 2 * popcount`` as int32, writes for each
-    of the ``TILE_ROWS`` rows the uint32 at ``out_address + r * out_stride * 4`` whose bit ``c`` is
-    ``((k - 2 * popcount[r, c]) >= bounds_r[c]) XOR (flip >> c & 1)``, ANDed with ``valid`` (the
-    low 32 bits of ``flip`` and ``valid``), the bits ``threshold_word32`` makes of stored
-    accumulators.  Row ``r``'s bounds are the ``TILE_COLS`` int32 at ``bound_rows[r] +
-    bounds_offset`` (``bound_rows`` points at ``TILE_ROWS`` int64 addresses): rows may have bounds
-    of their own (the convolution folds a border position's padding correction into them).  Only
-    where ``THRESHOLD_EPILOGUE`` (32 columns per block, so a block is half a packed word); elsewhere
-    it compiles to a trap, so that callers type on every CPU and branch on ``THRESHOLD_EPILOGUE``.
+    All arguments are ``intp``.  Instead of storing the int32 results ``k_r[c] - 2 * popcount[r, c]``
+    (``k_rows``, ``k_base``: as for ``xnor_microkernel_rows``), writes for each of the ``TILE_ROWS``
+    rows the uint32 at ``out_address + r * out_stride * 4`` whose bit ``c`` is ``(result >=
+    bounds[c]) XOR (flip >> c & 1)``, ANDed with ``valid`` (``bounds``: ``TILE_COLS`` int32 at
+    ``bounds_address``; the low 32 bits of ``flip`` and ``valid``): the bits ``threshold_word32``
+    makes of stored results.  Only where ``THRESHOLD_EPILOGUE`` (32 columns per block, so a block
+    is half a packed word); elsewhere it compiles to a trap, so that callers type on every CPU and
+    branch on ``THRESHOLD_EPILOGUE``.
     """
     sig = types.void(*([types.intp] * 12))
 
@@ -200,11 +218,11 @@ def xnor_microkernel_rows_threshold(typingctx, row_addresses, segment_stride, se
             trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
             builder.call(trap, [])
             return context.get_dummy_value()
-        (row_addresses, segment_stride, segments, run, panel_address, bound_rows, bounds_offset, flip, valid,
-         out_address, out_stride, k) = args
+        (row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base, bounds_address, flip, valid,
+         out_address, out_stride) = args
         return _emit_microkernel(
             context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
-            out_stride, k, threshold=(bound_rows, bounds_offset, flip, valid),
+            out_stride, None, row_k=(k_rows, k_base), threshold=(bounds_address, flip, valid),
         )
 
     return sig, codegen
@@ -233,24 +251,27 @@ def xnor_microkernel(typingctx, a_address, a_stride, panel_address, words, out_a
 
 
 @intrinsic
-def xnor_microkernel_rows(typingctx, row_addresses, segment_stride, segments, run, panel_address, out_address,
-                          out_stride, k):
-    """``xnor_microkernel`` whose A rows are gathered from ``segments`` runs at addresses of their own.
+def xnor_microkernel_rows(typingctx, row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base,
+                          out_address, out_stride):
+    """``xnor_microkernel`` whose A rows are gathered from ``segments`` runs at addresses of their own,
+    each row subtracting from a k row of its own.
 
     All arguments are ``intp``.  ``row_addresses`` points at ``TILE_ROWS`` int64 addresses, one per
     A row; row ``r`` of A is the concatenation over ``s < segments`` of the ``run`` words at
     ``row_addresses[r] + s * segment_stride * 8``, and the panel is ``(segments * run, TILE_COLS)``.
     With NHWC activations this is an implicit im2col: one segment per kernel row,
     ``run = KW * words``, and the ``TILE_ROWS`` output positions may lie on different output rows
-    or images.
+    or images.  Writes ``k_r[c] - 2 * popcount[r, c]`` where ``k_r`` is the row of ``TILE_COLS``
+    int32 at ``k_rows[r] + k_base`` (``k_rows`` points at ``TILE_ROWS`` int64 byte offsets): ``K``
+    for a window inside the input, less what the off-input taps added for a border one.
     """
-    sig = types.void(*([types.intp] * 8))
+    sig = types.void(*([types.intp] * 9))
 
     def codegen(context, builder, signature, args):
-        row_addresses, segment_stride, segments, run, panel_address, out_address, out_stride, k = args
+        row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base, out_address, out_stride = args
         return _emit_microkernel(
             context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
-            out_stride, k,
+            out_stride, None, row_k=(k_rows, k_base),
         )
 
     return sig, codegen

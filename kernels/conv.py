@@ -88,9 +88,6 @@ def _prepare_panel(source, n_out, kernel_h, kernel_w, words, channels, padded, p
 # Scratch accumulators per block of the fused convolution + threshold (half a 32-48 KiB L1).
 _FUSED_SCRATCH_BYTES = 16384
 
-# Correction rows that _remove_padding_taps keeps per call (a 3x3 kernel with padding 1 meets 8).
-_CORRECTION_SLOTS = 16
-
 # Task states in the claim array of one call: free, being run by one thread, done.
 _TASK_FREE, _TASK_TAKEN, _TASK_DONE = 0, 1, 2
 
@@ -106,78 +103,6 @@ def _wait_for(state, first, stop):
         address = state.ctypes.data + task * 8
         while atomic_load(address) != _TASK_DONE:
             pass
-
-
-@njit(cache=True)
-def _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                         tap_sums, out, row_start, row_stop, column_start, column_stop, out_first_row, slot_of,
-                         corrections):
-    """Subtract from out[row_start:row_stop, column_start:column_stop] what off-input taps added.
-
-    ``out`` holds output positions ``out_first_row ...`` (all N*OH*OW of them, or one block's) by
-    at least O columns; the GEMM counted each off-input tap as a zero word against the
-    weights, where zero padding must count 0.  The taps inside the input form a rectangle
-    ``[ky_lo, ky_hi) x [kx_lo, kx_hi)``, so what the others added is the sum over all taps minus
-    the sum over the rectangle (five reads of the prefix sums ``tap_sums`` per output channel).
-    Few rectangles occur (9 for a 3x3 kernel with padding 1), so each one's correction row is
-    computed once, at its first position, and every border position then subtracts a whole row
-    (one vector pass); positions are walked one output row at a time, skipping a row's interior
-    run.  ``slot_of`` (int32, ``(KH+1)^2 (KW+1)^2`` keys, -1 where unknown, then the count of
-    slots taken) and ``corrections``
-    (``_CORRECTION_SLOTS + 1`` rows of at least ``column_stop - column_start`` int32) are the
-    caller's scratch (:func:`_correction_scratch`), kept across calls on the same columns.
-    """
-    columns = column_stop - column_start
-    sides_h, sides_w = kernel_h + 1, kernel_w + 1
-    # output columns whose window lies inside the input across: [inside_lo, inside_hi)
-    inside_lo = (pad_w + stride_w - 1) // stride_w
-    inside_hi = max(inside_lo, (width - kernel_w + pad_w) // stride_w + 1)
-    # the correction rows of the first _CORRECTION_SLOTS rectangles met (their count in slot_of's last
-    # entry); others are computed each time
-    slots = slot_of[slot_of.shape[0] - 1]
-    position = row_start
-    while position < row_stop:
-        first_ox = position % out_w
-        row_end = min(row_stop, position - first_ox + out_w)
-        iy0 = (position // out_w) % out_h * stride_h - pad_h
-        ky_lo = min(kernel_h, max(0, -iy0))  # padding may pass the kernel: a window all padding
-        ky_hi = max(ky_lo, min(kernel_h, height - iy0))  # empty when the window misses the input
-        last_ox = first_ox + row_end - position
-        # an output row inside the input vertically: only its columns outside [inside_lo, inside_hi)
-        skip_lo, skip_hi = (inside_lo, inside_hi) if ky_lo == 0 and ky_hi == kernel_h else (last_ox, last_ox)
-        for part in range(2):
-            lo, hi = (first_ox, min(last_ox, skip_lo)) if part == 0 else (max(first_ox, skip_hi), last_ox)
-            for ox in range(lo, hi):
-                ix0 = ox * stride_w - pad_w
-                kx_lo = min(kernel_w, max(0, -ix0))
-                kx_hi = max(kx_lo, min(kernel_w, width - ix0))
-                key = ((ky_lo * sides_h + ky_hi) * sides_w + kx_lo) * sides_w + kx_hi
-                slot = slot_of[key]
-                if slot < 0:
-                    slot = min(slots, _CORRECTION_SLOTS)  # the last row is scratch, never kept
-                    for c in range(columns):
-                        o = column_start + c
-                        inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
-                                  - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
-                        corrections[slot, c] = tap_sums[kernel_h, kernel_w, o] - inside
-                    if slots < _CORRECTION_SLOTS:
-                        slot_of[key] = slot
-                        slots += 1
-                        slot_of[slot_of.shape[0] - 1] = slots
-                correction = corrections[slot]
-                row = out[position + ox - first_ox - out_first_row, column_start:column_stop]
-                for c in range(columns):
-                    row[c] -= correction[c]
-        position = row_end
-
-
-@njit(cache=True)
-def _correction_scratch(kernel_h, kernel_w, columns):
-    """Empty ``(slot_of, corrections)`` scratch of :func:`_remove_padding_taps` for ``columns`` output
-    channels."""
-    slot_of = np.full((kernel_h + 1) ** 2 * (kernel_w + 1) ** 2 + 1, -1, dtype=np.int32)
-    slot_of[-1] = 0  # how many slots are taken
-    return slot_of, np.empty((_CORRECTION_SLOTS + 1, max(columns, 1)), dtype=np.int32)
 
 
 @njit(cache=True)
@@ -218,17 +143,15 @@ def _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_
 
 
 @njit(cache=True)
-def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses, row_keys=None,
-                   column_keys=None, n_column_spans=0, row_bytes=0, bound_rows=None):
-    """``addresses[i]``: address of the first word read for output position ``row_start + i`` (its
-    window's top-left word in ``x_padded``); past ``row_stop`` (to fill the last tile) the address
-    of the last position again.
-
-    With ``bound_rows``, also ``bound_rows[i]``: the byte offset of the position's row in the table
-    of ``_corrected_bounds`` (``row_bytes`` a row; rows ordered row span major, then column span,
-    the spans' indices ``row_keys[oy]`` and ``column_keys[ox]``).  Offsets, not addresses: the caller
-    adds ``table.ctypes.data`` where it calls the micro-kernel, which keeps ``table`` alive until
-    then (Numba frees an array after its last use)."""
+def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, row_keys, column_keys,
+                   n_column_spans, row_bytes, addresses, k_rows):
+    """For output position ``row_start + i``: ``addresses[i]``, the address of the first word it reads
+    (its window's top-left word in ``x_padded``), and ``k_rows[i]``, the byte offset of its row in
+    the table of ``_k_table`` (``row_bytes`` a row; rows ordered row span major, then column span,
+    the spans' indices ``row_keys[oy]`` and ``column_keys[ox]``); past ``row_stop`` (to fill the
+    last tile) the last position's again.  Offsets, not addresses: the caller adds
+    ``table.ctypes.data`` where it calls the micro-kernel, which keeps ``table`` alive until then
+    (Numba frees an array after its last use)."""
     _, padded_h, padded_w, words = x_padded.shape
     base = x_padded.ctypes.data
     image_row = row_start // out_w
@@ -240,8 +163,7 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
     for i in range(addresses.shape[0]):
         if row_start + i < row_stop:
             address = base + (((image * padded_h + oy * stride_h) * padded_w + ox * stride_w) * words) * 8
-            if bound_rows is not None:
-                offset = (row_keys[oy] * n_column_spans + column_keys[ox]) * row_bytes
+            offset = (row_keys[oy] * n_column_spans + column_keys[ox]) * row_bytes
             ox += 1
             if ox == out_w:
                 ox = 0
@@ -250,14 +172,14 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
                     oy = 0
                     image += 1
         addresses[i] = address
-        if bound_rows is not None:
-            bound_rows[i] = offset
+        k_rows[i] = offset
 
 
 @njit(cache=True)
 def _window_keys(size, kernel, stride, pad, out_size):
     """Along one axis: ``keys[o]``, the index of output o's in-input tap range ``[lo, hi)`` among the
-    distinct ranges, and ``spans`` (count, 2) those ranges (the interior's is ``(0, kernel)``)."""
+    distinct ranges, and ``spans`` (count, 2) those ranges (the interior's is ``(0, kernel)``; a
+    window all in padding has an empty one)."""
     index_of = np.full((kernel + 1) ** 2, -1, dtype=np.int64)
     keys = np.empty(out_size, dtype=np.int64)
     spans = np.empty((min(out_size, (kernel + 1) ** 2), 2), dtype=np.int64)
@@ -277,58 +199,47 @@ def _window_keys(size, kernel, stride, pad, out_size):
 
 
 @njit(cache=True)
-def _corrected_bounds(bounds, tap_sums, n_out, kernel_h, kernel_w, row_spans, column_spans, padded):
-    """One row of int32 bounds per window rectangle (row span x column span): ``bounds`` plus what
-    the rectangle's off-input taps added to the GEMM's count (``_remove_padding_taps``' correction),
-    so that ``count >= corrected`` is ``count - correction >= bound``.  Sums beyond int32 saturate:
-    with ``k < 2**30`` a count never reaches either end, so the compare is unchanged."""
-    table = np.empty((row_spans.shape[0] * column_spans.shape[0], bounds.shape[0]), dtype=np.int32)
+def _k_table(k, tap_sums, n_out, column_start, columns, kernel_h, kernel_w, row_spans, column_spans, padded):
+    """The k rows of the micro-kernels (``xnor_microkernel_rows``): one per window rectangle (row span
+    x column span, row span major), ``columns`` int32 for output channels ``column_start ...``.
+
+    The GEMM counts an off-input tap as a zero word (all -1) against the weights, where zero
+    padding must count 0; what the taps outside the rectangle ``[ky_lo, ky_hi) x [kx_lo, kx_hi)``
+    added is the sum over all taps minus the sum over the rectangle (prefix sums ``tap_sums``,
+    ``_prepare_panel``).  A row holds ``k`` less that, so ``row - 2 * count`` is the zero-padded
+    result; a window inside the input gets ``k`` (as does every column past ``n_out``).  Few
+    rectangles occur (9 for a 3x3 kernel with padding 1)."""
+    table = np.empty((row_spans.shape[0] * column_spans.shape[0], columns), dtype=np.int32)
     for i in range(row_spans.shape[0]):
         ky_lo, ky_hi = row_spans[i, 0], row_spans[i, 1]
         for j in range(column_spans.shape[0]):
             kx_lo, kx_hi = column_spans[j, 0], column_spans[j, 1]
             row = table[i * column_spans.shape[0] + j]
-            row[:] = bounds
+            row[:] = k
             if not padded:
                 continue
-            for o in range(n_out):
+            for c in range(min(columns, n_out - column_start)):
+                o = column_start + c
                 inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
                           - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
-                value = np.int64(bounds[o]) + tap_sums[kernel_h, kernel_w, o] - inside
-                row[o] = min(max(value, -(2**31)), 2**31 - 1)
+                row[c] = k - (tap_sums[kernel_h, kernel_w, o] - inside)
     return table
 
 
 @njit(cache=True)
-def _threshold_block(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, row_start,
-                     row_stop, bounds, flips, valids, packed_out):
-    """One block of the fused convolution + threshold, thresholded in the micro-kernel's registers.
+def _threshold_block(n_out, k, segment_stride, kernel_h, run, panels, row_start, row_stop, addresses, k_rows, table,
+                     bounds, flips, valids, packed_out):
+    """One block of the fused convolution + threshold, thresholded in the micro-kernel's registers
+    (``THRESHOLD_EPILOGUE``: AVX-512's 32-column tile is half a packed word).
 
-    Every whole tile runs ``xnor_microkernel_rows_threshold`` against the bounds of its positions'
-    window rectangles (``_corrected_bounds``: a border position's padding correction folded into
-    its bounds), each panel writing its uint32 half of the packed words; no int32 accumulator
-    reaches memory.  The block's last, partial tile goes through a scratch tile, the padding
-    correction and ``threshold_word32`` as in ``_conv_implicit``.
+    Every whole tile runs ``xnor_microkernel_rows_threshold``, each panel writing its uint32 half of
+    the packed words; no result reaches memory.  The block's last, partial tile goes through a
+    scratch tile and ``threshold_word32``.  ``addresses``, ``k_rows`` and ``table`` as made by
+    ``_conv_implicit`` (``table`` for all columns).
     """
-    height, width = x.shape[1], x.shape[2]
-    n_out, kernel_h, kernel_w, _ = weights.shape
-    batch, padded_h, padded_w, words = x_padded.shape
-    out_h = (padded_h - kernel_h) // stride_h + 1
-    out_w = (padded_w - kernel_w) // stride_w + 1
-    k = kernel_h * kernel_w * channels
-    run = kernel_w * words
-    patch_words = kernel_h * run
     n_panels = panels.shape[0]
+    patch_words = panels.shape[1]
     out_words = packed_out.shape[1]
-    padded = pad_h > 0 or pad_w > 0
-    row_keys, row_spans = _window_keys(height, kernel_h, stride_h, pad_h, out_h)
-    column_keys, column_spans = _window_keys(width, kernel_w, stride_w, pad_w, out_w)
-    table = _corrected_bounds(bounds, tap_sums, n_out, kernel_h, kernel_w, row_spans, column_spans, padded)
-    tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
-    addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
-    bound_rows = np.empty(tiles * TILE_ROWS, dtype=np.int64)
-    _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses, row_keys, column_keys,
-                   column_spans.shape[0], table.shape[1] * 4, bound_rows)
     whole_tiles = (row_stop - row_start) // TILE_ROWS
     tail = row_start + whole_tiles * TILE_ROWS  # the partial tile's first position
     scratch = np.empty((TILE_ROWS, 32 if n_out <= 32 else out_words * 64), dtype=np.int32)
@@ -338,6 +249,7 @@ def _threshold_block(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_p
     for p in range(n_panels):
         column = p * TILE_COLS
         panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
+        k_base = table.ctypes.data + column * 4
         shift = (p % 2) * 32
         flip = np.int64((flips[p // 2] >> shift) & 0xFFFFFFFF)
         valid = np.int64((valids[p // 2] >> shift) & 0xFFFFFFFF)
@@ -345,33 +257,28 @@ def _threshold_block(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_p
         for t in range(whole_tiles):
             position = row_start + t * TILE_ROWS
             xnor_microkernel_rows_threshold(
-                addresses.ctypes.data + t * TILE_ROWS * 8, padded_w * words, kernel_h, run, panel_address,
-                bound_rows.ctypes.data + t * TILE_ROWS * 8, table.ctypes.data + column * 4, flip, valid,
-                halves.ctypes.data + (position * half_stride + p) * 4, half_stride, k,
+                addresses.ctypes.data + t * TILE_ROWS * 8, segment_stride, kernel_h, run, panel_address,
+                k_rows.ctypes.data + t * TILE_ROWS * 8, k_base, bounds.ctypes.data + column * 4, flip, valid,
+                halves.ctypes.data + (position * half_stride + p) * 4, half_stride,
             )
             if no_other_half:
                 for i in range(TILE_ROWS):
                     halves[(position + i) * half_stride + p + 1] = 0
         if tail < row_stop:
             xnor_microkernel_rows(
-                addresses.ctypes.data + whole_tiles * TILE_ROWS * 8, padded_w * words, kernel_h, run, panel_address,
-                tile.ctypes.data, TILE_COLS, k,
+                addresses.ctypes.data + whole_tiles * TILE_ROWS * 8, segment_stride, kernel_h, run, panel_address,
+                k_rows.ctypes.data + whole_tiles * TILE_ROWS * 8, k_base, tile.ctypes.data, TILE_COLS,
             )
             columns = min(TILE_COLS, n_out - column)
             scratch[:row_stop - tail, column:column + columns] = tile[:row_stop - tail, :columns]
-    if tail < row_stop:
-        if padded:
-            slot_of, corrections = _correction_scratch(kernel_h, kernel_w, n_out)
-            _remove_padding_taps(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                                 tap_sums, scratch, tail, row_stop, 0, n_out, tail, slot_of, corrections)
-        for i in range(row_stop - tail):
-            if n_out <= 32:
-                packed_out[tail + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0, flips[0],
-                                                                valids[0])
-            else:
-                for w in range(out_words):
-                    packed_out[tail + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds,
-                                                               w * 64, flips[w], valids[w])
+    for i in range(row_stop - tail):
+        if n_out <= 32:
+            packed_out[tail + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0, flips[0],
+                                                            valids[0])
+        else:
+            for w in range(out_words):
+                packed_out[tail + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds, w * 64,
+                                                           flips[w], valids[w])
 
 
 @njit(parallel=True, cache=True)
@@ -384,17 +291,17 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     segment of ``KW * words`` words per kernel row, segments a padded row apart), from the window
     addresses of ``_row_addresses``.  Blocks are split among the threads as in
     ``gemm._gemm_panels``; each block first makes the padded input rows and weight panels it reads
-    (``_run_padding_tasks``), and last removes the contribution of off-input taps from its own
-    outputs (``_remove_padding_taps``).
+    (``_run_padding_tasks``).  Zero padding costs no pass of its own: each position's results are
+    subtracted from a k row of its window rectangle (``_k_table``: K less what the off-input taps
+    added), in the micro-kernel's epilogue.
 
-    With ``fused``, ``out`` is unused and each block holds all output channels of its positions.  On
-    AVX-512 (``THRESHOLD_EPILOGUE``) the block is thresholded in the micro-kernel's registers
-    (``_threshold_block``).  Otherwise it writes
-    their accumulators into a scratch buffer of its own (rows ``64 * words`` wide, so that the
-    64-lane compares of ``threshold_word32`` stay inside it; 32 wide and 32-lane compares for at
-    most 32 channels; ``bounds``, ``flips`` and ``valids``
-    from ``threshold.int32_bounds``) and thresholds them into ``packed_out`` (N*OH*OW, words) while
-    they are in cache: the int32 accumulators never reach memory.
+    With ``fused``, ``out`` is unused and each block holds all output channels of its positions
+    (``bounds``, ``flips`` and ``valids`` from ``threshold.int32_bounds``; ``packed_out`` (N*OH*OW,
+    words)).  On AVX-512 (``THRESHOLD_EPILOGUE``) the block is thresholded in the micro-kernel's
+    registers (``_threshold_block``).  Otherwise it writes its results, piece by piece, into an
+    L1-sized scratch buffer of its own (rows ``64 * words`` wide, so that the 64-lane compares of
+    ``threshold_word32`` stay inside it; 32 wide and 32-lane compares for at most 32 channels) and
+    thresholds them while they are in cache.  Either way the int32 results never reach memory.
     """
     height, width = x.shape[1], x.shape[2]
     n_out, kernel_h, kernel_w, _ = weights.shape
@@ -410,16 +317,15 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     if fused:  # one panel block: a block thresholds whole rows of output channels
         rows_per_block, row_blocks, _, _ = _blocking(m, patch_words, 1, threads, row_chunk_bytes, blocks_per_thread)
         panels_per_block, panel_blocks = n_panels, 1
-        # ... in pieces whose scratch accumulators (rows x 64 * words int32) stay in L1: all panels of
-        # a piece, its padding correction and its thresholds, then the next piece
+        # ... in pieces whose scratch results (rows x 64 * words int32) stay in L1
         piece_rows = max(1, _FUSED_SCRATCH_BYTES // (packed_out.shape[1] * 256 * TILE_ROWS)) * TILE_ROWS
     else:
         rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
             m, patch_words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
         piece_rows = rows_per_block
     out_words = packed_out.shape[1]
-    # Fused, on AVX-512: tiles are thresholded in the micro-kernel's registers (_threshold_block)
-    epilogue = fused and THRESHOLD_EPILOGUE and k < 2**30
+    row_keys, row_spans = _window_keys(height, kernel_h, stride_h, pad_h, out_h)
+    column_keys, column_spans = _window_keys(width, kernel_w, stride_w, pad_w, out_w)
     for block in prange(row_blocks * panel_blocks):
         row_block = block // panel_blocks
         panel_block = block - row_block * panel_blocks
@@ -429,13 +335,19 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         panel_stop = min(n_panels, panel_start + panels_per_block)
         _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
                            x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
-        if epilogue:
-            _threshold_block(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums,
-                             row_start, row_stop, bounds, flips, valids, packed_out)
+        # the block's k rows (its panels' tap sums are ready now) and its windows' addresses and k rows
+        column_start = panel_start * TILE_COLS
+        table = _k_table(k, tap_sums, n_out, column_start, (panel_stop - panel_start) * TILE_COLS, kernel_h,
+                         kernel_w, row_spans, column_spans, padded)
+        tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
+        addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+        k_rows = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+        _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, row_keys, column_keys,
+                       column_spans.shape[0], table.shape[1] * 4, addresses, k_rows)
+        if fused and THRESHOLD_EPILOGUE:
+            _threshold_block(n_out, k, padded_w * words, kernel_h, run, panels, row_start, row_stop, addresses,
+                             k_rows, table, bounds, flips, valids, packed_out)
         else:
-            tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
-            addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
-            _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, addresses)
             tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
             if fused:
                 target = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
@@ -443,8 +355,6 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
             else:
                 target = out
             stride = target.shape[1]
-            column_stop = min(n_out, panel_stop * TILE_COLS)
-            slot_of, corrections = _correction_scratch(kernel_h, kernel_w, column_stop - panel_start * TILE_COLS)
             for piece_start in range(row_start, row_stop, piece_rows):
                 piece_stop = min(row_stop, piece_start + piece_rows)
                 first_row = piece_start if fused else 0  # the output row of target's row 0
@@ -454,32 +364,28 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
                     column = p * TILE_COLS
                     columns = min(TILE_COLS, n_out - column)
                     panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
+                    k_base = table.ctypes.data + (column - column_start) * 4
                     for t in range(first_tile, first_tile + piece_tiles):
                         position = row_start + t * TILE_ROWS
                         rows = min(TILE_ROWS, piece_stop - position)
                         row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
+                        tile_k_rows = k_rows.ctypes.data + t * TILE_ROWS * 8
                         if rows == TILE_ROWS and columns == TILE_COLS:
                             xnor_microkernel_rows(
-                                row_addresses, padded_w * words, kernel_h, run, panel_address,
-                                target.ctypes.data + ((position - first_row) * stride + column) * 4, stride, k,
+                                row_addresses, padded_w * words, kernel_h, run, panel_address, tile_k_rows, k_base,
+                                target.ctypes.data + ((position - first_row) * stride + column) * 4, stride,
                             )
                         else:
                             xnor_microkernel_rows(
-                                row_addresses, padded_w * words, kernel_h, run, panel_address, tile.ctypes.data,
-                                TILE_COLS, k,
+                                row_addresses, padded_w * words, kernel_h, run, panel_address, tile_k_rows, k_base,
+                                tile.ctypes.data, TILE_COLS,
                             )
                             local = position - first_row
                             target[local:local + rows, column:column + columns] = tile[:rows, :columns]
-                if padded:
-                    _remove_padding_taps(
-                        height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, tap_sums,
-                        target, piece_start, piece_stop, panel_start * TILE_COLS, column_stop, first_row, slot_of,
-                        corrections,
-                    )
                 if fused and n_out <= 32:
                     for i in range(piece_stop - piece_start):
-                        packed_out[piece_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0, flips[0],
-                                                                               valids[0])
+                        packed_out[piece_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0,
+                                                                               flips[0], valids[0])
                 elif fused:
                     for i in range(piece_stop - piece_start):
                         for w in range(out_words):
