@@ -49,7 +49,7 @@ def popcount64(typingctx, x):
 
 
 def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, segments, run, panel_address,
-                      out_address, out_stride, k, planes=False, row_k=None, threshold=None):
+                      out_address, out_stride, k, planes=False, row_k=None, threshold=None, as_float=False):
     """LLVM IR of one TILE_ROWS x TILE_COLS block; see ``xnor_microkernel_rows``.
 
     With ``row_k`` = ``(k_rows, k_base)`` (``k`` unused) each row subtracts from a k row of its own
@@ -117,7 +117,7 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
                     slot = accumulators[r][v]
                     builder.store(builder.add(builder.load(slot), count), slot)
     if row_k is not None:
-        _emit_row_k_epilogue(builder, accumulators, *row_k, out_address, out_stride, threshold)
+        _emit_row_k_epilogue(builder, accumulators, *row_k, out_address, out_stride, threshold, as_float)
         return context.get_dummy_value()
     out_base = builder.inttoptr(out_address, i32.as_pointer())
     k_vec = splat(k)
@@ -132,7 +132,7 @@ def _emit_microkernel(context, builder, a_address, a_stride, segment_stride, seg
     return context.get_dummy_value()
 
 
-def _emit_row_k_epilogue(builder, accumulators, k_rows, k_base, out_address, out_stride, threshold):
+def _emit_row_k_epilogue(builder, accumulators, k_rows, k_base, out_address, out_stride, threshold, as_float=False):
     """Store (or threshold) ``k_r[c] - 2 * count[r, c]``, with a k row of its own for each block row.
 
     Row ``r``'s ``TILE_COLS`` int32 k values are at ``k_rows[r] + k_base`` (``k_rows``: the address
@@ -143,7 +143,8 @@ def _emit_row_k_epilogue(builder, accumulators, k_rows, k_base, out_address, out
     subtraction and store (or compare) run once per pair; an odd last accumulator (AVX2) is
     truncated alone.
 
-    Without ``threshold`` the int32 results go to ``out_address``, rows ``out_stride`` int32 apart.
+    Without ``threshold`` the int32 results go to ``out_address``, rows ``out_stride`` int32 apart
+    (with ``as_float``, converted to float32, rounded to nearest as numpy's ``astype`` does).
     With ``threshold`` = ``(bounds_address, flip, valid)`` (``THRESHOLD_EPILOGUE`` only: 32
     columns) bit ``c`` of row ``r``'s uint32 at ``out_address + r * out_stride * 4`` is
     ``(result >= bounds[c]) XOR flip_c``, ANDed with ``valid`` (``bounds``: ``TILE_COLS`` int32;
@@ -181,7 +182,9 @@ def _emit_row_k_epilogue(builder, accumulators, k_rows, k_base, out_address, out
             k_vector = builder.load(builder.bitcast(builder.gep(k_row, [column]), vector_type.as_pointer()), align=4)
             result = builder.sub(k_vector, builder.add(counts, counts))
             if threshold is None:
-                builder.store(result, builder.bitcast(builder.gep(out_row, [column]), vector_type.as_pointer()),
+                if as_float:
+                    result = builder.sitofp(result, ir.VectorType(ir.FloatType(), vector_type.count))
+                builder.store(result, builder.bitcast(builder.gep(out_row, [column]), result.type.as_pointer()),
                               align=4)
                 continue
             above = builder.icmp_signed(">=", result, bound_vectors[v // 2])
@@ -250,31 +253,40 @@ def xnor_microkernel(typingctx, a_address, a_stride, panel_address, words, out_a
     return sig, codegen
 
 
-@intrinsic
-def xnor_microkernel_rows(typingctx, row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base,
-                          out_address, out_stride):
-    """``xnor_microkernel`` whose A rows are gathered from ``segments`` runs at addresses of their own,
-    each row subtracting from a k row of its own.
+def _microkernel_rows_for(as_float):
+    """``xnor_microkernel_rows`` (int32 results) or ``xnor_microkernel_rows_f32`` (float32)."""
 
-    All arguments are ``intp``.  ``row_addresses`` points at ``TILE_ROWS`` int64 addresses, one per
-    A row; row ``r`` of A is the concatenation over ``s < segments`` of the ``run`` words at
-    ``row_addresses[r] + s * segment_stride * 8``, and the panel is ``(segments * run, TILE_COLS)``.
-    With NHWC activations this is an implicit im2col: one segment per kernel row,
-    ``run = KW * words``, and the ``TILE_ROWS`` output positions may lie on different output rows
-    or images.  Writes ``k_r[c] - 2 * popcount[r, c]`` where ``k_r`` is the row of ``TILE_COLS``
-    int32 at ``k_rows[r] + k_base`` (``k_rows`` points at ``TILE_ROWS`` int64 byte offsets): ``K``
-    for a window inside the input, less what the off-input taps added for a border one.
-    """
-    sig = types.void(*([types.intp] * 9))
+    def typer(typingctx, row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base, out_address,
+              out_stride):
+        sig = types.void(*([types.intp] * 9))
 
-    def codegen(context, builder, signature, args):
-        row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base, out_address, out_stride = args
-        return _emit_microkernel(
-            context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
-            out_stride, None, row_k=(k_rows, k_base),
-        )
+        def codegen(context, builder, signature, args):
+            row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base, out_address, out_stride = args
+            return _emit_microkernel(
+                context, builder, row_addresses, None, segment_stride, segments, run, panel_address, out_address,
+                out_stride, None, row_k=(k_rows, k_base), as_float=as_float,
+            )
 
-    return sig, codegen
+        return sig, codegen
+
+    typer.__name__ = "xnor_microkernel_rows_f32" if as_float else "xnor_microkernel_rows"
+    return intrinsic(typer)
+
+
+# ``xnor_microkernel`` whose A rows are gathered from ``segments`` runs at addresses of their own, each
+# row subtracting from a k row of its own.  All arguments (row_addresses, segment_stride, segments,
+# run, panel_address, k_rows, k_base, out_address, out_stride) are ``intp``.  ``row_addresses``
+# points at ``TILE_ROWS`` int64 addresses, one per A row; row ``r`` of A is the concatenation over
+# ``s < segments`` of the ``run`` words at ``row_addresses[r] + s * segment_stride * 8``, and the
+# panel is ``(segments * run, TILE_COLS)``.  With NHWC activations this is an implicit im2col: one
+# segment per kernel row, ``run = KW * words``, and the ``TILE_ROWS`` output positions may lie on
+# different output rows or images.  Writes ``k_r[c] - 2 * popcount[r, c]``, rows ``out_stride``
+# elements apart, where ``k_r`` is the row of ``TILE_COLS`` int32 at ``k_rows[r] + k_base``
+# (``k_rows`` points at ``TILE_ROWS`` int64 byte offsets): ``K`` for a window inside the input, less
+# what the off-input taps added for a border one.  ``xnor_microkernel_rows_f32`` writes the same
+# values as float32 (what ``astype(np.float32)`` makes of them), with no second pass.
+xnor_microkernel_rows = _microkernel_rows_for(False)
+xnor_microkernel_rows_f32 = _microkernel_rows_for(True)
 
 
 @intrinsic

@@ -19,6 +19,7 @@ from ._intrinsics import (
     threshold_word32,
     threshold_word32_half,
     xnor_microkernel_rows,
+    xnor_microkernel_rows_f32,
     xnor_microkernel_rows_threshold,
 )
 from .gemm import _blocking, _pack_panel
@@ -227,7 +228,7 @@ def _k_table(k, tap_sums, n_out, column_start, columns, kernel_h, kernel_w, row_
 
 
 @njit(cache=True)
-def _threshold_block(n_out, k, segment_stride, kernel_h, run, panels, row_start, row_stop, addresses, k_rows, table,
+def _threshold_block(n_out, segment_stride, kernel_h, run, panels, row_start, row_stop, addresses, k_rows, table,
                      bounds, flips, valids, packed_out):
     """One block of the fused convolution + threshold, thresholded in the micro-kernel's registers
     (``THRESHOLD_EPILOGUE``: AVX-512's 32-column tile is half a packed word).
@@ -283,8 +284,10 @@ def _threshold_block(n_out, k, segment_stride, kernel_h, run, panels, row_start,
 
 @njit(parallel=True, cache=True)
 def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
-                   out, threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips, valids, packed_out):
-    """out (N*OH*OW, O) = the XNOR GEMM of the implicit im2col of ``x_padded`` with the panels.
+                   out, threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips, valids, packed_out,
+                   as_float):
+    """out (N*OH*OW, O) = the XNOR GEMM of the implicit im2col of ``x_padded`` with the panels
+    (int32, or float32 with ``as_float``: the micro-kernel converts as it stores).
 
     No patch matrix: each ``TILE_ROWS`` consecutive output positions (across output rows and
     images alike) read their A rows straight from ``x_padded`` (``xnor_microkernel_rows``: a
@@ -345,52 +348,64 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
         _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, row_keys, column_keys,
                        column_spans.shape[0], table.shape[1] * 4, addresses, k_rows)
         if fused and THRESHOLD_EPILOGUE:
-            _threshold_block(n_out, k, padded_w * words, kernel_h, run, panels, row_start, row_stop, addresses,
+            _threshold_block(n_out, padded_w * words, kernel_h, run, panels, row_start, row_stop, addresses,
                              k_rows, table, bounds, flips, valids, packed_out)
-        else:
-            tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
-            if fused:
-                target = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
-                                  dtype=np.int32)
-            else:
-                target = out
-            stride = target.shape[1]
+        elif fused:
+            # ... in pieces whose scratch results stay in L1, thresholded while there
+            scratch = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
+                               dtype=np.int32)
             for piece_start in range(row_start, row_stop, piece_rows):
                 piece_stop = min(row_stop, piece_start + piece_rows)
-                first_row = piece_start if fused else 0  # the output row of target's row 0
-                first_tile = (piece_start - row_start) // TILE_ROWS
-                piece_tiles = (piece_stop - piece_start + TILE_ROWS - 1) // TILE_ROWS
-                for p in range(panel_start, panel_stop):
-                    column = p * TILE_COLS
-                    columns = min(TILE_COLS, n_out - column)
-                    panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
-                    k_base = table.ctypes.data + (column - column_start) * 4
-                    for t in range(first_tile, first_tile + piece_tiles):
-                        position = row_start + t * TILE_ROWS
-                        rows = min(TILE_ROWS, piece_stop - position)
-                        row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
-                        tile_k_rows = k_rows.ctypes.data + t * TILE_ROWS * 8
-                        if rows == TILE_ROWS and columns == TILE_COLS:
-                            xnor_microkernel_rows(
-                                row_addresses, padded_w * words, kernel_h, run, panel_address, tile_k_rows, k_base,
-                                target.ctypes.data + ((position - first_row) * stride + column) * 4, stride,
-                            )
-                        else:
-                            xnor_microkernel_rows(
-                                row_addresses, padded_w * words, kernel_h, run, panel_address, tile_k_rows, k_base,
-                                tile.ctypes.data, TILE_COLS,
-                            )
-                            local = position - first_row
-                            target[local:local + rows, column:column + columns] = tile[:rows, :columns]
-                if fused and n_out <= 32:
-                    for i in range(piece_stop - piece_start):
-                        packed_out[piece_start + i, 0] = threshold_word32_half(target, i * stride, bounds, 0,
-                                                                               flips[0], valids[0])
-                elif fused:
-                    for i in range(piece_stop - piece_start):
+                _tiles_to(scratch, piece_start, row_start, piece_start, piece_stop, panel_start, panel_stop, n_out,
+                          padded_w * words, kernel_h, run, panels, addresses, k_rows, table, column_start, False)
+                for i in range(piece_stop - piece_start):
+                    if n_out <= 32:
+                        packed_out[piece_start + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds,
+                                                                               0, flips[0], valids[0])
+                    else:
                         for w in range(out_words):
-                            packed_out[piece_start + i, w] = threshold_word32(target, i * stride + w * 64, bounds,
-                                                                              w * 64, flips[w], valids[w])
+                            packed_out[piece_start + i, w] = threshold_word32(
+                                scratch, i * scratch.shape[1] + w * 64, bounds, w * 64, flips[w], valids[w])
+        else:
+            _tiles_to(out, 0, row_start, row_start, row_stop, panel_start, panel_stop, n_out, padded_w * words,
+                      kernel_h, run, panels, addresses, k_rows, table, column_start, as_float)
+
+
+@njit(cache=True)
+def _tiles_to(target, first_row, row_start, piece_start, piece_stop, panel_start, panel_stop, n_out, segment_stride,
+              kernel_h, run, panels, addresses, k_rows, table, column_start, as_float):
+    """Results of positions ``piece_start ... piece_stop - 1`` (of the block starting at
+    ``row_start``, whose ``addresses`` and ``k_rows`` these are) against panels ``panel_start ...``
+    into ``target`` (int32, or float32 with ``as_float``), whose row 0 is output position
+    ``first_row``: whole tiles straight from the micro-kernel, the others through a scratch tile."""
+    patch_words = panels.shape[1]
+    stride = target.shape[1]
+    tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
+    first_tile = (piece_start - row_start) // TILE_ROWS
+    piece_tiles = (piece_stop - piece_start + TILE_ROWS - 1) // TILE_ROWS
+    for p in range(panel_start, panel_stop):
+        column = p * TILE_COLS
+        columns = min(TILE_COLS, n_out - column)
+        panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
+        k_base = table.ctypes.data + (column - column_start) * 4
+        for t in range(first_tile, first_tile + piece_tiles):
+            position = row_start + t * TILE_ROWS
+            rows = min(TILE_ROWS, piece_stop - position)
+            row_addresses = addresses.ctypes.data + t * TILE_ROWS * 8
+            tile_k_rows = k_rows.ctypes.data + t * TILE_ROWS * 8
+            if rows == TILE_ROWS and columns == TILE_COLS:
+                target_address = target.ctypes.data + ((position - first_row) * stride + column) * 4
+                if as_float:
+                    xnor_microkernel_rows_f32(row_addresses, segment_stride, kernel_h, run, panel_address,
+                                              tile_k_rows, k_base, target_address, stride)
+                else:
+                    xnor_microkernel_rows(row_addresses, segment_stride, kernel_h, run, panel_address, tile_k_rows,
+                                          k_base, target_address, stride)
+            else:
+                xnor_microkernel_rows(row_addresses, segment_stride, kernel_h, run, panel_address, tile_k_rows,
+                                      k_base, tile.ctypes.data, TILE_COLS)
+                local = position - first_row
+                target[local:local + rows, column:column + columns] = tile[:rows, :columns]
 
 
 @njit(cache=True)
@@ -421,7 +436,8 @@ def _prepare_weights_cpu(weights, channels, panels, tap_sums):
 
 @njit(cache=True)
 def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, mask, threads, panels, tap_sums,
-                       ready, row_chunk_bytes, blocks_per_thread, out, fused, bounds, flips, valids, packed):
+                       ready, row_chunk_bytes, blocks_per_thread, out, fused, bounds, flips, valids, packed,
+                       as_float=False):
     """The CPU convolution: scratch buffers, then one parallel region (``_conv_implicit``).
 
     With ``ready`` (prepared weights), ``panels`` and ``tap_sums`` are those of
@@ -453,7 +469,7 @@ def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, m
     state = np.zeros(panels.shape[0] + batch * padded_h, dtype=np.int64)
     _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
                    out.reshape(-1, out.shape[3]), threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips,
-                   valids, packed.reshape(-1, packed.shape[3]))
+                   valids, packed.reshape(-1, packed.shape[3]), as_float)
     return 0
 
 
@@ -606,7 +622,7 @@ _NO_WORDS = np.empty(0, dtype=np.uint64)
 
 
 def _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, threshold, direction, packed):
-    """The CPU call: ``out`` int32 accumulators, or (``threshold`` given) ``packed`` bits."""
+    """The CPU call: ``out`` int32 (or float32) results, or (``threshold`` given) ``packed`` bits."""
     from .tuning import gemm_blocking
 
     # The padding-bit check (check_padding_bits) runs inside the compiled call: one dispatch less.
@@ -618,13 +634,13 @@ def _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, thresho
     bounds = int32_bounds(threshold, direction) if fused else (_NO_BOUNDS, _NO_WORDS, _NO_WORDS)
     bad = _binary_conv2d_cpu(
         x_packed, w_packed, channels, *strides, *pads, padding_mask(channels), numba.get_num_threads(), panels,
-        tap_sums, prepared is not None, *gemm_blocking(), out, fused, *bounds, packed,
+        tap_sums, prepared is not None, *gemm_blocking(), out, fused, *bounds, packed, out.dtype == np.float32,
     )
     if bad:
         check_padding_bits(("x_packed", "w_packed")[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises
 
 
-def binary_conv2d(x_packed, w_packed, channels=None, stride=1, padding=0):
+def binary_conv2d(x_packed, w_packed, channels=None, stride=1, padding=0, dtype=np.int32):
     """Convolution of packed +-1 activations with packed +-1 weights, exactly, in int32.
 
     Equal to the float convolution (cross-correlation, as in deep learning frameworks) of the +-1
@@ -645,22 +661,34 @@ def binary_conv2d(x_packed, w_packed, channels=None, stride=1, padding=0):
     stride : int or (int, int), default 1
     padding : int or (int, int), default 0
         Zero padding on each side of H and W.
+    dtype : numpy.int32 (default) or numpy.float32
+        float32: the same values as ``astype(np.float32)`` of the int32 result (exact while
+        ``KH * KW * C < 2**24``), written by the kernel itself on the CPU, with no second pass
+        (what the float simulation's training forward needs).
 
     Returns
     -------
-    out : same kind as the inputs, int32, shape (N, OH, OW, O)
+    out : same kind as the inputs, ``dtype``, shape (N, OH, OW, O)
         ``OH = (H + 2 * pad_h - KH) // stride_h + 1``, likewise ``OW``.
     """
     kind, prepared, w_packed, channels, strides, pads, (out_h, out_w) = _checked_conv(
         x_packed, w_packed, channels, stride, padding)
+    try:
+        out_dtype = np.dtype(dtype)
+    except TypeError:
+        out_dtype = None
+    if out_dtype not in (np.dtype(np.int32), np.dtype(np.float32)):
+        raise ValueError(f"dtype must be numpy.int32 or numpy.float32, got {dtype!r}")
+    dtype = out_dtype
     if kind == "cupy":
         from . import _cuda
 
         check_padding_bits("x_packed", x_packed, channels)
         if prepared is None:
             check_padding_bits("w_packed", w_packed, channels)
-        return _cuda.binary_conv2d(x_packed, w_packed, channels, *strides, *pads, out_h, out_w)
-    out = np.empty((x_packed.shape[0], out_h, out_w, w_packed.shape[0]), dtype=np.int32)
+        acc = _cuda.binary_conv2d(x_packed, w_packed, channels, *strides, *pads, out_h, out_w)
+        return acc if dtype == np.int32 else acc.astype(np.float32)
+    out = np.empty((x_packed.shape[0], out_h, out_w, w_packed.shape[0]), dtype=dtype)
     _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, None, None, _NO_BITS)
     return out
 

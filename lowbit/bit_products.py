@@ -41,10 +41,11 @@ def binary_conv2d_pm1(xq, wq, stride: int, padding: int, channels_last: bool = F
     else:
         packed_x = threshold_signs(xq, np.zeros(channels, np.float32), np.ones(channels, np.int8))
     packed_w = pack_signs(np.ascontiguousarray(wq.transpose(0, 2, 3, 1)))
-    acc = binary_conv2d(packed_x, packed_w, channels, stride, padding)  # (N, OH, OW, O) int32
+    # (N, OH, OW, O) float32, converted by the kernel as it stores (no second pass)
+    acc = binary_conv2d(packed_x, packed_w, channels, stride, padding, dtype=np.float32)
     if channels_last:
-        return acc.astype(np.float32).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(acc.transpose(0, 3, 1, 2), dtype=np.float32)
+        return acc.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(acc.transpose(0, 3, 1, 2))
 
 
 def binary_matmul_pm1(xq, wq):

@@ -240,12 +240,19 @@ def check_conv(
             outs = [kernels.binary_conv2d(device.put(x_packed), w, channels, stride, padding) for w in weights]
             if prepared:
                 outs.append(kernels.binary_conv2d(device.put(x_packed), weights[1], None, stride, padding))
+            # float32 results, converted by the kernel as it stores
+            floats = [kernels.binary_conv2d(device.put(x_packed), w, channels, stride, padding, dtype=np.float32)
+                      for w in weights]
         finally:
             numba.set_num_threads(saved)
         for out in outs:
             out = device.get(out)
             assert out.dtype == np.int32
             np.testing.assert_array_equal(out, expected.transpose(0, 2, 3, 1).astype(np.int64))
+        for out in floats:
+            out = device.get(out)
+            assert out.dtype == np.float32
+            np.testing.assert_array_equal(out, expected.transpose(0, 2, 3, 1))
 
 
 CONV_CASES = dict(
@@ -295,6 +302,15 @@ def test_binary_conv2d_prepared_weights_give_the_same_result(
 )
 def test_binary_conv2d_edge_cases(device, channels, n_out, size, kernel, stride, padding):
     check_conv(device, 2, channels, n_out, size, size, kernel, stride, padding, seed=channels + n_out)
+
+
+def test_binary_conv2d_dtype_checks():
+    x = kernels.pack_signs(np.ones((1, 3, 3, 8), dtype=np.float32))
+    w = kernels.pack_signs(np.ones((2, 3, 3, 8), dtype=np.float32))
+    for bad in (np.int64, np.float64, "bogus", [1]):
+        with pytest.raises(ValueError, match="dtype must be numpy.int32 or numpy.float32"):
+            kernels.binary_conv2d(x, w, 8, 1, 1, dtype=bad)
+    assert kernels.binary_conv2d(x, w, 8, 1, 1, dtype="float32")[0, 1, 1, 0] == 72.0
 
 
 def test_binary_conv2d_int_stride_and_padding(device):

@@ -197,6 +197,7 @@ for c, o, size, stride, pad in [(64, 96, 17, 1, 1), (70, 33, 11, 1, 2), (32, 20,
     expected = sum(np.einsum("nhwc,oc->nhwo", xp[:, i:i + stride * out:stride, j:j + stride * out:stride], wv[:, i, j])
                    for i in range(3) for j in range(3))
     np.testing.assert_array_equal(acc, expected)
+    np.testing.assert_array_equal(K.binary_conv2d(x, w, c, stride, pad, dtype=np.float32), expected)
     ref = K.threshold_pack(acc, t, d)
     np.testing.assert_array_equal(K.binary_conv2d_threshold(x, w, t, d, c, stride, pad), ref)
     np.testing.assert_array_equal(K.binary_conv2d_threshold(x, K.prepare_conv_weights(w, c), t, d, c, stride, pad), ref)
