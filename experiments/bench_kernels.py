@@ -12,7 +12,11 @@ What it measures (median of repeats; every method runs with the same number of t
    14x14x256, 7x7x512; output channels = input channels; stride 1 and 2): ``binary_conv2d`` on packed
    NHWC activations against float32 im2col + numpy BLAS and PyTorch ``conv2d`` (NCHW).  The main
    figure uses weights prepared once (``prepare_conv_weights``), as an inference engine holds them;
-   the ``_unprepared`` columns pass the packed weights, which the call then prepares itself.
+   the ``_unprepared`` columns pass the packed weights, which the call then prepares itself.  Each
+   timing is the mean of a batch of calls lasting at least ``CONV_BATCH_SECONDS`` after an untimed
+   call (9 such batches per method in 3 round-robin rounds; the median is quoted): a call of about
+   100 us timed alone right after the pause between methods measured the threads' wake-up more than
+   the kernel, and moved the 56x56x64 row by a third from run to run.
 3. Packing throughput: ``pack_signs`` of float32 (GB/s of float32 read), ``unpack_signs`` (GB/s of
    float32 written) and ``threshold_pack`` (GB/s of int32 read).
 4. On a CUDA device (when CuPy finds one): 8192^3 ``xnor_gemm`` against cuBLAS float32 and float16
@@ -48,9 +52,8 @@ PyTorch.  With prepared weights (``prepare_conv_weights``: the panels and tap su
 inference engine keeps its weights) the stride-2 layers take about 26-34 us in same-process
 micro-timings, against 31-52 us when each call prepares them (about 33 us of one thread at 512
 channels).  Runs differ by about 20% on this shared VM and single medians more (an earlier run had
-28x28x128 stride 1 at 9.0x from one slow round of calls); the benchmark's pause-then-call pattern
-adds 10-15 us per fast call that a tight loop does not see, and the first method of a layer often
-starts with calls of about 8 ms while PyTorch's OpenMP threads still spin after its warm-up.
+28x28x128 stride 1 at 9.0x from one slow round of calls).  Until the batched timing (see 2.) the
+pause-then-call pattern added 10-15 us per fast call that a tight loop does not see.
 
 The run waits (up to ``--load-retries`` times) for the 1-minute load average to drop below
 ``--max-load``; the JSON's ``load`` entry records the load averages and the idle fraction of the
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -115,27 +119,41 @@ TARGETS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(methods, repeats, rounds=3, pause=0.05):
+def measure(methods, repeats, rounds=3, pause=0.05, min_batch_s=0.0):
     """Median seconds per call of each method.
 
     ``methods`` maps a name to a zero-argument callable.  Each method is warmed up once, then run
     ``repeats`` times split over ``rounds`` round-robin passes (so slow drifts of the machine hit
     every method alike); a short pause between methods lets the idle threads of the previous
     runtime (Numba's and PyTorch's OpenMP pools) stop spinning.
+
+    With ``min_batch_s`` each of the ``repeats`` timings is instead the mean of a batch of calls
+    lasting at least that long (the count fixed at the warm-up), after one untimed call: a call of
+    about 100 us timed alone right after the pause measures the threads' wake-up more than the
+    kernel (as in ``bench_popcount.py``), and a batch is what a loop of inference calls sees.
     """
-    for function in methods.values():
+    counts = {}
+    for name, function in methods.items():
         function()
+        start = time.perf_counter()
+        function()
+        elapsed = time.perf_counter() - start
+        counts[name] = max(1, math.ceil(min_batch_s / max(elapsed, 1e-7))) if min_batch_s else 1
     times = {name: [] for name in methods}
     per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
     for count in per_round:
         for name, function in methods.items():
             time.sleep(pause)
+            if min_batch_s:
+                function()  # untimed: wakes the threads after the pause
             for _ in range(count):
                 start = time.perf_counter()
-                function()
-                times[name].append(time.perf_counter() - start)
+                for _ in range(counts[name]):
+                    function()
+                times[name].append((time.perf_counter() - start) / counts[name])
     return {
-        name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "times_s": [float(x) for x in t]}
+        name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)), "times_s": [float(x) for x in t],
+               "calls_per_timing": counts[name]}
         for name, t in times.items()
     }
 
@@ -233,6 +251,10 @@ def im2col_conv(x, w_matrix, kernel, stride, padding):
     return w_matrix @ columns
 
 
+# Each timing of a batch-1 convolution is the mean of a batch of calls lasting at least this long.
+CONV_BATCH_SECONDS = 0.05
+
+
 def bench_conv(size, channels, stride, repeats, rng, torch):
     x = rng.standard_normal((1, channels, size, size), dtype=np.float32)
     w = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32)
@@ -265,6 +287,7 @@ def bench_conv(size, channels, stride, repeats, rng, torch):
             "torch_float32_conv2d": torch_conv,
         },
         repeats,
+        min_batch_s=CONV_BATCH_SECONDS,
     )
     t = {name: value["median_s"] for name, value in timings.items()}
     out_size = (size + 2 - 3) // stride + 1
@@ -550,7 +573,7 @@ def main(argv=None):
     started = time.time()
     gemm_sizes = [1024, 2048] if args.quick else [1024, 4096, 8192]
     gemm_repeats = 5 if args.quick else 21
-    conv_repeats = 7 if args.quick else 31
+    conv_repeats = 3 if args.quick else 9  # timed batches of >= CONV_BATCH_SECONDS each
     with threadpool_limits(limits=args.threads):
         blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
         for info in blas:
