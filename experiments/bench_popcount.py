@@ -14,8 +14,9 @@ lower, and the median of the per-round ratios):
 * ``xnor_gemm`` M = N = K (1024 and 4096; ``--quick``: 1024 and 2048), B prepared;
 * the packed MLP's layers: dense 100 x 4096 x 4096 (prepared weights) and the bit-plane first
   layer 100 x 784 x 4096 on 8-bit codes (8 planes: 8 binary MACs per weight and pixel);
-* ``binary_conv2d`` 3x3, padding 1, batch 8, on daBNN's 28x28x128 and 14x14x256 layers (prepared
-  weights), and ``binary_conv2d_threshold`` (the packed CNN's fused step) on the first.
+* ``binary_conv2d`` 3x3, padding 1, batch 8, on daBNN's 56x56x64, 28x28x128 and 14x14x256 layers
+  (prepared weights), and ``binary_conv2d_threshold`` (the packed CNN's fused step) on 28x28x128.
+  With 64 channels K is 9 words, so each tile's epilogue and set-up weigh twice as much as at 128.
 
 Each round times every kernel after one untimed call, over a batch of calls lasting at least
 ``MIN_BATCH_SECONDS`` (the count fixed at the warm-up): a sub-millisecond call timed alone, right
@@ -67,7 +68,7 @@ def kernel_cases(quick, rng):
     planes, first = kernels.pack_bitplanes(codes, 8), kernels.prepare_gemm_weights(packed(4096, 784), 784)
     cases["MLP bit-plane 100x784x4096 x8"] = (lambda: kernels.xnor_gemm_bitplanes(planes, first, 784),
                                               8 * 100 * 784 * 4096)
-    for size, channels in ((28, 128), (14, 256)):
+    for size, channels in ((56, 64), (28, 128), (14, 256)):
         x = kernels.pack_signs(rng.standard_normal((8, size, size, channels)).astype(np.float32))
         w = kernels.prepare_conv_weights(
             kernels.pack_signs(rng.standard_normal((channels, 3, 3, channels)).astype(np.float32)), channels)
