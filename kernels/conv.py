@@ -211,6 +211,7 @@ def _k_table(k, tap_sums, n_out, column_start, columns, kernel_h, kernel_w, row_
     result; a window inside the input gets ``k`` (as does every column past ``n_out``).  Few
     rectangles occur (9 for a 3x3 kernel with padding 1)."""
     table = np.empty((row_spans.shape[0] * column_spans.shape[0], columns), dtype=np.int32)
+    real = min(columns, n_out - column_start)  # columns past n_out keep k
     for i in range(row_spans.shape[0]):
         ky_lo, ky_hi = row_spans[i, 0], row_spans[i, 1]
         for j in range(column_spans.shape[0]):
@@ -219,11 +220,13 @@ def _k_table(k, tap_sums, n_out, column_start, columns, kernel_h, kernel_w, row_
             row[:] = k
             if not padded:
                 continue
-            for c in range(min(columns, n_out - column_start)):
-                o = column_start + c
-                inside = (tap_sums[ky_hi, kx_hi, o] - tap_sums[ky_lo, kx_hi, o]
-                          - tap_sums[ky_hi, kx_lo, o] + tap_sums[ky_lo, kx_lo, o])
-                row[c] = k - (tap_sums[kernel_h, kernel_w, o] - inside)
+            # 1-D views over the columns, indexed from 0 (no temporaries)
+            stop = column_start + real
+            total = tap_sums[kernel_h, kernel_w, column_start:stop]
+            high_high, low_high = tap_sums[ky_hi, kx_hi, column_start:stop], tap_sums[ky_lo, kx_hi, column_start:stop]
+            high_low, low_low = tap_sums[ky_hi, kx_lo, column_start:stop], tap_sums[ky_lo, kx_lo, column_start:stop]
+            for c in range(real):
+                row[c] = k - total[c] + (high_high[c] - low_high[c] - high_low[c] + low_low[c])
     return table
 
 
