@@ -94,6 +94,10 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 ``pack_signs`` and the padding-bit checks (one small reduction each, which synchronise).
 ``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
 """
+from ._cache_guard import refresh_cache_stamps as _refresh_cache_stamps
+
+_refresh_cache_stamps()  # before any cached kernel loads: see kernels/_cache_guard.py
+
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
 from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes
