@@ -32,6 +32,7 @@ Usage::
     python experiments/bench_float_conv.py --threads 1 --clock cpu     # on a busy machine
     python experiments/bench_float_conv.py --results             # also writes
                                                                  # experiments/results/bench_float_conv.json
+    python experiments/bench_float_conv.py --results DIR         # ... into DIR instead
 """
 from __future__ import annotations
 
@@ -200,8 +201,10 @@ def main(argv=None):
                              "shared machine's other processes do not inflate; meaningful at 1 thread, "
                              "where it is the time the work took on its core")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    parser.add_argument("--results", action="store_true",
-                        help="write experiments/results/bench_float_conv.json and .md (else print only)")
+    parser.add_argument("--results", nargs="?", const=os.path.join(HERE, "results"), default=None,
+                        metavar="FOLDER",
+                        help="write bench_float_conv.json and .md into FOLDER (without FOLDER: the committed "
+                             "experiments/results/; without the option: print only)")
     parser.add_argument("--unset-openblas-env", action="store_true",
                         help="re-run without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (this process only)")
     args = parser.parse_args(argv)
@@ -257,7 +260,8 @@ def main(argv=None):
     if args.results:
         from lowbit.io import write_bytes_atomic, write_json_atomic
 
-        out = os.path.join(HERE, "results", "bench_float_conv.json")
+        os.makedirs(args.results, exist_ok=True)
+        out = os.path.join(args.results, "bench_float_conv.json")
         write_json_atomic(out, result)
         md = os.path.splitext(out)[0] + ".md"
         write_bytes_atomic(md, table.encode())
