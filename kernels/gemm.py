@@ -63,6 +63,12 @@ def _blocking(m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread):
     equal as the tiles allow, at least ``blocks_per_thread * threads`` of them when M and N allow
     it, and their count a multiple of ``threads`` when it can be.  The two sizes are chosen per CPU
     by ``tuning.gemm_blocking``; any values give the same result.
+
+    More blocks come from the larger dimension: from the rows when ``M >= N`` (each thread then
+    reads all of the smaller B, and no two threads write parts of one output row), else from the
+    panels (each thread reads a share of B; a small-batch dense layer).  Splitting a short output
+    row between threads made them write the same cache lines: a 64-channel convolution (rows of
+    256 bytes, not 64-byte aligned) ran at a sixth of its one-thread rate on two threads.
     """
     row_tiles = (m + TILE_ROWS - 1) // TILE_ROWS
     if row_tiles == 0 or n_panels == 0:
@@ -70,6 +76,8 @@ def _blocking(m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread):
     max_tiles = max(1, row_chunk_bytes // (max(words, 1) * 8) // TILE_ROWS)
     row_blocks = max(1, (row_tiles + max_tiles - 1) // max_tiles)
     target_blocks = max(1, blocks_per_thread * threads)
+    if m >= n_panels * TILE_COLS:
+        row_blocks = max(row_blocks, min(row_tiles, target_blocks))
     panel_blocks = min(n_panels, max(1, (target_blocks + row_blocks - 1) // row_blocks))
     panels_per_block = (n_panels + panel_blocks - 1) // panel_blocks
     panel_blocks = (n_panels + panels_per_block - 1) // panels_per_block
