@@ -93,6 +93,7 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 ``pack_signs`` and the padding-bit checks (one small reduction each, which synchronise).
 ``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
 """
+from .bf16_gemm import bf16_available, bf16_gemm
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
 from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes
@@ -122,4 +123,6 @@ __all__ = [
     "maxpool_packed",
     "pack_bitplanes",
     "combine_bitplanes",
+    "bf16_available",
+    "bf16_gemm",
 ]
