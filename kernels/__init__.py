@@ -93,7 +93,7 @@ max-pooling.  A CuPy input gives a CuPy output; the per-call host traffic is the
 ``pack_signs`` and the padding-bit checks (one small reduction each, which synchronise).
 ``bn_sign_threshold`` (once per layer, at conversion time) computes on the host.
 """
-from .bf16_gemm import bf16_available, bf16_gemm
+from .bf16_gemm import bf16_available, bf16_exact, bf16_gemm
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
 from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes
@@ -125,4 +125,5 @@ __all__ = [
     "combine_bitplanes",
     "bf16_available",
     "bf16_gemm",
+    "bf16_exact",
 ]

@@ -54,7 +54,7 @@ from numba.extending import intrinsic
 from ._checks import check_contiguous, check_float32_array
 from ._intrinsics import HOST_FEATURES
 
-__all__ = ["bf16_available", "bf16_gemm", "pack_bf16_rows", "pack_bf16_panels", "round_to_bf16_bits"]
+__all__ = ["bf16_available", "bf16_gemm", "bf16_exact", "pack_bf16_rows", "pack_bf16_panels", "round_to_bf16_bits"]
 
 LANES = 16  # float32 lanes of a zmm register
 TILE_ROWS, TILE_VECTORS = 6, 4  # 24 accumulators + 4 panel vectors + 1 broadcast of 32 zmm registers
@@ -266,6 +266,21 @@ def _pack_panels(bits, panels, n_panels, pairs):
                         panels[row + j] = _bf16_bits(bits[2 * p, first_column + j])
                 for j in range(columns, width):
                     panels[row + j] = 0
+
+
+@njit(cache=True)
+def _low_halves_zero(bits):
+    for value in bits:
+        if value & np.uint32(0xFFFF):
+            return False
+    return True
+
+
+def bf16_exact(x):
+    """True when every value of float32 ``x`` is a bfloat16 value (the low 16 bits of each are zero),
+    so that ``bf16_gemm`` takes it as it is; stops at the first that is not."""
+    check_float32_array("x", x, contiguous=False)
+    return bool(_low_halves_zero(np.ascontiguousarray(x).view(np.uint32).reshape(-1)))
 
 
 def round_to_bf16_bits(x):
