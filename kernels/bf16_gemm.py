@@ -211,25 +211,40 @@ def _pair_word(bits, first_row, second_row, first_column, second_column, second)
     return _bf16_bits(bits[first_row, first_column]) | high
 
 
+@njit(inline="always")
+def _pack_tile(bits, row, buffer):
+    """Rows ``row ... row + TILE_ROWS - 1`` of the (M, K) uint32 view ``bits`` packed into ``buffer``
+    (TILE_ROWS, ceil(K / 2)); rows past M are zero.  Reads along the rows."""
+    m, k = bits.shape
+    pairs = buffer.shape[1]
+    full = k // 2
+    for r in range(TILE_ROWS):
+        i = row + r
+        if i < m:
+            for p in range(full):
+                buffer[r, p] = _bf16_bits(bits[i, 2 * p]) | (_bf16_bits(bits[i, 2 * p + 1]) << np.uint32(16))
+            if full < pairs:
+                buffer[r, full] = _bf16_bits(bits[i, k - 1])
+        else:
+            buffer[r, :] = 0
+
+
 @njit(parallel=True, cache=True)
 def _pack_rows(bits, packed):
     """``packed`` (M_padded, ceil(K / 2)) uint32 from the (M, K) uint32 view ``bits`` (any strides)."""
     m, k = bits.shape
     pairs = packed.shape[1]
-    full = k // 2
     if bits.strides[0] < bits.strides[1]:
         # A transposed view (x.T of a C-contiguous x): the inner loop walks x's contiguous rows.
+        full = k // 2
         for p in prange(pairs):
             for i in range(m):
                 packed[i, p] = _pair_word(bits, i, i, 2 * p, 2 * p + 1, p < full)
+        for i in range(m, packed.shape[0]):
+            packed[i, :] = 0
     else:
-        for i in prange(m):
-            for p in range(full):
-                packed[i, p] = _bf16_bits(bits[i, 2 * p]) | (_bf16_bits(bits[i, 2 * p + 1]) << np.uint32(16))
-            if full < pairs:
-                packed[i, full] = _bf16_bits(bits[i, k - 1])
-    for i in range(m, packed.shape[0]):
-        packed[i, :] = 0
+        for t in prange(packed.shape[0] // TILE_ROWS):
+            _pack_tile(bits, t * TILE_ROWS, packed[t * TILE_ROWS:(t + 1) * TILE_ROWS])
 
 
 @njit(parallel=True, cache=True)
@@ -324,16 +339,15 @@ def pack_bf16_panels(b):
 
 
 @njit(inline="always")
-def _tile(packed_a, panels, m, n, out, transposed, t, q, tile):
-    """Row tile ``t`` against panel ``q``: the block of ``out`` (or of its transpose) they make."""
-    pairs = packed_a.shape[1]
+def _tile(a_address, pairs, panels, m, n, out, transposed, t, q, tile):
+    """Row tile ``t`` (its packed rows at ``a_address``) against panel ``q``: the block of ``out``
+    (or of its transpose) they make."""
     column = q * TILE_COLS
     columns = min(TILE_COLS, n - column)
     vectors = -(-columns // LANES)
     panel_address = panels.ctypes.data + q * pairs * TILE_COLS * 4
     row = t * TILE_ROWS
     rows = min(TILE_ROWS, m - row)
-    a_address = packed_a.ctypes.data + row * pairs * 4
     if not transposed and rows == TILE_ROWS and columns == vectors * LANES:
         out_stride = out.shape[1]
         _run_microkernel(vectors, a_address, pairs, panel_address, pairs,
@@ -349,18 +363,23 @@ def _tile(packed_a, panels, m, n, out, transposed, t, q, tile):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_packed(packed_a, panels, m, n, out, transposed, threads):
+def _gemm_packed(packed_a, a_bits, panels, m, n, out, transposed, threads):
     """The bf16 product of packed rows (``m`` real rows) and panels (``n`` columns) into float32
-    ``out``: (m, n), or its transpose (n, m) when ``transposed``.  ``threads`` is the caller's
+    ``out``: (m, n), or its transpose (n, m) when ``transposed``.  With an empty ``packed_a``
+    (0, pairs) the rows are packed here, tile by tile, from the uint32 view ``a_bits`` (M, K) of A,
+    whose rows must be contiguous, instead of in a pass of their own.  ``threads`` is the caller's
     ``numba.get_num_threads()`` (calling it here would stop Numba caching the function).
 
     The larger operand is walked once, in the outer loop, while the smaller one is read again from
     the caches for each of its row tiles (or panels); the threads share out the outer loop (and
-    the inner one when the outer has fewer blocks than threads).
+    the inner one when the outer has fewer blocks than threads).  Packing in the loop is for the
+    first case (the caller's choice).
     """
+    pairs = packed_a.shape[1]
+    fused = packed_a.shape[0] == 0
     n_panels = -(-n // TILE_COLS)
-    row_tiles = packed_a.shape[0] // TILE_ROWS
-    rows_outer = packed_a.size > n_panels * packed_a.shape[1] * TILE_COLS
+    row_tiles = -(-m // TILE_ROWS)
+    rows_outer = fused or row_tiles * TILE_ROWS > n_panels * TILE_COLS
     if rows_outer:
         row_blocks = min(row_tiles, threads)
         panel_blocks = min(n_panels, max(1, threads // row_blocks))
@@ -371,18 +390,39 @@ def _gemm_packed(packed_a, panels, m, n, out, transposed, threads):
     tiles_per_block = -(-row_tiles // row_blocks)
     for block in prange(panel_blocks * row_blocks):
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.float32)
+        rows = np.empty((TILE_ROWS if fused else 0, pairs), dtype=np.uint32)
         panel_start = (block // row_blocks) * panels_per_block
         panel_stop = min(n_panels, panel_start + panels_per_block)
         tile_start = (block % row_blocks) * tiles_per_block
         tile_stop = min(row_tiles, tile_start + tiles_per_block)
         if rows_outer:
             for t in range(tile_start, tile_stop):
+                if fused:
+                    _pack_tile(a_bits, t * TILE_ROWS, rows)
+                    a_address = rows.ctypes.data
+                else:
+                    a_address = packed_a.ctypes.data + t * TILE_ROWS * pairs * 4
                 for q in range(panel_start, panel_stop):
-                    _tile(packed_a, panels, m, n, out, transposed, t, q, tile)
+                    _tile(a_address, pairs, panels, m, n, out, transposed, t, q, tile)
         else:
             for q in range(panel_start, panel_stop):
                 for t in range(tile_start, tile_stop):
-                    _tile(packed_a, panels, m, n, out, transposed, t, q, tile)
+                    _tile(packed_a.ctypes.data + t * TILE_ROWS * pairs * 4, pairs, panels, m, n, out, transposed, t,
+                          q, tile)
+
+
+def _run(a, b, m, n, out, transposed):
+    """``_gemm_packed`` of ``a`` (m, K) and ``b`` (K, n), any strides: A's rows are packed in the
+    product's loop when they are contiguous and many (the outer loop then walks them once), else in a
+    pass of their own."""
+    panels = pack_bf16_panels(b)
+    pairs = (a.shape[1] + 1) // 2
+    if a.strides[1] == 4 and -(-m // TILE_ROWS) * TILE_ROWS > -(-n // TILE_COLS) * TILE_COLS:
+        packed = np.empty((0, pairs), dtype=np.uint32)
+        _gemm_packed(packed, a.view(np.uint32), panels, m, n, out, transposed, numba.get_num_threads())
+    else:
+        _gemm_packed(pack_bf16_rows(a), np.empty((0, 0), dtype=np.uint32), panels, m, n, out, transposed,
+                     numba.get_num_threads())
 
 
 def _across(arr):
@@ -437,9 +477,9 @@ def bf16_gemm(a, b, out=None):
     # Packing across an operand's memory order is a scalar transpose (about 1 ns a word, as long as
     # the product of a 1024 x 1024 W.T with batch 100): swap the operands when that packs less.
     if _across(b.T) + _across(a.T) + m * n < _across(a) + _across(b):
-        _gemm_packed(pack_bf16_rows(b.T), pack_bf16_panels(a.T), n, m, out, True, numba.get_num_threads())
+        _run(b.T, a.T, n, m, out, True)
     else:
-        _gemm_packed(pack_bf16_rows(a), pack_bf16_panels(b), m, n, out, False, numba.get_num_threads())
+        _run(a, b, m, n, out, False)
     return out
 
 
@@ -448,6 +488,6 @@ def bf16_gemm_assembly():
     tests check it for ``vdpbf16ps``.  Takes a few seconds (one Numba compilation)."""
     _check_available()
     fresh = numba.njit(parallel=True, cache=False)(_gemm_packed.py_func)
-    fresh(pack_bf16_rows(np.ones((1, 2), np.float32)), pack_bf16_panels(np.ones((2, 1), np.float32)), 1, 1,
-          np.empty((1, 1), np.float32), False, 1)
+    fresh(pack_bf16_rows(np.ones((1, 2), np.float32)), np.empty((0, 0), np.uint32),
+          pack_bf16_panels(np.ones((2, 1), np.float32)), 1, 1, np.empty((1, 1), np.float32), False, 1)
     return fresh.inspect_asm(fresh.signatures[0])
