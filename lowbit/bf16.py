@@ -30,7 +30,7 @@ import contextlib
 import numpy as np
 
 from .backend import get_array_module
-from .functions import fast_arrays, fast_ops_enabled, matmul
+from .functions import blas_held, fast_arrays, fast_ops_enabled, matmul
 
 __all__ = ["round_bfloat16", "bf16_backward", "bf16_backward_enabled", "bf16_backend", "bf16_product",
            "bf16_exact_operand", "BACKENDS"]
@@ -106,9 +106,15 @@ def bf16_exact_operand(x) -> bool:
 def bf16_product(a, b):
     """``a @ b`` for a backward product whose operands bfloat16 holds (the caller knows it): on
     ``lowbit.kernels.bf16_gemm`` where :func:`bf16_backend` is ``"avx512_bf16"`` and both are numpy
-    float32, else :func:`lowbit.functions.matmul`."""
-    if bf16_backend() == "avx512_bf16" and fast_arrays(a, b):
-        from lowbit.kernels import bf16_gemm
+    float32, else :func:`lowbit.functions.matmul`.
 
-        return bf16_gemm(a, b)
+    The kernel runs on one Numba thread unless numpy's BLAS is held to one
+    (:func:`lowbit.functions.one_blas_thread`), as ``bit_products.masked_binary_matmul``: beside the
+    threaded BLAS products of the same step, OpenMP's and OpenBLAS's idle workers spin on each
+    other's cores (bnn_mlp 3x1024 at 2 threads on the shared 2-core AMD EPYC: about 2,400 images/s
+    with the kernel on two threads, 5,200 on one, 4,400-5,900 in float32)."""
+    if bf16_backend() == "avx512_bf16" and fast_arrays(a, b):
+        from lowbit.kernels import bf16_gemm, float_ops
+
+        return float_ops.run_on_threads(None if blas_held() else 1, bf16_gemm, a, b)
     return matmul(a, b)
