@@ -27,15 +27,21 @@ Layout
 ``pack_bf16_rows(a)`` writes A (M, K) as uint32 (M padded to a multiple of ``TILE_ROWS``, ceil(K / 2)):
 word ``p`` of row ``i`` holds ``bf16(a[i, 2p])`` in its low and ``bf16(a[i, 2p+1])`` in its high
 half; an odd K is padded with a bfloat16 zero, padding rows are zero.  ``pack_bf16_panels(b)`` writes
-B (K, N) as uint32 panels (ceil(N / TILE_COLS), ceil(K / 2), TILE_COLS): word ``(q, p, j)`` holds the
-pair ``b[2p, q * TILE_COLS + j]``, ``b[2p + 1, ...]`` the same way; columns past N are zero.  The
-micro-kernel (``_bf16_microkernel``, LLVM IR through ``numba.extending.intrinsic``) computes a
-``TILE_ROWS x TILE_COLS`` (6 x 64) block: per pair it loads ``TILE_VECTORS`` (4) panel vectors,
-broadcasts one A word per row and issues 24 ``vdpbf16ps`` into 24 zmm accumulators that stay in
-registers over the whole K (no K blocking: a panel of 64 columns is ``K * 128`` bytes, which stays
-in L2 for K up to several thousand, the sizes of a binary network's layers).  Blocks of panels
-(and, when the panels are fewer than the threads, of row tiles) are shared out by ``prange``;
-edge tiles go through a scratch tile.  Numba's thread count (``numba.set_num_threads``) applies.
+B (K, N) as flat uint32 panels of ``TILE_COLS`` columns, each (ceil(K / 2), width): word ``(p, j)`` of
+panel ``q`` holds the pair ``b[2p, q * TILE_COLS + j]``, ``b[2p + 1, ...]`` the same way; the last
+panel is only as wide as its ``LANES``-column vectors, its columns past N zero.  The micro-kernel
+(``_microkernel(vectors)``, LLVM IR through ``numba.extending.intrinsic``) computes a
+``TILE_ROWS x (LANES * vectors)`` block, 6 x 64 for a full panel: per pair it loads ``vectors``
+panel vectors, broadcasts one A word per row and issues ``6 * vectors`` ``vdpbf16ps`` into as many
+zmm accumulators, which stay in registers over the whole K (no K blocking: a panel is ``K * 128``
+bytes, which stays in L2 for K up to several thousand, the sizes of a binary network's layers).
+
+``bf16_gemm`` walks the larger packed operand once, in the outer loop, and shares its blocks out to
+the threads with ``prange`` (Numba's thread count applies); edge tiles go through a scratch tile.
+Packing an operand across its memory order is a scalar transpose, so the product is computed as
+``(b.T @ a.T).T`` when that packs less (``dy @ W.T``: W by its rows, the same bits, since the two
+products of a pair commute exactly); and A's rows, when contiguous and walked in the outer loop, are
+packed tile by tile inside it instead of in a pass of their own.
 
 Only where the CPU has ``avx512_bf16`` and ``avx512f`` (``bf16_available()``; honours
 ``NUMBA_CPU_FEATURES``): elsewhere ``bf16_gemm`` raises ``RuntimeError`` before compiling anything
@@ -51,10 +57,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._checks import check_contiguous, check_float32_array
+from ._checks import check_float32_array
 from ._intrinsics import HOST_FEATURES
 
-__all__ = ["bf16_available", "bf16_gemm", "bf16_exact", "pack_bf16_rows", "pack_bf16_panels", "round_to_bf16_bits"]
+__all__ = ["bf16_available", "bf16_gemm", "bf16_exact", "pack_bf16_rows", "pack_bf16_panels"]
 
 LANES = 16  # float32 lanes of a zmm register
 TILE_ROWS, TILE_VECTORS = 6, 4  # 24 accumulators + 4 panel vectors + 1 broadcast of 32 zmm registers
@@ -296,16 +302,6 @@ def bf16_exact(x):
     so that ``bf16_gemm`` takes it as it is; stops at the first that is not."""
     check_float32_array("x", x, contiguous=False)
     return bool(_low_halves_zero(np.ascontiguousarray(x).view(np.uint32).reshape(-1)))
-
-
-def round_to_bf16_bits(x):
-    """The bfloat16 bit patterns (uint16) of float32 ``x``, rounded as the packing rounds (nearest,
-    ties to even; NaN stays NaN): for tests and inspection."""
-    check_float32_array("x", x, contiguous=False)
-    bits = x.view(np.uint32)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.where(nan, (bits | np.uint32(0x00400000)) >> np.uint32(16), rounded).astype(np.uint16)
 
 
 def pack_bf16_rows(a):
