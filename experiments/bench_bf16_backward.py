@@ -20,7 +20,9 @@ contender sees the same machine load), at each thread count of ``--threads``:
   MNIST-shaped batches, as ``experiments/bench_training.py``): ``fp32`` (bf16 off, the default),
   ``bf16_kernel`` (``lowbit.bf16.bf16_backward()`` on ``bf16_gemm``, which in training runs on one
   Numba thread beside BLAS's, see ``lowbit.bf16.bf16_product``) and ``bf16_emulated``
-  (``bf16_backward(backend="emulated")``), images per second and the median paired ratios over fp32.
+  (``bf16_backward(backend="emulated")``), and at 2 or more threads ``bf16_kernel_blas_held`` (the
+  step inside ``lowbit.functions.one_blas_thread()``: BLAS on one thread, the kernel on all); images
+  per second and the median paired ratios over fp32.
 
 At 2 or more threads each contender's timed GEMMs start after a pause (``--pause``), so that the
 idle workers of the library timed before it have stopped spinning on the cores.
@@ -139,20 +141,22 @@ class Bf16Runner:
     """``bench_training.LowbitRunner`` (bnn_mlp, compiled kernels) with the backward in ``bf16_backward``
     on the given backend, or off (``backend=False``)."""
 
-    def __init__(self, batches, backend):
+    def __init__(self, batches, backend, blas_held=False):
         from bench_training import LowbitRunner
 
         self.runner = LowbitRunner("bnn_mlp", batches, True)
         self.backend = backend
+        self.blas_held = blas_held
 
     def steps(self, n):
         from lowbit.bf16 import bf16_backward
+        from lowbit.functions import one_blas_thread
 
-        with bf16_backward(self.backend is not False, backend=self.backend or None):
+        with one_blas_thread(self.blas_held), bf16_backward(self.backend is not False, backend=self.backend or None):
             self.runner.steps(n)
 
 
-def measure_training(repeats, steps):
+def measure_training(repeats, steps, threads):
     import bench_training
 
     bench_training.BNN_HIDDEN = BNN_HIDDEN
@@ -160,6 +164,8 @@ def measure_training(repeats, steps):
     batches = [(rng.random((BATCH, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, BATCH)) for _ in range(4)]
     runners = {"fp32": Bf16Runner(batches, False), "bf16_kernel": Bf16Runner(batches, "avx512_bf16"),
                "bf16_emulated": Bf16Runner(batches, "emulated")}
+    if threads > 1:  # numpy's BLAS on one thread, the kernel (and the float kernels) on all of them
+        runners["bf16_kernel_blas_held"] = Bf16Runner(batches, "avx512_bf16", blas_held=True)
     for runner in runners.values():
         runner.steps(2)
     rates = {key: [] for key in runners}
@@ -251,7 +257,7 @@ def main(argv=None):
                       f"{ms['lowbit_bf16']:7.3f} ms (+-1 packing {ms['lowbit_bf16_pm1_packing']:.3f})  "
                       f"x{up['lowbit_bf16']:.2f}{torch_text}", flush=True)
             if not args.no_training:
-                step = measure_training(args.repeats, args.steps)
+                step = measure_training(args.repeats, args.steps, threads)
                 step["threads"] = threads
                 training.append(step)
                 print(f"{threads} thr  bnn_mlp training step: " + "  ".join(
