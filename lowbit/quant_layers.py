@@ -13,7 +13,8 @@ pseudo-gradients (:mod:`lowbit.quantizers`):
 
 This is done by overriding the four hooks of the float layers (``effective_weight``,
 ``effective_input``, ``weight_grad``, ``input_grad``); the product itself is the float layer's code.
-A fifth hook, ``product_grad``, is where :func:`lowbit.bf16.bf16_backward` rounds ``dy``.
+Three more, ``product_grad``, ``input_product`` and ``weight_product``, are where
+:func:`lowbit.bf16.bf16_backward` rounds ``dy`` and runs the products in bfloat16.
 
 Cached quantized weight
     ``forward`` quantizes ``W`` once and keeps it; ``backward`` (and ``effective_weight()`` until the
@@ -37,7 +38,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module
-from .bf16 import bf16_backward_enabled, round_bfloat16
+from .bf16 import bf16_backward_enabled, bf16_exact_operand, bf16_product, round_bfloat16
 from .layers import Affine, Conv2D, Layer, register_layer
 from .quantizers import Identity, SteSign, StochasticBinary, get_quantizer
 
@@ -112,6 +113,7 @@ class _QuantKernel(_StochasticRNG):
             self.rng = stochastic[0].rng  # one generator per layer: one state in checkpoints
         self._cache_weight = None
         self._cache_input = None
+        self._bf16_products = False  # set by product_grad for the products of one backward
         self.bounds_applied = set()
 
     def _quantizers(self):
@@ -163,10 +165,24 @@ class _QuantKernel(_StochasticRNG):
     def product_grad(self, dout):
         """``dout`` as the backward products take it: rounded to bfloat16 inside
         :func:`lowbit.bf16.bf16_backward` when the weights are +-1 (float32 only), else as it is."""
-        if (bf16_backward_enabled() and dout.dtype == np.float32
-                and (self.binary_operands() or self.binary_weight_float_input())):
-            return round_bfloat16(dout)
-        return dout
+        self._bf16_products = (bf16_backward_enabled() and dout.dtype == np.float32
+                               and (self.binary_operands() or self.binary_weight_float_input()))
+        return round_bfloat16(dout) if self._bf16_products else dout
+
+    def input_product(self, dout, w):
+        """``dout @ w.T``; inside :func:`lowbit.bf16.bf16_backward` (+-1 weights, ``dout`` rounded by
+        :meth:`product_grad`) through :func:`lowbit.bf16.bf16_product`."""
+        if self._bf16_products:
+            return bf16_product(dout, w.T)
+        return super().input_product(dout, w)
+
+    def weight_product(self, x, dout):
+        """``x.T @ dout``; inside :func:`lowbit.bf16.bf16_backward` through
+        :func:`lowbit.bf16.bf16_product` when bfloat16 holds ``x`` (+-1 inputs, or checked: dropout's
+        {0, +-2}), else on float32 with the rounded ``dout`` (a first layer's pixels)."""
+        if self._bf16_products and (self.binary_operands() or bf16_exact_operand(x)):
+            return bf16_product(x.T, dout)
+        return super().weight_product(x, dout)
 
     def weight_grad(self, dW_eff):
         return self.kernel_quantizer.backward(self.W, dW_eff, channel_axis=self.kernel_channel_axis)

@@ -70,6 +70,14 @@ class Affine(Layer):
         """The output gradient as the backward products take it (binary twins may round it)."""
         return dout
 
+    def input_product(self, dout, w):
+        """``dout @ w.T``, the input gradient's product (binary twins may run it in bfloat16)."""
+        return matmul(dout, w.T)
+
+    def weight_product(self, x, dout):
+        """``x.T @ dout``, the weight gradient's product (binary twins may run it in bfloat16)."""
+        return matmul(x.T, dout)
+
     def binary_operands(self):
         """True when the effective input and weight hold only +-1 (binary twins override it): the
         product may then run on the bit kernels, with the same result."""
@@ -107,14 +115,14 @@ class Affine(Layer):
     def backward(self, dout):
         dout = self.product_grad(dout)
         self._param_grads(dout)
-        dx = self.input_grad(matmul(dout, self.effective_weight().T))
+        dx = self.input_grad(self.input_product(dout, self.effective_weight()))
         return dx.reshape(self._cache_shape)
 
     def backward_params(self, dout):
         self._param_grads(self.product_grad(dout))
 
     def _param_grads(self, dout):
-        self.dW = self.weight_grad(matmul(self._cache_x.T, dout))
+        self.dW = self.weight_grad(self.weight_product(self._cache_x, dout))
         if self.bias:
             self.db = dout.sum(axis=0)
 
