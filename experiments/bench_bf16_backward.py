@@ -97,7 +97,7 @@ def operands(name, m, k, n, rng):
 
 def measure(torch, name, m, k, n, repeats, inner, rng, pause):
     from lowbit.kernels import bf16_gemm
-    from lowbit.kernels.bf16_gemm import pack_bf16_rows
+    from lowbit.kernels.bf16 import pack_bf16_rows
 
     a, b, pm1 = operands(name, m, k, n, rng)
     contenders = {
@@ -239,7 +239,7 @@ def main(argv=None):
         print("bench_bf16_backward: PyTorch not installed, its columns are left out", file=sys.stderr)
     import llvmlite.binding
     import numba
-    from lowbit.kernels.bf16_gemm import bf16_gemm_assembly
+    from lowbit.kernels.bf16 import bf16_gemm_assembly
 
     load_before = list(os.getloadavg())
     rng = np.random.default_rng(0)

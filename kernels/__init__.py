@@ -98,7 +98,7 @@ from ._cache_guard import refresh_cache_stamps as _refresh_cache_stamps
 
 _refresh_cache_stamps()  # before any cached kernel loads: see kernels/_cache_guard.py
 
-from .bf16_gemm import bf16_available, bf16_exact, bf16_gemm
+from .bf16 import bf16_available, bf16_exact, bf16_gemm
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
 from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes

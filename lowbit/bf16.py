@@ -13,7 +13,7 @@ run their products on one of two backends, :func:`bf16_backend` says which:
     bfloat16 (+-1, or dropout's {0, +-2} after +-1; checked, ``lowbit.kernels.bf16_exact``).  A ``dW``
     whose input bfloat16 does not hold (a first layer's pixels) stays on numpy's float32 GEMM of the
     rounded ``dy``, so the values multiplied are the emulation's; only the summation order differs
-    (the kernel's is fixed, see ``kernels/bf16_gemm.py``), so results are close to the emulated
+    (the kernel's is fixed, see ``kernels/bf16.py``), so results are close to the emulated
     backend's but not bit-equal.  Convolutions keep the emulated backend.
 ``"emulated"``
     numpy's float32 GEMMs of the rounded ``dy``: the same rounding, no faster (one more pass).  Used

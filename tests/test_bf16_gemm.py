@@ -1,15 +1,12 @@
 """lowbit.kernels.bf16_gemm: the AVX-512 BF16 product, bit for bit against a replay of ``vdpbf16ps``."""
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.bf16 import round_bfloat16
+from lowbit.kernels import bf16 as bf16_gemm_module
 from lowbit.kernels import bf16_available, bf16_gemm
-
-bf16_gemm_module = importlib.import_module("lowbit.kernels.bf16_gemm")  # the package exports a function of that name
 
 needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="the CPU lacks AVX-512 BF16 (vdpbf16ps)")
 
