@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU speed benchmark of issue 21, one after another on a quiet machine, each timing its
+# Every CPU speed benchmark of issue 21 (PyTorch installed: it is the baseline of most), one after another on a quiet machine, each timing its
 # baseline in the same run and recording the CPU model, the BLAS kernel and the load.
 #
 #   bash experiments/cpu_benchmarks.sh            # about 25 minutes on 2 cores
@@ -28,3 +28,4 @@ run python3 experiments/bench_inference.py --repeats 7 --results "$out"
 run python3 experiments/bench_float_conv.py --results "$out"
 run python3 experiments/bench_training.py --retain-freed-memory --mixed16 --im2col-contender \
   --out "$out/bench_training.json"
+run python3 experiments/bench_bf16_backward.py --results "$out"
