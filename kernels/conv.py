@@ -22,7 +22,7 @@ from ._intrinsics import (
     xnor_microkernel_rows_f32,
     xnor_microkernel_rows_threshold,
 )
-from .gemm import _blocking, _pack_panel
+from .gemm import _block_range, _blocking, _pack_panel, _panel_half
 from .threshold import _check_thresholds, int32_bounds, threshold_pack
 
 __all__ = ["binary_conv2d", "binary_conv2d_threshold", "prepare_conv_weights", "PreparedConvWeights"]
@@ -254,10 +254,7 @@ def _threshold_block(n_out, segment_stride, kernel_h, run, panels, row_start, ro
         column = p * TILE_COLS
         panel_address = panels.ctypes.data + p * patch_words * TILE_COLS * 8
         k_base = table.ctypes.data + column * 4
-        shift = (p % 2) * 32
-        flip = np.int64((flips[p // 2] >> shift) & 0xFFFFFFFF)
-        valid = np.int64((valids[p // 2] >> shift) & 0xFFFFFFFF)
-        no_other_half = p == n_panels - 1 and p % 2 == 0  # the last word's high half has no channels
+        flip, valid, no_other_half = _panel_half(flips, valids, p, n_panels)
         for t in range(whole_tiles):
             position = row_start + t * TILE_ROWS
             xnor_microkernel_rows_threshold(
@@ -333,12 +330,8 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     row_keys, row_spans = _window_keys(height, kernel_h, stride_h, pad_h, out_h)
     column_keys, column_spans = _window_keys(width, kernel_w, stride_w, pad_w, out_w)
     for block in prange(row_blocks * panel_blocks):
-        row_block = block // panel_blocks
-        panel_block = block - row_block * panel_blocks
-        row_start = row_block * rows_per_block
-        row_stop = min(m, row_start + rows_per_block)
-        panel_start = panel_block * panels_per_block
-        panel_stop = min(n_panels, panel_start + panels_per_block)
+        row_start, row_stop, panel_start, panel_stop = _block_range(block, panel_blocks, rows_per_block, m,
+                                                                    panels_per_block, n_panels)
         _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
                            x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
         # the block's k rows (its panels' tap sums are ready now) and its windows' addresses and k rows

@@ -17,9 +17,19 @@ from ._checks import (
     check_padding_bits,
     words_for,
 )
-from ._intrinsics import TILE_COLS, TILE_ROWS, xnor_microkernel, xnor_microkernel_planes
+from ._intrinsics import (
+    THRESHOLD_EPILOGUE,
+    TILE_COLS,
+    TILE_ROWS,
+    threshold_word32,
+    threshold_word32_half,
+    xnor_microkernel,
+    xnor_microkernel_planes,
+    xnor_microkernel_rows,
+    xnor_microkernel_rows_threshold,
+)
 
-__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "prepare_gemm_weights", "PreparedGemmWeights"]
+__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "xnor_gemm_threshold", "prepare_gemm_weights", "PreparedGemmWeights"]
 
 
 @njit(cache=True)
@@ -91,6 +101,27 @@ def _blocking(m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread):
 
 
 @njit(cache=True)
+def _block_range(block, panel_blocks, rows_per_block, m, panels_per_block, n_panels):
+    """``(row_start, row_stop, panel_start, panel_stop)`` of block ``block`` of ``_blocking``'s split
+    (row blocks major, then panel blocks)."""
+    row_block = block // panel_blocks
+    panel_block = block - row_block * panel_blocks
+    row_start = row_block * rows_per_block
+    panel_start = panel_block * panels_per_block
+    return row_start, min(m, row_start + rows_per_block), panel_start, min(n_panels, panel_start + panels_per_block)
+
+
+@njit(cache=True)
+def _panel_half(flips, valids, p, n_panels):
+    """For panel ``p`` (32 columns, half of packed word ``p // 2``): its 32 bits of ``flips`` and
+    ``valids`` (``threshold.int32_bounds``) in the low half of an int64, and whether it is the last
+    panel and the low half of its word (the high half, with no columns, is then written 0)."""
+    shift = (p % 2) * 32
+    return (np.int64((flips[p // 2] >> shift) & 0xFFFFFFFF), np.int64((valids[p // 2] >> shift) & 0xFFFFFFFF),
+            p == n_panels - 1 and p % 2 == 0)
+
+
+@njit(cache=True)
 def _gemm_block(a, panels, n, k, out, row_start, row_stop, panel_start, panel_stop, tile, padded_rows):
     """out[row_start:row_stop, columns of panels panel_start:panel_stop] of the XNOR GEMM.
 
@@ -145,16 +176,77 @@ def _gemm_panels(a, panels, n, k, out, threads, row_chunk_bytes, blocks_per_thre
     rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
         m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
     for block in prange(row_blocks * panel_blocks):
-        row_block = block // panel_blocks
-        panel_block = block - row_block * panel_blocks
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
         padded_rows = np.empty((planes, TILE_ROWS, max(words, 1)), dtype=np.uint64)
-        row_start = row_block * rows_per_block
-        panel_start = panel_block * panels_per_block
-        _gemm_block(
-            a, panels, n, k, out, row_start, min(m, row_start + rows_per_block),
-            panel_start, min(n_panels, panel_start + panels_per_block), tile, padded_rows,
-        )
+        row_start, row_stop, panel_start, panel_stop = _block_range(block, panel_blocks, rows_per_block, m,
+                                                                    panels_per_block, n_panels)
+        _gemm_block(a, panels, n, k, out, row_start, row_stop, panel_start, panel_stop, tile, padded_rows)
+
+
+@njit(parallel=True, cache=True)
+def _gemm_threshold_panels(a, panels, n, k, packed_out, threads, row_chunk_bytes, blocks_per_thread, bounds, flips,
+                           valids):
+    """packed_out (M, ceil(n / 64)) = the thresholded bits of the XNOR GEMM of ``a`` (M, words) with the
+    panels, thresholded in the micro-kernel's registers (``xnor_microkernel_rows_threshold``; only
+    where ``THRESHOLD_EPILOGUE``): each panel writes its uint32 half of the packed words and no int32
+    product reaches memory.  A block's last, partial tile goes through a scratch tile and
+    ``threshold_word32``.  Blocks hold whole packed words (an even count of panels), so no two
+    threads write halves of one word.  ``bounds``, ``flips``, ``valids``: ``threshold.int32_bounds``.
+    """
+    m, words = a.shape
+    n_panels = panels.shape[0]
+    out_words = packed_out.shape[1]
+    rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
+        m, words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
+    if panel_blocks > 1 and panels_per_block % 2:
+        panels_per_block += 1
+        panel_blocks = (n_panels + panels_per_block - 1) // panels_per_block
+    k_row = np.full(TILE_COLS, k, dtype=np.int32)  # one k row for every position (no padding here)
+    k_rows = np.zeros(TILE_ROWS, dtype=np.int64)
+    halves = packed_out.reshape(-1).view(np.uint32)  # panel p of a row writes its uint32 p
+    half_stride = out_words * 2
+    for block in prange(row_blocks * panel_blocks):
+        row_start, row_stop, panel_start, panel_stop = _block_range(block, panel_blocks, rows_per_block, m,
+                                                                    panels_per_block, n_panels)
+        whole_tiles = (row_stop - row_start) // TILE_ROWS
+        tail = row_start + whole_tiles * TILE_ROWS  # the partial tile's first row
+        addresses = np.empty((whole_tiles + 1) * TILE_ROWS, dtype=np.int64)
+        for i in range(whole_tiles * TILE_ROWS):
+            addresses[i] = a.ctypes.data + (row_start + i) * words * 8
+        padded_rows = np.zeros((TILE_ROWS, max(words, 1)), dtype=np.uint64)
+        padded_rows[:row_stop - tail, :words] = a[tail:row_stop]
+        for r in range(TILE_ROWS):
+            addresses[whole_tiles * TILE_ROWS + r] = padded_rows.ctypes.data + r * padded_rows.shape[1] * 8
+        tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
+        scratch = np.empty((TILE_ROWS, out_words * 64), dtype=np.int32)
+        for p in range(panel_start, panel_stop):
+            column = p * TILE_COLS
+            panel_address = panels.ctypes.data + p * words * TILE_COLS * 8
+            flip, valid, no_other_half = _panel_half(flips, valids, p, n_panels)
+            for t in range(whole_tiles):
+                row = row_start + t * TILE_ROWS
+                xnor_microkernel_rows_threshold(
+                    addresses.ctypes.data + t * TILE_ROWS * 8, 0, 1, words, panel_address, k_rows.ctypes.data,
+                    k_row.ctypes.data, bounds.ctypes.data + column * 4, flip, valid,
+                    halves.ctypes.data + (row * half_stride + p) * 4, half_stride,
+                )
+                if no_other_half:
+                    for i in range(TILE_ROWS):
+                        halves[(row + i) * half_stride + p + 1] = 0
+            if tail < row_stop:
+                xnor_microkernel_rows(addresses.ctypes.data + whole_tiles * TILE_ROWS * 8, 0, 1, words,
+                                      panel_address, k_rows.ctypes.data, k_row.ctypes.data, tile.ctypes.data,
+                                      TILE_COLS)
+                columns = min(TILE_COLS, n - column)
+                scratch[:row_stop - tail, column:column + columns] = tile[:row_stop - tail, :columns]
+        for i in range(row_stop - tail):
+            for w in range(panel_start // 2, (panel_stop + 1) // 2):
+                if n <= 32:
+                    packed_out[tail + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0,
+                                                                    flips[0], valids[0])
+                else:
+                    packed_out[tail + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds,
+                                                               w * 64, flips[w], valids[w])
 
 
 @njit(cache=True)
@@ -328,6 +420,53 @@ def xnor_gemm(a_packed, b_packed, k, out=None):
     if m and n:
         _run_cpu(a_packed.reshape(1, m, a_packed.shape[1]), b_packed, prepared, k, out)
     return out
+
+
+def xnor_gemm_threshold(a_packed, b_packed, k, threshold, direction):
+    """``threshold_pack(xnor_gemm(a_packed, b_packed, k), threshold, direction)`` in one pass: exactly
+    the same bits, without writing the int32 products to memory.
+
+    On AVX-512 CPUs each 6 x 32 block of products is thresholded in the micro-kernel's registers
+    (``_gemm_threshold_panels``, as ``binary_conv2d_threshold`` does); elsewhere, and on the GPU, it
+    is the two calls.  A packed model's binary dense layer followed by its thresholds runs this.
+
+    Parameters
+    ----------
+    a_packed, b_packed, k
+        As for :func:`xnor_gemm` (``b_packed`` may be ``PreparedGemmWeights``).
+    threshold : same kind, int64, shape (N,)
+    direction : same kind, int8, shape (N,), values +1 or -1
+        As for :func:`~lowbit.kernels.threshold_pack`, one per row of B (output column).
+
+    Returns
+    -------
+    packed : same kind, uint64, shape (M, ceil(N / 64))
+        Bit ``j`` of row ``i`` is ``direction[j] * product[i, j] >= direction[j] * threshold[j]``;
+        padding bits 0.
+    """
+    from .threshold import _check_thresholds, int32_bounds, threshold_pack
+    from .tuning import gemm_blocking
+
+    k = _check_k(k)
+    b_packed, prepared = _right_operand(b_packed, k)
+    kind = array_kind(a_packed=a_packed, b_packed=b_packed, threshold=threshold, direction=direction)
+    check_packed("a_packed", a_packed, ndim=2, layout="(M, words)")
+    _check_operand("a_packed", a_packed, k)
+    m, n = a_packed.shape[0], b_packed.shape[0]
+    _check_thresholds(f"b_packed with {n} rows", threshold, direction, n, np.int64)
+    if kind == "cupy" or not THRESHOLD_EPILOGUE:
+        return threshold_pack(xnor_gemm(a_packed, prepared if prepared is not None else b_packed, k), threshold,
+                              direction)
+    packed = np.empty((m, words_for(n)), dtype=np.uint64)
+    if m and n:
+        if prepared is None:
+            panels = panel_buffer(n, b_packed.shape[1])
+            _pack_panels(b_packed, panels)
+        else:
+            panels = prepared._panels
+        _gemm_threshold_panels(a_packed, panels, n, k, packed, numba.get_num_threads(), *gemm_blocking(),
+                               *int32_bounds(threshold, direction))
+    return packed
 
 
 def xnor_gemm_bitplanes(planes, b_packed, k, out=None):

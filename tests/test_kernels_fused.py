@@ -119,6 +119,46 @@ def test_prepared_gemm_checks():
         kernels.xnor_gemm_bitplanes(a_packed, prepared, 100)
 
 
+@given(m=st.integers(1, 40), n=st.integers(1, 200), k=st.integers(1, 300), threads=st.integers(1, 2),
+       prepared=st.booleans(), seed=SEEDS)
+def test_gemm_threshold_equals_threshold_of_gemm(device, m, n, k, threads, prepared, seed):
+    """xnor_gemm_threshold (thresholds in the micro-kernel's registers on AVX-512) gives the bits of
+    threshold_pack(xnor_gemm): whole and partial tiles, odd panel counts, one and two threads."""
+    rng = np.random.default_rng(seed)
+    a_values, a_packed = packed_rows(rng, m, k)
+    b_values, b_packed = packed_rows(rng, n, k)
+    threshold = rng.integers(-k - 1, k + 2, size=n).astype(np.int64)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=n)
+    expected = np.where(direction > 0, reference.xnor_gemm_matmul(a_values, b_values) >= threshold,
+                        reference.xnor_gemm_matmul(a_values, b_values) <= threshold)
+    weights = device.put(b_packed)
+    if prepared:
+        weights = kernels.prepare_gemm_weights(weights, k)
+    saved = numba.get_num_threads()
+    numba.set_num_threads(min(threads, saved))
+    try:
+        bits = kernels.xnor_gemm_threshold(device.put(a_packed), weights, k, device.put(threshold),
+                                           device.put(direction))
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(device.get(bits), reference.pack_signs_loops(np.where(expected, 1, -1)))
+
+
+@pytest.mark.parametrize("m, n, k", [(100, 4096, 4096), (37, 96, 700), (250, 33, 64)])
+def test_gemm_threshold_on_many_blocks(m, n, k):
+    """Layer-sized products (blocks split by rows and by panels) on two threads, thresholds at the
+    int32 edges included."""
+    rng = np.random.default_rng(m)
+    a = kernels.pack_signs(rng.standard_normal((m, k)).astype(np.float32))
+    b = kernels.prepare_gemm_weights(kernels.pack_signs(rng.standard_normal((n, k)).astype(np.float32)), k)
+    threshold = rng.integers(-k // 8, k // 8 + 1, size=n).astype(np.int64)
+    threshold[::7] = 2**40
+    threshold[3::7] = -(2**31) - 1
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=n)
+    expected = kernels.threshold_pack(kernels.xnor_gemm(a, b, k), threshold, direction)
+    np.testing.assert_array_equal(kernels.xnor_gemm_threshold(a, b, k, threshold, direction), expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # binary_conv2d_threshold and maxpool_packed with directions
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +238,10 @@ for c, o, size, stride, pad in [(64, 96, 17, 1, 1), (70, 33, 11, 1, 2), (32, 20,
                    for i in range(3) for j in range(3))
     np.testing.assert_array_equal(acc, expected)
     np.testing.assert_array_equal(K.binary_conv2d(x, w, c, stride, pad, dtype=np.float32), expected)
+    a2 = x.reshape(-1, x.shape[3])[:37]
+    b2 = w.reshape(o, -1)[:, :x.shape[3]].copy()
+    np.testing.assert_array_equal(K.xnor_gemm_threshold(a2, b2, c, t, d),
+                                  K.threshold_pack(K.xnor_gemm(a2, b2, c), t, d))
     ref = K.threshold_pack(acc, t, d)
     np.testing.assert_array_equal(K.binary_conv2d_threshold(x, w, t, d, c, stride, pad), ref)
     np.testing.assert_array_equal(K.binary_conv2d_threshold(x, K.prepare_conv_weights(w, c), t, d, c, stride, pad), ref)
@@ -311,14 +355,18 @@ def test_tune_gemm_times_the_candidates():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_packed_model_fused_plan_equals_stage_by_stage():
+@pytest.mark.parametrize("network", ["binary_cnn", "bnn_mlp"])
+def test_packed_model_fused_plan_equals_stage_by_stage(network):
     import lowbit
-    from lowbit.zoo import binary_cnn
+    from lowbit import zoo
 
-    packed = lowbit.convert(binary_cnn(0))
+    model = zoo.binary_cnn(0) if network == "binary_cnn" else zoo.bnn_mlp(0, hidden=(200, 100, 70))
+    packed = lowbit.convert(model)
     x = np.random.default_rng(0).uniform(0, 1, (7, 1, 28, 28)).astype(np.float32)
     plan = packed._plan()
-    assert len(plan) < len(packed.stages)  # conv + threshold(+pool) pairs run as one step
+    assert len(plan) < len(packed.stages)  # conv / dense + threshold(+pool) pairs run as one step
+    kinds = [stage.kind for stage in packed.stages]
+    assert ("binary_dense", "threshold") in zip(kinds, kinds[1:])
     expected = x
     for stage in packed.stages:
         expected = stage.run(expected)

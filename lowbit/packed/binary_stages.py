@@ -60,6 +60,22 @@ class BinaryDenseStage(Stage):
             acc -= np.int32(self.padding_agreements)
         return acc
 
+    def fused_with(self, following):
+        """A following threshold: ``xnor_gemm_threshold`` (the int32 products are thresholded in the
+        micro-kernel's registers); the padding agreements of a feature-map input move into the
+        thresholds (``acc - p >= t`` is ``acc >= t + p``, likewise ``<=``)."""
+        if not isinstance(following, ThresholdStage):
+            return None
+        kernels = kernels_module()
+
+        def dense_threshold(x):
+            threshold = following.threshold
+            if self.padding_agreements:
+                threshold = threshold + self.padding_agreements
+            return kernels.xnor_gemm_threshold(x.reshape(x.shape[0], -1), _prepared_gemm(self), self.k, threshold,
+                                               following.direction)
+        return dense_threshold
+
     def to_device(self, device):
         self.weights = to_device(self.weights, device)
         self._prepared = None
