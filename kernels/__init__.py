@@ -101,7 +101,14 @@ _refresh_cache_stamps()  # before any cached kernel loads: see kernels/_cache_gu
 from .bf16 import bf16_available, bf16_exact, bf16_gemm
 from .bitplane import combine_bitplanes, pack_bitplanes
 from .conv import PreparedConvWeights, binary_conv2d, binary_conv2d_threshold, prepare_conv_weights
-from .gemm import PreparedGemmWeights, prepare_gemm_weights, xnor_gemm, xnor_gemm_bitplanes, xnor_gemm_threshold
+from .gemm import (
+    PreparedGemmWeights,
+    prepare_gemm_weights,
+    xnor_gemm,
+    xnor_gemm_bitplanes,
+    xnor_gemm_bitplanes_threshold,
+    xnor_gemm_threshold,
+)
 from .pack import masked_scale, pack_masked_signs, pack_sign_columns, pack_signs, unpack_signs, words_for
 from .pool import maxpool_packed
 from .threshold import bn_sign_threshold, threshold_maxpool_pack, threshold_pack, threshold_signs
@@ -116,6 +123,7 @@ __all__ = [
     "xnor_gemm",
     "xnor_gemm_bitplanes",
     "xnor_gemm_threshold",
+    "xnor_gemm_bitplanes_threshold",
     "prepare_gemm_weights",
     "PreparedGemmWeights",
     "binary_conv2d",

@@ -232,6 +232,30 @@ def xnor_microkernel_rows_threshold(typingctx, row_addresses, segment_stride, se
 
 
 @intrinsic
+def xnor_microkernel_planes_threshold(typingctx, a_address, a_stride, plane_stride, planes, words, panel_address,
+                                      k_rows, k_base, bounds_address, flip, valid, out_address, out_stride):
+    """``xnor_microkernel_planes`` (bit planes summed with weights ``2^b`` in the registers) whose block
+    is thresholded as in ``xnor_microkernel_rows_threshold``; ``k_rows``/``k_base`` give each row's
+    total ``k`` (``(2^planes - 1) * K``).  All arguments are ``intp``; only where
+    ``THRESHOLD_EPILOGUE`` (elsewhere a trap, so that callers type on every CPU)."""
+    sig = types.void(*([types.intp] * 13))
+
+    def codegen(context, builder, signature, args):
+        if not THRESHOLD_EPILOGUE:
+            trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
+            builder.call(trap, [])
+            return context.get_dummy_value()
+        (a_address, a_stride, plane_stride, planes, words, panel_address, k_rows, k_base, bounds_address, flip,
+         valid, out_address, out_stride) = args
+        return _emit_microkernel(
+            context, builder, a_address, a_stride, plane_stride, planes, words, panel_address, out_address,
+            out_stride, None, planes=True, row_k=(k_rows, k_base), threshold=(bounds_address, flip, valid),
+        )
+
+    return sig, codegen
+
+
+@intrinsic
 def xnor_microkernel(typingctx, a_address, a_stride, panel_address, words, out_address, out_stride, k):
     """One ``TILE_ROWS x TILE_COLS`` output block of the XNOR GEMM.
 

@@ -25,11 +25,11 @@ from ._intrinsics import (
     threshold_word32_half,
     xnor_microkernel,
     xnor_microkernel_planes,
-    xnor_microkernel_rows,
+    xnor_microkernel_planes_threshold,
     xnor_microkernel_rows_threshold,
 )
 
-__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "xnor_gemm_threshold", "prepare_gemm_weights", "PreparedGemmWeights"]
+__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "xnor_gemm_threshold", "xnor_gemm_bitplanes_threshold", "prepare_gemm_weights", "PreparedGemmWeights"]
 
 
 @njit(cache=True)
@@ -186,14 +186,17 @@ def _gemm_panels(a, panels, n, k, out, threads, row_chunk_bytes, blocks_per_thre
 @njit(parallel=True, cache=True)
 def _gemm_threshold_panels(a, panels, n, k, packed_out, threads, row_chunk_bytes, blocks_per_thread, bounds, flips,
                            valids):
-    """packed_out (M, ceil(n / 64)) = the thresholded bits of the XNOR GEMM of ``a`` (M, words) with the
-    panels, thresholded in the micro-kernel's registers (``xnor_microkernel_rows_threshold``; only
-    where ``THRESHOLD_EPILOGUE``): each panel writes its uint32 half of the packed words and no int32
-    product reaches memory.  A block's last, partial tile goes through a scratch tile and
-    ``threshold_word32``.  Blocks hold whole packed words (an even count of panels), so no two
-    threads write halves of one word.  ``bounds``, ``flips``, ``valids``: ``threshold.int32_bounds``.
+    """packed_out (M, ceil(n / 64)) = the thresholded bits of the XNOR GEMM of ``a`` (planes, M, words;
+    several planes summed with weights ``2^b`` as in ``_gemm_block``, ``k`` then their total) with
+    the panels, thresholded in the micro-kernel's registers (``xnor_microkernel_rows_threshold`` /
+    ``xnor_microkernel_planes_threshold``; only where ``THRESHOLD_EPILOGUE``): each panel writes its
+    uint32 half of the packed words and no int32 product reaches memory.  A block's last, partial
+    tile goes through a scratch tile and ``threshold_word32``.  Blocks hold whole packed words (an
+    even count of panels), so no two threads write halves of one word.  ``bounds``, ``flips``,
+    ``valids``: ``threshold.int32_bounds``.
     """
-    m, words = a.shape
+    planes, m, words = a.shape
+    plane_step = -m * words  # from one plane down to the next, in words
     n_panels = panels.shape[0]
     out_words = packed_out.shape[1]
     rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
@@ -210,13 +213,11 @@ def _gemm_threshold_panels(a, panels, n, k, packed_out, threads, row_chunk_bytes
                                                                     panels_per_block, n_panels)
         whole_tiles = (row_stop - row_start) // TILE_ROWS
         tail = row_start + whole_tiles * TILE_ROWS  # the partial tile's first row
-        addresses = np.empty((whole_tiles + 1) * TILE_ROWS, dtype=np.int64)
+        addresses = np.empty(whole_tiles * TILE_ROWS, dtype=np.int64)  # the one-plane kernel's row addresses
         for i in range(whole_tiles * TILE_ROWS):
-            addresses[i] = a.ctypes.data + (row_start + i) * words * 8
-        padded_rows = np.zeros((TILE_ROWS, max(words, 1)), dtype=np.uint64)
-        padded_rows[:row_stop - tail, :words] = a[tail:row_stop]
-        for r in range(TILE_ROWS):
-            addresses[whole_tiles * TILE_ROWS + r] = padded_rows.ctypes.data + r * padded_rows.shape[1] * 8
+            addresses[i] = a.ctypes.data + ((planes - 1) * m + row_start + i) * words * 8
+        padded_rows = np.zeros((planes, TILE_ROWS, max(words, 1)), dtype=np.uint64)
+        padded_rows[:, :row_stop - tail, :words] = a[:, tail:row_stop, :]
         tile = np.empty((TILE_ROWS, TILE_COLS), dtype=np.int32)
         scratch = np.empty((TILE_ROWS, out_words * 64), dtype=np.int32)
         for p in range(panel_start, panel_stop):
@@ -225,18 +226,29 @@ def _gemm_threshold_panels(a, panels, n, k, packed_out, threads, row_chunk_bytes
             flip, valid, no_other_half = _panel_half(flips, valids, p, n_panels)
             for t in range(whole_tiles):
                 row = row_start + t * TILE_ROWS
-                xnor_microkernel_rows_threshold(
-                    addresses.ctypes.data + t * TILE_ROWS * 8, 0, 1, words, panel_address, k_rows.ctypes.data,
-                    k_row.ctypes.data, bounds.ctypes.data + column * 4, flip, valid,
-                    halves.ctypes.data + (row * half_stride + p) * 4, half_stride,
-                )
+                out_address = halves.ctypes.data + (row * half_stride + p) * 4
+                if planes == 1:
+                    xnor_microkernel_rows_threshold(
+                        addresses.ctypes.data + t * TILE_ROWS * 8, 0, 1, words, panel_address, k_rows.ctypes.data,
+                        k_row.ctypes.data, bounds.ctypes.data + column * 4, flip, valid, out_address, half_stride,
+                    )
+                else:
+                    xnor_microkernel_planes_threshold(
+                        a.ctypes.data + ((planes - 1) * m + row) * words * 8, words, plane_step, planes, words,
+                        panel_address, k_rows.ctypes.data, k_row.ctypes.data, bounds.ctypes.data + column * 4, flip,
+                        valid, out_address, half_stride,
+                    )
                 if no_other_half:
                     for i in range(TILE_ROWS):
                         halves[(row + i) * half_stride + p + 1] = 0
             if tail < row_stop:
-                xnor_microkernel_rows(addresses.ctypes.data + whole_tiles * TILE_ROWS * 8, 0, 1, words,
-                                      panel_address, k_rows.ctypes.data, k_row.ctypes.data, tile.ctypes.data,
-                                      TILE_COLS)
+                a_stride = padded_rows.shape[2]
+                tail_address = padded_rows.ctypes.data + (planes - 1) * TILE_ROWS * a_stride * 8
+                if planes == 1:
+                    xnor_microkernel(tail_address, a_stride, panel_address, words, tile.ctypes.data, TILE_COLS, k)
+                else:
+                    xnor_microkernel_planes(tail_address, a_stride, -TILE_ROWS * a_stride, planes, words,
+                                            panel_address, tile.ctypes.data, TILE_COLS, k)
                 columns = min(TILE_COLS, n - column)
                 scratch[:row_stop - tail, column:column + columns] = tile[:row_stop - tail, :columns]
         for i in range(row_stop - tail):
@@ -422,6 +434,25 @@ def xnor_gemm(a_packed, b_packed, k, out=None):
     return out
 
 
+def _run_threshold_cpu(a3, b_packed, prepared, k_total, threshold, direction):
+    """The CPU's thresholded product of (planes, M, words) ``a3`` with ``b_packed`` (or its prepared
+    panels): packed bits (M, ceil(N / 64)), through ``_gemm_threshold_panels``."""
+    from .threshold import int32_bounds
+    from .tuning import gemm_blocking
+
+    m, n = a3.shape[1], b_packed.shape[0]
+    packed = np.empty((m, words_for(n)), dtype=np.uint64)
+    if m and n:
+        if prepared is None:
+            panels = panel_buffer(n, b_packed.shape[1])
+            _pack_panels(b_packed, panels)
+        else:
+            panels = prepared._panels
+        _gemm_threshold_panels(a3, panels, n, k_total, packed, numba.get_num_threads(), *gemm_blocking(),
+                               *int32_bounds(threshold, direction))
+    return packed
+
+
 def xnor_gemm_threshold(a_packed, b_packed, k, threshold, direction):
     """``threshold_pack(xnor_gemm(a_packed, b_packed, k), threshold, direction)`` in one pass: exactly
     the same bits, without writing the int32 products to memory.
@@ -444,8 +475,7 @@ def xnor_gemm_threshold(a_packed, b_packed, k, threshold, direction):
         Bit ``j`` of row ``i`` is ``direction[j] * product[i, j] >= direction[j] * threshold[j]``;
         padding bits 0.
     """
-    from .threshold import _check_thresholds, int32_bounds, threshold_pack
-    from .tuning import gemm_blocking
+    from .threshold import _check_thresholds, threshold_pack
 
     k = _check_k(k)
     b_packed, prepared = _right_operand(b_packed, k)
@@ -457,16 +487,8 @@ def xnor_gemm_threshold(a_packed, b_packed, k, threshold, direction):
     if kind == "cupy" or not THRESHOLD_EPILOGUE:
         return threshold_pack(xnor_gemm(a_packed, prepared if prepared is not None else b_packed, k), threshold,
                               direction)
-    packed = np.empty((m, words_for(n)), dtype=np.uint64)
-    if m and n:
-        if prepared is None:
-            panels = panel_buffer(n, b_packed.shape[1])
-            _pack_panels(b_packed, panels)
-        else:
-            panels = prepared._panels
-        _gemm_threshold_panels(a_packed, panels, n, k, packed, numba.get_num_threads(), *gemm_blocking(),
-                               *int32_bounds(threshold, direction))
-    return packed
+    return _run_threshold_cpu(a_packed.reshape(1, m, a_packed.shape[1]), b_packed, prepared, k, threshold,
+                              direction)
 
 
 def xnor_gemm_bitplanes(planes, b_packed, k, out=None):
@@ -518,6 +540,38 @@ def xnor_gemm_bitplanes(planes, b_packed, k, out=None):
     if m and n:
         _run_cpu(planes, b_packed, prepared, (2**bits - 1) * k, out)
     return out
+
+
+def xnor_gemm_bitplanes_threshold(planes, b_packed, k, threshold, direction):
+    """``threshold_pack(xnor_gemm_bitplanes(planes, b_packed, k), threshold, direction)`` in one pass:
+    the same bits, the plane sums thresholded in the micro-kernel's registers on AVX-512 (the two
+    calls elsewhere and on the GPU).  A packed model's bit-plane first layer runs this.
+
+    Parameters
+    ----------
+    planes, b_packed, k
+        As for :func:`xnor_gemm_bitplanes`.
+    threshold : same kind, int64, shape (N,)
+    direction : same kind, int8, shape (N,), values +1 or -1
+
+    Returns
+    -------
+    packed : same kind, uint64, shape (M, ceil(N / 64))
+    """
+    from .threshold import _check_thresholds, threshold_pack
+
+    k = _check_k(k)
+    b_packed, prepared = _right_operand(b_packed, k)
+    kind = array_kind(planes=planes, b_packed=b_packed, threshold=threshold, direction=direction)
+    check_packed("planes", planes, ndim=3, layout="(bits, M, words)")
+    bits, m = planes.shape[0], planes.shape[1]
+    n = b_packed.shape[0]
+    _check_thresholds(f"b_packed with {n} rows", threshold, direction, n, np.int64)
+    if kind == "cupy" or not THRESHOLD_EPILOGUE or bits < 1 or (2**bits - 1) * k >= 2**31:
+        totals = xnor_gemm_bitplanes(planes, prepared if prepared is not None else b_packed, k)  # checks
+        return threshold_pack(totals, threshold, direction)
+    _check_operand("planes", planes, k)
+    return _run_threshold_cpu(planes, b_packed, prepared, (2**bits - 1) * k, threshold, direction)
 
 
 def gemm_assembly():

@@ -144,6 +144,25 @@ def test_gemm_threshold_equals_threshold_of_gemm(device, m, n, k, threads, prepa
     np.testing.assert_array_equal(device.get(bits), reference.pack_signs_loops(np.where(expected, 1, -1)))
 
 
+@given(rows=st.integers(1, 30), k=st.integers(1, 150), n=st.integers(1, 100), bits=st.integers(1, 8),
+       prepared=st.booleans(), seed=SEEDS)
+def test_bitplane_gemm_threshold_equals_threshold_of_combined_planes(device, rows, k, n, bits, prepared, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2**bits, size=(rows, k)).astype(np.uint8 if bits <= 8 else np.uint16)
+    b_values, b_packed = packed_rows(rng, n, k)
+    planes = kernels.pack_bitplanes(codes, bits)
+    weights = kernels.prepare_gemm_weights(b_packed, k) if prepared else b_packed
+    totals = kernels.xnor_gemm_bitplanes(planes, weights, k)
+    bound = (2**bits - 1) * k
+    threshold = rng.integers(-bound - 1, bound + 2, size=n).astype(np.int64)
+    direction = rng.choice(np.array([-1, 1], dtype=np.int8), size=n)
+    expected = kernels.threshold_pack(totals, threshold, direction)
+    bits_out = kernels.xnor_gemm_bitplanes_threshold(device.put(planes), weights if device.name == "cpu" else
+                                                     device.put(b_packed), k, device.put(threshold),
+                                                     device.put(direction))
+    np.testing.assert_array_equal(device.get(bits_out), expected)
+
+
 @pytest.mark.parametrize("m, n, k", [(100, 4096, 4096), (37, 96, 700), (250, 33, 64)])
 def test_gemm_threshold_on_many_blocks(m, n, k):
     """Layer-sized products (blocks split by rows and by panels) on two threads, thresholds at the

@@ -379,8 +379,9 @@ class BitplaneDenseStage(Stage):
     def run(self, x):
         kernels = kernels_module()
         planes = kernels.pack_bitplanes(self.codes(x), self.bits)
-        totals = kernels.xnor_gemm_bitplanes(planes, _prepared_gemm(self), self.in_features)
-        return kernels.threshold_pack(totals, self.threshold, self.direction)
+        # the plane sums thresholded in the micro-kernel's registers (the two calls where it cannot)
+        return kernels.xnor_gemm_bitplanes_threshold(planes, _prepared_gemm(self), self.in_features, self.threshold,
+                                                     self.direction)
 
     def to_device(self, device):
         super().to_device(device)
