@@ -64,6 +64,11 @@ them weighted by ``2^b`` (see ``kernels/bitplane.py`` for the identity that make
 ``xnor_gemm_bitplanes`` does the last two in one pass, summing the planes in the micro-kernel's
 registers.
 
+Products followed by thresholds (a packed layer and the sign after it):
+``xnor_gemm_threshold``, ``xnor_gemm_bitplanes_threshold`` and ``binary_conv2d_threshold`` give
+exactly the bits of ``threshold_pack`` of the product; on AVX-512 they compare each 6 x 32 block in
+the micro-kernel's registers and never write the int32 products.
+
 CPU path
 --------
 Popcounts go through LLVM's ``llvm.ctpop`` intrinsic (``kernels/_intrinsics.py``): on CPUs with
