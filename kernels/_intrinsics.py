@@ -196,6 +196,14 @@ def _emit_row_k_epilogue(builder, accumulators, k_rows, k_base, out_address, out
             builder.store(builder.and_(builder.xor(word, flip32), valid32), out_row, align=4)
 
 
+def _emit_trap(context, builder):
+    """``llvm.trap``: the body of a threshold-epilogue intrinsic where ``THRESHOLD_EPILOGUE`` is off
+    (compiled so that callers type on every CPU; they never reach it)."""
+    trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
+    builder.call(trap, [])
+    return context.get_dummy_value()
+
+
 # The threshold epilogue packs one block's columns into one uint32: TILE_COLS = 32 (AVX-512).
 THRESHOLD_EPILOGUE = TILE_COLS == 32 and TILE_VECTORS % 2 == 0
 
@@ -218,9 +226,7 @@ def xnor_microkernel_rows_threshold(typingctx, row_addresses, segment_stride, se
 
     def codegen(context, builder, signature, args):
         if not THRESHOLD_EPILOGUE:
-            trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
-            builder.call(trap, [])
-            return context.get_dummy_value()
+            return _emit_trap(context, builder)
         (row_addresses, segment_stride, segments, run, panel_address, k_rows, k_base, bounds_address, flip, valid,
          out_address, out_stride) = args
         return _emit_microkernel(
@@ -242,9 +248,7 @@ def xnor_microkernel_planes_threshold(typingctx, a_address, a_stride, plane_stri
 
     def codegen(context, builder, signature, args):
         if not THRESHOLD_EPILOGUE:
-            trap = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
-            builder.call(trap, [])
-            return context.get_dummy_value()
+            return _emit_trap(context, builder)
         (a_address, a_stride, plane_stride, planes, words, panel_address, k_rows, k_base, bounds_address, flip,
          valid, out_address, out_stride) = args
         return _emit_microkernel(

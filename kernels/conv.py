@@ -16,13 +16,11 @@ from ._intrinsics import (
     atomic_load,
     atomic_store,
     popcount64,
-    threshold_word32,
-    threshold_word32_half,
     xnor_microkernel_rows,
     xnor_microkernel_rows_f32,
     xnor_microkernel_rows_threshold,
 )
-from .gemm import _block_range, _blocking, _pack_panel, _panel_half
+from .gemm import _block_range, _blocking, _pack_panel, _panel_half, _threshold_rows
 from .threshold import _check_thresholds, int32_bounds, threshold_pack
 
 __all__ = ["binary_conv2d", "binary_conv2d_threshold", "prepare_conv_weights", "PreparedConvWeights"]
@@ -272,14 +270,7 @@ def _threshold_block(n_out, segment_stride, kernel_h, run, panels, row_start, ro
             )
             columns = min(TILE_COLS, n_out - column)
             scratch[:row_stop - tail, column:column + columns] = tile[:row_stop - tail, :columns]
-    for i in range(row_stop - tail):
-        if n_out <= 32:
-            packed_out[tail + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0, flips[0],
-                                                            valids[0])
-        else:
-            for w in range(out_words):
-                packed_out[tail + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds, w * 64,
-                                                           flips[w], valids[w])
+    _threshold_rows(scratch, row_stop - tail, packed_out, tail, n_out, 0, out_words, bounds, flips, valids)
 
 
 @njit(parallel=True, cache=True)
@@ -320,13 +311,12 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     if fused:  # one panel block: a block thresholds whole rows of output channels
         rows_per_block, row_blocks, _, _ = _blocking(m, patch_words, 1, threads, row_chunk_bytes, blocks_per_thread)
         panels_per_block, panel_blocks = n_panels, 1
-        # ... in pieces whose scratch results (rows x 64 * words int32) stay in L1
-        piece_rows = max(1, _FUSED_SCRATCH_BYTES // (packed_out.shape[1] * 256 * TILE_ROWS)) * TILE_ROWS
     else:
         rows_per_block, row_blocks, panels_per_block, panel_blocks = _blocking(
             m, patch_words, n_panels, threads, row_chunk_bytes, blocks_per_thread)
-        piece_rows = rows_per_block
     out_words = packed_out.shape[1]
+    # the fused scratch path (no THRESHOLD_EPILOGUE) works in pieces whose results stay in L1
+    piece_rows = max(1, _FUSED_SCRATCH_BYTES // (out_words * 256 * TILE_ROWS)) * TILE_ROWS
     row_keys, row_spans = _window_keys(height, kernel_h, stride_h, pad_h, out_h)
     column_keys, column_spans = _window_keys(width, kernel_w, stride_w, pad_w, out_w)
     for block in prange(row_blocks * panel_blocks):
@@ -354,14 +344,8 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
                 piece_stop = min(row_stop, piece_start + piece_rows)
                 _tiles_to(scratch, piece_start, row_start, piece_start, piece_stop, panel_start, panel_stop, n_out,
                           padded_w * words, kernel_h, run, panels, addresses, k_rows, table, column_start, False)
-                for i in range(piece_stop - piece_start):
-                    if n_out <= 32:
-                        packed_out[piece_start + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds,
-                                                                               0, flips[0], valids[0])
-                    else:
-                        for w in range(out_words):
-                            packed_out[piece_start + i, w] = threshold_word32(
-                                scratch, i * scratch.shape[1] + w * 64, bounds, w * 64, flips[w], valids[w])
+                _threshold_rows(scratch, piece_stop - piece_start, packed_out, piece_start, n_out, 0, out_words,
+                                bounds, flips, valids)
         else:
             _tiles_to(out, 0, row_start, row_start, row_stop, panel_start, panel_stop, n_out, padded_w * words,
                       kernel_h, run, panels, addresses, k_rows, table, column_start, as_float)

@@ -122,6 +122,22 @@ def _panel_half(flips, valids, p, n_panels):
 
 
 @njit(cache=True)
+def _threshold_rows(scratch, rows, packed_out, first_row, n, word_start, word_stop, bounds, flips, valids):
+    """Packed words ``word_start ... word_stop - 1`` of output rows ``first_row ... first_row + rows -
+    1`` from the int32 results in ``scratch`` (row ``i`` of it is output row ``first_row + i``; rows
+    ``64 * words`` wide, or 32 for at most 32 columns): ``threshold_word32`` (``_half`` when ``n <=
+    32``) with ``threshold.int32_bounds``' ``bounds``, ``flips`` and ``valids``."""
+    for i in range(rows):
+        if n <= 32:
+            packed_out[first_row + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0, flips[0],
+                                                                 valids[0])
+        else:
+            for w in range(word_start, word_stop):
+                packed_out[first_row + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds,
+                                                                w * 64, flips[w], valids[w])
+
+
+@njit(cache=True)
 def _gemm_block(a, panels, n, k, out, row_start, row_stop, panel_start, panel_stop, tile, padded_rows):
     """out[row_start:row_stop, columns of panels panel_start:panel_stop] of the XNOR GEMM.
 
@@ -251,14 +267,8 @@ def _gemm_threshold_panels(a, panels, n, k, packed_out, threads, row_chunk_bytes
                                             panel_address, tile.ctypes.data, TILE_COLS, k)
                 columns = min(TILE_COLS, n - column)
                 scratch[:row_stop - tail, column:column + columns] = tile[:row_stop - tail, :columns]
-        for i in range(row_stop - tail):
-            for w in range(panel_start // 2, (panel_stop + 1) // 2):
-                if n <= 32:
-                    packed_out[tail + i, 0] = threshold_word32_half(scratch, i * scratch.shape[1], bounds, 0,
-                                                                    flips[0], valids[0])
-                else:
-                    packed_out[tail + i, w] = threshold_word32(scratch, i * scratch.shape[1] + w * 64, bounds,
-                                                               w * 64, flips[w], valids[w])
+        _threshold_rows(scratch, row_stop - tail, packed_out, tail, n, panel_start // 2, (panel_stop + 1) // 2,
+                        bounds, flips, valids)
 
 
 @njit(cache=True)
