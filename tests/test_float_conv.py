@@ -105,6 +105,28 @@ def test_tile_shapes_fit_the_registers():
         assert length % float_conv.block_plan(length, channels)[0] == 0
 
 
+# backward-weights' by-channel layout (rows: output channels, vectors along the kernel row), with
+# positions past KW * C computed and dropped (47 and 80 of 48 and 96), one or two vectors of
+# channels, strides 1 and 2
+@pytest.mark.parametrize("c, kw, o", [(16, 3, 16), (47, 1, 16), (16, 3, 17), (20, 4, 32), (16, 3, 1)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_weights_by_channel(c, kw, o, stride):
+    assert float_conv.weight_plan(kw * c, -(-o // float_conv.LANES) * float_conv.LANES)[0]
+    check_against_reference(3, c, o, 7, 9, 2, kw, stride, 0, True, c + o)
+
+
+def test_weight_plans_fit_the_registers():
+    registers = 32 if float_conv.LANES == 16 else 16
+    for channels in (16, 32, 48, 64, 128):
+        for run in (1, 3, 9, 16, 20, 47, 48, 96, 192, 576):
+            by_channel, rows, vectors = float_conv.weight_plan(run, channels)
+            assert rows * vectors + vectors + 1 <= registers
+            assert channels % (rows if by_channel else vectors * float_conv.LANES) == 0
+    # deep_convnet's 16- and 32-channel kernel rows (3 * 16 and 3 * 32 positions) take it on AVX-512
+    assert float_conv.LANES == 8 or [float_conv.weight_plan(run, channels)[0] for run, channels in ((48, 16), (48, 32), (96, 32))] == \
+        [True] * 3
+
+
 def steps_on_both_paths(build, steps):
     """``steps`` SGD steps of ``build()`` on the direct kernels and on im2col (other fast ops on).
 
