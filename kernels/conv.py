@@ -153,25 +153,29 @@ def _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_st
     (Numba frees an array after its last use)."""
     _, padded_h, padded_w, words = x_padded.shape
     base = x_padded.ctypes.data
-    image_row = row_start // out_w
-    ox = row_start - image_row * out_w
-    image = image_row // out_h
-    oy = image_row - image * out_h
-    address = base
-    offset = 0
-    for i in range(addresses.shape[0]):
-        if row_start + i < row_stop:
-            address = base + (((image * padded_h + oy * stride_h) * padded_w + ox * stride_w) * words) * 8
-            offset = (row_keys[oy] * n_column_spans + column_keys[ox]) * row_bytes
-            ox += 1
-            if ox == out_w:
-                ox = 0
-                oy += 1
-                if oy == out_h:
-                    oy = 0
-                    image += 1
-        addresses[i] = address
-        k_rows[i] = offset
+    step = stride_w * words * 8
+    i = 0
+    # one output row at a time: a run of addresses ``step`` apart and the k rows of its columns'
+    # spans (filled a position at a time, with carries across rows and images, this took 5% of a
+    # 64-channel convolution's time)
+    for image_row in range(row_start // out_w, (row_stop - 1) // out_w + 1):
+        image = image_row // out_h
+        oy = image_row - image * out_h
+        first = max(row_start - image_row * out_w, 0)
+        stop = min(row_stop - image_row * out_w, out_w)
+        row_address = base + ((image * padded_h + oy * stride_h) * padded_w * words) * 8
+        row_offset = row_keys[oy] * n_column_spans * row_bytes
+        count = stop - first
+        # slices and a loop per array: LLVM vectorises these (not one loop storing to both)
+        row_addresses, row_k_rows, keys = addresses[i:i + count], k_rows[i:i + count], column_keys[first:stop]
+        for j in range(count):
+            row_addresses[j] = row_address + (first + j) * step
+        for j in range(count):
+            row_k_rows[j] = row_offset + keys[j] * row_bytes
+        i += count
+    for j in range(i, addresses.shape[0] if i else 0):
+        addresses[j] = addresses[i - 1]
+        k_rows[j] = k_rows[i - 1]
 
 
 @njit(cache=True)
