@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
@@ -519,3 +519,20 @@ def atomic_store(typingctx, address, value):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@njit(error_model="numpy", cache=True)
+def next_claim(claims, previous, thread, threads):
+    """The next piece of work this thread claims in ``claims`` (zeroed int64, one per piece; -1: none
+    left), after ``previous`` (-1 at first).  Thread ``t`` starts at piece ``t * pieces // threads``
+    and walks on, taking what no other thread has taken: an even split of consecutive pieces while
+    all threads run, and the work moves to the threads that do when another process holds a core."""
+    pieces = claims.size
+    start = thread * pieces // threads
+    step = 0 if previous < 0 else (previous - start) % pieces + 1
+    while step < pieces:
+        piece = (start + step) % pieces
+        if atomic_claim(claims.ctypes.data + piece * 8):
+            return piece
+        step += 1
+    return -1

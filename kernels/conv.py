@@ -15,6 +15,7 @@ from ._intrinsics import (
     atomic_claim,
     atomic_load,
     atomic_store,
+    next_claim,
     popcount64,
     xnor_microkernel_rows,
     xnor_microkernel_rows_f32,
@@ -287,8 +288,10 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     No patch matrix: each ``TILE_ROWS`` consecutive output positions (across output rows and
     images alike) read their A rows straight from ``x_padded`` (``xnor_microkernel_rows``: a
     segment of ``KW * words`` words per kernel row, segments a padded row apart), from the window
-    addresses of ``_row_addresses``.  Blocks are split among the threads as in
-    ``gemm._gemm_panels``; each block first makes the padded input rows and weight panels it reads
+    addresses of ``_row_addresses``.  The blocks of ``gemm._blocking``'s split are claimed by the
+    threads (``next_claim``: each starts on its own share and then takes what the others have not,
+    so a thread slowed by another process leaves its last blocks to the others); each block
+    (``_conv_block``) first makes the padded input rows and weight panels it reads
     (``_run_padding_tasks``).  Zero padding costs no pass of its own: each position's results are
     subtracted from a k row of its window rectangle (``_k_table``: K less what the off-input taps
     added), in the micro-kernel's epilogue.
@@ -311,7 +314,6 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     run = kernel_w * words
     patch_words = kernel_h * run
     n_panels = panels.shape[0]
-    padded = pad_h > 0 or pad_w > 0
     if fused:  # one panel block: a block thresholds whole rows of output channels
         rows_per_block, row_blocks, _, _ = _blocking(m, patch_words, 1, threads, row_chunk_bytes, blocks_per_thread)
         panels_per_block, panel_blocks = n_panels, 1
@@ -323,36 +325,57 @@ def _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_pad
     piece_rows = max(1, _FUSED_SCRATCH_BYTES // (out_words * 256 * TILE_ROWS)) * TILE_ROWS
     row_keys, row_spans = _window_keys(height, kernel_h, stride_h, pad_h, out_h)
     column_keys, column_spans = _window_keys(width, kernel_w, stride_w, pad_w, out_w)
-    for block in prange(row_blocks * panel_blocks):
-        row_start, row_stop, panel_start, panel_stop = _block_range(block, panel_blocks, rows_per_block, m,
-                                                                    panels_per_block, n_panels)
-        _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
-                           x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
-        # the block's k rows (its panels' tap sums are ready now) and its windows' addresses and k rows
-        column_start = panel_start * TILE_COLS
-        table = _k_table(k, tap_sums, n_out, column_start, (panel_stop - panel_start) * TILE_COLS, kernel_h,
-                         kernel_w, row_spans, column_spans, padded)
-        tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
-        addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
-        k_rows = np.empty(tiles * TILE_ROWS, dtype=np.int64)
-        _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, row_keys, column_keys,
-                       column_spans.shape[0], table.shape[1] * 4, addresses, k_rows)
-        if fused and THRESHOLD_EPILOGUE:
-            _threshold_block(n_out, padded_w * words, kernel_h, run, panels, row_start, row_stop, addresses,
-                             k_rows, table, bounds, flips, valids, packed_out)
-        elif fused:
-            # ... in pieces whose scratch results stay in L1, thresholded while there
-            scratch = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
-                               dtype=np.int32)
-            for piece_start in range(row_start, row_stop, piece_rows):
-                piece_stop = min(row_stop, piece_start + piece_rows)
-                _tiles_to(scratch, piece_start, row_start, piece_start, piece_stop, panel_start, panel_stop, n_out,
-                          padded_w * words, kernel_h, run, panels, addresses, k_rows, table, column_start, False)
-                _threshold_rows(scratch, piece_stop - piece_start, packed_out, piece_start, n_out, 0, out_words,
-                                bounds, flips, valids)
-        else:
-            _tiles_to(out, 0, row_start, row_start, row_stop, panel_start, panel_stop, n_out, padded_w * words,
-                      kernel_h, run, panels, addresses, k_rows, table, column_start, as_float)
+    claims = np.zeros(row_blocks * panel_blocks, dtype=np.int64)
+    for thread in prange(threads):
+        block = next_claim(claims, -1, thread, threads)
+        while block >= 0:
+            _conv_block(block, x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums,
+                        ready, state, out, fused, bounds, flips, valids, packed_out, as_float, out_h, out_w, k, run,
+                        rows_per_block, m, panel_blocks, panels_per_block, piece_rows, row_keys, row_spans,
+                        column_keys, column_spans)
+            block = next_claim(claims, block, thread, threads)
+
+
+@njit(cache=True)
+def _conv_block(block, x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready,
+                state, out, fused, bounds, flips, valids, packed_out, as_float, out_h, out_w, k, run, rows_per_block,
+                m, panel_blocks, panels_per_block, piece_rows, row_keys, row_spans, column_keys, column_spans):
+    """Block ``block`` of ``_conv_implicit``'s split: its padding tasks, k rows, window addresses and
+    tiles."""
+    n_out, kernel_h, kernel_w, _ = weights.shape
+    padded_w, words = x_padded.shape[2], x_padded.shape[3]
+    n_panels = panels.shape[0]
+    padded = pad_h > 0 or pad_w > 0
+    out_words = packed_out.shape[1]
+    row_start, row_stop, panel_start, panel_stop = _block_range(block, panel_blocks, rows_per_block, m,
+                                                                panels_per_block, n_panels)
+    _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop,
+                       x_padded, panels, tap_sums, ready, state, panel_start, panel_stop)
+    # the block's k rows (its panels' tap sums are ready now) and its windows' addresses and k rows
+    column_start = panel_start * TILE_COLS
+    table = _k_table(k, tap_sums, n_out, column_start, (panel_stop - panel_start) * TILE_COLS, kernel_h,
+                     kernel_w, row_spans, column_spans, padded)
+    tiles = (row_stop - row_start + TILE_ROWS - 1) // TILE_ROWS
+    addresses = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+    k_rows = np.empty(tiles * TILE_ROWS, dtype=np.int64)
+    _row_addresses(x_padded, stride_h, stride_w, out_h, out_w, row_start, row_stop, row_keys, column_keys,
+                   column_spans.shape[0], table.shape[1] * 4, addresses, k_rows)
+    if fused and THRESHOLD_EPILOGUE:
+        _threshold_block(n_out, padded_w * words, kernel_h, run, panels, row_start, row_stop, addresses,
+                         k_rows, table, bounds, flips, valids, packed_out)
+    elif fused:
+        # ... in pieces whose scratch results stay in L1, thresholded while there
+        scratch = np.empty((min(piece_rows, row_stop - row_start), 32 if n_out <= 32 else out_words * 64),
+                           dtype=np.int32)
+        for piece_start in range(row_start, row_stop, piece_rows):
+            piece_stop = min(row_stop, piece_start + piece_rows)
+            _tiles_to(scratch, piece_start, row_start, piece_start, piece_stop, panel_start, panel_stop, n_out,
+                      padded_w * words, kernel_h, run, panels, addresses, k_rows, table, column_start, False)
+            _threshold_rows(scratch, piece_stop - piece_start, packed_out, piece_start, n_out, 0, out_words,
+                            bounds, flips, valids)
+    else:
+        _tiles_to(out, 0, row_start, row_start, row_stop, panel_start, panel_stop, n_out, padded_w * words,
+                  kernel_h, run, panels, addresses, k_rows, table, column_start, as_float)
 
 
 @njit(cache=True)

@@ -43,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._checks import check_contiguous, check_float32_array, check_int, conv_output_size
-from ._intrinsics import HOST_FEATURES, atomic_claim
+from ._intrinsics import HOST_FEATURES, next_claim
 from .few_channel_conv import few_channel_conv2d, few_channel_conv2d_threshold  # noqa: F401 (few input channels)
 from .float_ops import _add_column_sums, run_on_threads
 
@@ -241,7 +241,7 @@ def _make_forward(rows, vectors, row_step):
         for thread in prange(threads):
             scratch = np.empty((rows, width), dtype=np.float32)
             table = np.empty(rows, dtype=np.int64)
-            chunk = _next_chunk(claims, -1, thread, threads)
+            chunk = next_claim(claims, -1, thread, threads)
             while chunk >= 0:
                 for line in range(chunk * lines // chunks, (chunk + 1) * lines // chunks):
                     n = line // oh
@@ -268,7 +268,7 @@ def _make_forward(rows, vectors, row_step):
                                 for r in range(valid):
                                     for v in range(width):
                                         out[first + r, column + v] = scratch[r, v]
-                chunk = _next_chunk(claims, chunk, thread, threads)
+                chunk = next_claim(claims, chunk, thread, threads)
 
     return forward
 
@@ -295,7 +295,7 @@ def _make_backward_weights(rows, vectors, by_channel):
         x_base = xp.ctypes.data
         chunks = claims.size
         for thread in prange(threads):
-            chunk = _next_chunk(claims, -1, thread, threads)
+            chunk = next_claim(claims, -1, thread, threads)
             while chunk >= 0:
                 target = partial.ctypes.data + chunk * kh * run_pad * o_pad * 4
                 first_image = chunk * batch // chunks
@@ -320,25 +320,9 @@ def _make_backward_weights(rows, vectors, by_channel):
                                               stride * wp * c, ow, dout_image + column * 4, o_pad, ow * o_pad,
                                               target + ((i * run_pad + first) * o_pad + column) * 4, o_pad,
                                               0, accumulate)
-                chunk = _next_chunk(claims, chunk, thread, threads)
+                chunk = next_claim(claims, chunk, thread, threads)
 
     return backward_weights
-
-
-@njit(error_model="numpy", cache=True)
-def _next_chunk(claims, previous, thread, threads):
-    """The next chunk this thread claims (-1: none left).  Thread ``t`` starts at chunk
-    ``t * chunks // threads`` and walks on, taking what no other thread has taken: an even split
-    while all run, and the work moves to the threads that do when another process holds a core."""
-    chunks = claims.size
-    start = thread * chunks // threads
-    step = 0 if previous < 0 else (previous - start) % chunks + 1
-    while step < chunks:
-        chunk = (start + step) % chunks
-        if atomic_claim(claims.ctypes.data + chunk * 8):
-            return chunk
-        step += 1
-    return -1
 
 
 _kernel_cache = {}
