@@ -32,25 +32,27 @@ def _pad_row(source, target, image, padded_row, height, width, pad_h, pad_w, wor
     """Row ``padded_row`` of image ``image`` of the zero-padded input (zero words: all -1).
 
     ``source`` and ``target`` are flat views of x (N, H, W, words) and of the padded input
-    (N, H + 2 * pad_h, W + 2 * pad_w, words); unsigned offsets spare Numba's negative-index
-    handling.
+    (N, H + 2 * pad_h, W + 2 * pad_w, words).  Loops over 1-D slices indexed from 0, which LLVM
+    vectorises (slice assignment, or an offset index, ran at half the speed).
     """
-    padded_width = width + 2 * pad_w
-    first = np.uint64((image * (height + 2 * pad_h) + padded_row) * padded_width * words)
+    row_words = (width + 2 * pad_w) * words
+    first = (image * (height + 2 * pad_h) + padded_row) * row_words
+    row = target[first:first + row_words]
     iy = padded_row - pad_h
     if iy < 0 or iy >= height:
-        for w in range(padded_width * words):
-            target[first + np.uint64(w)] = 0
+        for w in range(row_words):
+            row[w] = 0
         return
     left = pad_w * words
     inside = width * words
-    start = np.uint64((image * height + iy) * width * words)
+    start = (image * height + iy) * inside
+    values, inner, right = source[start:start + inside], row[left:left + inside], row[left + inside:]
     for w in range(left):
-        target[first + np.uint64(w)] = 0
+        row[w] = 0
     for w in range(inside):
-        target[first + np.uint64(left + w)] = source[start + np.uint64(w)]
-    for w in range(left + inside, padded_width * words):
-        target[first + np.uint64(w)] = 0
+        inner[w] = values[w]
+    for w in range(right.size):
+        right[w] = 0
 
 
 @njit(cache=True)
@@ -105,39 +107,65 @@ def _wait_for(state, first, stop):
             pass
 
 
+# padded input rows per padding task: few enough that the threads share an image's rows, enough that
+# the claims cost little against the copies (a task a row, claimed once per output row reading it,
+# took 23 us of a 0.88 ms 8x56x56x64 convolution)
+_PAD_TASK_ROWS = 8
+
+
+@njit(cache=True)
+def _pad_tasks(padded_h):
+    """Padding tasks per image: runs of ``_PAD_TASK_ROWS`` padded rows."""
+    return (padded_h + _PAD_TASK_ROWS - 1) // _PAD_TASK_ROWS
+
+
+@njit(cache=True)
+def _pad_task_range(image, first_row, stop_row, out_h, stride_h, kernel_h, n_panels, tasks_per_image):
+    """The padding tasks ``[first, stop)`` holding the padded rows of ``image`` that output rows
+    ``first_row ... stop_row - 1`` (counted over all images) read."""
+    oy_first = max(first_row - image * out_h, 0)
+    oy_stop = min(stop_row - image * out_h, out_h)
+    base = n_panels + image * tasks_per_image
+    return (base + oy_first * stride_h // _PAD_TASK_ROWS,
+            base + ((oy_stop - 1) * stride_h + kernel_h - 1) // _PAD_TASK_ROWS + 1)
+
+
 @njit(cache=True)
 def _run_padding_tasks(x, weights, channels, stride_h, pad_h, pad_w, out_h, out_w, row_start, row_stop, x_padded,
                        panels, tap_sums, ready, state, panel_start, panel_stop):
     """The tasks one block of ``_conv_implicit`` needs done before its GEMM, run or waited for.
 
     Task p < n_panels is weight panel p with its tap sums (``_prepare_panel``; none when ``ready``:
-    prepared weights); task ``n_panels + image * (H + 2 * pad_h) + r`` is row r of the padded input
-    (``_pad_row``), and an output row reads KH of them."""
+    prepared weights); task ``n_panels + image * _pad_tasks(H + 2 * pad_h) + t`` is padded rows
+    ``t * _PAD_TASK_ROWS ...`` of that image (``_pad_row``); an output row reads KH padded rows."""
     height, width = x.shape[1], x.shape[2]
     n_out, kernel_h, kernel_w, words = weights.shape
     padded_h = x_padded.shape[1]
+    tasks_per_image = _pad_tasks(padded_h)
     n_panels = panels.shape[0]
     padded = pad_h > 0 or pad_w > 0
     source, target, flat_weights = x.reshape(-1), x_padded.reshape(-1), weights.reshape(-1)
     first_row, stop_row = row_start // out_w, (row_stop - 1) // out_w + 1
     states = state.ctypes.data
-    for image_row in range(first_row, stop_row):
-        image = image_row // out_h
-        first = image * padded_h + (image_row - image * out_h) * stride_h
-        for task in range(n_panels + first, n_panels + first + kernel_h):
+    first_image, stop_image = first_row // out_h, (stop_row - 1) // out_h + 1
+    for image in range(first_image, stop_image):
+        task_first, task_stop = _pad_task_range(image, first_row, stop_row, out_h, stride_h, kernel_h, n_panels,
+                                                tasks_per_image)
+        for task in range(task_first, task_stop):
             if atomic_claim(states + task * 8):
-                _pad_row(source, target, image, task - n_panels - image * padded_h, height, width, pad_h, pad_w,
-                         words)
+                first = (task - n_panels - image * tasks_per_image) * _PAD_TASK_ROWS
+                for padded_row in range(first, min(first + _PAD_TASK_ROWS, padded_h)):
+                    _pad_row(source, target, image, padded_row, height, width, pad_h, pad_w, words)
                 atomic_store(states + task * 8, _TASK_DONE)
     if not ready:
         for p in range(panel_start, panel_stop):
             if atomic_claim(states + p * 8):
                 _prepare_panel(flat_weights, n_out, kernel_h, kernel_w, words, channels, padded, p, panels, tap_sums)
                 atomic_store(states + p * 8, _TASK_DONE)
-    for image_row in range(first_row, stop_row):
-        image = image_row // out_h
-        first = n_panels + image * padded_h + (image_row - image * out_h) * stride_h
-        _wait_for(state, first, first + kernel_h)
+    for image in range(first_image, stop_image):
+        task_first, task_stop = _pad_task_range(image, first_row, stop_row, out_h, stride_h, kernel_h, n_panels,
+                                                tasks_per_image)
+        _wait_for(state, task_first, task_stop)
     if not ready:
         _wait_for(state, panel_start, panel_stop)
 
@@ -473,7 +501,7 @@ def _binary_conv2d_cpu(x, weights, channels, stride_h, stride_w, pad_h, pad_w, m
         tap_sums = np.empty((kernel_h + 1, kernel_w + 1, n_out), dtype=np.int32)
     padded_h = height + 2 * pad_h
     x_padded = np.empty((batch, padded_h, width + 2 * pad_w, words), dtype=np.uint64)
-    state = np.zeros(panels.shape[0] + batch * padded_h, dtype=np.int64)
+    state = np.zeros(panels.shape[0] + batch * _pad_tasks(padded_h), dtype=np.int64)
     _conv_implicit(x, weights, channels, stride_h, stride_w, pad_h, pad_w, x_padded, panels, tap_sums, ready, state,
                    out.reshape(-1, out.shape[3]), threads, row_chunk_bytes, blocks_per_thread, fused, bounds, flips,
                    valids, packed.reshape(-1, packed.shape[3]), as_float)
