@@ -667,9 +667,10 @@ def _run_cpu(x_packed, prepared, w_packed, channels, strides, pads, out, thresho
         panels, tap_sums = prepared._panels, prepared._tap_sums
     fused = threshold is not None
     bounds = int32_bounds(threshold, direction) if fused else (_NO_BOUNDS, _NO_WORDS, _NO_WORDS)
+    threads = numba.get_num_threads()
     bad = _binary_conv2d_cpu(
-        x_packed, w_packed, channels, *strides, *pads, padding_mask(channels), numba.get_num_threads(), panels,
-        tap_sums, prepared is not None, *gemm_blocking(), out, fused, *bounds, packed, out.dtype == np.float32,
+        x_packed, w_packed, channels, *strides, *pads, padding_mask(channels), threads, panels, tap_sums,
+        prepared is not None, *gemm_blocking(threads), out, fused, *bounds, packed, out.dtype == np.float32,
     )
     if bad:
         check_padding_bits(("x_packed", "w_packed")[bad - 1], (x_packed, w_packed)[bad - 1], channels)  # raises

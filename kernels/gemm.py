@@ -396,8 +396,8 @@ def _run_cpu(a3, b, prepared, k_total, out):
     """The CPU product of (planes, M, words) ``a3`` with ``b`` (or its prepared panels) into ``out``."""
     from .tuning import gemm_blocking
 
-    row_chunk_bytes, blocks_per_thread = gemm_blocking()
     threads = numba.get_num_threads()
+    row_chunk_bytes, blocks_per_thread = gemm_blocking(threads)
     if prepared is None:
         _xnor_gemm_cpu(a3, b, k_total, panel_buffer(b.shape[0], b.shape[1]), out, threads, row_chunk_bytes,
                        blocks_per_thread)
@@ -458,7 +458,8 @@ def _run_threshold_cpu(a3, b_packed, prepared, k_total, threshold, direction):
             _pack_panels(b_packed, panels)
         else:
             panels = prepared._panels
-        _gemm_threshold_panels(a3, panels, n, k_total, packed, numba.get_num_threads(), *gemm_blocking(),
+        threads = numba.get_num_threads()
+        _gemm_threshold_panels(a3, panels, n, k_total, packed, threads, *gemm_blocking(threads),
                                *int32_bounds(threshold, direction))
     return packed
 

@@ -158,13 +158,16 @@ def tune_gemm(candidates=CANDIDATES, rounds=_ROUNDS, seed=0):
     return best, relative
 
 
-def gemm_blocking():
-    """``(row_chunk_bytes, blocks_per_thread)`` for the CPU GEMM of this process and thread count.
+def gemm_blocking(threads=None):
+    """``(row_chunk_bytes, blocks_per_thread)`` for the CPU GEMM of this process and ``threads``
+    (default: Numba's thread count, which the kernels' wrappers pass in: reading it costs a
+    microsecond, which batch-1 calls feel).
 
     From memory, else from the tuning cache, else tuned now and cached (see the module docstring);
     ``DEFAULT_BLOCKING`` when ``$LOWBIT_TUNING`` turns tuning off.
     """
-    threads = numba.get_num_threads()
+    if threads is None:
+        threads = numba.get_num_threads()
     if threads in _chosen:
         return _chosen[threads]
     if not tuning_enabled():
