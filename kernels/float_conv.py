@@ -342,12 +342,40 @@ def _padded(channels):
     return -(-channels // LANES) * LANES
 
 
+@njit(parallel=True, error_model="numpy", cache=True)
+def _pad_rows(source, target, batch, height, width, channels, padded_h, padded_w, top, left):
+    """``target`` (flat, ``batch * padded_h * padded_w * channels`` floats first) = the zero-padded
+    NHWC buffer of ``source`` (flat C-contiguous (N, H, W, C)), the image's pixel (y, x) at (top + y,
+    left + x): one task per padded row, each float written once, through 1-D slices indexed from 0
+    (which LLVM vectorises)."""
+    row_floats = padded_w * channels
+    inside = width * channels
+    before = left * channels
+    for task in prange(batch * padded_h):
+        image = task // padded_h
+        y = task - image * padded_h - top
+        row = target[task * row_floats:(task + 1) * row_floats]
+        if y < 0 or y >= height:
+            for k in range(row_floats):
+                row[k] = 0
+            continue
+        start = (image * height + y) * inside
+        values, inner, after = source[start:start + inside], row[before:before + inside], row[before + inside:]
+        for k in range(before):
+            row[k] = 0
+        for k in range(inside):
+            inner[k] = values[k]
+        for k in range(after.size):
+            after[k] = 0
+
+
 def pad_nhwc(x, top, left=None, height=None, width=None, spread=1, slack=0):
     """``x`` (N, C, H, W), any strides, as a C-contiguous zero-padded (N, Hp, Wp, C) float32 buffer
     with value ``(y, x)`` at ``(top + spread * y, left + spread * x)``.  ``left`` defaults to
     ``top``, ``Hp, Wp`` to ``spread * (H - 1) + 1 + 2 * top`` (``left``).  ``slack`` zero floats
-    follow the buffer in memory (the kernels' last tiles read into them).  One pass when ``x`` is an
-    NCHW view of an NHWC buffer."""
+    follow the buffer in memory (the kernels' last tiles read into them).  When ``x`` is an NCHW
+    view of an NHWC buffer (what the direct convolutions hand on) and ``spread`` is 1, one pass of
+    row copies on the kernels' threads (:func:`set_threads`); otherwise numpy's strided copy."""
     n, c, h, w = x.shape
     left = top if left is None else left
     hp = spread * (h - 1) + 1 + 2 * top if height is None else height
@@ -356,6 +384,10 @@ def pad_nhwc(x, top, left=None, height=None, width=None, spread=1, slack=0):
     memory = np.empty(size + slack, dtype=np.float32)
     memory[size:] = 0
     buffer = memory[:size].reshape(n, hp, wp, c)
+    nhwc = x.transpose(0, 2, 3, 1)
+    if spread == 1 and size and nhwc.flags.c_contiguous:
+        _run_threads(_pad_rows, nhwc.reshape(-1), memory, n, h, w, c, hp, wp, top, left)
+        return buffer
     bottom, right = top + spread * (h - 1) + 1, left + spread * (w - 1) + 1
     if spread == 1:  # zero only the border, then one copy of the interior
         buffer[:, :top] = 0
@@ -364,7 +396,7 @@ def pad_nhwc(x, top, left=None, height=None, width=None, spread=1, slack=0):
         buffer[:, top:bottom, right:] = 0
     else:
         buffer[...] = 0
-    buffer[:, top:bottom:spread, left:right:spread] = x.transpose(0, 2, 3, 1)
+    buffer[:, top:bottom:spread, left:right:spread] = nhwc
     return buffer
 
 
