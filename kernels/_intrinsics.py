@@ -536,3 +536,20 @@ def next_claim(claims, previous, thread, threads):
             return piece
         step += 1
     return -1
+
+
+@njit(error_model="numpy", cache=True)
+def fill_padded_row(row, values, before):
+    """``row`` (1-D) = ``before`` zeros, then ``values`` (1-D, or an empty array: a row all in the
+    padding), then zeros.  Loops over 1-D slices indexed from 0, which LLVM vectorises (slice
+    assignment, or an offset index, ran at half the speed); the zero-padding copies of the binary
+    and the float convolutions."""
+    if values.size == 0:
+        before = row.size
+    inner, after = row[before:before + values.size], row[before + values.size:]
+    for k in range(before):
+        row[k] = 0
+    for k in range(values.size):
+        inner[k] = values[k]
+    for k in range(after.size):
+        after[k] = 0

@@ -43,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._checks import check_contiguous, check_float32_array, check_int, conv_output_size
-from ._intrinsics import HOST_FEATURES, next_claim
+from ._intrinsics import HOST_FEATURES, fill_padded_row, next_claim
 from .few_channel_conv import few_channel_conv2d, few_channel_conv2d_threshold  # noqa: F401 (few input channels)
 from .float_ops import _add_column_sums, run_on_threads
 
@@ -346,27 +346,16 @@ def _padded(channels):
 def _pad_rows(source, target, batch, height, width, channels, padded_h, padded_w, top, left):
     """``target`` (flat, ``batch * padded_h * padded_w * channels`` floats first) = the zero-padded
     NHWC buffer of ``source`` (flat C-contiguous (N, H, W, C)), the image's pixel (y, x) at (top + y,
-    left + x): one task per padded row, each float written once, through 1-D slices indexed from 0
-    (which LLVM vectorises)."""
+    left + x): one task per padded row, each float written once (``fill_padded_row``)."""
     row_floats = padded_w * channels
     inside = width * channels
     before = left * channels
     for task in prange(batch * padded_h):
         image = task // padded_h
         y = task - image * padded_h - top
-        row = target[task * row_floats:(task + 1) * row_floats]
-        if y < 0 or y >= height:
-            for k in range(row_floats):
-                row[k] = 0
-            continue
         start = (image * height + y) * inside
-        values, inner, after = source[start:start + inside], row[before:before + inside], row[before + inside:]
-        for k in range(before):
-            row[k] = 0
-        for k in range(inside):
-            inner[k] = values[k]
-        for k in range(after.size):
-            after[k] = 0
+        fill_padded_row(target[task * row_floats:(task + 1) * row_floats],
+                        source[start:start + inside] if 0 <= y < height else source[:0], before)
 
 
 def pad_nhwc(x, top, left=None, height=None, width=None, spread=1, slack=0):
