@@ -45,7 +45,7 @@ from numba.extending import intrinsic
 from ._checks import check_contiguous, check_float32_array, check_int, conv_output_size
 from ._intrinsics import HOST_FEATURES, fill_padded_row, next_claim
 from .few_channel_conv import few_channel_conv2d, few_channel_conv2d_threshold  # noqa: F401 (few input channels)
-from .float_ops import _add_column_sums, run_on_threads
+from .float_ops import _add_column_sums_wide, run_on_threads
 
 __all__ = [
     "LANES",
@@ -273,18 +273,26 @@ def _make_forward(rows, vectors, row_step):
     return forward
 
 
-def _make_backward_weights(rows, vectors, by_channel):
-    """The backward-weights driver for tiles of ``rows`` consecutive ``(j, c)`` positions by
-    ``vectors`` vectors of output channels, or (``by_channel``) of ``rows`` output channels by
-    ``vectors`` vectors of ``(j, c)`` positions."""
+# backward-weights' layouts (:func:`weight_plan`)
+_POSITIONS, _CHANNELS, _WINDOW = "positions", "channels", "window"
+
+
+def _make_backward_weights(rows, vectors, layout):
+    """The backward-weights driver for tiles of ``rows`` consecutive ``(j, c)`` positions of a kernel
+    row by ``vectors`` vectors of output channels (``"positions"``), of ``rows`` output channels by
+    ``vectors`` vectors of positions (``"channels"``), or of all ``rows = KH * KW * C`` positions of
+    the window, through a table of their addresses, by ``vectors`` vectors of channels
+    (``"window"``)."""
     width = vectors * LANES
+    by_channel, window = layout == _CHANNELS, layout == _WINDOW
 
     @njit(parallel=True, error_model="numpy", cache=True)
     def backward_weights(xp, dout, stride, kh, kw, oh, ow, partial, bias_sums, claims, threads):
         """partial[t] = sum, over the images of chunk t (of ``claims.size == partial.shape[0]``,
         zeroed int64, claimed by ``threads`` threads), of the patch values times ``dout``
-        (N * OH * OW, O): (KH, run_pad, O) with KW * C rounded up to tiles of ``rows`` rows, or
-        ``by_channel`` (KH, O, run_pad) with KW * C rounded up to tiles of ``width`` columns.  Each
+        (N * OH * OW, O): (KH, run_pad, O) with KW * C rounded up to tiles of ``rows`` rows (the
+        window: ``run_pad`` = KW * C), or by channel (KH, O, run_pad) with KW * C rounded up to
+        tiles of ``width`` columns.  Each
         chunk sums its images in order into its own block, whichever thread takes it, so the result
         does not depend on the threads.  Positions past KW * C are scratch (``xp``'s buffer has
         slack past its end).  bias_sums[t] (zeroed float64, O) += the chunk's rows of ``dout``."""
@@ -295,15 +303,24 @@ def _make_backward_weights(rows, vectors, by_channel):
         x_base = xp.ctypes.data
         chunks = claims.size
         for thread in prange(threads):
+            table = np.empty(rows, dtype=np.int64)  # the window's row addresses
             chunk = next_claim(claims, -1, thread, threads)
             while chunk >= 0:
                 target = partial.ctypes.data + chunk * kh * run_pad * o_pad * 4
                 first_image = chunk * batch // chunks
                 last_image = (chunk + 1) * batch // chunks
-                _add_column_sums(dout, first_image * oh * ow, last_image * oh * ow, bias_sums[chunk])
+                _add_column_sums_wide(dout, first_image * oh * ow, last_image * oh * ow, bias_sums[chunk])
                 for n in range(first_image, last_image):
                     accumulate = 1 if n > first_image else 0
                     dout_image = dout.ctypes.data + n * oh * ow * o_pad * 4
+                    if window:  # rows: every (i, j, c) of the window; vectors: output channels
+                        for r in range(rows):
+                            table[r] = x_base + ((n * hp + r // run) * wp * c + r % run) * 4
+                        for column in range(0, o_pad, width):
+                            _fma_tile(rows, vectors, 0, table.ctypes.data, stride * c, oh, stride * wp * c, ow,
+                                      dout_image + column * 4, o_pad, ow * o_pad, target + column * 4, o_pad, 0,
+                                      accumulate)
+                        continue
                     for i in range(kh):
                         row_base = x_base + ((n * hp + i) * wp * c) * 4
                         if by_channel:  # rows: output channels, read from dout; vectors: patch values
@@ -447,17 +464,28 @@ def block_plan(length, channels):
     return best[1], best[2]
 
 
-def weight_plan(run, channels):
-    """``(by_channel, rows, vectors)`` of backward-weights' register block for kernel rows of ``run =
-    KW * C`` positions and ``channels`` output channels (padded to LANES).  Two layouts: rows are
-    positions of the kernel row and vectors output channels (:func:`block_plan`), or
-    (``by_channel``) rows are output channels, a divisor of ``channels``, and vectors run along the
-    kernel row.  The one with the fewest computed multiply-adds, then the fewest loads per
-    multiply-add, wins; a tie goes to the first.  With one vector of channels the first layout
-    issues a broadcast per multiply-add and ``by_channel`` about one per two (deep_convnet's
-    16-channel conv2 at one thread on an AMD EPYC: 85 against 65 GFLOP/s, scratch timings)."""
+def weight_plan(run, channels, kernel_h=1):
+    """``(layout, rows, vectors)`` of backward-weights' register block for a ``kernel_h``-row window
+    whose rows are ``run = KW * C`` positions, and ``channels`` output channels (padded to LANES).
+    Layouts (:func:`_make_backward_weights`):
+
+    * ``"positions"``: rows are positions of one kernel row and vectors output channels
+      (:func:`block_plan`);
+    * ``"channels"``: rows are output channels, a divisor of ``channels``, and vectors run along the
+      kernel row; with one vector of channels the first layout issues a broadcast per multiply-add
+      and this one about one per two (deep_convnet's 16-channel conv2 at one thread on an AMD EPYC:
+      85 against 65 GFLOP/s, scratch timings);
+    * ``"window"``: when a kernel row is too short to give the first layout 8 accumulators (the FMA
+      latency; a first layer on gray images: 3 positions), rows are the whole window's ``kernel_h *
+      run`` positions, if they fit the registers.
+
+    Between the first two, the one with the fewest computed multiply-adds, then the fewest loads
+    per multiply-add, wins; a tie goes to the first."""
     rows, vectors = block_plan(run, channels)
-    best = ((-(-run // rows) * rows * channels, (rows + vectors) / (rows * vectors)), False, rows, vectors)
+    if rows * vectors < 8 and kernel_h > 1 and kernel_h * run <= _MAX_ROWS \
+            and kernel_h * run * vectors + vectors + 1 <= _REGISTERS:
+        return _WINDOW, kernel_h * run, vectors
+    best = ((-(-run // rows) * rows * channels, (rows + vectors) / (rows * vectors)), _POSITIONS, rows, vectors)
     for vectors in range(1, _REGISTERS // 2):
         for rows in range(1, min(channels, _MAX_ROWS) + 1):
             if channels % rows or rows * vectors + vectors + 1 > _REGISTERS or rows * vectors < 8:
@@ -465,7 +493,7 @@ def weight_plan(run, channels):
             computed = -(-run // (vectors * LANES)) * vectors * LANES * channels
             score = (computed, (rows + vectors) / (rows * vectors))
             if score < best[0]:
-                best = (score, True, rows, vectors)
+                best = (score, _CHANNELS, rows, vectors)
     return best[1:]
 
 
@@ -590,8 +618,9 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
     if min(n, c, oh, ow) == 0 or o == 0:
         return np.zeros((o, c, kh, kw), dtype=np.float32), matrix[:, :o].sum(axis=0, dtype=np.float32)
     run = kw * c
-    by_channel, rows, vectors = weight_plan(run, o_pad)
-    backward_weights = _kernel("backward_weights", rows, vectors, by_channel)
+    layout, rows, vectors = weight_plan(run, o_pad, kh)
+    backward_weights = _kernel("backward_weights", rows, vectors, layout)
+    by_channel = layout == _CHANNELS
     # a fixed number of image chunks, each summed into its own dW and the dWs added in order: the
     # same result on any number of threads
     chunks = min(n, _WEIGHT_CHUNKS)
@@ -599,7 +628,7 @@ def conv2d_backward_weights(dout, x_padded, weight_shape, stride):
         run_pad = -(-run // (vectors * LANES)) * vectors * LANES
         partial = np.empty((chunks, kh, o_pad, run_pad), dtype=np.float32)
     else:
-        run_pad = -(-run // rows) * rows
+        run_pad = run if layout == _WINDOW else -(-run // rows) * rows
         partial = np.empty((chunks, kh, run_pad, o_pad), dtype=np.float32)
     bias_sums = np.zeros((chunks, o_pad), dtype=np.float64)
     claims = np.zeros(chunks, dtype=np.int64)

@@ -601,6 +601,28 @@ def _add_column_sums(x, lo, hi, total):
 
 
 @njit(error_model="numpy", cache=True)
+def _add_column_sums_wide(x, lo, hi, total):
+    """``_add_column_sums`` for C-contiguous ``x`` with few columns: rows ``lo:hi`` taken ``group``
+    at a time as one flat run of ``group * C`` values, added into a float64 row of that width, then
+    folded into ``total``.  A row of 16 floats at a time left the loop's per-row cost (its alias
+    check) to dominate: 0.30 ms for 78,400 x 16, the bias gradient of a 28 x 28, 16-channel layer at
+    batch 100.  The order of the float64 sums differs from ``_add_column_sums``'."""
+    columns = x.shape[1]
+    group = max(1, 512 // max(columns, 1))
+    width = group * columns
+    wide = np.zeros(width)
+    flat = x.reshape(-1)
+    stop = lo + (hi - lo) // group * group
+    for first in range(lo, stop, group):
+        values = flat[first * columns:first * columns + width]
+        for k in range(width):
+            wide[k] += values[k]
+    for k in range(width):
+        total[k % columns] += wide[k]
+    _add_column_sums(x, stop, hi, total)
+
+
+@njit(error_model="numpy", cache=True)
 def _add_column_square_deviations(x, mean, lo, hi, total):
     """``total[f] += (x[r, f] - mean[f]) ** 2`` over rows ``lo:hi``; the difference in float32, as
     the reference, its square and the sum in float64."""

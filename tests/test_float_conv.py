@@ -111,20 +111,35 @@ def test_tile_shapes_fit_the_registers():
 @pytest.mark.parametrize("c, kw, o", [(16, 3, 16), (47, 1, 16), (16, 3, 17), (20, 4, 32), (16, 3, 1)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_backward_weights_by_channel(c, kw, o, stride):
-    assert float_conv.weight_plan(kw * c, -(-o // float_conv.LANES) * float_conv.LANES)[0]
+    assert float_conv.weight_plan(kw * c, -(-o // float_conv.LANES) * float_conv.LANES, 2)[0] == "channels"
     check_against_reference(3, c, o, 7, 9, 2, kw, stride, 0, True, c + o)
+
+
+# ... and its window layout (rows: every position of the window, through an address table) for
+# kernel rows too short to fill the registers: gray and two-channel first layers, padding 0 and 1
+@pytest.mark.parametrize("c, o, padding", [(1, 16, 1), (1, 32, 0), (2, 16, 1), (1, 17, 1)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_weights_window(c, o, padding, stride):
+    # (on AVX2's 16 registers the window of a 16-channel layer does not fit: another layout runs)
+    assert float_conv.LANES == 8 or float_conv.weight_plan(3 * c, -(-o // 16) * 16, 3)[0] == "window"
+    check_against_reference(3, c, o, 9, 8, 3, 3, stride, padding, True, c + o + padding)
 
 
 def test_weight_plans_fit_the_registers():
     registers = 32 if float_conv.LANES == 16 else 16
     for channels in (16, 32, 48, 64, 128):
         for run in (1, 3, 9, 16, 20, 47, 48, 96, 192, 576):
-            by_channel, rows, vectors = float_conv.weight_plan(run, channels)
-            assert rows * vectors + vectors + 1 <= registers
-            assert channels % (rows if by_channel else vectors * float_conv.LANES) == 0
+            for kernel_h in (1, 3):
+                layout, rows, vectors = float_conv.weight_plan(run, channels, kernel_h)
+                assert rows * vectors + vectors + 1 <= registers
+                assert channels % (rows if layout == "channels" else vectors * float_conv.LANES) == 0
+                assert layout != "window" or rows == kernel_h * run
     # deep_convnet's 16- and 32-channel kernel rows (3 * 16 and 3 * 32 positions) take it on AVX-512
-    assert float_conv.LANES == 8 or [float_conv.weight_plan(run, channels)[0] for run, channels in ((48, 16), (48, 32), (96, 32))] == \
-        [True] * 3
+    assert float_conv.LANES == 8 or [float_conv.weight_plan(run, channels, 3)[0] for run, channels in
+                                     ((48, 16), (48, 32), (96, 32))] == ["channels"] * 3
+    # and gray first layers (3 * 1 positions a kernel row) the window
+    assert float_conv.LANES == 8 or [float_conv.weight_plan(3, channels, 3)[0] for channels in (16, 32)] == \
+        ["window"] * 2
 
 
 def steps_on_both_paths(build, steps):
