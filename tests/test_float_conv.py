@@ -13,6 +13,7 @@ from lowbit.layers import Conv2D
 from lowbit.optimizers import SGD
 from lowbit.quant_layers import QuantConv2D
 from lowbit.zoo import binary_cnn, deep_convnet
+from avx2_build import run_avx2_check
 from test_float_ops import train_steps
 
 
@@ -367,3 +368,43 @@ def test_inference_on_few_input_channels_runs_the_few_channel_kernel():
         F.use_direct_conv(previous)
     np.testing.assert_allclose(inferred, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(inferred, trained, rtol=1e-5, atol=1e-5)
+
+
+# The float convolutions compiled for AVX2 (8 lanes, 16 registers: other blocks, and other
+# backward-weights layouts for the same layer) against im2col, in a subprocess with its own Numba
+# cache: the machines that run the suite have AVX-512.
+_AVX2_FLOAT_CHECK = """
+import numpy as np
+from lowbit import functions as F
+from lowbit.kernels import float_conv as fc
+assert fc.LANES == 8, fc.LANES
+rng = np.random.default_rng(0)
+layouts = set()
+for c, o, h, stride, pad in [(1, 16, 9, 1, 1), (1, 8, 9, 2, 1), (16, 16, 9, 1, 1), (8, 8, 8, 1, 1),
+                             (16, 32, 7, 2, 1), (5, 24, 8, 1, 0), (32, 64, 6, 1, 1)]:
+    layouts.add(fc.weight_plan(3 * c, -(-o // 8) * 8, 3)[0])
+    x = rng.standard_normal((3, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    out, xp = fc.conv2d_forward(x, w, b, stride, pad)
+    col2d = F.im2col(x, 3, 3, stride, pad).reshape(c * 9, -1)
+    oh = out.shape[2]
+    ref = (w.reshape(o, -1) @ col2d + b[:, None]).reshape(o, 3, oh, oh).transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    d2d = np.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, -1)
+    dw, db = fc.conv2d_backward_weights(dout, xp, w.shape, stride)
+    np.testing.assert_allclose(dw, (col2d @ d2d.T).T.reshape(w.shape), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, d2d.sum(axis=1), rtol=1e-4, atol=1e-3)
+    if c > 2:
+        dx = fc.conv2d_backward_data(dout, w, x.shape, stride, pad)
+        dcol = (w.reshape(o, -1).T @ d2d).reshape(c, 3, 3, 3, oh, oh)
+        np.testing.assert_allclose(dx, F.col2im(dcol, x.shape, stride, pad), rtol=1e-4, atol=1e-3)
+assert layouts == {"positions", "channels", "window"}, layouts
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_avx2_build_of_the_float_convolutions(tmp_path):
+    run_avx2_check(_AVX2_FLOAT_CHECK, tmp_path)

@@ -18,6 +18,7 @@ import lowbit.kernels as kernels
 from lowbit.kernels import gemm, tuning
 
 import reference
+from avx2_build import run_avx2_check
 from test_kernels import DEVICES, Device, signs
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -274,16 +275,7 @@ def test_avx2_build_of_the_conv_kernels(tmp_path):
     compiled in a subprocess for a Haswell target with its own Numba cache, gives the same bits as
     the unfused kernels.  The machines that run the suite have AVX-512, so without this that path
     would go untested."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
-               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+popcnt,+sse4.2,+bmi,+bmi2,+f16c,+lzcnt,+movbe")
-    result = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok"
+    run_avx2_check(_AVX2_CHECK, tmp_path)
 
 
 @given(batch=st.integers(1, 2), channels=st.sampled_from([1, 30, 64, 65, 130]), height=st.integers(1, 8),
