@@ -24,9 +24,10 @@ per layer.  The three passes are this block with different strides:
 * backward-data, stride 1: the forward of the output gradient (zero-padded by ``KH - 1 - p``) with
   the kernel flipped and its channel axes swapped; a stride ``s > 1`` first spreads the gradient
   ``s`` apart (zeros between), which costs ``s * s`` times the arithmetic of the nonzero terms;
-* backward-weights: rows are ``(j, c)`` positions of one kernel row and vectors output channels,
-  or, with few output channels (:func:`weight_plan`), rows are output channels and vectors run
-  along the kernel row; the reduction runs over the output pixels; the images in 8 chunks, each
+* backward-weights: rows are ``(j, c)`` positions of one kernel row and vectors output channels;
+  or (:func:`weight_plan`), with few output channels, rows are output channels and vectors run
+  along the kernel row; or, when a kernel row is too short to fill the registers, rows are all the
+  window's positions through a table of their addresses; the reduction runs over the output pixels; the images in 8 chunks, each
   summed into a ``dW`` (and a float64 bias gradient) of its own, whichever thread claims it, and
   the 8 added in order: deterministic, on any number of threads.
 
@@ -292,9 +293,8 @@ def _make_backward_weights(rows, vectors, layout):
         zeroed int64, claimed by ``threads`` threads), of the patch values times ``dout``
         (N * OH * OW, O): (KH, run_pad, O) with KW * C rounded up to tiles of ``rows`` rows (the
         window: ``run_pad`` = KW * C), or by channel (KH, O, run_pad) with KW * C rounded up to
-        tiles of ``width`` columns.  Each
-        chunk sums its images in order into its own block, whichever thread takes it, so the result
-        does not depend on the threads.  Positions past KW * C are scratch (``xp``'s buffer has
+        tiles of ``width`` columns.  Each chunk sums its images in order into its own block,
+        whichever thread takes it, so the result does not depend on the threads.  Positions past KW * C are scratch (``xp``'s buffer has
         slack past its end).  bias_sums[t] (zeroed float64, O) += the chunk's rows of ``dout``."""
         batch, hp, wp, c = xp.shape
         o_pad = dout.shape[1]

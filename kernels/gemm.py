@@ -29,7 +29,8 @@ from ._intrinsics import (
     xnor_microkernel_rows_threshold,
 )
 
-__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "xnor_gemm_threshold", "xnor_gemm_bitplanes_threshold", "prepare_gemm_weights", "PreparedGemmWeights"]
+__all__ = ["xnor_gemm", "xnor_gemm_bitplanes", "xnor_gemm_threshold", "xnor_gemm_bitplanes_threshold",
+           "prepare_gemm_weights", "PreparedGemmWeights"]
 
 
 @njit(cache=True)
